@@ -1,0 +1,294 @@
+"""The training configuration: TOML sections as dataclasses whose defaults are METHOD.md's.
+
+Unknown keys, wrong types and missing paths are `ConfigError`s whose one-line message names the key,
+the file and (for a typo) the closest valid key. Overrides from the command line use the same dotted
+names: `phase2.steps=100`, `output.dir=out/x`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import toml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line that says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
+    config_dir: str = ""  # component configs + tokenizer for single files; default configs/sd15
+    offline: bool = True  # never reach the hub unless this is false
+
+
+@dataclass
+class DataConfig:
+    source_dir: str = ""
+    reference_dir: str = ""
+    resolution: int = 512
+    flip: bool = True  # cache horizontally flipped latents too
+    captions: str = "template"  # "template": METHOD.md's template lists; "sidecar": NAME.txt
+    min_images: int = 3  # fewer gives a warning (the paper uses 4-6)
+
+
+@dataclass
+class TokensConfig:
+    source: str = "mcv1"
+    reference: str = "mcv2"
+    source_init: str = "person"  # released code: [V1] starts from "person"
+    reference_init: str = ""  # empty: random N(0, reference_init_std)
+    reference_init_std: float = 0.017
+    vectors: int = 1
+    norm_target: float = 0.4  # released code pulls the embeddings' norms toward 0.4
+    norm_weight: float = 0.001
+
+
+@dataclass
+class PhaseConfig:
+    steps: int = 1200
+    batch_size: int = 4  # samples in one optimiser step, spread over the phase's tasks
+    grad_accum: int = 1  # micro-batches per step (only to save memory: the batch is the same)
+    lr_embeddings: float = 5e-4
+    lr_unet: float = 1e-4
+    lr_text_encoder: float = 4e-5
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+    max_timestep: int = 1000  # t ~ U(0, max_timestep)
+    tasks: list[str] = field(default_factory=lambda: ["source", "reference"])
+    first_half_weight: float = 2.0  # reference/composed weight in the first half (released code)
+
+
+def _phase2_default() -> PhaseConfig:
+    return PhaseConfig(
+        steps=1500,
+        lr_embeddings=1e-5,
+        max_timestep=800,
+        tasks=["source", "reference", "composed"],
+    )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    targets: str = "cross_attn"  # cross_attn (paper) | attn_geglu (released) | kohya_all
+    text_encoder: bool = True
+
+
+@dataclass
+class LossConfig:
+    mask_eps: float = 0.01  # mask softening (m + eps) / (1 + eps)
+    area_normalize: bool = True
+    attn_weight: float = 2.5
+    id_weight: float = 0.25
+    id_max_timestep: int = 800
+    identity_weights: str = ""  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
+    id_decode_window: bool = True  # decode only the latent window around the face
+
+
+@dataclass
+class AttentionConfig:
+    layers: list[str] = field(
+        default_factory=lambda: [
+            "down_blocks.2.attentions.0",
+            "down_blocks.2.attentions.1",
+            "up_blocks.1.attentions.0",
+            "up_blocks.1.attentions.1",
+            "up_blocks.1.attentions.2",
+        ]
+    )
+    backend: str = "sdpa"  # sdpa | xformers
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "AdamW8bit"  # AdamW8bit | AdamW | SGD | Adafactor-free names of torch.optim
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "out/magicapture"
+    name: str = "magicapture"
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    save_precision: str = "fp16"  # fp16 | bf16 | fp32
+    embeddings_pt: bool = False  # also A1111's legacy .pt embeddings
+    bundle_embeddings: bool = False  # bundle_emb.* inside the LoRA (A1111 only; ComfyUI warns)
+
+
+@dataclass
+class SampleConfig:
+    every: int = 500
+    prompt: str = ""  # empty: the composed training prompt
+    steps: int = 30
+    cfg: float = 7.0
+    n: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    every: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=_phase2_default)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source_file: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: dataclasses.asdict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("internal")
+        }
+
+
+_TASKS = ("source", "reference", "composed")
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    sections = [f.name for f in dataclasses.fields(cfg) if not f.metadata.get("internal")]
+    if section not in sections:
+        raise ConfigError(f"{origin}: unknown section [{section}]{_closest(section, sections)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_closest(key, list(hints))}")
+    setattr(obj, key, _coerce(value, hints[key], f"{origin}: {section}.{key}"))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}': write section.key=value, e.g. phase2.steps=100")
+    name, raw = text.split("=", 1)
+    section, key = name.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: output.dir=out/x
+    return section, key, value
+
+
+def validate(cfg: Config, origin: str) -> None:
+    for phase_name in ("phase1", "phase2"):
+        phase = getattr(cfg, phase_name)
+        for task in phase.tasks:
+            if task not in _TASKS:
+                raise ConfigError(f"{origin}: {phase_name}.tasks: unknown task '{task}'{_closest(task, list(_TASKS))}")
+        if phase.steps < 0 or phase.batch_size < 1 or phase.grad_accum < 1:
+            raise ConfigError(f"{origin}: {phase_name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 please")
+        if phase.batch_size % phase.grad_accum:
+            raise ConfigError(f"{origin}: {phase_name}.batch_size must be a multiple of grad_accum")
+    if "composed" in cfg.phase1.tasks:
+        raise ConfigError(f"{origin}: phase1.tasks: the composed task needs the LoRA phase (phase2) only")
+    if cfg.tokens.source == cfg.tokens.reference:
+        raise ConfigError(f"{origin}: tokens.source and tokens.reference must differ")
+    for name in ("source", "reference"):
+        word = getattr(cfg.tokens, name)
+        if not word or not word.replace("_", "").isalnum() or " " in word:
+            raise ConfigError(f"{origin}: tokens.{name} = {word!r}: use one made-up word such as mcv1")
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
+    if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):
+        raise ConfigError(f"{origin}: output.save_precision must be fp16, bf16 or fp32")
+    if cfg.attention.backend not in ("sdpa", "xformers"):
+        raise ConfigError(f"{origin}: attention.backend must be sdpa or xformers")
+    if not cfg.model.pretrained:
+        raise ConfigError(f"{origin}: model.pretrained is empty: give a diffusers folder or an SD 1.x .safetensors")
+    for key, value in (("data.source_dir", cfg.data.source_dir), ("data.reference_dir", cfg.data.reference_dir)):
+        if not value:
+            raise ConfigError(f"{origin}: {key} is empty: point it at a folder made by dataset_tools.prepare")
+        if not Path(value).is_dir():
+            raise ConfigError(f"{origin}: {key} = '{value}' is not a folder")
+    if cfg.loss.identity_weights and not Path(cfg.loss.identity_weights).is_file():
+        raise ConfigError(f"{origin}: loss.identity_weights = '{cfg.loss.identity_weights}' does not exist")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Read a TOML file (relative paths inside it are relative to the working directory, as kohya's)."""
+    cfg = Config()
+    origin = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                _apply(cfg, section, "", values, origin)  # raises: top-level keys are not allowed
+            for key, value in values.items():
+                _apply(cfg, section, key, value, origin)
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _apply(cfg, section, key, value, "command line")
+    cfg.source_file = origin
+    if check_paths:
+        validate(cfg, origin)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(toml.dumps(cfg.to_dict()), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,129 @@
+"""Load Stable Diffusion 1.x: a diffusers folder, one original-layout checkpoint file, or a hub id.
+
+Single files (what A1111 users have on disk) load OFFLINE with the component configs and the CLIP
+tokenizer shipped in configs/sd15/; `.ckpt`/`.pt` only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message says which path and what to do."""
+
+
+@dataclass
+class StableDiffusionParts:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object  # DDPMScheduler with the model's betas: what training noises with
+    name: str  # file or folder name, no directories (goes into metadata)
+
+
+def _ddpm_from(scheduler_config: dict):
+    from diffusers import DDPMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    kwargs = {k: scheduler_config[k] for k in keys if k in scheduler_config}
+    return DDPMScheduler(**kwargs, clip_sample=False)
+
+
+def _checkpoint_to_safetensors_state(path: Path) -> dict:
+    """Read a .ckpt/.pt without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusal or a broken file: one clear line either way
+        raise ModelLoadError(
+            f"{path.name}: cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}); "
+            "convert it to .safetensors"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(k.startswith("model.diffusion_model.") for k in state):
+        raise ModelLoadError(f"{path.name}: not a Stable Diffusion 1.x checkpoint (no model.diffusion_model.* keys)")
+    return state
+
+
+def _check_sd1_single_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:
+        raise ModelLoadError(f"{path.name}: not a readable .safetensors file ({err})") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelLoadError(
+            f"{path.name}: no model.diffusion_model.* keys; expected a Stable Diffusion 1.x checkpoint"
+        )
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        raise ModelLoadError(f"{path.name}: this is an SDXL checkpoint; this trainer needs SD 1.x")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ModelLoadError(f"{path.name}: this is an SD 2.x checkpoint (OpenCLIP text encoder); use SD 1.x")
+
+
+def load_stable_diffusion(
+    pretrained: str, config_dir: str | Path | None = None, offline: bool = True, dtype: torch.dtype = torch.float32
+) -> StableDiffusionParts:
+    from diffusers import StableDiffusionPipeline
+
+    config_dir = Path(config_dir) if config_dir else CONFIG_DIR
+    path = Path(pretrained)
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise ModelLoadError(f"{path}: not a diffusers folder (no unet/ inside)")
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype, local_files_only=offline
+        )
+    elif path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
+        if path.suffix.lower() == ".safetensors":
+            _check_sd1_single_file(path)
+            source = str(path)
+        else:
+            # diffusers would unpickle the file itself; we read it safely and hand over tensors.
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            state = _checkpoint_to_safetensors_state(path)
+            tmp = Path(tempfile.mkdtemp()) / (path.stem + ".safetensors")
+            save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(tmp))
+            source = str(tmp)
+        pipe = StableDiffusionPipeline.from_single_file(
+            source,
+            config=str(config_dir),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            torch_dtype=dtype,
+        )
+    elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
+        raise ModelLoadError(
+            f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x .safetensors file"
+        )
+    else:
+        if offline:
+            raise ModelLoadError(
+                f"'{pretrained}' looks like a hub id but model.offline is true; set model.offline = false "
+                "to download, or give a local folder or .safetensors file"
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            pretrained, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+        )
+    return StableDiffusionParts(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        noise_scheduler=_ddpm_from(dict(pipe.scheduler.config)),
+        name=path.name if path.exists() else str(pretrained),
+    )

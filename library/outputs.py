@@ -1,0 +1,72 @@
+"""The end of a run: the kohya LoRA, one A1111 embedding per token, and a note of what to load where."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .export import build_metadata, lora_state_dict, save_embedding, save_lora
+from .tokens import token_vectors
+
+_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_outputs(trainer) -> Path:
+    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path."""
+    cfg = trainer.cfg
+    out = Path(cfg.output.dir)
+    dtype = _PRECISION[cfg.output.save_precision]
+    tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
+    vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
+    for word, vec in vectors.items():
+        save_embedding(out / f"{word}.safetensors", word, vec.to(dtype))
+        if cfg.output.embeddings_pt:
+            save_embedding(out / f"{word}.pt", word, vec, legacy_pt=True, step=cfg.phase1.steps + cfg.phase2.steps)
+    lora_path = out / f"{cfg.output.name}.safetensors"
+    if trainer.lora_added:
+        state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
+        pretrained = Path(cfg.model.pretrained)
+        metadata = build_metadata(
+            output_name=cfg.output.name,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            unet_targets_preset=cfg.lora.targets,
+            train_text_encoder=cfg.lora.text_encoder,
+            tokens=tokens,
+            base_model_name=trainer.model_name,
+            base_model_hash=_file_sha256(pretrained) if pretrained.is_file() else None,
+            training={
+                "phase1_steps": cfg.phase1.steps,
+                "phase2_steps": cfg.phase2.steps,
+                "learning_rate": cfg.phase2.lr_unet,
+                "unet_lr": cfg.phase2.lr_unet,
+                "text_encoder_lr": cfg.phase2.lr_text_encoder,
+                "embedding_lr": cfg.phase2.lr_embeddings,
+                "seed": cfg.train.seed,
+                "resolution": cfg.data.resolution,
+                "mixed_precision": cfg.train.mixed_precision,
+                "optimizer": cfg.optimizer.name,
+                "composed_prompt": f"a photo of a {tokens['source']} person in the style of {tokens['reference']}",
+            },
+            state_dict=state,
+        )
+        bundle = {w: v.to(dtype) for w, v in vectors.items()} if cfg.output.bundle_embeddings else None
+        save_lora(lora_path, state, metadata, bundle_embeddings=bundle)
+    trainer.print(
+        f"wrote {lora_path} and {', '.join(str(out / f'{w}.safetensors') for w in vectors)}\n"
+        f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
+        f"\"a photo of a {tokens['source']} person in the style of {tokens['reference']} <lora:{cfg.output.name}:0.6>\""
+    )
+    return lora_path

@@ -1,0 +1,115 @@
+"""Pictures during training: a grid of the composed prompt, and the two tokens' attention over the image.
+
+The attention picture is the paper's Fig. 3 made measurable: next to each overlay it records the share of
+each token's attention that falls outside the region it should describe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
+
+
+def composed_prompt(cfg) -> str:
+    return cfg.sample.prompt or f"a photo of a {cfg.tokens.source} person in the style of {cfg.tokens.reference}"
+
+
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def sample_images(trainer, prompt: str, n: int, steps: int, cfg_scale: float, seed: int) -> list[Image.Image]:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    scheduler = EulerAncestralDiscreteScheduler.from_config(trainer.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=trainer.vae, text_encoder=trainer.text_encoder, tokenizer=trainer.tokenizer, unet=trainer.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    trainer.store.clear()
+    res = trainer.cfg.data.resolution
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with trainer.acc.autocast():
+        out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg_scale,
+                   height=res, width=res, generator=generator)
+    return out.images
+
+
+def _heat(image: np.ndarray, heat: np.ndarray) -> Image.Image:
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
+    colour = np.stack([heat, np.zeros_like(heat), 1.0 - heat], -1) * 255
+    return Image.fromarray((0.5 * image + 0.5 * colour).clip(0, 255).astype(np.uint8))
+
+
+@torch.no_grad()
+def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, float]]:
+    """Composed prompt on up to `count` reference images at t=500: overlays and outside-mask shares."""
+    ref = trainer.reference
+    n = min(count, len(ref) // (2 if trainer.cfg.data.flip else 1))
+    idx = torch.arange(n)
+    prompt = composed_prompt(trainer.cfg)
+    ids = trainer.prompt_ids(prompt).expand(n, -1)
+    gen = torch.Generator().manual_seed(0)
+    latents = ref.latents[idx].to(trainer.device)
+    noise = torch.randn(latents.shape, generator=gen).to(trainer.device)
+    t = torch.full((n,), ATTENTION_TIMESTEP, dtype=torch.long)
+    noisy = trainer.noise_scheduler.add_noise(latents, noise, t).to(trainer.weight_dtype)
+    trainer.store.set_token_positions(trainer.token_positions(ids.cpu()))
+    with trainer.acc.autocast():
+        hidden = trainer.text_encoder(ids.to(trainer.device))[0]
+        trainer.unet(noisy, t.to(trainer.device), hidden)
+    maps = trainer.store.maps().float().mean(2)  # [n, 2, h, w]
+    trainer.store.clear()
+    size = latents.shape[-1]
+    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    targets = torch.cat([ref.face_masks[idx], ref.region_masks[idx]], 1).to(maps.device)  # [n, 2, h, w]
+    outside = (maps * (1 - targets)).sum((2, 3)) / maps.sum((2, 3)).clamp_min(1e-12)  # [n, 2]
+    faces = ref.has_face[idx].to(maps.device)
+    shares = {
+        "source_token_outside_face": float(outside[faces, 0].mean()) if faces.any() else float("nan"),
+        "reference_token_outside_region": float(outside[:, 1].mean()),
+    }
+    res = ref.images.shape[-1]
+    tiles = []
+    for i in range(n):
+        image = ((ref.images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255)
+        up = F.interpolate(maps[i : i + 1].cpu(), size=(res, res), mode="bilinear", align_corners=False)[0].numpy()
+        tiles += [Image.fromarray(image.astype(np.uint8)), _heat(image, up[0]), _heat(image, up[1])]
+    return image_grid(tiles, 3), shares
+
+
+def write_previews(trainer, tag: str) -> None:
+    """samples/<tag>.png (composed prompt) and attention/<tag>.png + .json, atomically."""
+    cfg = trainer.cfg
+    out = Path(cfg.output.dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "attention").mkdir(parents=True, exist_ok=True)
+    images = sample_images(trainer, composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
+    _save(image_grid(images, len(images)), out / "samples" / f"{tag}.png")
+    picture, shares = attention_report(trainer)
+    _save(picture, out / "attention" / f"{tag}.png")
+    tmp = out / "attention" / f"{tag}.json.tmp"
+    tmp.write_text(json.dumps(shares, indent=2))
+    tmp.replace(out / "attention" / f"{tag}.json")
+    if cfg.logging.tensorboard:
+        trainer.acc.log({f"attention/{k}": v for k, v in shares.items()})
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)

@@ -1,0 +1,394 @@
+"""The two-phase MagiCapture loop on accelerate.
+
+Phase 1 learns the [V1]/[V2] embeddings alone (source and reference tasks); phase 2 adds LoRA to the UNet
+and the text encoder and the composed task, with attention refocusing and the identity loss. All the
+tasks of one optimiser step go through the UNet in one batched pass with per-sample masks and weights
+(an SD step at batch 1 is bound by kernel launches, see DESIGN.md).
+
+Only the small trainable tensors are synchronised across processes (an all-reduce of their gradients),
+so the frozen networks never need a DDP wrapper and LoRA can be added between the phases.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .attention import AttentionMapStore, install_attention_capture
+from .config import Config, PhaseConfig, save_config
+from .data import CachedSet, Sample, TaskSampler, cache_set, load_prepared_folder
+from .lora import add_text_encoder_lora, add_unet_lora
+from .losses import (
+    attention_refocus_loss,
+    combine_losses,
+    identity_loss,
+    masked_reconstruction_loss,
+    tweedie_x0,
+)
+from .models import load_stable_diffusion
+from .optim import build_lr_scheduler, build_optimizer
+from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early (NaN loss); the message says what happened and what was kept."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+
+
+def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tensor, int]:
+    """Top-left latent corner [b, 2] and side (latent pixels) of a window that holds each face.
+
+    The ArcFace crop spans about 3x the landmarks' spread; decoding just that window instead of the
+    whole latent is what keeps the identity loss's VAE decode (with gradient) affordable.
+    """
+    spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [b] pixels
+    side = int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / 8 / 8) * 8)))
+    centre = landmarks.mean(1) / 8
+    corner = (centre - side / 2).round().clamp(0, latent_size - side).long()
+    return corner, side
+
+
+class MagiCaptureTrainer:
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.out_dir = Path(cfg.output.dir)
+        self.device = self.acc.device
+        self.weight_dtype = _dtype(cfg.train.mixed_precision)
+        rank_seed = cfg.train.seed + 1000 * self.acc.process_index
+        self.gen = torch.Generator().manual_seed(rank_seed)
+
+        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline)
+        self.model_name = parts.name
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.requires_grad_(False)
+            model.to(self.device, self.weight_dtype)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+
+        tok = cfg.tokens
+        self.token_ids = add_special_tokens(
+            self.tokenizer,
+            self.text_encoder,
+            [tok.source, tok.reference],
+            [tok.source_init, tok.reference_init],
+            tok.vectors,
+            tok.reference_init_std,
+            self.gen,
+        )
+        get_token_embedding(self.text_encoder).to(self.device)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+        with self.acc.main_process_first():
+            self.source = self._cache("source", cfg.data.source_dir)
+            self.reference = self._cache("reference", cfg.data.reference_dir)
+
+        self.store = AttentionMapStore()
+        install_attention_capture(self.unet, self.store, cfg.attention.layers, cfg.attention.backend)
+        if cfg.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
+
+        self.identity = None
+        self.source_identity = None
+        if cfg.loss.identity_weights and cfg.loss.id_weight > 0:
+            from .identity import IdentityEncoder
+
+            self.identity = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+            with torch.no_grad():
+                faces = self.source.has_face
+                emb = self.identity(self.source.images[faces].to(self.device), self.source.landmarks[faces].to(self.device))
+                self.source_identity = torch.zeros(len(self.source), emb.shape[-1], device=self.device)
+                self.source_identity[faces] = emb.float()
+        elif cfg.loss.id_weight > 0:
+            self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
+        self.lora_added = False
+
+    # ---------------------------------------------------------------- setup
+    def print(self, message: str) -> None:
+        if self.acc.is_main_process:
+            tqdm.write(message)
+
+    def _cache(self, kind: str, folder: str) -> CachedSet:
+        items = load_prepared_folder(folder, kind, self.cfg.data.resolution)
+        if len(items) < self.cfg.data.min_images:
+            self.print(f"warning: {folder} has {len(items)} {kind} images; the paper uses 4 to 6")
+        if kind == "source" and not any(it.landmarks is not None for it in items):
+            self.print(f"warning: no face landmarks in {folder}: the identity loss cannot run")
+        cached = cache_set(items, self.vae, self.cfg.data.flip, self.cfg.loss.mask_eps)
+        if self.cfg.data.captions != "sidecar":
+            cached.captions = []
+        return cached
+
+    def add_lora(self) -> None:
+        if self.lora_added:
+            return
+        lcfg = self.cfg.lora
+        torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
+        add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
+        if lcfg.text_encoder:
+            add_text_encoder_lora(self.text_encoder, lcfg.rank, lcfg.alpha)
+        for name, p in self.named_trainables(phase=2).items():
+            if "lora_" in name:
+                p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
+        self.lora_added = True
+
+    def named_trainables(self, phase: int) -> dict[str, torch.nn.Parameter]:
+        params = {"token_embedding.new_vectors": get_token_embedding(self.text_encoder).new_vectors}
+        if phase == 2:
+            for prefix, model in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+                for name, p in model.named_parameters():
+                    if "lora_" in name:
+                        params[prefix + name] = p
+        return params
+
+    def param_groups(self, phase: int, pcfg: PhaseConfig) -> list[dict]:
+        named = self.named_trainables(phase)
+        groups = [{"params": [named.pop("token_embedding.new_vectors")], "lr": pcfg.lr_embeddings}]
+        unet = [p for n, p in named.items() if n.startswith("unet.")]
+        te = [p for n, p in named.items() if n.startswith("text_encoder.")]
+        if unet:
+            groups.append({"params": unet, "lr": pcfg.lr_unet})
+        if te:
+            groups.append({"params": te, "lr": pcfg.lr_text_encoder})
+        return groups
+
+    # ---------------------------------------------------------------- one step
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._prompt_cache:
+            counts = {self.cfg.tokens.source: self.cfg.tokens.vectors, self.cfg.tokens.reference: self.cfg.tokens.vectors}
+            text = expand_prompt(prompt, counts)
+            ids = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+            self._prompt_cache[prompt] = ids
+        return self._prompt_cache[prompt]
+
+    def token_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, 2] position of the first vector of [V1] and [V2] in each prompt (-1 where absent)."""
+        firsts = [self.token_ids[self.cfg.tokens.source][0], self.token_ids[self.cfg.tokens.reference][0]]
+        pos = torch.full((ids.shape[0], 2), -1, dtype=torch.long)
+        for k, tid in enumerate(firsts):
+            hit = ids == tid
+            found = hit.any(1)
+            pos[found, k] = hit[found].float().argmax(1)
+        return pos
+
+    def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig) -> dict[str, torch.Tensor]:
+        src, ref = self.source, self.reference
+        latents, recon, ar_masks, ar_valid, weights = [], [], [], [], []
+        late = phase_step >= pcfg.steps / 2
+        for s in samples:
+            data = src if s.task == "source" else ref
+            latents.append(data.latents[s.index])
+            recon.append(data.recon_masks[s.index])
+            if s.task == "source":
+                ar_masks.append(torch.stack([src.region_masks[s.index], torch.zeros_like(src.region_masks[s.index])]))
+                ar_valid.append([True, False])
+            elif s.task == "reference":
+                ar_masks.append(torch.stack([torch.zeros_like(ref.region_masks[s.index]), ref.region_masks[s.index]]))
+                ar_valid.append([False, True])
+            else:  # composed: [V1] belongs on the reference's face, [V2] everywhere else
+                ar_masks.append(torch.stack([ref.face_masks[s.index], ref.region_masks[s.index]]))
+                ar_valid.append([bool(ref.has_face[s.index]), True])
+            weights.append(1.0 if s.task == "source" or late else pcfg.first_half_weight)
+        ids = torch.stack([self.prompt_ids(s.prompt) for s in samples])
+        batch = {
+            "latents": torch.stack(latents),
+            "recon_masks": torch.stack(recon),
+            "ar_masks": torch.stack(ar_masks),  # [B, 2, 1, h, w]
+            "ar_valid": torch.tensor(ar_valid),
+            "weights": torch.tensor(weights),
+            "input_ids": ids,
+            "positions": self.token_positions(ids),
+            "composed": torch.tensor([s.task == "composed" for s in samples]),
+            "ref_index": torch.tensor([s.index if s.task != "source" else 0 for s in samples]),
+            "id_source": torch.tensor([s.id_source for s in samples]),
+        }
+        b = len(samples)
+        batch["noise"] = torch.randn(batch["latents"].shape, generator=self.gen)
+        batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (b,), generator=self.gen)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def identity_term(self, batch: dict, noisy: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7 on the composed samples whose reference has a face and t < T'; zeros elsewhere."""
+        b = noisy.shape[0]
+        valid = batch["composed"] & (batch["timesteps"] < self.cfg.loss.id_max_timestep)
+        valid &= self.reference.has_face.to(self.device)[batch["ref_index"]]
+        valid &= self.source.has_face.to(self.device)[batch["id_source"]]
+        out = torch.zeros(b, device=self.device)
+        if not valid.any():
+            return out, valid
+        idx = valid.nonzero().squeeze(1)
+        a_t = self.alphas_cumprod[batch["timesteps"][idx]]
+        x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
+        landmarks = self.reference.landmarks.to(self.device)[batch["ref_index"][idx]]
+        if self.cfg.loss.id_decode_window:
+            corner, side = _face_window(landmarks, x0.shape[-1])
+            x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
+            landmarks = landmarks - corner.float() * 8
+        image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
+        emb = self.identity(image.float(), landmarks)
+        target = self.source_identity[batch["id_source"][idx]]
+        return out.index_put((idx,), identity_loss(emb, target)), valid
+
+    def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
+        noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu()).to(self.weight_dtype)
+        use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
+        if use_attn:
+            self.store.set_token_positions(batch["positions"])
+        else:
+            self.store.clear()
+        with self.acc.autocast():
+            hidden = self.text_encoder(batch["input_ids"])[0]
+            pred = self.unet(noisy, batch["timesteps"], hidden).sample
+        recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
+        attn = attn_mask = None
+        if use_attn:
+            maps = self.store.maps()  # [B, 2, M, h, w]
+            valid = batch["ar_valid"]
+            attn = sum(
+                torch.where(valid[:, k], attention_refocus_loss(maps[:, k], batch["ar_masks"][:, k]), 0.0) for k in range(2)
+            )
+            attn_mask = valid.any(1)
+        ident = id_mask = None
+        if phase == 2 and self.identity is not None and self.cfg.loss.id_weight > 0:
+            with self.acc.autocast():
+                ident, id_mask = self.identity_term(batch, noisy, pred)
+        losses = combine_losses(
+            recon, attn, ident, batch["weights"], self.cfg.loss.attn_weight, self.cfg.loss.id_weight,
+            attn_mask=attn_mask, id_mask=id_mask,
+        )
+        if self.cfg.tokens.norm_weight > 0:
+            norm = norm_regulariser(get_token_embedding(self.text_encoder).new_vectors, self.cfg.tokens.norm_target)
+            losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * norm
+            losses["norm"] = norm.detach()
+        self.store.clear()
+        return losses
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, resume: str | None = None) -> Path | None:
+        if self.acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "effective_config.toml")
+        if self.cfg.logging.tensorboard:
+            self.acc.init_trackers("tb", config=None)
+        start_phase, start_step, state, trainable = 1, 0, None, None
+        if resume:
+            info = ckpt.resolve_resume(resume, self.out_dir)
+            trainable, state = ckpt.load_checkpoint(info)
+            start_phase, start_step = info.phase, info.step
+            self.print(f"resuming from {info.path.name}: phase {info.phase}, step {info.step}")
+        for phase in (1, 2):
+            if phase < start_phase:
+                continue
+            self.run_phase(phase, start_step if phase == start_phase else 0, state if phase == start_phase else None, trainable if phase == start_phase else None)
+        self.acc.wait_for_everyone()
+        result = None
+        if self.acc.is_main_process:
+            from .outputs import export_outputs
+
+            result = export_outputs(self)
+        self.acc.end_training()
+        return result
+
+    def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
+        pcfg = self.cfg.phase1 if phase == 1 else self.cfg.phase2
+        if phase == 2:
+            self.add_lora()
+        named = self.named_trainables(phase)
+        for p in named.values():
+            p.requires_grad_(True)
+        if trainable is not None:
+            missing = set(named) - set(trainable)
+            if missing:
+                raise TrainingStopped(f"checkpoint does not match this config: {len(missing)} tensors missing, e.g. {sorted(missing)[0]}")
+            with torch.no_grad():
+                for name, p in named.items():
+                    p.copy_(trainable[name].to(p.device, p.dtype))
+        optimizer = build_optimizer(self.cfg.optimizer, self.param_groups(phase, pcfg))
+        scheduler = build_lr_scheduler(pcfg, optimizer)
+        sampler = TaskSampler(
+            pcfg.tasks, len(self.source), len(self.reference), self.cfg.tokens.source, self.cfg.tokens.reference,
+            seed=self.cfg.train.seed * 10 + phase + 1000 * self.acc.process_index,
+            source_captions=self.source.captions or None, reference_captions=self.reference.captions or None,
+        )
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state(state["sampler"])
+            self.gen.set_state(state["generator"])
+        optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
+        params = list(named.values())
+        offset = self.cfg.phase1.steps if phase == 2 else 0
+        bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}", disable=not self.acc.is_main_process, dynamic_ncols=True)
+        step = start_step
+        from .previews import write_previews
+
+        try:
+            for step in bar:
+                samples = sampler.draw(pcfg.batch_size)
+                micro = pcfg.batch_size // pcfg.grad_accum
+                logs: dict[str, float] = {}
+                for m in range(pcfg.grad_accum):
+                    batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
+                    losses = self.compute_loss(batch, phase)
+                    if not torch.isfinite(losses["loss"]):
+                        last = ckpt.list_checkpoints(self.out_dir)
+                        kept = last[-1].path.name if last else "none yet"
+                        raise TrainingStopped(
+                            f"loss became {losses['loss'].item()} at phase {phase} step {step}; last good checkpoint: {kept}. "
+                            "Lower the learning rate, or use bf16 instead of fp16."
+                        )
+                    self.acc.backward(losses["loss"] / pcfg.grad_accum)
+                    for k, v in losses.items():
+                        logs[k] = logs.get(k, 0.0) + v.item() / pcfg.grad_accum
+                if self.acc.num_processes > 1:
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad = self.acc.reduce(p.grad, reduction="mean")
+                if self.cfg.optimizer.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
+                    self.acc.log({f"loss/{k}": v for k, v in logs.items()} | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
+                if self.acc.is_main_process:
+                    if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
+                        self.save(phase, done, optimizer, scheduler, sampler)
+                    if self.cfg.sample.every and done % self.cfg.sample.every == 0:
+                        write_previews(self, f"p{phase}-{done:06d}")
+        except KeyboardInterrupt:
+            bar.close()
+            if self.acc.is_main_process:
+                path = self.save(phase, step, optimizer, scheduler, sampler)
+                self.print(f"interrupted: saved {path}; continue with --resume latest")
+            raise
+        bar.close()
+        if self.acc.is_main_process:
+            self.save(phase, pcfg.steps, optimizer, scheduler, sampler)
+        if phase == 1 and self.cfg.sample.every and self.acc.is_main_process:
+            write_previews(self, "p1-end")
+
+    def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        state = {
+            "optimizer": inner.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state(),
+            "generator": self.gen.get_state(),
+        }
+        return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state, self.cfg.output.keep_checkpoints)
