@@ -34,7 +34,7 @@ def _ddpm_from(scheduler_config: dict):
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     kwargs = {k: scheduler_config[k] for k in keys if k in scheduler_config}
-    return DDPMScheduler(**kwargs, clip_sample=False)
+    return DDPMScheduler(**kwargs, clip_sample=False, steps_offset=1)
 
 
 def _checkpoint_to_safetensors_state(path: Path) -> dict:

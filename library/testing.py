@@ -203,14 +203,34 @@ def save_model(dest: Path, sd15_size: bool = False, seed: int = 0) -> tuple[Path
     return dest, single
 
 
+def save_random_arcface(path: Path, seed: int = 0) -> Path:
+    """A small arcface_torch-layout iresnet with random weights (for the demo and tests; it knows no faces)."""
+    from .iresnet import IBasicBlock, IResNet
+
+    torch.manual_seed(seed)
+    net = IResNet(IBasicBlock, layers=[1, 1, 1, 1], width=16, num_features=64)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so the embedding depends on the face
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+            m.running_var.uniform_(0.5, 1.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=Path, help="output folder (the single file is DEST.safetensors)")
     parser.add_argument("--sd15", action="store_true", help="full SD 1.5 shapes (random weights)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arcface", type=Path, help="also write a random-weight ArcFace .pth here")
     args = parser.parse_args(argv)
     folder, single = save_model(args.dest, sd15_size=args.sd15, seed=args.seed)
     print(f"wrote {folder}/ and {single}")
+    if args.arcface:
+        print(f"wrote {save_random_arcface(args.arcface)}")
     return 0
 
 

@@ -11,6 +11,7 @@ so the frozen networks never need a DDP wrapper and LoRA can be added between th
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -62,8 +63,14 @@ def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tenso
 class MagiCaptureTrainer:
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.acc = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with="tensorboard" if cfg.logging.tensorboard else None,
+            project_dir=str(Path(cfg.output.dir) / "logs"),
+        )
         self.out_dir = Path(cfg.output.dir)
+        if self.acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.acc.device
         self.weight_dtype = _dtype(cfg.train.mixed_precision)
         rank_seed = cfg.train.seed + 1000 * self.acc.process_index
@@ -115,6 +122,7 @@ class MagiCaptureTrainer:
         elif cfg.loss.id_weight > 0:
             self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
         self.lora_added = False
+        self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
 
     # ---------------------------------------------------------------- setup
     def print(self, message: str) -> None:
@@ -282,7 +290,7 @@ class MagiCaptureTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "effective_config.toml")
         if self.cfg.logging.tensorboard:
-            self.acc.init_trackers("tb", config=None)
+            self.acc.init_trackers("tensorboard")
         start_phase, start_step, state, trainable = 1, 0, None, None
         if resume:
             info = ckpt.resolve_resume(resume, self.out_dir)
@@ -364,6 +372,10 @@ class MagiCaptureTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                self.history.append({"phase": phase, "step": done, **logs})
+                if self.acc.is_main_process:
+                    with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps(self.history[-1]) + "\n")
                 if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
                     self.acc.log({f"loss/{k}": v for k, v in logs.items()} | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
                 if self.acc.is_main_process:
@@ -380,7 +392,7 @@ class MagiCaptureTrainer:
         bar.close()
         if self.acc.is_main_process:
             self.save(phase, pcfg.steps, optimizer, scheduler, sampler)
-        if phase == 1 and self.cfg.sample.every and self.acc.is_main_process:
+        if phase == 1 and self.cfg.sample.every and pcfg.steps % self.cfg.sample.every and self.acc.is_main_process:
             write_previews(self, "p1-end")
 
     def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path:

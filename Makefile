@@ -1,0 +1,35 @@
+# `make demo`: set up .venv and run the whole pipeline offline (tiny model, photos from installed packages).
+# `make test`: set up .venv and run the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m library.testing data/tiny_sd --arcface data/arcface_random.pth
+	$(BIN)/python -m dataset_tools.demo_photos data/demo_raw
+	$(BIN)/python -m dataset_tools.prepare source data/demo_raw/source data/demo/source
+	$(BIN)/python -m dataset_tools.prepare reference data/demo_raw/reference data/demo/reference
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train_magicapture.py --config configs/demo.toml
+	$(BIN)/python generate.py --config configs/demo.toml --n 2 --steps 10
+	@echo "demo outputs: out/demo/ (LoRA, embeddings, samples/, attention/, logs/, generated/)"
+
+test: setup
+	bash scripts/run_tests.sh $(BIN)/python
+
+bench: setup
+	$(BIN)/python bench/bench_prepare.py
+
+clean:
+	rm -rf out data/tiny_sd data/tiny_sd.safetensors data/demo data/demo_raw

@@ -1,0 +1,109 @@
+"""The two-phase loop on the tiny model: what trains in each phase, finite logged losses, resume, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from library.config import load_config
+from library.testing import save_random_arcface
+from library.trainer import MagiCaptureTrainer
+
+
+def make_config(tiny_model, prepared_data, out: Path, *extra: str):
+    folder, _ = tiny_model
+    source, reference = prepared_data
+    arcface = save_random_arcface(out.parent / "arcface.pth")
+    overrides = [
+        f'model.pretrained="{folder}"',
+        f'data.source_dir="{source}"',
+        f'data.reference_dir="{reference}"',
+        f'output.dir="{out}"',
+        f'loss.identity_weights="{arcface}"',
+        *extra,
+    ]
+    return load_config("configs/test_tiny.toml", overrides)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" not in n and "new_vectors" not in n}
+
+
+def test_each_phase_trains_only_its_parameters(tiny_model, prepared_data, tmp_path):
+    cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0")
+    trainer = MagiCaptureTrainer(cfg)
+    unet0, te0, vae0 = snapshot(trainer.unet), snapshot(trainer.text_encoder), snapshot(trainer.vae)
+    vectors0 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+
+    trainer.run_phase(1, 0, None, None)
+    assert not trainer.lora_added
+    vectors1 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+    assert not torch.equal(vectors0, vectors1), "phase 1 must move the token embeddings"
+    for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
+        after = snapshot(model)
+        assert all(torch.equal(before[n], after[n]) for n in before)
+
+    trainer.run_phase(2, 0, None, None)
+    lora = {n: p for n, p in trainer.named_trainables(2).items() if "lora_" in n}
+    assert any(n.startswith("unet.") for n in lora) and any(n.startswith("text_encoder.") for n in lora)
+    # peft zero-initialises lora_B; after phase 2 every UNet lora_B of the cross-attention has moved
+    moved = [n for n, p in lora.items() if "lora_B" in n and n.startswith("unet.") and p.abs().sum() > 0]
+    assert len(moved) == sum(1 for n in lora if "lora_B" in n and n.startswith("unet."))
+    assert not torch.equal(vectors1, trainer.named_trainables(2)["token_embedding.new_vectors"])
+    for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
+        after = {n.replace(".base_layer", ""): v for n, v in snapshot(model).items()}
+        assert set(before) == set(after)
+        assert all(torch.equal(before[n], after[n]) for n in before), "frozen weights changed"
+
+    phases = [h["phase"] for h in trainer.history]
+    assert phases == [1] * cfg.phase1.steps + [2] * cfg.phase2.steps
+    for entry in trainer.history:
+        terms = {"loss", "mask"} | ({"attn", "id"} if entry["phase"] == 2 else set())
+        assert terms <= set(entry), entry
+        assert all(torch.isfinite(torch.tensor(entry[k])) for k in terms)
+    assert any(h.get("id", 0) > 0 for h in trainer.history), "the composed task's identity term never ran"
+
+
+def test_full_run_exports_and_resume_matches(tiny_model, prepared_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = make_config(tiny_model, prepared_data, out, "sample.every=3", "output.keep_checkpoints=5")
+    MagiCaptureTrainer(cfg).run()
+    for name in ("magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors", "effective_config.toml",
+                 "loss_history.jsonl", "samples/p2-000003.png", "attention/p2-000003.png", "attention/p2-000003.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
+    with safe_open(str(out / "mcv1.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (1, 32)
+    with safe_open(str(out / "magicapture.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["ss_network_dim"] == "4"
+    assert "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in keys
+    shares = json.loads((out / "attention/p2-000003.json").read_text())
+    assert 0.0 <= shares["reference_token_outside_region"] <= 1.0
+
+    # resume from the mid-phase-2 checkpoint in a fresh process-like trainer: same final state
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-p2-000002", resumed / "checkpoint-p2-000002")
+    cfg2 = make_config(tiny_model, prepared_data, resumed, "sample.every=0")
+    MagiCaptureTrainer(cfg2).run(resume="latest")
+    a = safe_open(str(out / "checkpoint-p2-000003" / "trainable.safetensors"), "pt")
+    b = safe_open(str(resumed / "checkpoint-p2-000003" / "trainable.safetensors"), "pt")
+    assert set(a.keys()) == set(b.keys())
+    for key in a.keys():
+        torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=0, atol=1e-6, msg=key)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path):
+    from library.trainer import TrainingStopped
+
+    cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "phase1.lr_embeddings=1e30",
+                      "optimizer.max_grad_norm=0.0", "optimizer.name=\"SGD\"")
+    trainer = MagiCaptureTrainer(cfg)
+    with pytest.raises(TrainingStopped, match="loss became"):
+        trainer.run()
