@@ -1,0 +1,134 @@
+"""MagiCapture's losses as pure functions of tensors (METHOD.md, "Losses"). No model code here.
+
+Every loss returns one value per sample ([B]) so that the trainer can put the source, reference and
+composed tasks into one batch and weight each sample; :func:`combine_losses` does the weighting.
+Losses are computed in float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["soften_mask", "resize_mask", "masked_reconstruction_loss", "normalize_attention_maps",
+           "attention_refocus_loss", "tweedie_x0", "identity_loss", "combine_losses"]
+
+
+def soften_mask(mask: Tensor, eps: float = 0.01) -> Tensor:
+    """(m + eps) / (1 + eps): a mask in [0, 1] mapped to [eps / (1 + eps), 1] (released code)."""
+    return (mask + eps) / (1.0 + eps)
+
+
+def resize_mask(mask: Tensor, size: int) -> Tensor:
+    """[B, 1, H, W] (or [B, H, W]) -> [B, 1, size, size], nearest neighbour (released code)."""
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    dtype = mask.dtype
+    out = F.interpolate(mask.float(), size=(size, size), mode="nearest")
+    return out.to(dtype) if dtype.is_floating_point else out
+
+
+def _as_mask4(mask: Tensor) -> Tensor:
+    return mask.unsqueeze(1) if mask.dim() == 3 else mask
+
+
+def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, area_normalize: bool = True) -> Tensor:
+    """Eq. 4-6: per-sample mean over (C, H, W) of ((pred - target) * mask)^2 -> [B].
+
+    pred, target [B, C, H, W]; mask [B, 1, H, W] in [0, 1]. With ``area_normalize`` the mean is
+    multiplied by H * W / sum_hw(mask) (the released code's rescaling), i.e. it becomes a mean over the
+    masked area rather than over the whole latent.
+    """
+    mask = _as_mask4(mask).float()
+    if mask.shape[-2:] != pred.shape[-2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} and prediction {tuple(pred.shape)} differ in size")
+    per = ((pred.float() - target.float()) * mask).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    if area_normalize:
+        h, w = pred.shape[-2:]
+        area = mask.sum(dim=(-2, -1)).mean(dim=1)  # sum_hw(mask), [B]
+        per = per * (h * w) / area.clamp_min(1e-8)
+    return per
+
+
+def normalize_attention_maps(maps: Tensor) -> Tensor:
+    """S(A): per-map min-max over the last two dims; min and max are detached (gradient only through
+    the numerator ``A``), 1e-8 in the denominator. Values in [0, 1)."""
+    mn = maps.amin(dim=(-2, -1), keepdim=True).detach()
+    mx = maps.amax(dim=(-2, -1), keepdim=True).detach()
+    return (maps - mn) / (mx - mn + 1e-8)
+
+
+def attention_refocus_loss(maps: Tensor, mask: Tensor) -> Tensor:
+    """Eq. 8 for one special token: per-sample mean of ((mean_M S(up(A_m)) - M) * (1 - M))^2 -> [B].
+
+    maps [B, M, h, w]: the token's cross-attention probabilities from M maps (layers x heads; [B, h, w]
+    is taken as M = 1). mask [B, 1, S, S] in [0, 1], the token's target region; each map is upsampled
+    bilinearly (align_corners=False) to the mask's size, normalised by :func:`normalize_attention_maps`,
+    and averaged over M. Only attention outside the mask is penalised (pushed towards M there, i.e. ~0).
+    Sum the results for a sample with two tokens (the composed task).
+    """
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    mask = _as_mask4(mask).float()
+    up = F.interpolate(maps.float(), size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+    avg = normalize_attention_maps(up).mean(dim=1, keepdim=True)  # [B, 1, S, S]
+    return ((avg - mask) * (1.0 - mask)).pow(2).mean(dim=(1, 2, 3))
+
+
+def tweedie_x0(z_t: Tensor, eps_hat: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
+    """x0_hat = (z_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t); a_t [B] (or a scalar) broadcast per sample.
+
+    Computed in at least float32, returned in ``z_t``'s dtype."""
+    ct = torch.promote_types(z_t.dtype, torch.float32)
+    a = torch.as_tensor(alphas_cumprod_t, device=z_t.device).to(ct)
+    if a.dim() > 0:
+        a = a.reshape(-1, *([1] * (z_t.dim() - 1)))
+    x0 = (z_t.to(ct) - (1.0 - a).sqrt() * eps_hat.to(ct)) / a.sqrt()
+    return x0.to(z_t.dtype)
+
+
+def identity_loss(emb: Tensor, emb_ref: Tensor) -> Tensor:
+    """Eq. 7: 1 - cos(emb, emb_ref) along the last dim -> [B] (0 equal, 1 orthogonal, 2 opposite).
+
+    ``emb_ref`` is not detached here; pass a constant (the source image's embedding)."""
+    return 1.0 - F.cosine_similarity(emb.float(), emb_ref.float(), dim=-1, eps=1e-8)
+
+
+def _masked_term(term: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(term with invalid samples set to 0, float validity [B]); ``where`` (not a product) keeps a NaN
+    placeholder of a skipped sample out of the total."""
+    term = term.float()
+    if valid is None:
+        return term, torch.ones_like(term)
+    valid = valid.to(device=term.device).bool().expand_as(term)
+    return torch.where(valid, term, torch.zeros_like(term)), valid.float()
+
+
+def combine_losses(recon: Tensor, attn: Tensor | None, ident: Tensor | None, weights: Tensor | None = None,
+                   attn_weight: float = 2.5, id_weight: float = 0.25, *,
+                   attn_mask: Tensor | None = None, id_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Total ``L = mean_b w_b (L_mask,b + attn_weight L_attn,b + id_weight L_id,b)``.
+
+    recon, attn, ident: per-sample terms [B]; ``weights`` [B] per-sample task weights (e.g. x2 on the
+    style / composed samples in the first half of a phase; None = 1). The mean divides by B, not by
+    sum(w), so a weight of 2 doubles that sample's contribution, as in the released code, and a batch of
+    the three tasks gives the same total as averaging the three tasks run one at a time.
+    ``attn_mask`` / ``id_mask`` (bool [B], optional) mark the samples a term applies to (e.g. the identity
+    loss exists for composed samples only); other samples contribute 0 to that term.
+
+    Returns {"loss": the scalar total, "mask": ..., "attn": ..., "id": ...}; the per-term entries are
+    the unweighted means over the samples the term applies to (for logging), a term that is None is
+    omitted.
+    """
+    recon = recon.float()
+    w = torch.ones_like(recon) if weights is None else torch.as_tensor(weights, device=recon.device).float().expand_as(recon)
+    per = recon
+    out: dict[str, Tensor] = {"mask": recon.mean()}
+    for name, term, valid, k in (("attn", attn, attn_mask, attn_weight), ("id", ident, id_mask, id_weight)):
+        if term is None:
+            continue
+        term, v = _masked_term(term, valid)
+        per = per + k * term
+        out[name] = term.sum() / v.sum().clamp_min(1.0)
+    out["loss"] = (w * per).mean()
+    return {"loss": out.pop("loss"), **out}

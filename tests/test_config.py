@@ -1,0 +1,86 @@
+"""Config errors name the key, the file and the fix; CLI errors are one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from library.config import ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, data_dirs: bool = True) -> Path:
+    (tmp_path / "s").mkdir(exist_ok=True)
+    (tmp_path / "r").mkdir(exist_ok=True)
+    base = f'[model]\npretrained = "x"\n[data]\nsource_dir = "{tmp_path / "s"}"\nreference_dir = "{tmp_path / "r"}"\n'
+    path = tmp_path / "c.toml"
+    path.write_text(base + text if data_dirs else text)
+    return path
+
+
+def test_defaults_are_methods():
+    cfg = load_config(None, check_paths=False)
+    assert (cfg.phase1.steps, cfg.phase1.lr_embeddings) == (1200, 5e-4)
+    assert (cfg.phase2.steps, cfg.phase2.lr_unet, cfg.phase2.lr_embeddings, cfg.phase2.max_timestep) == (1500, 1e-4, 1e-5, 800)
+    assert (cfg.loss.attn_weight, cfg.loss.id_weight, cfg.loss.id_max_timestep, cfg.loss.mask_eps) == (2.5, 0.25, 800, 0.01)
+    assert cfg.phase2.tasks == ["source", "reference", "composed"] and cfg.phase1.tasks == ["source", "reference"]
+    assert cfg.optimizer.name == "AdamW8bit" and cfg.optimizer.max_grad_norm == 1.0
+    assert (cfg.lora.rank, cfg.lora.targets, cfg.lora.text_encoder) == (4, "cross_attn", True)
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    path = write(tmp_path, "[phase2]\nstesp = 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "phase2.stesp" in msg and str(path) in msg and "'steps'" in msg and "\n" not in msg
+
+
+def test_unknown_section_and_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section \[phse1\].*'phase1'"):
+        load_config(write(tmp_path, "[phse1]\nsteps = 1\n"))
+    with pytest.raises(ConfigError, match=r"phase1.steps: expected int, got 'ten'"):
+        load_config(write(tmp_path, "[phase1]\nsteps = 'ten'\n"))
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(write(tmp_path, "[lora]\ntext_encoder = 1\n"))
+
+
+def test_missing_paths_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.source_dir = '.*nowhere' is not a folder"):
+        load_config(write(tmp_path, '[data]\nsource_dir = "nowhere"\n', data_dirs=False).parent / "c.toml",
+                    [f'data.reference_dir="{tmp_path}"', 'model.pretrained="x"'])
+    with pytest.raises(ConfigError, match="loss.identity_weights"):
+        load_config(write(tmp_path, '[loss]\nidentity_weights = "missing.onnx"\n'))
+    with pytest.raises(ConfigError, match="must differ"):
+        load_config(write(tmp_path, '[tokens]\nsource = "a1"\nreference = "a1"\n'))
+    with pytest.raises(ConfigError, match="composed"):
+        load_config(write(tmp_path, '[phase1]\ntasks = ["source", "composed"]\n'))
+
+
+def test_overrides_and_effective_config_roundtrip(tmp_path):
+    path = write(tmp_path, "")
+    cfg = load_config(path, ["phase2.steps=7", "output.dir=out/x", "loss.attn_weight=0", "train.mixed_precision=bf16"])
+    assert (cfg.phase2.steps, cfg.output.dir, cfg.loss.attn_weight) == (7, "out/x", 0.0)
+    save_config(cfg, tmp_path / "eff.toml")
+    again = load_config(tmp_path / "eff.toml")
+    assert again.to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["steps=3"])
+
+
+def test_shipped_configs_parse():
+    for name in ("demo.toml", "magicapture_sd15.toml", "low_vram.toml", "test_tiny.toml"):
+        load_config(ROOT / "configs" / name, check_paths=False)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    path = write(tmp_path, "[phase2]\nstesp = 10\n")
+    proc = subprocess.run([sys.executable, "train_magicapture.py", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "stesp" in proc.stderr
