@@ -97,7 +97,7 @@ def add_special_tokens(
         dim = base.embedding_dim
         if init:
             init_ids = tokenizer(init, add_special_tokens=False).input_ids
-            vec = base.weight[torch.tensor(init_ids)].float().mean(0).detach()
+            vec = base.weight.detach()[torch.tensor(init_ids, device=base.weight.device)].float().mean(0).cpu()
             rows.extend([vec.clone() for _ in entries])
         else:
             for _ in entries:

@@ -32,7 +32,7 @@ from .losses import (
     masked_reconstruction_loss,
     tweedie_x0,
 )
-from .models import load_stable_diffusion
+from .models import StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer
 from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser
 
@@ -61,7 +61,7 @@ def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tenso
 
 
 class MagiCaptureTrainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None, parts: StableDiffusionParts | None = None):
         self.cfg = cfg
         self.acc = accelerator or Accelerator(
             mixed_precision=cfg.train.mixed_precision,
@@ -76,7 +76,8 @@ class MagiCaptureTrainer:
         rank_seed = cfg.train.seed + 1000 * self.acc.process_index
         self.gen = torch.Generator().manual_seed(rank_seed)
 
-        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline)
+        if parts is None:  # benchmarks hand over models built in memory
+            parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline)
         self.model_name = parts.name
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
@@ -122,6 +123,7 @@ class MagiCaptureTrainer:
         elif cfg.loss.id_weight > 0:
             self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
         self.lora_added = False
+        self.unet_forward = self.unet
         self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
 
     # ---------------------------------------------------------------- setup
@@ -244,7 +246,7 @@ class MagiCaptureTrainer:
         if self.cfg.loss.id_decode_window:
             corner, side = _face_window(landmarks, x0.shape[-1])
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
-            landmarks = landmarks - corner.float() * 8
+            landmarks = landmarks - corner.float()[:, None, :] * 8
         image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
         emb = self.identity(image.float(), landmarks)
         target = self.source_identity[batch["id_source"][idx]]
@@ -259,7 +261,7 @@ class MagiCaptureTrainer:
             self.store.clear()
         with self.acc.autocast():
             hidden = self.text_encoder(batch["input_ids"])[0]
-            pred = self.unet(noisy, batch["timesteps"], hidden).sample
+            pred = self.unet_forward(noisy, batch["timesteps"], hidden).sample
         recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
         attn = attn_mask = None
         if use_attn:
@@ -310,7 +312,8 @@ class MagiCaptureTrainer:
         self.acc.end_training()
         return result
 
-    def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
+    def setup_phase(self, phase: int, state: dict | None = None, trainable: dict | None = None):
+        """LoRA (phase 2), trainable flags, optimiser, LR scheduler and sampler; restored from a checkpoint if given."""
         pcfg = self.cfg.phase1 if phase == 1 else self.cfg.phase2
         if phase == 2:
             self.add_lora()
@@ -337,39 +340,48 @@ class MagiCaptureTrainer:
             sampler.load_state(state["sampler"])
             self.gen.set_state(state["generator"])
         optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
-        params = list(named.values())
-        offset = self.cfg.phase1.steps if phase == 2 else 0
-        bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}", disable=not self.acc.is_main_process, dynamic_ncols=True)
-        step = start_step
+        self.unet_forward = torch.compile(self.unet) if self.cfg.train.compile else self.unet
+        return pcfg, optimizer, scheduler, sampler, list(named.values())
+
+    def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> dict[str, float]:
+        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the mean loss terms."""
+        micro = len(samples) // pcfg.grad_accum
+        logs: dict[str, float] = {}
+        for m in range(pcfg.grad_accum):
+            batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
+            losses = self.compute_loss(batch, phase)
+            if not torch.isfinite(losses["loss"]):
+                last = ckpt.list_checkpoints(self.out_dir)
+                kept = last[-1].path.name if last else "none yet"
+                raise TrainingStopped(
+                    f"loss became {losses['loss'].item()} at phase {phase} step {step}; last good checkpoint: {kept}. "
+                    "Lower the learning rate, or use bf16 instead of fp16."
+                )
+            self.acc.backward(losses["loss"] / pcfg.grad_accum)
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / pcfg.grad_accum
+        if self.acc.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+        if self.cfg.optimizer.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
         from .previews import write_previews
 
+        pcfg, optimizer, scheduler, sampler, params = self.setup_phase(phase, state, trainable)
+        offset = self.cfg.phase1.steps if phase == 2 else 0
+        bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}",
+                   disable=not self.acc.is_main_process, dynamic_ncols=True)
+        step = start_step
         try:
             for step in bar:
-                samples = sampler.draw(pcfg.batch_size)
-                micro = pcfg.batch_size // pcfg.grad_accum
-                logs: dict[str, float] = {}
-                for m in range(pcfg.grad_accum):
-                    batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
-                    losses = self.compute_loss(batch, phase)
-                    if not torch.isfinite(losses["loss"]):
-                        last = ckpt.list_checkpoints(self.out_dir)
-                        kept = last[-1].path.name if last else "none yet"
-                        raise TrainingStopped(
-                            f"loss became {losses['loss'].item()} at phase {phase} step {step}; last good checkpoint: {kept}. "
-                            "Lower the learning rate, or use bf16 instead of fp16."
-                        )
-                    self.acc.backward(losses["loss"] / pcfg.grad_accum)
-                    for k, v in losses.items():
-                        logs[k] = logs.get(k, 0.0) + v.item() / pcfg.grad_accum
-                if self.acc.num_processes > 1:
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad = self.acc.reduce(p.grad, reduction="mean")
-                if self.cfg.optimizer.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
                 done = step + 1
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
                 self.history.append({"phase": phase, "step": done, **logs})

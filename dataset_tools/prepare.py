@@ -1,0 +1,504 @@
+"""Prepare a folder of photos for MagiCapture training.
+
+    python -m dataset_tools.prepare source    IN_DIR OUT_DIR [--token WORD] [--resolution 512] [--parser-weights PATH]
+    python -m dataset_tools.prepare reference IN_DIR OUT_DIR [--token WORD] ...
+
+For every image in IN_DIR (jpg, jpeg, png, webp, bmp; not recursive) OUT_DIR gets, one stem per image:
+NAME.png (RGB, EXIF-rotated, short side <= 2 x resolution), NAME.mask.png (8-bit, 255 = trains: the face
+for source, everything but the face for reference), NAME.txt (caption), NAME.json (face box, 5 ArcFace
+landmarks, score, mask coverage, warnings), preview/NAME.jpg and preview/contact.jpg.
+Exit status: 0 when at least one image was usable, 2 when none was or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+
+KINDS = ("source", "reference")
+DEFAULT_TOKENS = {"source": "mcv1", "reference": "mcv2"}
+CAPTIONS = {
+    "source": "a photo of a {token} person",
+    "reference": "a photo of a person in the style of {token}",
+}
+PREVIEW_MAX_SIDE = 512
+THUMB = 192
+CONTACT_MAX = 400
+PNG_LEVEL = 1  # fast; the files are read once to cache latents
+MIN_RECOMMENDED = 3
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+class PrepareError(Exception):
+    """A problem with the arguments or the folders as a whole (exit status 2); str() is one line."""
+
+
+@dataclass
+class Summary:
+    kind: str
+    in_dir: str
+    out_dir: str
+    token: str
+    read: list[str] = field(default_factory=list)  # image files read (attempted)
+    used: list[str] = field(default_factory=list)  # image files that produced a training item
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (file, why): not images
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (file or "", message)
+    items: list[dict] = field(default_factory=list)  # the NAME.json records written
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.used)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"prepare {self.kind}: {len(self.read)} image file(s) read, {len(self.used)} used, "
+            f"{len(self.skipped)} skipped -> {self.out_dir}"
+        ]
+        out += [f"skipped  {name}: {reason}" for name, reason in self.skipped]
+        out += [f"ignored  {name}: {why}" for name, why in self.ignored]
+        out += [f"warning  {name}: {msg}" if name else f"warning  {msg}" for name, msg in self.warnings]
+        return out
+
+    def format(self) -> str:
+        return "\n".join(self.lines())
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then os.replace into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _encode_png(arr: np.ndarray) -> bytes:
+    return encode_png(arr)
+
+
+def _encode_jpg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _fit(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    h, w = rgb.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s >= 1.0:
+        return rgb, 1.0
+    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA), s
+
+
+_LM_COLORS = [(255, 60, 60), (60, 120, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
+
+
+def make_preview(rgb: np.ndarray, mask: np.ndarray, box, landmarks, other_boxes=()) -> np.ndarray:
+    """The image with the training region tinted green, the face box (yellow), the 5 landmarks, and the
+    boxes of any other faces found (red)."""
+    small, s = _fit(rgb, PREVIEW_MAX_SIDE)
+    m = mask if s == 1.0 else cv2.resize(mask, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_NEAREST)
+    on = m > 127
+    tint = np.empty_like(small)
+    tint[:] = (0, 255, 0)
+    lit = cv2.addWeighted(small, 0.6, tint, 0.4, 0)
+    out = (small >> 1) + (small >> 3)  # ~0.6: what does not train is dimmed
+    out[on] = lit[on]
+    # outline of the mask, so its edge reads at a glance
+    contours, _ = cv2.findContours(on.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, (0, 255, 0), 1, cv2.LINE_AA)
+    t = max(1, round(max(out.shape[:2]) / 300))
+    for ob in other_boxes:
+        x0, y0, x1, y1 = (int(round(v * s)) for v in ob)
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 40, 40), t, cv2.LINE_AA)
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(v * s)) for v in box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 210, 0), t, cv2.LINE_AA)
+    if landmarks is not None:
+        for (x, y), c in zip(landmarks, _LM_COLORS):
+            cv2.circle(out, (int(round(x * s)), int(round(y * s))), t + 1, c, -1, cv2.LINE_AA)
+    return out
+
+
+def make_contact_sheet(thumbs: list[tuple[str, np.ndarray]], cell: int = THUMB) -> np.ndarray:
+    n = len(thumbs)
+    cols = max(1, min(6, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    label_h = 18
+    sheet = np.full((rows * (cell + label_h), cols * cell, 3), 32, np.uint8)
+    for i, (name, th) in enumerate(thumbs):
+        r, c = divmod(i, cols)
+        y, x = r * (cell + label_h), c * cell
+        small, _ = _fit(th, cell - 4)
+        h, w = small.shape[:2]
+        oy, ox = y + (cell - h) // 2, x + (cell - w) // 2
+        sheet[oy : oy + h, ox : ox + w] = small
+        text = name if len(name) <= 26 else name[:24] + ".."
+        cv2.putText(sheet, text, (x + 4, y + cell + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+    return sheet
+
+
+def _assign_stems(names: list[str]) -> dict[str, str]:
+    """Output stem per input file name, unique (case-insensitively) and clear of mask/contact names."""
+    taken: set[str] = {"contact"}
+    stems: dict[str, str] = {}
+    for name in names:
+        base, ext = os.path.splitext(name)
+        if base.lower().endswith(".mask"):
+            base = base[: -len(".mask")] + "_mask"
+        cand = base or "image"
+        if cand.lower() in taken:
+            cand = f"{base}_{ext.lstrip('.').lower()}"
+            i = 2
+            while cand.lower() in taken:
+                cand = f"{base}_{ext.lstrip('.').lower()}{i}"
+                i += 1
+        taken.add(cand.lower())
+        stems[name] = cand
+    return stems
+
+
+def _check_dirs(in_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+    if not in_dir.exists():
+        raise PrepareError(f"input folder not found: {in_dir}")
+    if not in_dir.is_dir():
+        raise PrepareError(f"input is not a folder: {in_dir}")
+    if not os.access(in_dir, os.R_OK | os.X_OK):
+        raise PrepareError(f"input folder is not readable: {in_dir}")
+    rin, rout = in_dir.resolve(), out_dir.resolve()
+    if rout == rin or rin in rout.parents:
+        raise PrepareError(f"output folder {out_dir} must not be the input folder or inside it")
+    if rout.exists() and not rout.is_dir():
+        raise PrepareError(f"output path exists and is not a folder: {out_dir}")
+    return rin, rout
+
+
+def _list_inputs(in_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    try:
+        entries = sorted(os.scandir(in_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise PrepareError(f"cannot read input folder {in_dir}: {exc.strerror or _one_line(exc)}") from None
+    images, ignored = [], []
+    for e in entries:
+        if e.name.startswith("."):
+            continue  # hidden files (.DS_Store, editor temp files)
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            ignored.append((e.name + "/", "subfolder not searched (only the folder's own files are read)"))
+            continue
+        ext = os.path.splitext(e.name)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+            images.append(e.name)
+        else:
+            shown = ext or "no extension"
+            ignored.append((e.name, f"unsupported extension '{shown}' (reads {' '.join(IMAGE_EXTENSIONS)})"))
+    return images, ignored
+
+
+class _Skip(Exception):
+    pass
+
+
+def _json_bytes(meta: dict) -> bytes:
+    """One key per line, values compact: easy to read and to diff."""
+    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
+    return ("{\n" + body + "\n}\n").encode("utf-8")
+
+
+def _round(v, nd=2):
+    return [round(float(x), nd) for x in v]
+
+
+def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, analyzer, out_dir: Path,
+                 preview_dir: Path) -> tuple[dict, np.ndarray]:
+    try:
+        loaded = load_image(path, max_short)
+    except ImageLoadError as exc:
+        raise _Skip(str(exc)) from None
+    rgb = np.asarray(loaded.image)
+    if not rgb.flags.c_contiguous:
+        rgb = np.ascontiguousarray(rgb)
+    h, w = rgb.shape[:2]
+    warns = list(loaded.warnings)
+    fa = analyzer.analyze(rgb)
+    warns += fa.warnings
+    face = fa.face
+    if face is None:
+        if kind == "source":
+            raise _Skip("no face found (a source image needs the person's face)")
+        mask = np.full((h, w), 255, np.uint8)
+        warns.append("no face found: the whole image trains as style (all-white mask)")
+    else:
+        if len(fa.faces) > 1:
+            bw, bh = face.box[2] - face.box[0], face.box[3] - face.box[1]
+            if kind == "source":
+                warns.append(
+                    f"{len(fa.faces)} faces found; using the largest ({bw:.0f}x{bh:.0f} px at "
+                    f"{face.box[0]:.0f},{face.box[1]:.0f}). A group photo can teach the wrong person: "
+                    "crop it to one face"
+                )
+            else:
+                warns.append(f"{len(fa.faces)} faces found; only the largest is masked out of the style region")
+        mask = fa.face_mask if kind == "source" else 255 - fa.face_mask
+        if kind == "source":
+            side = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+            if side < min(h, w) / 8:
+                warns.append(f"small face ({side:.0f} px in a {w}x{h} image): crop closer for more identity detail")
+    coverage = float(np.count_nonzero(mask)) / mask.size
+    if coverage == 0.0:
+        raise _Skip("the mask is empty (nothing would train)")
+
+    meta = {
+        "image": f"{stem}.png",
+        "kind": kind,
+        "token": token,
+        "width": int(w),
+        "height": int(h),
+        "face_box": None if face is None else _round(face.box),
+        "score": None if face is None else round(float(face.score), 4),
+        "landmarks": None if fa.landmarks is None else [_round(p) for p in fa.landmarks],
+        "mask_coverage": round(coverage, 5),
+        "num_faces": len(fa.faces),
+        "detector": fa.detector,
+        "warnings": warns,
+        "source_file": path.name,
+        "mask_method": fa.mask_method if face is not None else "all",
+    }
+    preview = make_preview(rgb, mask, None if face is None else face.box, fa.landmarks,
+                           [f.box for f in fa.faces[1:]])
+    outputs = [
+        (out_dir / f"{stem}.png", lambda: _encode_png(rgb)),
+        (out_dir / f"{stem}.mask.png", lambda: _encode_png(mask)),
+        (out_dir / f"{stem}.txt", lambda: CAPTIONS[kind].format(token=token).encode("utf-8")),
+        (preview_dir / f"{stem}.jpg", lambda: _encode_jpg(preview)),
+        # the record goes last: a NAME.json means every file of NAME is complete
+        (out_dir / f"{stem}.json", lambda: _json_bytes(meta)),
+    ]
+    written: list[Path] = []
+    try:
+        for target, encode in outputs:
+            _atomic_write(target, encode())
+            written.append(target)
+    except BaseException as exc:
+        for p in written:  # no half item: an image without its mask or record must not train
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise _Skip(f"cannot write outputs: {exc.strerror or _one_line(exc)}") from None
+        raise
+    thumb, _ = _fit(preview, THUMB)
+    return meta, thumb
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def validate_token(token: str) -> str:
+    if not token or not _TOKEN_RE.fullmatch(token):
+        raise PrepareError(
+            f"bad token {token!r}: use one word of letters, digits, '_' or '-' (it names an embedding file)"
+        )
+    return token
+
+
+def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolution: int = 512,
+                   parser_weights=None, progress: bool = False) -> Summary:
+    """Prepare every image of `in_dir` into `out_dir`; returns what was read, used and skipped.
+
+    Raises PrepareError (one-line message) for bad arguments or unusable folders; a bad image never
+    raises, it lands in `Summary.skipped` with the reason.
+    """
+    from .faces import FaceAnalyzer, quiet_native_stderr
+
+    if kind not in KINDS:
+        raise PrepareError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    token = validate_token(DEFAULT_TOKENS[kind] if token is None else token)
+    try:
+        resolution = int(resolution)
+    except (TypeError, ValueError):
+        raise PrepareError(f"resolution must be an integer, not {resolution!r}") from None
+    if resolution < 64:
+        raise PrepareError(f"resolution must be at least 64, not {resolution}")
+    max_short = 2 * resolution
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    _check_dirs(in_dir, out_dir)
+    if parser_weights is not None and not Path(parser_weights).is_file():
+        raise PrepareError(f"face-parsing weights not found: {parser_weights}")
+    names, ignored = _list_inputs(in_dir)
+    summary = Summary(kind=kind, in_dir=str(in_dir), out_dir=str(out_dir), token=token, ignored=ignored)
+    if not names:
+        summary.warnings.append(("", f"no image files in {in_dir} (reads {' '.join(IMAGE_EXTENSIONS)})"))
+        return summary
+    preview_dir = out_dir / "preview"
+    try:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrepareError(f"cannot create output folder {out_dir}: {exc.strerror or _one_line(exc)}") from None
+    stems = _assign_stems(names)
+
+    from .bisenet import ParserLoadError
+
+    thumbs: list[tuple[str, np.ndarray]] = []
+    with quiet_native_stderr() as stream:
+        try:
+            analyzer = FaceAnalyzer(parser_weights=parser_weights)
+        except ParserLoadError as exc:
+            raise PrepareError(str(exc)) from None
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(names, desc=f"prepare {kind}", unit="img", file=stream, disable=not progress,
+                       dynamic_ncols=True, leave=False)
+            for name in bar:
+                summary.read.append(name)
+                try:
+                    meta, thumb = _process_one(in_dir / name, stems[name], kind, token, max_short, analyzer,
+                                               out_dir, preview_dir)
+                except _Skip as exc:
+                    summary.skipped.append((name, str(exc)))
+                    continue
+                except MemoryError:
+                    summary.skipped.append((name, "not enough memory to process this image"))
+                    continue
+                except OSError as exc:
+                    summary.skipped.append((name, f"cannot process: {exc.strerror or _one_line(exc)}"))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the folder
+                    summary.skipped.append((name, f"unexpected error: {type(exc).__name__}: {_one_line(exc)}"))
+                    continue
+                summary.used.append(name)
+                summary.items.append(meta)
+                summary.warnings += [(name, w) for w in meta["warnings"]]
+                if stems[name] != os.path.splitext(name)[0]:
+                    summary.warnings.append((name, f"written as {stems[name]}.png (another file has the same name)"))
+                if len(thumbs) < CONTACT_MAX:
+                    thumbs.append((meta["image"][:-4], thumb))
+            bar.close()
+        finally:
+            analyzer.close()
+
+    if thumbs:
+        try:
+            _atomic_write(preview_dir / "contact.jpg", _encode_jpg(make_contact_sheet(thumbs), 88))
+        except OSError as exc:
+            summary.warnings.append(("", f"cannot write preview/contact.jpg: {exc.strerror or _one_line(exc)}"))
+        if len(summary.used) > CONTACT_MAX:
+            summary.warnings.append(("", f"contact sheet shows the first {CONTACT_MAX} images only"))
+    if summary.used and len(summary.used) < MIN_RECOMMENDED:
+        summary.warnings.append(
+            ("", f"only {len(summary.used)} usable image(s); MagiCapture expects 4 to 6 per set")
+        )
+    _note_stale(summary, out_dir)
+    return summary
+
+
+def _note_stale(summary: Summary, out_dir: Path) -> None:
+    written = {m["image"][:-4] for m in summary.items}
+    stale = []
+    try:
+        for p in sorted(out_dir.glob("*.json")):
+            if p.stem in written:
+                continue
+            try:
+                rec = json.loads(p.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict) and rec.get("kind") in KINDS and "image" in rec:
+                stale.append(p.stem)
+    except OSError:
+        return
+    if stale:
+        shown = ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else "")
+        summary.warnings.append(
+            ("", f"{len(stale)} item(s) in {out_dir} come from an earlier run and will also train: {shown} "
+                 "(delete them if they should not)")
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no traceback
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m dataset_tools.prepare",
+        description="Turn a folder of photos into a MagiCapture training set (images, masks, captions, "
+        "landmarks, previews).",
+    )
+    p.add_argument("kind", choices=KINDS, help="source: photos of the person; reference: photos of the style")
+    p.add_argument("in_dir", help="folder of photos (jpg, jpeg, png, webp, bmp; not searched recursively)")
+    p.add_argument("out_dir", help="output folder (created; must not be IN_DIR or inside it)")
+    p.add_argument("--token", default=None,
+                   help="special token word (default: mcv1 for source, mcv2 for reference)")
+    p.add_argument("--resolution", type=int, default=512,
+                   help="training resolution; images keep a short side of at most twice this (default 512)")
+    p.add_argument("--parser-weights", default=None, metavar="PATH",
+                   help="BiSeNet face-parsing weights (face-parsing.PyTorch 79999_iter.pth) for the face mask")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = prepare_folder(args.kind, args.in_dir, args.out_dir, token=args.token,
+                                 resolution=args.resolution, parser_weights=args.parser_weights, progress=True)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback
+        print(f"error: unexpected failure: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(summary.format(), flush=True)
+    if not summary.used:
+        print(f"error: no usable image in {args.in_dir} ({len(summary.read)} read)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
