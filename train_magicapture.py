@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.config import ConfigError, load_config
     from library.data import DatasetError
     from library.models import ModelLoadError
+    from library.trainer import MagiCaptureTrainer, TrainingStopped
 
     try:
         cfg = load_config(args.config, list(args.overrides))
@@ -31,20 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_steps is not None:
             cfg.phase1.steps = min(cfg.phase1.steps, args.max_steps)
             cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
-        from library.trainer import MagiCaptureTrainer, TrainingStopped
-
         trainer = MagiCaptureTrainer(cfg)
         trainer.run(resume=args.resume)
     except (ConfigError, DatasetError, ModelLoadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:  # TrainingStopped and friends: one line, the checkpoint is kept
-        if type(err).__name__ != "TrainingStopped":
-            raise
+    except TrainingStopped as err:  # one line; the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
