@@ -249,6 +249,8 @@ def validate(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
     if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):
         raise ConfigError(f"{origin}: output.save_precision must be fp16, bf16 or fp32")
+    if cfg.lora.targets not in ("cross_attn", "attn_geglu", "kohya_all"):
+        raise ConfigError(f"{origin}: lora.targets = {cfg.lora.targets!r}: use cross_attn, attn_geglu or kohya_all")
     if cfg.attention.backend not in ("sdpa", "xformers"):
         raise ConfigError(f"{origin}: attention.backend must be sdpa or xformers")
     if not cfg.model.pretrained:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .attention import AttentionMapStore, install_attention_capture
-from .config import Config, PhaseConfig, save_config
+from .config import Config, ConfigError, PhaseConfig, save_config
 from .data import CachedSet, Sample, TaskSampler, cache_set, load_prepared_folder
 from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import (
@@ -104,7 +104,10 @@ class MagiCaptureTrainer:
             self.reference = self._cache("reference", cfg.data.reference_dir)
 
         self.store = AttentionMapStore()
-        install_attention_capture(self.unet, self.store, cfg.attention.layers, cfg.attention.backend)
+        try:
+            install_attention_capture(self.unet, self.store, cfg.attention.layers, cfg.attention.backend)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"[attention] {err}") from None
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
@@ -114,7 +117,10 @@ class MagiCaptureTrainer:
         if cfg.loss.identity_weights and cfg.loss.id_weight > 0:
             from .identity import IdentityEncoder
 
-            self.identity = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+            try:
+                self.identity = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"loss.identity_weights: {err}") from None
             with torch.no_grad():
                 faces = self.source.has_face
                 emb = self.identity(self.source.images[faces].to(self.device), self.source.landmarks[faces].to(self.device))

@@ -107,3 +107,73 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path
     trainer = MagiCaptureTrainer(cfg)
     with pytest.raises(TrainingStopped, match="loss became"):
         trainer.run()
+
+
+def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prepared_data, tmp_path):
+    """The windowed VAE decode, the alignment and ArcFace pass gradient to the UNet LoRA, sample by sample."""
+    from library.data import Sample
+
+    cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "loss.attn_weight=0")
+    trainer = MagiCaptureTrainer(cfg)
+    pcfg, *_ = trainer.setup_phase(2)
+    samples = [Sample("composed", i, "a photo of a mcv1 person in the style of mcv2", i) for i in range(3)]
+    for window in (True, False):
+        cfg.loss.id_decode_window = window
+        batch = trainer.build_batch(samples, 0, pcfg)
+        batch["timesteps"][:] = 100  # below T' = 800: the term applies to every sample
+        noisy = trainer.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu())
+        hidden = trainer.text_encoder(batch["input_ids"])[0]
+        pred = trainer.unet(noisy, batch["timesteps"], hidden).sample
+        ident, valid = trainer.identity_term(batch, noisy, pred)
+        assert valid.all() and ident.shape == (3,)
+        assert torch.isfinite(ident).all() and (ident > 0).all() and (ident <= 2).all()
+        trainer.unet.zero_grad()
+        ident.sum().backward()
+        grads = [p.grad for n, p in trainer.unet.named_parameters() if "lora_B" in n]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no LoRA gradient (window={window})"
+
+
+def test_face_window_covers_the_landmarks():
+    from library.trainer import _face_window
+
+    landmarks = torch.tensor([[[100.0, 100], [140, 100], [120, 120], [105, 140], [135, 140]],
+                              [[10.0, 10], [30, 10], [20, 20], [12, 28], [28, 28]]])
+    corner, side = _face_window(landmarks, latent_size=32)
+    assert side % 8 == 0 and 8 <= side <= 32
+    for lm, (x, y) in zip(landmarks, corner.tolist()):
+        assert (lm[:, 0] / 8 >= x).all() and (lm[:, 0] / 8 <= x + side).all()
+        assert (lm[:, 1] / 8 >= y).all() and (lm[:, 1] / 8 <= y + side).all()
+        assert 0 <= x <= 32 - side and 0 <= y <= 32 - side
+
+
+def test_demo_config_through_the_cli(tiny_model, prepared_data, tmp_path, capsys):
+    import train_magicapture
+
+    folder, _ = tiny_model
+    source, reference = prepared_data
+    out = tmp_path / "demo"
+    rc = train_magicapture.main([
+        "--config", "configs/demo.toml", "--output_dir", str(out), "--max_steps", "2",
+        f'model.pretrained="{folder}"', f'data.source_dir="{source}"', f'data.reference_dir="{reference}"',
+        "data.resolution=64", "sample.every=2", "sample.steps=2", "loss.identity_weights=\"\"",
+    ])
+    assert rc == 0
+    assert (out / "demo.safetensors").is_file() and (out / "mcv1.pt").is_file()
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("identity (ID) loss off") == 1  # said once
+
+
+def test_bad_identity_weights_is_a_one_line_error(tiny_model, prepared_data, tmp_path, capsys):
+    import train_magicapture
+
+    folder, _ = tiny_model
+    source, reference = prepared_data
+    bad = tmp_path / "arcface.onnx"
+    bad.write_text("not a network")
+    rc = train_magicapture.main([
+        "--config", "configs/test_tiny.toml", "--output_dir", str(tmp_path / "o"),
+        f'model.pretrained="{folder}"', f'data.source_dir="{source}"', f'data.reference_dir="{reference}"',
+        f'loss.identity_weights="{bad}"',
+    ])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: loss.identity_weights") and "arcface.onnx" in err[-1]
