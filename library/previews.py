@@ -57,7 +57,13 @@ def _heat(image: np.ndarray, heat: np.ndarray) -> Image.Image:
 
 @torch.no_grad()
 def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, float]]:
-    """Composed prompt on up to `count` reference images at t=500: overlays and outside-mask shares."""
+    """Composed prompt on up to `count` reference images at t=500: overlays and outside-mask shares.
+
+    Shares are the fraction of each token's attention (averaged over the capture layers' head maps) that
+    falls outside its target: [V1] outside the reference's face, [V2] on the face. `_normalised` measures
+    the same on the min-max normalised maps the AR loss uses; `_contrast` is (max - min) / mean of the raw
+    maps, which falls toward 0 if the maps go flat.
+    """
     ref = trainer.reference
     n = min(count, len(ref) // (2 if trainer.cfg.data.flip else 1))
     idx = torch.arange(n)
@@ -72,17 +78,31 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     with trainer.acc.autocast():
         hidden = trainer.text_encoder(ids.to(trainer.device))[0]
         trainer.unet(noisy, t.to(trainer.device), hidden)
-    maps = trainer.store.maps().float().mean(2)  # [n, 2, h, w]
+    raw = trainer.store.maps().float()  # [n, 2, M, h, w]
     trainer.store.clear()
     size = latents.shape[-1]
-    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-    targets = torch.cat([ref.face_masks[idx], ref.region_masks[idx]], 1).to(maps.device)  # [n, 2, h, w]
-    outside = (maps * (1 - targets)).sum((2, 3)) / maps.sum((2, 3)).clamp_min(1e-12)  # [n, 2]
-    faces = ref.has_face[idx].to(maps.device)
-    shares = {
-        "source_token_outside_face": float(outside[faces, 0].mean()) if faces.any() else float("nan"),
-        "reference_token_outside_region": float(outside[:, 1].mean()),
-    }
+    n_maps = raw.shape[2]
+    up = F.interpolate(raw.flatten(1, 2), size=(size, size), mode="bilinear", align_corners=False)
+    up = up.view(n, 2, n_maps, size, size)
+    targets = torch.cat([ref.face_masks[idx], ref.region_masks[idx]], 1).to(up.device)[:, :, None]  # [n, 2, 1, h, w]
+    faces = ref.has_face[idx].to(up.device)
+    maps = up.mean(2)  # [n, 2, h, w]: what the picture shows
+
+    def outside(m: torch.Tensor) -> torch.Tensor:  # [n, 2, M, h, w] -> [n, 2]: attention mass outside the target
+        return ((m * (1 - targets)).sum((3, 4)) / m.sum((3, 4)).clamp_min(1e-12)).mean(2)
+
+    # S of eq. 8 (per-map min-max): what the loss sees; with it, a map that goes flat also scores 0
+    lo, hi = up.amin((3, 4), keepdim=True), up.amax((3, 4), keepdim=True)
+    normalised = (up - lo) / (hi - lo).clamp_min(1e-8)
+    contrast = ((hi - lo) / up.mean((3, 4), keepdim=True).clamp_min(1e-12)).mean((2, 3, 4))  # [n, 2]
+    shares = {}
+    for k, (key, valid) in enumerate((("source_token_outside_face", faces), ("reference_token_outside_region", None))):
+        sel = valid if valid is not None else torch.ones_like(faces)
+        if not sel.any():
+            continue
+        shares[key] = float(outside(up)[sel, k].mean())
+        shares[key + "_normalised"] = float(outside(normalised)[sel, k].mean())
+        shares[key.split("_outside")[0] + "_contrast"] = float(contrast[sel, k].mean())
     res = ref.images.shape[-1]
     tiles = []
     for i in range(n):
