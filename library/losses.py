@@ -50,12 +50,21 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, area_
     return per
 
 
+RELATIVE_EPS = 1e-6
+
+
 def normalize_attention_maps(maps: Tensor) -> Tensor:
     """S(A): per-map min-max over the last two dims; min and max are detached (gradient only through
-    the numerator ``A``), 1e-8 in the denominator. Values in [0, 1)."""
+    the numerator ``A``). Values in [0, 1).
+
+    The guard in the denominator is relative to the map's maximum, so S is scale-invariant: with an
+    absolute epsilon (1e-8), scaling a token's whole probability column toward zero shrinks S and with
+    it the loss, and the tiny model learned exactly that (probabilities ~1e-10 after 200 steps: the
+    token stopped being attended at all). Scale-invariant, the loss depends only on where the map lies.
+    """
     mn = maps.amin(dim=(-2, -1), keepdim=True).detach()
     mx = maps.amax(dim=(-2, -1), keepdim=True).detach()
-    return (maps - mn) / (mx - mn + 1e-8)
+    return (maps - mn) / (mx - mn + RELATIVE_EPS * mx.abs() + 1e-30)
 
 
 def attention_refocus_loss(maps: Tensor, mask: Tensor) -> Tensor:
