@@ -88,6 +88,7 @@ class LossConfig:
     mask_eps: float = 0.01  # mask softening (m + eps) / (1 + eps)
     area_normalize: bool = True
     attn_weight: float = 2.5
+    attn_detach_extremes: bool = True  # S's min and max detached (released code); false: fully scale-invariant
     id_weight: float = 0.25
     id_max_timestep: int = 800
     identity_weights: str = ""  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off

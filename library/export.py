@@ -25,13 +25,23 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .metadata import (  # noqa: F401  (re-exported: the metadata is part of the file format)
+from .metadata import (  # re-exported: the metadata is part of the file format
     build_metadata,
     default_composed_prompt,
     file_sha256,
     precalculate_safetensors_hashes,
     safetensors_file_hash,
 )
+
+# Listed so the metadata re-exports above count as used (pyflakes) and `import *` gets the whole format.
+__all__ = [
+    "BUNDLE_PREFIX", "DEFAULT_ADAPTER", "TE_PREFIX", "UNET_PREFIX",
+    "apply_kohya_lora", "kohya_module_name", "load_embedding", "load_lora", "lora_module_names",
+    "lora_state_dict", "save_embedding", "save_lora",
+    # from library.metadata
+    "build_metadata", "default_composed_prompt", "file_sha256", "precalculate_safetensors_hashes",
+    "safetensors_file_hash",
+]
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
@@ -317,8 +327,8 @@ def apply_kohya_lora(
     """Merge a kohya LoRA into the weights: W += scale * alpha / r * up @ down. Returns modules patched.
 
     Module names are matched exactly (``lora_te1_`` is read as ``lora_te_``); a key that matches no module,
-    a missing up/down, or a shape that does not fit raises before any weight changes. ``bundle_emb.*``
-    tensors are embeddings, not modules, and are skipped.
+    a missing up/down, or a shape that does not fit raises ValueError (one line) before any weight
+    changes. ``bundle_emb.*`` tensors are embeddings, not modules, and are skipped.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -358,7 +368,8 @@ def apply_kohya_lora(
             raise ValueError(f"{name}: LoRA delta {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
         plan.append((module, delta.reshape(w.shape) * (scale * alpha / r)))
     if missing:
-        raise KeyError(f"{len(missing)} LoRA modules match no module of the model: {sorted(missing)[:5]}")
+        # ValueError, not KeyError: str(KeyError) wraps the message in quotes
+        raise ValueError(f"{len(missing)} LoRA modules match no module of the model: {sorted(missing)[:5]}")
     with torch.no_grad():
         for module, delta in plan:
             module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))

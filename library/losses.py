@@ -53,7 +53,7 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, area_
 RELATIVE_EPS = 1e-6
 
 
-def normalize_attention_maps(maps: Tensor) -> Tensor:
+def normalize_attention_maps(maps: Tensor, detach_extremes: bool = True) -> Tensor:
     """S(A): per-map min-max over the last two dims; min and max are detached (gradient only through
     the numerator ``A``). Values in [0, 1).
 
@@ -62,12 +62,14 @@ def normalize_attention_maps(maps: Tensor) -> Tensor:
     it the loss, and the tiny model learned exactly that (probabilities ~1e-10 after 200 steps: the
     token stopped being attended at all). Scale-invariant, the loss depends only on where the map lies.
     """
-    mn = maps.amin(dim=(-2, -1), keepdim=True).detach()
-    mx = maps.amax(dim=(-2, -1), keepdim=True).detach()
+    mn = maps.amin(dim=(-2, -1), keepdim=True)
+    mx = maps.amax(dim=(-2, -1), keepdim=True)
+    if detach_extremes:  # the released code; with False, scaling a whole map has zero gradient too
+        mn, mx = mn.detach(), mx.detach()
     return (maps - mn) / (mx - mn + RELATIVE_EPS * mx.abs() + 1e-30)
 
 
-def attention_refocus_loss(maps: Tensor, mask: Tensor) -> Tensor:
+def attention_refocus_loss(maps: Tensor, mask: Tensor, detach_extremes: bool = True) -> Tensor:
     """Eq. 8 for one special token: per-sample mean of ((mean_M S(up(A_m)) - M) * (1 - M))^2 -> [B].
 
     maps [B, M, h, w]: the token's cross-attention probabilities from M maps (layers x heads; [B, h, w]
@@ -80,7 +82,7 @@ def attention_refocus_loss(maps: Tensor, mask: Tensor) -> Tensor:
         maps = maps.unsqueeze(1)
     mask = _as_mask4(mask).float()
     up = F.interpolate(maps.float(), size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
-    avg = normalize_attention_maps(up).mean(dim=1, keepdim=True)  # [B, 1, S, S]
+    avg = normalize_attention_maps(up, detach_extremes).mean(dim=1, keepdim=True)  # [B, 1, S, S]
     return ((avg - mask) * (1.0 - mask)).pow(2).mean(dim=(1, 2, 3))
 
 

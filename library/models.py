@@ -30,11 +30,29 @@ class StableDiffusionParts:
 
 
 def _ddpm_from(scheduler_config: dict):
+    """The training noise scheduler: a DDPM with the model's betas, carrying its sampling settings too.
+
+    Only the betas and the prediction type shape training noise. The sampling keys are kept in the
+    config because samplers are built from it (`EulerAncestralDiscreteScheduler.from_config(...)` for the
+    previews): dropping them would sample SD 1.5 with diffusers' defaults (steps_offset 0, linspace
+    spacing) instead of its own (steps_offset 1, leading).
+    """
     from diffusers import DDPMScheduler
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     kwargs = {k: scheduler_config[k] for k in keys if k in scheduler_config}
-    return DDPMScheduler(**kwargs, clip_sample=False, steps_offset=1)
+    # DDPM takes these two; passing them explicitly (even at DDPM's default) also keeps them out of
+    # `_use_default_values`, which from_config would otherwise skip in favour of the target's defaults
+    kwargs["steps_offset"] = scheduler_config.get("steps_offset", 1)
+    if "timestep_spacing" in scheduler_config:
+        kwargs["timestep_spacing"] = scheduler_config["timestep_spacing"]
+    scheduler = DDPMScheduler(**kwargs, clip_sample=False)
+    # DDIM / PNDM settings DDPM does not take: recorded in the config (as diffusers' own from_config does
+    # for a compatible class's keys) so that from_config of DDIM or PNDM picks them up
+    extra = {k: scheduler_config[k] for k in ("set_alpha_to_one", "skip_prk_steps") if k in scheduler_config}
+    if extra:
+        scheduler.register_to_config(**extra)
+    return scheduler
 
 
 def _checkpoint_to_safetensors_state(path: Path) -> dict:
@@ -82,7 +100,7 @@ def load_stable_diffusion(
         if not (path / "unet").is_dir():
             raise ModelLoadError(f"{path}: not a diffusers folder (no unet/ inside)")
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype, local_files_only=offline
+            path, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=offline
         )
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
         if path.suffix.lower() == ".safetensors":
@@ -104,7 +122,7 @@ def load_stable_diffusion(
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
-            torch_dtype=dtype,
+            dtype=dtype,
         )
     elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
         raise ModelLoadError(
@@ -117,7 +135,7 @@ def load_stable_diffusion(
                 "to download, or give a local folder or .safetensors file"
             )
         pipe = StableDiffusionPipeline.from_pretrained(
-            pretrained, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+            pretrained, safety_checker=None, requires_safety_checker=False, dtype=dtype
         )
     return StableDiffusionParts(
         unet=pipe.unet,

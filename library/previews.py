@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
+COLLAPSED_PEAK = 1e-4  # a token whose best pixel gives it less than this is not being used
 
 
 def composed_prompt(cfg) -> str:
@@ -62,7 +63,7 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     Shares are the fraction of each token's attention (averaged over the capture layers' head maps) that
     falls outside its target: [V1] outside the reference's face, [V2] on the face. `_normalised` measures
     the same on the min-max normalised maps the AR loss uses; `_contrast` is (max - min) / mean of the raw
-    maps, which falls toward 0 if the maps go flat.
+    maps, which falls toward 0 if the maps go flat; `_peak` is the largest probability the token gets.
     """
     ref = trainer.reference
     n = min(count, len(ref) // (2 if trainer.cfg.data.flip else 1))
@@ -103,6 +104,7 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
         shares[key] = float(outside(up)[sel, k].mean())
         shares[key + "_normalised"] = float(outside(normalised)[sel, k].mean())
         shares[key.split("_outside")[0] + "_contrast"] = float(contrast[sel, k].mean())
+        shares[key.split("_outside")[0] + "_peak"] = float(raw[:, k].amax((2, 3)).mean(1)[sel].mean())
     res = ref.images.shape[-1]
     tiles = []
     for i in range(n):
@@ -127,6 +129,13 @@ def write_previews(trainer, tag: str) -> None:
     tmp.replace(out / "attention" / f"{tag}.json")
     if cfg.logging.tensorboard:
         trainer.acc.log({f"attention/{k}": v for k, v in shares.items()})
+    for role, word in (("source", cfg.tokens.source), ("reference", cfg.tokens.reference)):
+        peak = shares.get(f"{role}_token_peak")
+        if peak is not None and peak < COLLAPSED_PEAK:
+            trainer.print(
+                f"warning: almost no attention goes to {word} any more (peak probability {peak:.1e}): the model "
+                "is learning to ignore the token; lower loss.attn_weight or set loss.attn_detach_extremes = false"
+            )
 
 
 def _save(image: Image.Image, path: Path) -> None:

@@ -274,7 +274,7 @@ class MagiCaptureTrainer:
             maps = self.store.maps()  # [B, 2, M, h, w]
             valid = batch["ar_valid"]
             attn = sum(
-                torch.where(valid[:, k], attention_refocus_loss(maps[:, k], batch["ar_masks"][:, k]), 0.0) for k in range(2)
+                torch.where(valid[:, k], attention_refocus_loss(maps[:, k], batch["ar_masks"][:, k], self.cfg.loss.attn_detach_extremes), 0.0) for k in range(2)
             )
             attn_mask = valid.any(1)
         ident = id_mask = None

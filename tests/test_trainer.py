@@ -85,6 +85,8 @@ def test_full_run_exports_and_resume_matches(tiny_model, prepared_data, tmp_path
     assert "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in keys
     shares = json.loads((out / "attention/p2-000003.json").read_text())
     assert 0.0 <= shares["reference_token_outside_region"] <= 1.0
+    assert 0.0 <= shares["source_token_outside_face_normalised"] <= 1.0
+    assert 0.0 < shares["source_token_peak"] <= 1.0 and shares["reference_token_contrast"] > 0
 
     # resume from the mid-phase-2 checkpoint in a fresh process-like trainer: same final state
     resumed = tmp_path / "resumed"
