@@ -179,3 +179,42 @@ def test_bad_identity_weights_is_a_one_line_error(tiny_model, prepared_data, tmp
     ])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: loss.identity_weights") and "arcface.onnx" in err[-1]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model, prepared_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = make_config(tiny_model, prepared_data, out, "sample.every=0", "output.save_every=0")
+    trainer = MagiCaptureTrainer(cfg)
+    real_step = trainer.optimizer_step
+    calls = {"n": 0}
+
+    def interrupted(samples, step, phase, *rest):
+        if phase == 2 and step == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(samples, step, phase, *rest)
+
+    monkeypatch.setattr(trainer, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    saved = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert saved[-1] == "checkpoint-p2-000001"  # phase 2, one step done when Ctrl-C came
+    assert not list(out.glob("*.tmp")) and not (out / "magicapture.safetensors").exists()
+    resumed = MagiCaptureTrainer(make_config(tiny_model, prepared_data, out, "sample.every=0", "output.save_every=0"))
+    resumed.run(resume="latest")
+    assert [h["step"] for h in resumed.history] == [2, 3] and (out / "magicapture.safetensors").is_file()
+
+
+def test_adamw8bit_default_steps_and_checkpoints_safely(tmp_path):
+    from library.config import OptimizerConfig
+    from library.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.randn(8, 300))
+    opt = build_optimizer(OptimizerConfig(), [{"params": [p], "lr": 1e-2}])
+    assert type(opt).__name__ == "AdamW8bit"
+    before = p.detach().clone()
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(before, p.detach())
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))  # no pickled objects needed
