@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are tiny: one thread is faster than torch's pool, and immune to a busy CPU."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, original-layout single .safetensors) of the tiny SD 1.x model."""

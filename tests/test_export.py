@@ -27,15 +27,6 @@ RANK, ALPHA = 4, 3.0  # alpha != rank: a loader that ignores alpha fails the com
 SUBJECT, STYLE = "ohwxsubj", "zqstyle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: with 2 shared cores, torch's thread pool costs 10x; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------------
 # helpers
 

@@ -75,15 +75,6 @@ name = "{RUN}"
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is faster on one thread, and immune to OpenMP spinning when the CPU is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     folder, _single = tiny_model

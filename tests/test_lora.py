@@ -12,15 +12,6 @@ from library.testing import build_components
 N_TRANSFORMERS = 16  # SD 1.x: down 3 x 2, mid 1, up 3 x 3 Transformer2DModel, one transformer block each
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: with 2 shared cores, torch's thread pool costs 10x; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base():
     return build_components(seed=0)
