@@ -254,7 +254,10 @@ class MagiCaptureTrainer:
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
             landmarks = landmarks - corner.float()[:, None, :] * 8
         image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
-        emb = self.identity(image.float(), landmarks)
+        # ArcFace runs in fp32 whatever the mixed precision: it is frozen and cheap at 112 px, and an
+        # iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            emb = self.identity(image.float(), landmarks.float())
         target = self.source_identity[batch["id_source"][idx]]
         return out.index_put((idx,), identity_loss(emb, target)), valid
 
@@ -359,9 +362,10 @@ class MagiCaptureTrainer:
             if not torch.isfinite(losses["loss"]):
                 last = ckpt.list_checkpoints(self.out_dir)
                 kept = last[-1].path.name if last else "none yet"
+                bad = ", ".join(k for k, v in losses.items() if k != "loss" and not torch.isfinite(v)) or "total"
                 raise TrainingStopped(
-                    f"loss became {losses['loss'].item()} at phase {phase} step {step}; last good checkpoint: {kept}. "
-                    "Lower the learning rate, or use bf16 instead of fp16."
+                    f"loss became {losses['loss'].item()} ({bad} term) at phase {phase} step {step}; last good "
+                    f"checkpoint: {kept}. Lower the learning rate, or use bf16 instead of fp16."
                 )
             self.acc.backward(losses["loss"] / pcfg.grad_accum)
             for k, v in losses.items():
