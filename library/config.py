@@ -93,6 +93,7 @@ class LossConfig:
     id_max_timestep: int = 800
     identity_weights: str = ""  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
     id_decode_window: bool = True  # decode only the latent window around the face
+    id_face: str = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
 
 
 @dataclass
@@ -252,6 +253,8 @@ def validate(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: output.save_precision must be fp16, bf16 or fp32")
     if cfg.lora.targets not in ("cross_attn", "attn_geglu", "kohya_all"):
         raise ConfigError(f"{origin}: lora.targets = {cfg.lora.targets!r}: use cross_attn, attn_geglu or kohya_all")
+    if cfg.loss.id_face not in ("landmarks", "detector"):
+        raise ConfigError(f"{origin}: loss.id_face must be landmarks or detector")
     if cfg.attention.backend not in ("sdpa", "xformers"):
         raise ConfigError(f"{origin}: attention.backend must be sdpa or xformers")
     if not cfg.model.pretrained:

@@ -249,6 +249,8 @@ class MagiCaptureTrainer:
         a_t = self.alphas_cumprod[batch["timesteps"][idx]]
         x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
         landmarks = self.reference.landmarks.to(self.device)[batch["ref_index"][idx]]
+        if self.cfg.loss.id_face == "detector":
+            return self._identity_by_detector(x0, idx, valid, batch, out)
         if self.cfg.loss.id_decode_window:
             corner, side = _face_window(landmarks, x0.shape[-1])
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
@@ -260,6 +262,24 @@ class MagiCaptureTrainer:
             emb = self.identity(image.float(), landmarks.float())
         target = self.source_identity[batch["id_source"][idx]]
         return out.index_put((idx,), identity_loss(emb, target)), valid
+
+    def _identity_by_detector(self, x0, idx, valid, batch, out):
+        """The released code's way: find the face on a detached decode of x0_hat; skip samples without one."""
+        from .face_restore import detect_face_landmarks
+
+        image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
+        pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        found = [detect_face_landmarks(p) for p in pixels]
+        keep = [i for i, faces in enumerate(found) if faces]
+        valid = valid.clone()
+        valid[idx[[i for i in range(len(found)) if not found[i]]]] = False
+        if not keep:
+            return out, valid
+        landmarks = torch.stack([torch.as_tensor(found[i][0]) for i in keep]).to(self.device).float()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            emb = self.identity(image[keep].float(), landmarks)
+        target = self.source_identity[batch["id_source"][idx[keep]]]
+        return out.index_put((idx[keep],), identity_loss(emb, target)), valid
 
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
         noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu()).to(self.weight_dtype)

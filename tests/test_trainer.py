@@ -218,3 +218,36 @@ def test_adamw8bit_default_steps_and_checkpoints_safely(tmp_path):
     assert not torch.equal(before, p.detach())
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))  # no pickled objects needed
+
+
+def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, prepared_data, tmp_path, monkeypatch):
+    """loss.id_face = detector (the released code): no face on x0_hat -> sample skipped; a face -> its landmarks."""
+    import numpy as np
+
+    import library.face_restore as face_restore
+    from library.data import Sample
+
+    cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", 'loss.id_face="detector"')
+    trainer = MagiCaptureTrainer(cfg)
+    pcfg, *_ = trainer.setup_phase(2)
+    samples = [Sample("composed", i, "a photo of a mcv1 person in the style of mcv2", i) for i in range(2)]
+    batch = trainer.build_batch(samples, 0, pcfg)
+    batch["timesteps"][:] = 100
+    noisy = trainer.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu())
+    pred = trainer.unet(noisy, batch["timesteps"], trainer.text_encoder(batch["input_ids"])[0]).sample
+
+    ident, valid = trainer.identity_term(batch, noisy, pred)  # the random model draws no face: mediapipe finds none
+    assert not valid.any() and torch.equal(ident, torch.zeros(2))
+
+    seen = []
+
+    def one_face_on_first(rgb):
+        seen.append(rgb.shape)
+        return [np.array([[20, 25], [44, 25], [32, 36], [22, 46], [42, 46]], np.float32)] if len(seen) == 1 else []
+
+    monkeypatch.setattr(face_restore, "detect_face_landmarks", one_face_on_first)
+    ident, valid = trainer.identity_term(batch, noisy, pred)
+    assert valid.tolist() == [True, False] and seen == [(64, 64, 3), (64, 64, 3)]
+    assert ident[0] > 0 and ident[1] == 0
+    ident.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.unet.named_parameters() if "lora_B" in n)
