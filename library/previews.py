@@ -111,7 +111,22 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
         image = ((ref.images[i].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255)
         up = F.interpolate(maps[i : i + 1].cpu(), size=(res, res), mode="bilinear", align_corners=False)[0].numpy()
         tiles += [Image.fromarray(image.astype(np.uint8)), _heat(image, up[0]), _heat(image, up[1])]
-    return image_grid(tiles, 3), shares
+    cfg = trainer.cfg
+    return _with_header(image_grid(tiles, 3), ["reference image", cfg.tokens.source, cfg.tokens.reference]), shares
+
+
+def _with_header(grid: Image.Image, labels: list[str]) -> Image.Image:
+    """A strip above the columns saying what each shows (red = where the token attends)."""
+    from PIL import ImageDraw
+
+    strip = 18
+    out = Image.new("RGB", (grid.width, grid.height + strip), "white")
+    out.paste(grid, (0, strip))
+    draw = ImageDraw.Draw(out)
+    col = grid.width // len(labels)
+    for i, label in enumerate(labels):
+        draw.text((i * col + 4, 3), label, fill=(0, 0, 0))
+    return out
 
 
 def write_previews(trainer, tag: str) -> None:
