@@ -124,6 +124,7 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    vae_fp32: bool = False  # keep the VAE in fp32 under fp16 (kohya's no_half_vae)
     compile: bool = False
 
 

@@ -84,6 +84,8 @@ class MagiCaptureTrainer:
         for model in (self.unet, self.vae, self.text_encoder):
             model.requires_grad_(False)
             model.to(self.device, self.weight_dtype)
+        if cfg.train.vae_fp32:  # kohya's no_half_vae: the VAE in fp32 when fp16 overflows in it
+            self.vae.to(torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
         tok = cfg.tokens
@@ -255,7 +257,7 @@ class MagiCaptureTrainer:
             corner, side = _face_window(landmarks, x0.shape[-1])
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
             landmarks = landmarks - corner.float()[:, None, :] * 8
-        image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
+        image = self.decode(x0)
         # ArcFace runs in fp32 whatever the mixed precision: it is frozen and cheap at 112 px, and an
         # iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -263,11 +265,17 @@ class MagiCaptureTrainer:
         target = self.source_identity[batch["id_source"][idx]]
         return out.index_put((idx,), identity_loss(emb, target)), valid
 
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """VAE decode with gradient, in the VAE's own dtype (fp32 with train.vae_fp32, even under autocast)."""
+        latents = (x0 / self.vae.config.scaling_factor).to(self.vae.dtype)
+        with torch.autocast(device_type=self.device.type, enabled=self.vae.dtype != torch.float32):
+            return self.vae.decode(latents).sample
+
     def _identity_by_detector(self, x0, idx, valid, batch, out):
         """The released code's way: find the face on a detached decode of x0_hat; skip samples without one."""
         from .face_restore import detect_face_landmarks
 
-        image = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.weight_dtype)).sample
+        image = self.decode(x0)
         pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         found = [detect_face_landmarks(p) for p in pixels]
         keep = [i for i, faces in enumerate(found) if faces]

@@ -251,3 +251,20 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
     assert ident[0] > 0 and ident[1] == 0
     ident.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.unet.named_parameters() if "lora_B" in n)
+
+
+def test_vae_fp32_keeps_the_vae_in_float32_and_decodes_with_gradient(tiny_model, prepared_data, tmp_path):
+    """Under bf16 mixed precision the VAE follows the weights' dtype, unless train.vae_fp32 keeps it in fp32."""
+    half = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "a", "sample.every=0",
+                                          'train.mixed_precision="bf16"'))
+    assert all(p.dtype == torch.bfloat16 for p in half.vae.parameters())
+    trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "b", "sample.every=0",
+                                             'train.mixed_precision="bf16"', "train.vae_fp32=true"))
+    assert all(p.dtype == torch.float32 for p in trainer.vae.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in trainer.unet.parameters())
+    x0 = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with trainer.acc.autocast():  # the fp32 VAE must not be pulled back to bf16 by autocast
+        image = trainer.decode(x0)
+    assert image.shape == (1, 3, 64, 64) and image.dtype == torch.float32
+    image.mean().backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0
