@@ -24,6 +24,16 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a test that asks for bf16 must not inherit an earlier "no"."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, original-layout single .safetensors) of the tiny SD 1.x model."""
