@@ -29,14 +29,13 @@ model's scheduler config) and infotext (A1111's "parameters" text, short hashes,
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -56,7 +55,7 @@ from .generation_options import (
     resolve_precision,
     setup_postprocessing,
 )
-from .infotext import a1111_hashes, a1111_model_name, infotext, lora_tag, parse_infotext, save_png
+from .infotext import a1111_hashes, a1111_model_name, image_grid, infotext, lora_tag, parse_infotext, save_png
 from .samplers import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
@@ -214,18 +213,6 @@ def _next_index(folder: Path) -> int:
             if m:
                 best = max(best, int(m.group(1)))
     return best + 1
-
-
-def image_grid(images: Sequence[Image.Image]) -> Image.Image:
-    """The images in a near-square grid (cells as big as the largest image), as A1111's grid-NNNNN.png."""
-    cols = max(1, math.ceil(math.sqrt(len(images))))
-    rows = math.ceil(len(images) / cols)
-    w = max(im.size[0] for im in images)
-    h = max(im.size[1] for im in images)
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 # --------------------------------------------------------------------------------------------------

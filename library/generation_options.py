@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .infotext import a1111_number
+from .models import DTYPES as _PRECISIONS
 
 
 class GenerationError(ValueError):
@@ -34,7 +35,6 @@ DEFAULT_TE_SCALE = 0.9  # text encoder (released code)
 DEFAULT_FIDELITY = 0.5
 RESTORERS = ("codeformer", "gfpgan", "none")
 _RESTORER_ARCH = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -9,9 +9,11 @@ UNet multipliers), the token words are A1111 embedding names (the files are name
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -129,3 +131,16 @@ def save_png(image: Image.Image, path: Path, parameters: str | None) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """The images in a grid of `cols` columns (default near-square, as A1111's grid-NNNNN.png), cells as big
+    as the largest image."""
+    cols = cols or max(1, math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / cols)
+    w = max(im.size[0] for im in images)
+    h = max(im.size[1] for im in images)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid

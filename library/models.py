@@ -13,6 +13,7 @@ import torch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # config names -> torch
 
 
 class ModelLoadError(ValueError):

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import torch
-
-from .export import build_metadata, lora_state_dict, save_embedding, save_lora
+from .export import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
+from .models import DTYPES
 from .tokens import token_vectors
-
-_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_outputs(trainer) -> Path:
     """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path."""
     cfg = trainer.cfg
     out = Path(cfg.output.dir)
-    dtype = _PRECISION[cfg.output.save_precision]
+    dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
     for word, vec in vectors.items():
@@ -46,7 +32,7 @@ def export_outputs(trainer) -> Path:
             train_text_encoder=cfg.lora.text_encoder,
             tokens=tokens,
             base_model_name=trainer.model_name,
-            base_model_hash=_file_sha256(pretrained) if pretrained.is_file() else None,
+            base_model_hash=file_sha256(pretrained) if pretrained.is_file() else None,
             training={
                 "phase1_steps": cfg.phase1.steps,
                 "phase2_steps": cfg.phase2.steps,

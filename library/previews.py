@@ -14,21 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .infotext import image_grid, save_png
+
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
 COLLAPSED_PEAK = 1e-4  # a token whose best pixel gives it less than this is not being used
 
 
 def composed_prompt(cfg) -> str:
     return cfg.sample.prompt or f"a photo of a {cfg.tokens.source} person in the style of {cfg.tokens.reference}"
-
-
-def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 @torch.no_grad()
@@ -112,7 +105,7 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
         up = F.interpolate(maps[i : i + 1].cpu(), size=(res, res), mode="bilinear", align_corners=False)[0].numpy()
         tiles += [Image.fromarray(image.astype(np.uint8)), _heat(image, up[0]), _heat(image, up[1])]
     cfg = trainer.cfg
-    return _with_header(image_grid(tiles, 3), ["reference image", cfg.tokens.source, cfg.tokens.reference]), shares
+    return _with_header(image_grid(tiles, cols=3), ["reference image", cfg.tokens.source, cfg.tokens.reference]), shares
 
 
 def _with_header(grid: Image.Image, labels: list[str]) -> Image.Image:
@@ -136,9 +129,9 @@ def write_previews(trainer, tag: str) -> None:
     (out / "samples").mkdir(parents=True, exist_ok=True)
     (out / "attention").mkdir(parents=True, exist_ok=True)
     images = sample_images(trainer, composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
-    _save(image_grid(images, len(images)), out / "samples" / f"{tag}.png")
+    save_png(image_grid(images, cols=len(images)), out / "samples" / f"{tag}.png", None)
     picture, shares = attention_report(trainer)
-    _save(picture, out / "attention" / f"{tag}.png")
+    save_png(picture, out / "attention" / f"{tag}.png", None)
     tmp = out / "attention" / f"{tag}.json.tmp"
     tmp.write_text(json.dumps(shares, indent=2))
     tmp.replace(out / "attention" / f"{tag}.json")
@@ -151,9 +144,3 @@ def write_previews(trainer, tag: str) -> None:
                 f"warning: almost no attention goes to {word} any more (peak probability {peak:.1e}): the model "
                 "is learning to ignore the token; lower loss.attn_weight or set loss.attn_detach_extremes = false"
             )
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)

@@ -32,7 +32,7 @@ from .losses import (
     masked_reconstruction_loss,
     tweedie_x0,
 )
-from .models import StableDiffusionParts, load_stable_diffusion
+from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer
 from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Training ended early (NaN loss); the message says what happened and what was kept."""
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
 
 
 def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tensor, int]:
@@ -72,7 +68,7 @@ class MagiCaptureTrainer:
         if self.acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.acc.device
-        self.weight_dtype = _dtype(cfg.train.mixed_precision)
+        self.weight_dtype = DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
         rank_seed = cfg.train.seed + 1000 * self.acc.process_index
         self.gen = torch.Generator().manual_seed(rank_seed)
 
