@@ -52,7 +52,8 @@ def make_trainer(args, root: Path):
     return MagiCaptureTrainer(cfg, parts=parts)
 
 
-def time_variant(trainer, name: str, batch: int, accum: int, steps: int, warmup: int, device: str, **switches) -> dict:
+def time_variant(trainer, phase_state: tuple, name: str, batch: int, accum: int, steps: int, warmup: int, device: str,
+                 **switches) -> dict:
     cfg = trainer.cfg
     cfg.loss.id_decode_window = switches.get("window", True)
     if switches.get("checkpointing"):
@@ -62,18 +63,18 @@ def time_variant(trainer, name: str, batch: int, accum: int, steps: int, warmup:
         trainer.unet.disable_gradient_checkpointing()
     trainer.unet_forward = torch.compile(trainer.unet) if switches.get("compile") else trainer.unet
     pcfg = dataclasses.replace(cfg.phase2, batch_size=batch, grad_accum=accum)
-    sampler = trainer._bench_sampler
+    _, optimizer, scheduler, sampler, params = phase_state
     draws = [sampler.draw(batch) for _ in range(warmup + steps)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup):
-        trainer.optimizer_step(draws[i], i, 2, pcfg, *trainer._bench_opt)
+        trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params)
     sync()
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        trainer.optimizer_step(draws[i], i, 2, pcfg, *trainer._bench_opt)
+        trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params)
     sync()
     ms = (time.perf_counter() - start) / steps * 1000
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -99,9 +100,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(args, Path(tmp))
-        pcfg, optimizer, scheduler, sampler, params = trainer.setup_phase(2)
-        trainer._bench_opt = (optimizer, scheduler, params)
-        trainer._bench_sampler = sampler
+        phase_state = trainer.setup_phase(2)
         plan = {
             "sequential": dict(batch=6, accum=6),  # one task sample per UNet pass: the plain loop
             "batched": dict(batch=6, accum=1),  # the trainer's default: all tasks in one pass
@@ -115,7 +114,7 @@ def main() -> int:
             spec = dict(plan[name])
             batch, accum = spec.pop("batch"), spec.pop("accum")
             try:
-                row = time_variant(trainer, name, batch, accum, args.steps, args.warmup, args.device, **spec)
+                row = time_variant(trainer, phase_state, name, batch, accum, args.steps, args.warmup, args.device, **spec)
             except Exception as err:  # a variant that fails (e.g. compile) is reported, the rest still run
                 row = {"variant": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
             rows.append(row)

@@ -7,6 +7,7 @@ indexes tensors, which keeps the GPU busy with the UNet instead of the data pipe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -137,6 +138,12 @@ class CachedSet:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def to(self, device: torch.device) -> "CachedSet":
+        """What every step indexes moves to `device` once; the full-size images stay in host memory."""
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("latents", "recon_masks", "region_masks", "face_masks", "landmarks", "has_face")}
+        return dataclasses.replace(self, **moved)
 
 
 def _to_latent_mask(masks: np.ndarray, size: int) -> torch.Tensor:

@@ -104,27 +104,28 @@ def load_stable_diffusion(
             path, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=offline
         )
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
-        if path.suffix.lower() == ".safetensors":
-            _check_sd1_single_file(path)
-            source = str(path)
-        else:
-            # diffusers would unpickle the file itself; we read it safely and hand over tensors.
-            import tempfile
+        import tempfile
 
-            from safetensors.torch import save_file
+        with tempfile.TemporaryDirectory() as scratch:  # removed once the weights are in memory
+            if path.suffix.lower() == ".safetensors":
+                _check_sd1_single_file(path)
+                source = str(path)
+            else:
+                # diffusers would unpickle the file itself; we read it safely and hand over tensors.
+                from safetensors.torch import save_file
 
-            state = _checkpoint_to_safetensors_state(path)
-            tmp = Path(tempfile.mkdtemp()) / (path.stem + ".safetensors")
-            save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, str(tmp))
-            source = str(tmp)
-        pipe = StableDiffusionPipeline.from_single_file(
-            source,
-            config=str(config_dir),
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-            dtype=dtype,
-        )
+                state = _checkpoint_to_safetensors_state(path)
+                source = str(Path(scratch) / (path.stem + ".safetensors"))
+                save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, source)
+                del state
+            pipe = StableDiffusionPipeline.from_single_file(
+                source,
+                config=str(config_dir),
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                dtype=dtype,
+            )
     elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
         raise ModelLoadError(
             f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x .safetensors file"

@@ -89,13 +89,14 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     lo, hi = up.amin((3, 4), keepdim=True), up.amax((3, 4), keepdim=True)
     normalised = (up - lo) / (hi - lo).clamp_min(1e-8)
     contrast = ((hi - lo) / up.mean((3, 4), keepdim=True).clamp_min(1e-12)).mean((2, 3, 4))  # [n, 2]
+    raw_outside, normalised_outside = outside(up), outside(normalised)
     shares = {}
     for k, (key, valid) in enumerate((("source_token_outside_face", faces), ("reference_token_outside_region", None))):
         sel = valid if valid is not None else torch.ones_like(faces)
         if not sel.any():
             continue
-        shares[key] = float(outside(up)[sel, k].mean())
-        shares[key + "_normalised"] = float(outside(normalised)[sel, k].mean())
+        shares[key] = float(raw_outside[sel, k].mean())
+        shares[key + "_normalised"] = float(normalised_outside[sel, k].mean())
         shares[key.split("_outside")[0] + "_contrast"] = float(contrast[sel, k].mean())
         shares[key.split("_outside")[0] + "_peak"] = float(raw[:, k].amax((2, 3)).mean(1)[sel].mean())
     res = ref.images.shape[-1]

@@ -98,8 +98,8 @@ class MagiCaptureTrainer:
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
         with self.acc.main_process_first():
-            self.source = self._cache("source", cfg.data.source_dir)
-            self.reference = self._cache("reference", cfg.data.reference_dir)
+            self.source = self._cache("source", cfg.data.source_dir).to(self.device)
+            self.reference = self._cache("reference", cfg.data.reference_dir).to(self.device)
 
         self.store = AttentionMapStore()
         try:
@@ -121,7 +121,7 @@ class MagiCaptureTrainer:
                 raise ConfigError(f"loss.identity_weights: {err}") from None
             with torch.no_grad():
                 faces = self.source.has_face
-                emb = self.identity(self.source.images[faces].to(self.device), self.source.landmarks[faces].to(self.device))
+                emb = self.identity(self.source.images[faces.cpu()].to(self.device), self.source.landmarks[faces])
                 self.source_identity = torch.zeros(len(self.source), emb.shape[-1], device=self.device)
                 self.source_identity[faces] = emb.float()
         elif cfg.loss.id_weight > 0:
@@ -238,28 +238,31 @@ class MagiCaptureTrainer:
         """Eq. 7 on the composed samples whose reference has a face and t < T'; zeros elsewhere."""
         b = noisy.shape[0]
         valid = batch["composed"] & (batch["timesteps"] < self.cfg.loss.id_max_timestep)
-        valid &= self.reference.has_face.to(self.device)[batch["ref_index"]]
-        valid &= self.source.has_face.to(self.device)[batch["id_source"]]
+        valid &= self.reference.has_face[batch["ref_index"]]
+        valid &= self.source.has_face[batch["id_source"]]
         out = torch.zeros(b, device=self.device)
         if not valid.any():
             return out, valid
         idx = valid.nonzero().squeeze(1)
         a_t = self.alphas_cumprod[batch["timesteps"][idx]]
         x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
-        landmarks = self.reference.landmarks.to(self.device)[batch["ref_index"][idx]]
+        landmarks = self.reference.landmarks[batch["ref_index"][idx]]
         if self.cfg.loss.id_face == "detector":
             return self._identity_by_detector(x0, idx, valid, batch, out)
         if self.cfg.loss.id_decode_window:
             corner, side = _face_window(landmarks, x0.shape[-1])
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
             landmarks = landmarks - corner.float()[:, None, :] * 8
-        image = self.decode(x0)
+        return self._identity_loss_at(self.decode(x0), landmarks, idx, batch, out), valid
+
+    def _identity_loss_at(self, image, landmarks, idx, batch, out) -> torch.Tensor:
+        """1 - cos between the faces in `image` and the samples' source identities, written into `out` at `idx`."""
         # ArcFace runs in fp32 whatever the mixed precision: it is frozen and cheap at 112 px, and an
         # iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
         with torch.autocast(device_type=self.device.type, enabled=False):
             emb = self.identity(image.float(), landmarks.float())
         target = self.source_identity[batch["id_source"][idx]]
-        return out.index_put((idx,), identity_loss(emb, target)), valid
+        return out.index_put((idx,), identity_loss(emb, target))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """VAE decode with gradient, in the VAE's own dtype (fp32 with train.vae_fp32, even under autocast)."""
@@ -279,14 +282,11 @@ class MagiCaptureTrainer:
         valid[idx[[i for i in range(len(found)) if not found[i]]]] = False
         if not keep:
             return out, valid
-        landmarks = torch.stack([torch.as_tensor(found[i][0]) for i in keep]).to(self.device).float()
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            emb = self.identity(image[keep].float(), landmarks)
-        target = self.source_identity[batch["id_source"][idx[keep]]]
-        return out.index_put((idx[keep],), identity_loss(emb, target)), valid
+        landmarks = torch.stack([torch.as_tensor(found[i][0]) for i in keep]).to(self.device)
+        return self._identity_loss_at(image[keep], landmarks, idx[keep], batch, out), valid
 
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
-        noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu()).to(self.weight_dtype)
+        noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
         use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
         if use_attn:
             self.store.set_token_positions(batch["positions"])
@@ -383,17 +383,18 @@ class MagiCaptureTrainer:
         for m in range(pcfg.grad_accum):
             batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
             losses = self.compute_loss(batch, phase)
-            if not torch.isfinite(losses["loss"]):
+            values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+            if not math.isfinite(values["loss"]):
                 last = ckpt.list_checkpoints(self.out_dir)
                 kept = last[-1].path.name if last else "none yet"
-                bad = ", ".join(k for k, v in losses.items() if k != "loss" and not torch.isfinite(v)) or "total"
+                bad = ", ".join(k for k, v in values.items() if k != "loss" and not math.isfinite(v)) or "total"
                 raise TrainingStopped(
-                    f"loss became {losses['loss'].item()} ({bad} term) at phase {phase} step {step}; last good "
+                    f"loss became {values['loss']} ({bad} term) at phase {phase} step {step}; last good "
                     f"checkpoint: {kept}. Lower the learning rate, or use bf16 instead of fp16."
                 )
             self.acc.backward(losses["loss"] / pcfg.grad_accum)
-            for k, v in losses.items():
-                logs[k] = logs.get(k, 0.0) + v.item() / pcfg.grad_accum
+            for k, v in values.items():
+                logs[k] = logs.get(k, 0.0) + v / pcfg.grad_accum
         if self.acc.num_processes > 1:
             for p in params:
                 if p.grad is not None:
