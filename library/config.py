@@ -183,6 +183,11 @@ class Config:
 _TASKS = ("source", "reference", "composed")
 
 
+def composed_prompt(source: str, reference: str) -> str:
+    """METHOD.md's composed prompt: what previews, generate.py and the LoRA's metadata default to."""
+    return f"a photo of a {source} person in the style of {reference}"
+
+
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""

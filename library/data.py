@@ -54,7 +54,6 @@ COMPOSED_TEMPLATES = [
     "an image of a {s} person in the style of {r}",
 ]
 TEMPLATES = {"source": SOURCE_TEMPLATES, "reference": REFERENCE_TEMPLATES, "composed": COMPOSED_TEMPLATES}
-IMAGE_SUFFIXES = (".png",)
 FLIP_ORDER = [1, 0, 2, 4, 3]  # a mirrored face swaps image-left and image-right landmarks
 
 
@@ -227,7 +226,6 @@ class TaskSampler:
         self.sizes = {"source": n_source, "reference": n_reference, "composed": n_reference}
         self.tokens = (source_token, reference_token)
         self.captions = {"source": source_captions, "reference": reference_captions}
-        self.n_source = n_source
         self.rng = random.Random(seed)
 
     def draw(self, batch_size: int) -> list[Sample]:
@@ -239,7 +237,7 @@ class TaskSampler:
             captions = self.captions.get(task)
             caption = captions[index] if captions else ""
             prompt = make_prompt(task, *self.tokens, self.rng, caption)
-            samples.append(Sample(task, index, prompt, self.rng.randrange(self.n_source)))
+            samples.append(Sample(task, index, prompt, self.rng.randrange(self.sizes["source"])))
         return samples
 
     def state(self) -> list:

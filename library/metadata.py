@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
+from . import config
+
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
 
@@ -130,7 +132,7 @@ def default_composed_prompt(tokens: Mapping[str, str]) -> str:
     """The composed prompt of METHOD.md from the token words (roles "source" and "reference")."""
     src, ref = tokens.get("source"), tokens.get("reference")
     if src and ref:
-        return f"a photo of a {src} person in the style of {ref}"
+        return config.composed_prompt(src, ref)
     return " ".join(tokens.values())
 
 

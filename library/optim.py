@@ -6,7 +6,7 @@ import torch
 
 from .config import ConfigError, OptimizerConfig, PhaseConfig
 
-_TORCH_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lion": None}
+_TORCH_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}  # lower-case aliases
 
 
 def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Optimizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import composed_prompt
 from .export import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
 from .models import DTYPES
 from .tokens import token_vectors
@@ -15,6 +16,7 @@ def export_outputs(trainer) -> Path:
     out = Path(cfg.output.dir)
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
+    prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
     vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
     for word, vec in vectors.items():
         save_embedding(out / f"{word}.safetensors", word, vec.to(dtype))
@@ -44,7 +46,7 @@ def export_outputs(trainer) -> Path:
                 "resolution": cfg.data.resolution,
                 "mixed_precision": cfg.train.mixed_precision,
                 "optimizer": cfg.optimizer.name,
-                "composed_prompt": f"a photo of a {tokens['source']} person in the style of {tokens['reference']}",
+                "composed_prompt": prompt,
             },
             state_dict=state,
         )
@@ -53,6 +55,6 @@ def export_outputs(trainer) -> Path:
     trainer.print(
         f"wrote {lora_path} and {', '.join(str(out / f'{w}.safetensors') for w in vectors)}\n"
         f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
-        f"\"a photo of a {tokens['source']} person in the style of {tokens['reference']} <lora:{cfg.output.name}:0.6>\""
+        f"\"{prompt} <lora:{cfg.output.name}:0.6>\""
     )
     return lora_path

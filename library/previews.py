@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import config
 from .infotext import image_grid, save_png
 
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
@@ -21,7 +22,7 @@ COLLAPSED_PEAK = 1e-4  # a token whose best pixel gives it less than this is not
 
 
 def composed_prompt(cfg) -> str:
-    return cfg.sample.prompt or f"a photo of a {cfg.tokens.source} person in the style of {cfg.tokens.reference}"
+    return cfg.sample.prompt or config.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
 
 
 @torch.no_grad()
@@ -127,8 +128,6 @@ def write_previews(trainer, tag: str) -> None:
     """samples/<tag>.png (composed prompt) and attention/<tag>.png + .json, atomically."""
     cfg = trainer.cfg
     out = Path(cfg.output.dir)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "attention").mkdir(parents=True, exist_ok=True)
     images = sample_images(trainer, composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
     save_png(image_grid(images, cols=len(images)), out / "samples" / f"{tag}.png", None)
     picture, shares = attention_report(trainer)

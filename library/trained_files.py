@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import config
 from .generation_options import GenerationError, one_line
 
 
@@ -27,7 +28,7 @@ class TrainedFiles:
 
 def composed_prompt(cfg) -> str:
     """METHOD.md's composed prompt, the default: "a photo of a {source} person in the style of {reference}"."""
-    return f"a photo of a {cfg.tokens.source} person in the style of {cfg.tokens.reference}"
+    return config.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
 
 
 def _bundled_tokens(lora: Path) -> set[str]:
