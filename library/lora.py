@@ -25,7 +25,6 @@ embedding rows) must switch it back on *after* adding the LoRA.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 LORA_TARGET_PRESETS: dict[str, str] = {

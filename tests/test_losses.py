@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from library.losses import (attention_refocus_loss, combine_losses, identity_loss, masked_reconstruction_loss,
                             normalize_attention_maps, resize_mask, soften_mask, tweedie_x0)
