@@ -47,8 +47,11 @@ class TokensConfig:
     reference_init: str = ""  # empty: random N(0, reference_init_std)
     reference_init_std: float = 0.017
     vectors: int = 1
-    norm_target: float = 0.4  # released code pulls the embeddings' norms toward 0.4
-    norm_weight: float = 0.001
+    # released code, phase 1 only, after every step: |v| <- |v| + min(1, norm_rate * lr) (norm_target - |v|)
+    norm_pull: str = "renormalize"  # renormalize (released) | penalty (soft, both phases) | none
+    norm_target: float = 0.4
+    norm_rate: float = 100.0
+    norm_weight: float = 0.001  # weight of the soft penalty (norm_pull = "penalty")
 
 
 @dataclass
@@ -59,11 +62,11 @@ class PhaseConfig:
     lr_embeddings: float = 5e-4
     lr_unet: float = 1e-4
     lr_text_encoder: float = 4e-5
-    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
+    lr_scheduler: str = "linear"  # released: linear decay to 0, no warm-up; any diffusers.optimization name
     lr_warmup_steps: int = 0
     max_timestep: int = 1000  # t ~ U(0, max_timestep)
     tasks: list[str] = field(default_factory=lambda: ["source", "reference"])
-    first_half_weight: float = 2.0  # reference/composed weight in the first half (released code)
+    first_half_weight: float = 2.0  # x this on the reconstruction term of reference/composed samples, first half (released)
 
 
 def _phase2_default() -> PhaseConfig:
@@ -88,9 +91,12 @@ class LossConfig:
     mask_eps: float = 0.01  # mask softening (m + eps) / (1 + eps)
     area_normalize: bool = True
     attn_weight: float = 2.5
-    attn_detach_extremes: bool = True  # S's min and max detached (released code); false: fully scale-invariant
+    attn_detach_extremes: bool = False  # true: the released literal S (min, max detached); shrinks attention
+    attn_collapse_ratio: float = 0.1  # guard: EMA of a token's inside probability below this x its start; 0 = off
+    attn_collapse_action: str = "warn"  # warn (once per token) | stop (clean stop, last checkpoint kept)
     id_weight: float = 0.25
     id_max_timestep: int = 800
+    id_tasks: list[str] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
     identity_weights: str = ""  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
     id_decode_window: bool = True  # decode only the latent window around the face
     id_face: str = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
@@ -152,7 +158,8 @@ class SampleConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    every: int = 10
+    every: int = 10  # TensorBoard interval (loss_history.jsonl gets every step)
+    print_every: int = 100  # a log line with the loss terms and each token's attention figures; 0 = never
 
 
 @dataclass
@@ -259,6 +266,15 @@ def validate(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: output.save_precision must be fp16, bf16 or fp32")
     if cfg.lora.targets not in ("cross_attn", "attn_geglu", "kohya_all"):
         raise ConfigError(f"{origin}: lora.targets = {cfg.lora.targets!r}: use cross_attn, attn_geglu or kohya_all")
+    for task in cfg.loss.id_tasks:
+        if task not in ("source", "composed"):
+            raise ConfigError(f"{origin}: loss.id_tasks: '{task}' has no identity to compare; use source and/or composed")
+    if cfg.loss.attn_collapse_action not in ("warn", "stop"):
+        raise ConfigError(f"{origin}: loss.attn_collapse_action must be warn or stop")
+    if not 0 <= cfg.loss.attn_collapse_ratio < 1:
+        raise ConfigError(f"{origin}: loss.attn_collapse_ratio must be in [0, 1) (0 turns the guard off)")
+    if cfg.tokens.norm_pull not in ("renormalize", "penalty", "none"):
+        raise ConfigError(f"{origin}: tokens.norm_pull must be renormalize, penalty or none")
     if cfg.loss.id_face not in ("landmarks", "detector"):
         raise ConfigError(f"{origin}: loss.id_face must be landmarks or detector")
     if cfg.attention.backend not in ("sdpa", "xformers"):

@@ -196,7 +196,7 @@ class Sample:
     task: str  # source | reference | composed
     index: int  # into the source set (source task) or the reference set (reference, composed)
     prompt: str
-    id_source: int  # a source image whose face is the identity target (composed task)
+    id_source: int  # the source image whose face is the identity target (source task: the image itself)
 
 
 def make_prompt(task: str, source_token: str, reference_token: str, rng: random.Random, caption: str = "") -> str:
@@ -208,7 +208,11 @@ def make_prompt(task: str, source_token: str, reference_token: str, rng: random.
 class TaskSampler:
     """Draws the samples of one optimiser step: the phase's tasks in turn, random images and templates.
 
-    Its whole state is one `random.Random`, so a resumed run draws exactly what an uninterrupted one would.
+    Tasks follow one round-robin cursor that carries over from step to step, so the task mix is exact
+    over consecutive steps whatever the batch size: with three tasks and batch 4, any three consecutive
+    steps hold each task four times (the released code keeps source : reference : composed at about
+    1 : 1 : 1). Its whole state is the cursor and one `random.Random`, so a resumed run draws exactly
+    what an uninterrupted one would.
     """
 
     def __init__(
@@ -227,22 +231,27 @@ class TaskSampler:
         self.tokens = (source_token, reference_token)
         self.captions = {"source": source_captions, "reference": reference_captions}
         self.rng = random.Random(seed)
+        self.cursor = 0
 
     def draw(self, batch_size: int) -> list[Sample]:
-        start = self.rng.randrange(len(self.tasks))
         samples = []
-        for i in range(batch_size):
-            task = self.tasks[(start + i) % len(self.tasks)]
+        for _ in range(batch_size):
+            task = self.tasks[self.cursor % len(self.tasks)]
+            self.cursor += 1
             index = self.rng.randrange(self.sizes[task])
             captions = self.captions.get(task)
             caption = captions[index] if captions else ""
             prompt = make_prompt(task, *self.tokens, self.rng, caption)
-            samples.append(Sample(task, index, prompt, self.rng.randrange(self.sizes["source"])))
+            id_source = index if task == "source" else self.rng.randrange(self.sizes["source"])
+            samples.append(Sample(task, index, prompt, id_source))
         return samples
 
-    def state(self) -> list:
+    def state(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return [version, list(internal), gauss]
+        return {"rng": [version, list(internal), gauss], "cursor": self.cursor}
 
-    def load_state(self, state: list) -> None:
-        self.rng.setstate((state[0], tuple(state[1]), state[2]))
+    def load_state(self, state: dict | list) -> None:
+        """Restore :meth:`state`; a bare RNG state (checkpoints of earlier versions) restarts the cursor."""
+        rng, cursor = (state["rng"], state["cursor"]) if isinstance(state, dict) else (state, 0)
+        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        self.cursor = int(cursor)

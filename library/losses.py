@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["soften_mask", "resize_mask", "masked_reconstruction_loss", "normalize_attention_maps",
-           "attention_refocus_loss", "tweedie_x0", "identity_loss", "combine_losses"]
+           "attention_refocus_loss", "multi_token_refocus_loss", "tweedie_x0", "identity_loss", "combine_losses"]
 
 
 def soften_mask(mask: Tensor, eps: float = 0.01) -> Tensor:
@@ -50,40 +50,73 @@ def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, area_
     return per
 
 
+PROB_FLOOR = 1e-30  # attention probabilities are clamped to this before S (float32's normals end at 1.2e-38)
 RELATIVE_EPS = 1e-6
 
 
-def normalize_attention_maps(maps: Tensor, detach_extremes: bool = True) -> Tensor:
-    """S(A): per-map min-max over the last two dims; min and max are detached (gradient only through
-    the numerator ``A``). Values in [0, 1).
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
-    The guard in the denominator is relative to the map's maximum, so S is scale-invariant: with an
-    absolute epsilon (1e-8), scaling a token's whole probability column toward zero shrinks S and with
-    it the loss, and the tiny model learned exactly that (probabilities ~1e-10 after 200 steps: the
-    token stopped being attended at all). Scale-invariant, the loss depends only on where the map lies.
+
+def normalize_attention_maps(maps: Tensor, detach_extremes: bool = False) -> Tensor:
+    """S(A) of eq. 8: per-map min-max normalisation over the last two dims -> values in (0, 1].
+
+    ``S = (A - min + c) / (max - min + c)`` with ``c = 1e-6 max`` and ``A`` clamped to ``PROB_FLOOR``
+    first. Every term scales with ``A``, so ``S(kA) = S(A)`` exactly (the value is scale-invariant), and a
+    flat map (including one whose probabilities underflowed to the floor) is 1 everywhere: the loss
+    scores it as attention spread over the whole image, never as 0.
+
+    Gradient: with ``detach_extremes=False`` (the default; eq. 8 differentiated as written) the
+    gradient of any loss of S is orthogonal to ``A`` (Euler's theorem on a 0-homogeneous function) and,
+    up to ``c``, to the all-ones map: descent can move attention around but has no direction that
+    shrinks or shifts the token's whole column. With ``True`` (the released code's literal S: min and
+    max taken through ``.item()`` in ``lora_diffusion_/magicapture_train.py``) only the numerator
+    carries gradient; for the refocusing loss ``<dL/dA, A> > 0`` for every map, so descent shrinks the
+    token's attention everywhere (measured on the tiny model: the inside probability fell ~400x in 60
+    steps and underflowed by step 150). Computed in at least float32.
     """
-    mn = maps.amin(dim=(-2, -1), keepdim=True)
-    mx = maps.amax(dim=(-2, -1), keepdim=True)
-    if detach_extremes:  # the released code; with False, scaling a whole map has zero gradient too
+    a = maps.to(_compute_dtype(maps)).clamp_min(PROB_FLOOR)
+    mn = a.amin(dim=(-2, -1), keepdim=True)
+    mx = a.amax(dim=(-2, -1), keepdim=True)
+    if detach_extremes:
         mn, mx = mn.detach(), mx.detach()
-    return (maps - mn) / (mx - mn + RELATIVE_EPS * mx.abs() + 1e-30)
+    c = RELATIVE_EPS * mx
+    return (a - mn + c) / (mx - mn + c)
 
 
-def attention_refocus_loss(maps: Tensor, mask: Tensor, detach_extremes: bool = True) -> Tensor:
+def attention_refocus_loss(maps: Tensor, mask: Tensor, detach_extremes: bool = False) -> Tensor:
     """Eq. 8 for one special token: per-sample mean of ((mean_M S(up(A_m)) - M) * (1 - M))^2 -> [B].
 
     maps [B, M, h, w]: the token's cross-attention probabilities from M maps (layers x heads; [B, h, w]
     is taken as M = 1). mask [B, 1, S, S] in [0, 1], the token's target region; each map is upsampled
     bilinearly (align_corners=False) to the mask's size, normalised by :func:`normalize_attention_maps`,
-    and averaged over M. Only attention outside the mask is penalised (pushed towards M there, i.e. ~0).
-    Sum the results for a sample with two tokens (the composed task).
+    and averaged over M. Only attention outside the mask is penalised (pushed towards M there, i.e. ~0);
+    the mean runs over all S x S pixels. For a prompt with several tokens use
+    :func:`multi_token_refocus_loss` (the mean over tokens, E_k of the paper).
     """
     if maps.dim() == 3:
         maps = maps.unsqueeze(1)
-    mask = _as_mask4(mask).float()
-    up = F.interpolate(maps.float(), size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
+    ct = _compute_dtype(maps)
+    mask = _as_mask4(mask).to(ct)
+    up = F.interpolate(maps.to(ct), size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
     avg = normalize_attention_maps(up, detach_extremes).mean(dim=1, keepdim=True)  # [B, 1, S, S]
     return ((avg - mask) * (1.0 - mask)).pow(2).mean(dim=(1, 2, 3))
+
+
+def multi_token_refocus_loss(maps: Tensor, masks: Tensor, present: Tensor, detach_extremes: bool = False) -> Tensor:
+    """Eq. 8 with E_k: per sample, the mean of :func:`attention_refocus_loss` over the tokens present -> [B].
+
+    maps [B, K, M, h, w] (token k's maps), masks [B, K, 1, S, S] (token k's target region), present
+    [B, K] bool (token k is in sample b's prompt and has a target). A sample with no token present gets
+    0. The paper (eq. 8, E over k) and the released code (``.mean()`` over the composed prompt's two
+    tokens) both average; summing would double the composed task's refocusing weight.
+    """
+    present = present.to(maps.device).bool()
+    total = torch.zeros(maps.shape[0], device=maps.device, dtype=_compute_dtype(maps))
+    for k in range(maps.shape[1]):
+        term = attention_refocus_loss(maps[:, k], masks[:, k], detach_extremes)
+        total = total + torch.where(present[:, k], term, torch.zeros_like(term))
+    return total / present.sum(1).clamp_min(1).to(total.dtype)
 
 
 def tweedie_x0(z_t: Tensor, eps_hat: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
@@ -115,25 +148,26 @@ def _masked_term(term: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.where(valid, term, torch.zeros_like(term)), valid.float()
 
 
-def combine_losses(recon: Tensor, attn: Tensor | None, ident: Tensor | None, weights: Tensor | None = None,
+def combine_losses(recon: Tensor, attn: Tensor | None, ident: Tensor | None, recon_weights: Tensor | None = None,
                    attn_weight: float = 2.5, id_weight: float = 0.25, *,
                    attn_mask: Tensor | None = None, id_mask: Tensor | None = None) -> dict[str, Tensor]:
-    """Total ``L = mean_b w_b (L_mask,b + attn_weight L_attn,b + id_weight L_id,b)``.
+    """Total ``L = mean_b (w_b L_mask,b + attn_weight L_attn,b + id_weight L_id,b)``.
 
-    recon, attn, ident: per-sample terms [B]; ``weights`` [B] per-sample task weights (e.g. x2 on the
-    style / composed samples in the first half of a phase; None = 1). The mean divides by B, not by
-    sum(w), so a weight of 2 doubles that sample's contribution, as in the released code, and a batch of
-    the three tasks gives the same total as averaging the three tasks run one at a time.
-    ``attn_mask`` / ``id_mask`` (bool [B], optional) mark the samples a term applies to (e.g. the identity
-    loss exists for composed samples only); other samples contribute 0 to that term.
+    recon, attn, ident: per-sample terms [B]. ``recon_weights`` [B] weights the reconstruction term
+    alone (None = 1): the released code (``loss_step`` in ``lora_diffusion_/magicapture_train.py``)
+    doubles the reconstruction loss of style and composed samples in the first half of each phase and
+    leaves the refocusing and identity terms unweighted. The mean divides by B, not by sum(w), so a
+    batch of the three tasks gives the same total as averaging the three tasks run one at a time.
+    ``attn_mask`` / ``id_mask`` (bool [B], optional) mark the samples a term applies to; other samples
+    contribute 0 to that term (a NaN placeholder there does not leak into the total).
 
     Returns {"loss": the scalar total, "mask": ..., "attn": ..., "id": ...}; the per-term entries are
-    the unweighted means over the samples the term applies to (for logging), a term that is None is
-    omitted.
+    the unweighted means over the samples the term applies to (0 when none does), for logging; a term
+    that is None is omitted.
     """
     recon = recon.float()
-    w = torch.ones_like(recon) if weights is None else torch.as_tensor(weights, device=recon.device).float().expand_as(recon)
-    per = recon
+    w = torch.ones_like(recon) if recon_weights is None else torch.as_tensor(recon_weights, device=recon.device).float().expand_as(recon)
+    per = w * recon
     out: dict[str, Tensor] = {"mask": recon.mean()}
     for name, term, valid, k in (("attn", attn, attn_mask, attn_weight), ("id", ident, id_mask, id_weight)):
         if term is None:
@@ -141,5 +175,4 @@ def combine_losses(recon: Tensor, attn: Tensor | None, ident: Tensor | None, wei
         term, v = _masked_term(term, valid)
         per = per + k * term
         out[name] = term.sum() / v.sum().clamp_min(1.0)
-    out["loss"] = (w * per).mean()
-    return {"loss": out.pop("loss"), **out}
+    return {"loss": per.mean(), **out}

@@ -18,7 +18,6 @@ from . import config
 from .infotext import image_grid, save_png
 
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
-COLLAPSED_PEAK = 1e-4  # a token whose best pixel gives it less than this is not being used
 
 
 def composed_prompt(cfg) -> str:
@@ -137,10 +136,3 @@ def write_previews(trainer, tag: str) -> None:
     tmp.replace(out / "attention" / f"{tag}.json")
     if cfg.logging.tensorboard:
         trainer.acc.log({f"attention/{k}": v for k, v in shares.items()})
-    for role, word in (("source", cfg.tokens.source), ("reference", cfg.tokens.reference)):
-        peak = shares.get(f"{role}_token_peak")
-        if peak is not None and peak < COLLAPSED_PEAK:
-            trainer.print(
-                f"warning: almost no attention goes to {word} any more (peak probability {peak:.1e}): the model "
-                "is learning to ignore the token; lower loss.attn_weight or set loss.attn_detach_extremes = false"
-            )

@@ -126,3 +126,16 @@ def token_vectors(text_encoder: nn.Module, ids: list[int]) -> torch.Tensor:
 def norm_regulariser(vectors: torch.Tensor, target: float) -> torch.Tensor:
     """Mean squared distance of the vectors' norms from `target` (pulls norms toward it)."""
     return ((vectors.float().norm(dim=-1) - target) ** 2).mean()
+
+
+def pull_norms(vectors: torch.Tensor, target: float, rate: float) -> torch.Tensor:
+    """The released phase-1 renormalisation: each row keeps its direction and its norm moves toward
+    ``target``: ``|v| <- |v| + rate (target - |v|)``, ``rate`` in [0, 1] (the released code uses
+    ``min(1, 100 x the current learning rate)``, ``lora_diffusion_/magicapture_train.py``,
+    ``train_inversion``). vectors [n, dim]; returns a new tensor of the same shape and dtype.
+
+    A norm far above CLIP's ordinary ~0.4 is what makes a textual-inversion token drown every other
+    word of a prompt; a soft penalty (:func:`norm_regulariser`) at its usual weight barely moves it.
+    """
+    norm = vectors.norm(dim=-1, keepdim=True)
+    return vectors / norm.clamp_min(1e-12) * (norm + rate * (target - norm))

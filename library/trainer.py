@@ -22,19 +22,20 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .attention import AttentionMapStore, install_attention_capture
+from .attention_guard import BASELINE_STEPS, AttentionCollapseGuard, attention_figures
 from .config import Config, ConfigError, PhaseConfig, save_config
 from .data import CachedSet, Sample, TaskSampler, cache_set, load_prepared_folder
 from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import (
-    attention_refocus_loss,
     combine_losses,
     identity_loss,
     masked_reconstruction_loss,
+    multi_token_refocus_loss,
     tweedie_x0,
 )
 from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer
-from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser
+from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser, pull_norms
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,18 @@ def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tenso
     centre = landmarks.mean(1) / 8
     corner = (centre - side / 2).round().clamp(0, latent_size - side).long()
     return corner, side
+
+
+def format_figures(logs: dict[str, float], words: tuple[str, str]) -> str:
+    """One log line: the loss terms, then per token its raw attention inside its region, the share
+    outside it, and its embedding norm (those present in `logs`)."""
+    parts = [f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k]
+    for w in words:
+        token = [f"{label} {logs[f'{key}/{w}']:.3g}" for key, label in
+                 (("inside", "inside"), ("outside", "outside share"), ("norm", "norm")) if f"{key}/{w}" in logs]
+        if token:
+            parts.append(f"{w}: " + ", ".join(token))
+    return " | ".join(parts)
 
 
 class MagiCaptureTrainer:
@@ -129,6 +142,7 @@ class MagiCaptureTrainer:
         self.lora_added = False
         self.unet_forward = self.unet
         self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
+        self.guard: AttentionCollapseGuard | None = None  # phase 2's attention-collapse watch
 
     # ---------------------------------------------------------------- setup
     def print(self, message: str) -> None:
@@ -199,18 +213,31 @@ class MagiCaptureTrainer:
         return pos
 
     def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig) -> dict[str, torch.Tensor]:
+        """The tensors of one micro-batch, on the device.
+
+        Per sample b: its latent and softened reconstruction mask; ``ar_masks`` [B, 2, 1, h, w] and
+        ``ar_valid`` [B, 2], the refocusing target of [V1] (k = 0) and [V2] (k = 1) and whether the token
+        takes part (source: [V1] on the face; reference: [V2] on the non-face region; composed: [V1] on
+        the reference's face, [V2] on its non-face region); ``recon_weights`` (first half of the phase:
+        ``first_half_weight`` on reference and composed samples, released); ``id_task`` (the task is in
+        ``loss.id_tasks``), ``face_landmarks`` / ``face_ok`` (where the sample's image has its face) and
+        ``id_source`` (the source image whose embedding is the identity target).
+        """
         src, ref = self.source, self.reference
-        latents, recon, ar_masks, ar_valid, weights = [], [], [], [], []
+        latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok = [], [], [], [], [], [], []
         late = phase_step >= pcfg.steps / 2
         for s in samples:
             data = src if s.task == "source" else ref
             latents.append(data.latents[s.index])
             recon.append(data.recon_masks[s.index])
+            landmarks.append(data.landmarks[s.index])
+            face_ok.append(data.has_face[s.index])
+            empty = torch.zeros_like(data.region_masks[s.index])
             if s.task == "source":
-                ar_masks.append(torch.stack([src.region_masks[s.index], torch.zeros_like(src.region_masks[s.index])]))
+                ar_masks.append(torch.stack([src.region_masks[s.index], empty]))
                 ar_valid.append([True, False])
             elif s.task == "reference":
-                ar_masks.append(torch.stack([torch.zeros_like(ref.region_masks[s.index]), ref.region_masks[s.index]]))
+                ar_masks.append(torch.stack([empty, ref.region_masks[s.index]]))
                 ar_valid.append([False, True])
             else:  # composed: [V1] belongs on the reference's face, [V2] everywhere else
                 ar_masks.append(torch.stack([ref.face_masks[s.index], ref.region_masks[s.index]]))
@@ -222,11 +249,12 @@ class MagiCaptureTrainer:
             "recon_masks": torch.stack(recon),
             "ar_masks": torch.stack(ar_masks),  # [B, 2, 1, h, w]
             "ar_valid": torch.tensor(ar_valid),
-            "weights": torch.tensor(weights),
+            "recon_weights": torch.tensor(weights),
             "input_ids": ids,
             "positions": self.token_positions(ids),
-            "composed": torch.tensor([s.task == "composed" for s in samples]),
-            "ref_index": torch.tensor([s.index if s.task != "source" else 0 for s in samples]),
+            "id_task": torch.tensor([s.task in self.cfg.loss.id_tasks for s in samples]),
+            "face_landmarks": torch.stack(landmarks),
+            "face_ok": torch.stack(face_ok),
             "id_source": torch.tensor([s.id_source for s in samples]),
         }
         b = len(samples)
@@ -235,10 +263,10 @@ class MagiCaptureTrainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def identity_term(self, batch: dict, noisy: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7 on the composed samples whose reference has a face and t < T'; zeros elsewhere."""
+        """Eq. 7 on the samples of ``loss.id_tasks`` whose image has a face, whose identity target has
+        one, and whose t < T'; returns (loss [B], zeros where not applied; applied [B] bool)."""
         b = noisy.shape[0]
-        valid = batch["composed"] & (batch["timesteps"] < self.cfg.loss.id_max_timestep)
-        valid &= self.reference.has_face[batch["ref_index"]]
+        valid = batch["id_task"] & batch["face_ok"] & (batch["timesteps"] < self.cfg.loss.id_max_timestep)
         valid &= self.source.has_face[batch["id_source"]]
         out = torch.zeros(b, device=self.device)
         if not valid.any():
@@ -246,7 +274,7 @@ class MagiCaptureTrainer:
         idx = valid.nonzero().squeeze(1)
         a_t = self.alphas_cumprod[batch["timesteps"][idx]]
         x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
-        landmarks = self.reference.landmarks[batch["ref_index"][idx]]
+        landmarks = batch["face_landmarks"][idx]
         if self.cfg.loss.id_face == "detector":
             return self._identity_by_detector(x0, idx, valid, batch, out)
         if self.cfg.loss.id_decode_window:
@@ -286,6 +314,14 @@ class MagiCaptureTrainer:
         return self._identity_loss_at(image[keep], landmarks, idx[keep], batch, out), valid
 
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
+        """Eq. 4-8 on one micro-batch -> {"loss": the total to backpropagate, then detached figures}.
+
+        ``L = mean_b (w_b L_mask,b + attn_weight L_attn,b + id_weight L_id,b)`` (:func:`combine_losses`),
+        L_attn the mean over the tokens of the sample (:func:`multi_token_refocus_loss`), phase 2 only.
+        Figures for the log: each term's mean; per token, the raw attention inside its target
+        (``inside/<token>``) and the share outside it (``outside/<token>``) where the token is in the
+        batch (:func:`attention_figures`); each token's mean embedding norm (``norm/<token>``).
+        """
         noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
         use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
         if use_attn:
@@ -297,27 +333,37 @@ class MagiCaptureTrainer:
             pred = self.unet_forward(noisy, batch["timesteps"], hidden).sample
         recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
         attn = attn_mask = None
+        figures: dict[str, torch.Tensor] = {}
         if use_attn:
             maps = self.store.maps()  # [B, 2, M, h, w]
             valid = batch["ar_valid"]
-            attn = sum(
-                torch.where(valid[:, k], attention_refocus_loss(maps[:, k], batch["ar_masks"][:, k], self.cfg.loss.attn_detach_extremes), 0.0) for k in range(2)
-            )
+            attn = multi_token_refocus_loss(maps, batch["ar_masks"], valid, self.cfg.loss.attn_detach_extremes)
             attn_mask = valid.any(1)
+            inside, outside, count = attention_figures(maps.detach(), batch["ar_masks"], valid)
+            for k, word in enumerate(self.token_words()):
+                figures[f"inside/{word}"], figures[f"outside/{word}"], figures[f"_count/{word}"] = inside[k], outside[k], count[k]
         ident = id_mask = None
         if phase == 2 and self.identity is not None and self.cfg.loss.id_weight > 0:
             with self.acc.autocast():
                 ident, id_mask = self.identity_term(batch, noisy, pred)
         losses = combine_losses(
-            recon, attn, ident, batch["weights"], self.cfg.loss.attn_weight, self.cfg.loss.id_weight,
+            recon, attn, ident, batch["recon_weights"], self.cfg.loss.attn_weight, self.cfg.loss.id_weight,
             attn_mask=attn_mask, id_mask=id_mask,
         )
-        if self.cfg.tokens.norm_weight > 0:
-            norm = norm_regulariser(get_token_embedding(self.text_encoder).new_vectors, self.cfg.tokens.norm_target)
+        vectors = get_token_embedding(self.text_encoder).new_vectors
+        if self.cfg.tokens.norm_pull == "penalty" and self.cfg.tokens.norm_weight > 0:
+            norm = norm_regulariser(vectors, self.cfg.tokens.norm_target)
             losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * norm
-            losses["norm"] = norm.detach()
+            losses["norm_penalty"] = norm.detach()
+        with torch.no_grad():
+            norms = vectors.float().norm(dim=-1).view(2, -1).mean(1)  # rows: [V1] vectors, then [V2]'s
+        for k, word in enumerate(self.token_words()):
+            losses[f"norm/{word}"] = norms[k]
         self.store.clear()
-        return losses
+        return losses | figures
+
+    def token_words(self) -> tuple[str, str]:
+        return self.cfg.tokens.source, self.cfg.tokens.reference
 
     # ---------------------------------------------------------------- the loop
     def run(self, resume: str | None = None) -> Path | None:
@@ -377,12 +423,16 @@ class MagiCaptureTrainer:
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
     def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> dict[str, float]:
-        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the mean loss terms."""
+        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the logged figures:
+        loss terms averaged over micro-batches, per-token attention figures averaged over the samples
+        that hold the token."""
         micro = len(samples) // pcfg.grad_accum
-        logs: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for m in range(pcfg.grad_accum):
             batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
             losses = self.compute_loss(batch, phase)
+            # one host sync per micro-batch: every figure comes back in one transfer
             values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
             if not math.isfinite(values["loss"]):
                 last = ckpt.list_checkpoints(self.out_dir)
@@ -394,22 +444,38 @@ class MagiCaptureTrainer:
                 )
             self.acc.backward(losses["loss"] / pcfg.grad_accum)
             for k, v in values.items():
-                logs[k] = logs.get(k, 0.0) + v / pcfg.grad_accum
+                if k.startswith("_count/"):
+                    continue
+                n = values.get("_count/" + k.split("/", 1)[1], 0.0) if k.startswith(("inside/", "outside/")) else 1.0
+                if n > 0:
+                    sums[k] = sums.get(k, 0.0) + v * n
+                    weights[k] = weights.get(k, 0.0) + n
         if self.acc.num_processes > 1:
             for p in params:
                 if p.grad is not None:
                     p.grad = self.acc.reduce(p.grad, reduction="mean")
         if self.cfg.optimizer.max_grad_norm > 0:
             self.acc.clip_grad_norm_(params, self.cfg.optimizer.max_grad_norm)
+        lr_embeddings = optimizer.param_groups[0]["lr"]  # the rate this step used (group 0: the embeddings)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return logs
+        tok = self.cfg.tokens
+        if phase == 1 and tok.norm_pull == "renormalize":
+            vectors = get_token_embedding(self.text_encoder).new_vectors
+            with torch.no_grad():
+                vectors.copy_(pull_norms(vectors, tok.norm_target, min(1.0, tok.norm_rate * lr_embeddings)))
+        return {k: sums[k] / weights[k] for k in sums}
 
     def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
         from .previews import write_previews
 
         pcfg, optimizer, scheduler, sampler, params = self.setup_phase(phase, state, trainable)
+        self.guard = None
+        if phase == 2 and self.cfg.loss.attn_weight > 0:
+            self.guard = AttentionCollapseGuard(list(self.token_words()), self.cfg.loss.attn_collapse_ratio)
+            if state is not None and state.get("guard"):
+                self.guard.load_state(state["guard"])
         offset = self.cfg.phase1.steps if phase == 2 else 0
         bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}",
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
@@ -418,13 +484,19 @@ class MagiCaptureTrainer:
             for step in bar:
                 logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
                 done = step + 1
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "/" not in k})
                 self.history.append({"phase": phase, "step": done, **logs})
                 if self.acc.is_main_process:
                     with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(self.history[-1]) + "\n")
+                every = self.cfg.logging.print_every
+                if every and (done % every == 0 or done == pcfg.steps):
+                    self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
                 if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
-                    self.acc.log({f"loss/{k}": v for k, v in logs.items()} | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
+                    self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items()}
+                                 | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
+                if self.guard is not None:
+                    self.check_attention(logs, phase, done)
                 if self.acc.is_main_process:
                     if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
                         self.save(phase, done, optimizer, scheduler, sampler)
@@ -436,11 +508,33 @@ class MagiCaptureTrainer:
                 path = self.save(phase, step, optimizer, scheduler, sampler)
                 self.print(f"interrupted: saved {path}; continue with --resume latest")
             raise
-        bar.close()
+        finally:
+            bar.close()
         if self.acc.is_main_process:
             self.save(phase, pcfg.steps, optimizer, scheduler, sampler)
         if phase == 1 and self.cfg.sample.every and pcfg.steps % self.cfg.sample.every and self.acc.is_main_process:
             write_previews(self, "p1-end")
+
+    def check_attention(self, logs: dict[str, float], phase: int, done: int) -> None:
+        """Feed the collapse guard; warn once per collapsed token, or stop (loss.attn_collapse_action)."""
+        words = self.token_words()
+        present = torch.tensor([float(f"inside/{w}" in logs) for w in words])
+        inside = torch.tensor([logs.get(f"inside/{w}", 0.0) for w in words])
+        if self.acc.num_processes > 1:  # every process must take the same decision
+            both = self.acc.reduce(torch.stack([inside * present, present]).to(self.device), reduction="sum").cpu()
+            inside, present = both[0] / both[1].clamp_min(1), both[1]
+        tripped = self.guard.update({w: float(inside[k]) for k, w in enumerate(words) if present[k] > 0})
+        for word in tripped:
+            base = self.guard.baseline(word)
+            ema = self.guard.ema[word]
+            last = ckpt.list_checkpoints(self.out_dir)
+            kept = last[-1].path.name if last else "none yet"
+            what = (f"attention to {word} inside its region fell to {ema:.2g} ({ema / base:.1%} of its first "
+                    f"{BASELINE_STEPS} steps' {base:.2g}) at phase {phase} step {done}: the model is learning to ignore "
+                    f"the token. Remedies: loss.attn_detach_extremes = false, a lower loss.attn_weight or phase2.lr_unet")
+            if self.cfg.loss.attn_collapse_action == "stop":
+                raise TrainingStopped(f"{what}; stopped (loss.attn_collapse_action = stop), last checkpoint: {kept}")
+            self.print(f"warning: {what}; last checkpoint: {kept}")
 
     def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path:
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -449,5 +543,6 @@ class MagiCaptureTrainer:
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state(),
             "generator": self.gen.get_state(),
+            "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
         }
         return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state, self.cfg.output.keep_checkpoints)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from library.losses import (attention_refocus_loss, combine_losses, identity_loss, masked_reconstruction_loss,
-                            normalize_attention_maps, resize_mask, soften_mask, tweedie_x0)
+                            multi_token_refocus_loss, normalize_attention_maps, resize_mask, soften_mask, tweedie_x0)
 
 
 def t(x, **kw):
@@ -72,19 +72,81 @@ def test_masked_reconstruction_float32_and_gradient():
 
 
 # ----------------------------------------------------------------------------------- attention maps
-def test_normalize_attention_maps_range_and_detached_extremes():
+C = 1e-6  # RELATIVE_EPS: S = (A - min + C max) / (max - min + C max)
+
+
+def test_normalize_attention_maps_by_hand():
+    a = t([[0.1, 0.3], [0.5, 0.2]]).reshape(1, 1, 2, 2)
+    # min 0.1, max 0.5, c = 0.5e-6: S = (a - 0.1 + c) / (0.4 + c)
+    c = 0.5 * C
+    want = t([[c / (0.4 + c), (0.2 + c) / (0.4 + c)], [1.0, (0.1 + c) / (0.4 + c)]]).reshape(1, 1, 2, 2)
+    torch.testing.assert_close(normalize_attention_maps(a), want, rtol=1e-6, atol=0)
+    # exactly scale-invariant, down to probabilities near float32's smallest normals
+    for k in (1e-3, 1e-20, 1e-29):
+        torch.testing.assert_close(normalize_attention_maps(a * k), want, rtol=1e-5, atol=0)
+    # a flat map, and one whose probabilities all underflowed to 0, read as attention everywhere (1), never 0
+    assert torch.equal(normalize_attention_maps(torch.full((1, 1, 3, 3), 0.2)), torch.ones(1, 1, 3, 3))
+    assert torch.equal(normalize_attention_maps(torch.zeros(1, 1, 3, 3)), torch.ones(1, 1, 3, 3))
+    # float64 stays float64, bf16 is computed in float32
+    assert normalize_attention_maps(a.double()).dtype == torch.float64
+    assert normalize_attention_maps(a.bfloat16()).dtype == torch.float32
+
+
+def test_normalize_detached_extremes_gradient_by_hand():
+    """The released literal S: min and max are constants, d S_i / d A_j = [i = j] / (max - min + c)."""
     torch.manual_seed(0)
-    maps = torch.rand(2, 3, 5, 5, requires_grad=True)
-    s = normalize_attention_maps(maps)
-    assert s.min() >= 0 and s.max() <= 1
-    assert torch.allclose(s.amin(dim=(-2, -1)), torch.zeros(2, 3))
-    assert torch.allclose(s.amax(dim=(-2, -1)), torch.ones(2, 3), atol=1e-5)
+    maps = torch.rand(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn_like(maps)
-    (s * w).sum().backward()
-    # with min and max treated as constants, d/dA [(A - mn) / (mx - mn + 1e-6 mx)] = 1 / (mx - mn + 1e-6 mx)
+    (normalize_attention_maps(maps, detach_extremes=True) * w).sum().backward()
     mx = maps.amax(dim=(-2, -1), keepdim=True).detach()
     rng = mx - maps.amin(dim=(-2, -1), keepdim=True).detach()
-    assert torch.allclose(maps.grad, w / (rng + 1e-6 * mx), atol=1e-5)
+    torch.testing.assert_close(maps.grad, w / (rng + C * mx), rtol=1e-12, atol=0)
+
+
+def test_underflowed_map_does_not_score_zero():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1.0
+    # every probability below float32's range: the map reads flat, i.e. attention on every pixel;
+    # outside the mask (8 of 16 pixels) ((1 - 0) * 1)^2 = 1 -> 8 / 16
+    assert attention_refocus_loss(torch.zeros(1, 1, 4, 4), mask).item() == pytest.approx(0.5)
+    assert attention_refocus_loss(torch.full((1, 1, 4, 4), 1e-40), mask).item() == pytest.approx(0.5)
+
+
+def _random_probability_maps(n_samples=10, n_maps=12, side=16, seed=0):
+    """Softmax-like maps: positive, peaked, 120 in all; masks: a random rectangle per sample at 64x64."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_samples, n_maps, side, side, generator=g, dtype=torch.float64) * 2.0
+    maps = torch.softmax(logits.flatten(2), -1).view_as(logits) * 0.3  # a token's share of each pixel
+    masks = torch.zeros(n_samples, 1, 64, 64, dtype=torch.float64)
+    for b in range(n_samples):
+        y, x = torch.randint(0, 32, (2,), generator=g).tolist()
+        h, w = torch.randint(12, 32, (2,), generator=g).tolist()
+        masks[b, :, y : y + h, x : x + w] = 1.0
+    return maps, masks
+
+
+def test_refocus_gradient_has_no_collapse_direction_with_attached_extremes():
+    """Default (eq. 8 differentiated as written): per map, the gradient is orthogonal to the map (scaling
+    it) and to the all-ones map (shifting it), so descent cannot drain the token's attention."""
+    maps, masks = _random_probability_maps()
+    maps.requires_grad_(True)
+    attention_refocus_loss(maps, masks, detach_extremes=False).sum().backward()
+    g, a = maps.grad.flatten(2), maps.detach().flatten(2)  # [10, 12, 256]
+    n = a.shape[-1]
+    assert (g.norm(dim=-1) > 0).all()
+    along_a = (g * a).sum(-1).abs() / (g.norm(dim=-1) * a.norm(dim=-1))
+    along_1 = g.sum(-1).abs() / (g.norm(dim=-1) * math.sqrt(n))
+    assert along_a.max() <= 1e-6, along_a.max()
+    assert along_1.max() <= 1e-6, along_1.max()
+
+
+def test_refocus_gradient_shrinks_every_map_with_detached_extremes():
+    """The released literal S: <dL/dA, A> > 0 for every map, i.e. descent scales the whole map down."""
+    maps, masks = _random_probability_maps()
+    maps.requires_grad_(True)
+    attention_refocus_loss(maps, masks, detach_extremes=True).sum().backward()
+    along_a = (maps.grad * maps.detach()).flatten(2).sum(-1)
+    assert (along_a > 0).all(), along_a.min()
 
 
 def test_attention_refocus_is_scale_invariant():
@@ -92,10 +154,10 @@ def test_attention_refocus_is_scale_invariant():
     torch.manual_seed(1)
     maps = torch.rand(2, 4, 4, 4)
     mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
-    base = attention_refocus_loss(maps, mask)
-    assert base.min() > 0
-    for scale in (1e-3, 1e-10):
-        torch.testing.assert_close(attention_refocus_loss(maps * scale, mask), base, rtol=1e-4, atol=0)
+    for detach in (False, True):
+        base = attention_refocus_loss(maps, mask, detach)
+        for scale in (1e-3, 1e-10, 1e-25):
+            torch.testing.assert_close(attention_refocus_loss(maps * scale, mask, detach), base, rtol=1e-4, atol=0)
 
 
 def test_attention_refocus_by_hand_no_upsampling():
@@ -112,6 +174,18 @@ def test_attention_refocus_by_hand_no_upsampling():
     assert two.item() == pytest.approx(0.703125 / 4, rel=1e-5)
 
 
+def test_multi_token_refocus_is_the_mean_over_present_tokens():
+    a1 = t([[0.1, 0.3], [0.5, 0.2]])    # against mask1: 1.3125 / 4 = 0.328125 (above)
+    a2 = t([[0.2, 0.2], [0.2, 0.6]])    # against mask1: S = [[0, 0], [0, 1]] -> 1 / 4 = 0.25
+    mask1 = t([[1.0, 0.0], [0.0, 0.0]])
+    maps = torch.stack([torch.stack([a1, a2])] * 3)[:, :, None]  # [3 samples, 2 tokens, 1 map, 2, 2]
+    masks = mask1.expand(3, 2, 1, 2, 2)
+    present = torch.tensor([[True, False], [True, True], [False, False]])
+    out = multi_token_refocus_loss(maps, masks, present)
+    # sample 0: [V1] alone; sample 1: (0.328125 + 0.25) / 2, not the sum; sample 2: no token -> 0
+    torch.testing.assert_close(out, t([0.328125, 0.2890625, 0.0]), rtol=1e-5, atol=1e-7)
+
+
 def _left_half_mask(b=1, s=64):
     m = torch.zeros(b, 1, s, s)
     m[..., : s // 2] = 1.0
@@ -122,7 +196,8 @@ def test_attention_refocus_zero_inside_and_positive_outside():
     mask = _left_half_mask()
     inside = torch.zeros(1, 8, 16, 16)
     inside[..., 2:14, 0:6] = torch.rand(1, 8, 12, 6) + 0.1  # upsampled support ends at column 27 < 32
-    assert attention_refocus_loss(inside, mask).item() == pytest.approx(0.0, abs=1e-12)
+    # outside the support the maps are at their minimum: S = c / (range + c) ~ 1e-6, squared ~ 1e-12
+    assert attention_refocus_loss(inside, mask).item() == pytest.approx(0.0, abs=1e-10)
     outside = torch.zeros(1, 8, 16, 16)
     outside[..., 10:16] = 1.0
     loss = attention_refocus_loss(outside, mask)
@@ -142,15 +217,20 @@ def test_attention_refocus_inside_not_penalised():
     assert torch.allclose(attention_refocus_loss(base, mask), attention_refocus_loss(changed, mask))
     maps = base.clone().requires_grad_(True)
     attention_refocus_loss(maps, mask).sum().backward()
-    assert maps.grad[..., 0:6].abs().max() == 0          # attention well inside the mask: free
-    assert maps.grad[..., 9:].abs().sum() > 0             # outside: pushed
+    inner = maps.grad[..., 1:15, 0:6]
+    assert inner.abs().max() == 0                      # attention well inside the mask: free
+    assert maps.grad[..., 9:].abs().sum() > 0           # outside: pushed
 
 
-def test_attention_refocus_soft_mask_dtype():
-    mask = soften_mask(_left_half_mask())
-    maps = torch.rand(1, 40, 16, 16, dtype=torch.bfloat16)
+def test_attention_refocus_soft_mask_bf16_by_hand():
+    # 2x2 map and mask (no resampling): S = [[0, 1], [0, 1]] (up to c); soft mask m = soften([[1, 0], [1, 0]])
+    maps = t([[0.25, 0.5], [0.25, 0.5]]).to(torch.bfloat16).reshape(1, 1, 2, 2)
+    mask = soften_mask(t([[1.0, 0.0], [1.0, 0.0]]).reshape(1, 1, 2, 2))
+    e = 0.01 / 1.01
     out = attention_refocus_loss(maps, mask)
-    assert out.dtype == torch.float32 and out.shape == (1,) and out.item() > 0
+    # left column: (S - 1) * (1 - 1) = 0; right column: ((1 - e) * (1 - e))^2 twice, mean over 4 -> (1 - e)^4 / 2
+    assert out.dtype == torch.float32 and out.shape == (1,)
+    assert out.item() == pytest.approx((1 - e) ** 4 / 2, rel=1e-6)
 
 
 # -------------------------------------------------------------------------------------- tweedie, id
@@ -185,18 +265,18 @@ def test_combine_losses_by_hand():
     recon = t([1.0, 2.0, 3.0], requires_grad=True)
     attn = t([0.1, 0.2, 0.3], requires_grad=True)
     ident = t([float("nan"), float("nan"), 0.4], requires_grad=True)  # only the composed sample has one
-    w = t([1.0, 2.0, 2.0])
+    w = t([1.0, 2.0, 2.0])  # first half: x2 on the reconstruction term of the reference and composed samples
     out = combine_losses(recon, attn, ident, w, id_mask=torch.tensor([False, False, True]))
-    # per sample: 1 + 2.5*0.1 = 1.25; 2 + 2.5*0.2 = 2.5; 3 + 2.5*0.3 + 0.25*0.4 = 3.85
-    # weighted: 1.25, 5.0, 7.7 -> mean 13.95 / 3 = 4.65
-    assert out["loss"].item() == pytest.approx(4.65)
+    # per sample: 1*1 + 2.5*0.1 = 1.25; 2*2 + 2.5*0.2 = 4.5; 2*3 + 2.5*0.3 + 0.25*0.4 = 6.85
+    # mean (1.25 + 4.5 + 6.85) / 3 = 4.2: the weight touches reconstruction only (released code)
+    assert out["loss"].item() == pytest.approx(4.2)
     assert out["mask"].item() == pytest.approx(2.0)
     assert out["attn"].item() == pytest.approx(0.2)
     assert out["id"].item() == pytest.approx(0.4)  # mean over the sample it applies to
     out["loss"].backward()
     assert torch.allclose(recon.grad, w / 3)
-    assert torch.allclose(attn.grad, 2.5 * w / 3)
-    assert torch.allclose(ident.grad, t([0.0, 0.0, 0.25 * 2 / 3]))  # no NaN from the skipped samples
+    assert torch.allclose(attn.grad, torch.full((3,), 2.5 / 3))
+    assert torch.allclose(ident.grad, t([0.0, 0.0, 0.25 / 3]))  # no NaN from the skipped samples
 
 
 def test_combine_losses_missing_terms_and_weights():
@@ -207,8 +287,10 @@ def test_combine_losses_missing_terms_and_weights():
     out = combine_losses(recon, t([1.0, 1.0]), None, None, attn_weight=1.0)
     # (1 + 1 + 3 + 1) / 2 = 3
     assert set(out) == {"loss", "mask", "attn"} and out["loss"].item() == pytest.approx(3.0)
-    # weight 2 on the second sample doubles its share: (1 + 2 * 3) / 2 = 3.5
+    # weight 2 on the second sample doubles its reconstruction: (1 + 2 * 3) / 2 = 3.5
     assert combine_losses(recon, None, None, t([1.0, 2.0]))["loss"].item() == pytest.approx(3.5)
+    # ... and not its refocusing term: (1 + 1 + 2 * 3 + 1) / 2 = 4.5
+    assert combine_losses(recon, t([1.0, 1.0]), None, t([1.0, 2.0]), attn_weight=1.0)["loss"].item() == pytest.approx(4.5)
 
 
 def test_gradient_chain_reaches_prediction():
