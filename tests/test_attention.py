@@ -221,14 +221,32 @@ def test_refocus_loss_reaches_lora_with_and_without_checkpointing(unet):
 
 
 def test_checkpointed_backward_overwrites_not_appends(unet):
+    """The recomputation inside a checkpointed backward records nothing: after backward the store holds
+    the very tensors of the forward, one per layer, and no layer recorded twice."""
     _add_lora(unet)
     store = AttentionMapStore()
     install_attention_capture(unet, store)
     heads = unet.get_submodule(capture_module_name(LAYER)).heads
-    _ar_step(unet, store, gradient_checkpointing=True, clear_before_backward=False)
-    assert list(store.layer_maps()) == list(DEFAULT_CAPTURE_LAYERS)
+    records = []
+    real_record = store._record
+    store._record = lambda layer, probs: (records.append(layer), real_record(layer, probs))
+    x, t, ctx = _inputs(unet)
+    unet.train()
+    unet.enable_gradient_checkpointing()
+    store.set_token_positions(torch.tensor([[5, 9], [6, 2]]))
+    unet(x, t, encoder_hidden_states=ctx)
+    forward = store.layer_maps()
+    assert records == list(DEFAULT_CAPTURE_LAYERS)
+    s = 16
+    face = torch.zeros(B, 1, s, s)
+    face[:, :, 4:11, 5:12] = 1.0
     maps = store.maps()
-    assert maps.shape[:3] == (B, 2, len(DEFAULT_CAPTURE_LAYERS) * heads)
+    (attention_refocus_loss(maps[:, 0], face) + attention_refocus_loss(maps[:, 1], 1 - face)).sum().backward()
+    assert records == list(DEFAULT_CAPTURE_LAYERS), "the checkpoint recomputation recorded maps"
+    after = store.layer_maps()
+    assert list(after) == list(DEFAULT_CAPTURE_LAYERS)
+    assert all(after[layer] is forward[layer] for layer in DEFAULT_CAPTURE_LAYERS)
+    assert store.maps().shape[:3] == (B, 2, len(DEFAULT_CAPTURE_LAYERS) * heads)
 
 
 def test_bf16_probabilities_in_float32(unet):

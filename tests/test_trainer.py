@@ -1,10 +1,18 @@
-"""The two-phase loop on the tiny model: what trains in each phase, finite logged losses, resume, export."""
+"""The two-phase loop on the tiny model: what trains in each phase, the loss of one step against an
+independent recomputation, the attention-collapse guard, resume, export.
+
+`test_compute_loss_matches_the_formulas_by_hand` is meant to fail under mutations of the trainer's loss
+assembly: swapping the composed task's two refocusing masks, halving or summing the refocusing terms,
+moving the first-half weight onto the whole loss, or applying the identity loss to the wrong tasks.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+
+import torch.nn.functional as F
 
 import pytest
 import torch
@@ -84,9 +92,15 @@ def test_full_run_exports_and_resume_matches(tiny_model, prepared_data, tmp_path
         assert f.metadata()["ss_network_dim"] == "4"
     assert "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in keys
     shares = json.loads((out / "attention/p2-000003.json").read_text())
-    assert 0.0 <= shares["reference_token_outside_region"] <= 1.0
-    assert 0.0 <= shares["source_token_outside_face_normalised"] <= 1.0
-    assert 0.0 < shares["source_token_peak"] <= 1.0 and shares["reference_token_contrast"] > 0
+    assert set(shares) == {f"{t}_{k}" for t in ("source_token", "reference_token") for k in ("peak", "contrast")} | {
+        "source_token_outside_face", "source_token_outside_face_normalised",
+        "reference_token_outside_region", "reference_token_outside_region_normalised"}
+    # loss_history.jsonl holds every step as logged, with the per-token figures (phase 2) and norms
+    history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
+    assert [(h["phase"], h["step"]) for h in history] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    for h in history:
+        assert {"norm/mcv1", "norm/mcv2"} <= set(h)
+        assert ({"inside/mcv1", "outside/mcv1", "inside/mcv2", "outside/mcv2"} <= set(h)) == (h["phase"] == 2)
 
     # resume from the mid-phase-2 checkpoint in a fresh process-like trainer: same final state
     resumed = tmp_path / "resumed"
@@ -114,6 +128,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path
 def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prepared_data, tmp_path):
     """The windowed VAE decode, the alignment and ArcFace pass gradient to the UNet LoRA, sample by sample."""
     from library.data import Sample
+    from library.trainer import _face_window
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "loss.attn_weight=0")
     trainer = MagiCaptureTrainer(cfg)
@@ -128,7 +143,20 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
         pred = trainer.unet(noisy, batch["timesteps"], hidden).sample
         ident, valid = trainer.identity_term(batch, noisy, pred)
         assert valid.all() and ident.shape == (3,)
-        assert torch.isfinite(ident).all() and (ident > 0).all() and (ident <= 2).all()
+        # by hand: x0 = (z_t - sqrt(1 - a) eps) / sqrt(a); decoded; aligned on the reference's landmarks;
+        # 1 - cos against the embedding of the sample's source image
+        with torch.no_grad():
+            a = trainer.alphas_cumprod[100]
+            x0 = (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+            lms = trainer.reference.landmarks[:3]
+            if window:
+                corner, side = _face_window(lms, x0.shape[-1])
+                x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
+                lms = lms - corner.float()[:, None, :] * 8
+            emb = trainer.identity(trainer.vae.decode(x0 / trainer.vae.config.scaling_factor).sample, lms)
+            target = trainer.source_identity[torch.tensor([0, 1, 2])]
+            want = 1 - (emb * target).sum(-1) / (emb.norm(dim=-1) * target.norm(dim=-1))
+        torch.testing.assert_close(ident.detach(), want, rtol=1e-4, atol=1e-6)
         trainer.unet.zero_grad()
         ident.sum().backward()
         grads = [p.grad for n, p in trainer.unet.named_parameters() if "lora_B" in n]
@@ -268,3 +296,154 @@ def test_vae_fp32_keeps_the_vae_in_float32_and_decodes_with_gradient(tiny_model,
     assert image.shape == (1, 3, 64, 64) and image.dtype == torch.float32
     image.mean().backward()
     assert x0.grad is not None and x0.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ one step, by hand
+def _reconstruction_by_hand(pred, noise, mask):
+    """Eq. 4-6 with the released area rescaling: sum(((pred - noise) m)^2) / (C sum(m))."""
+    return (((pred - noise) * mask) ** 2).sum() / (pred.shape[0] * mask.sum())
+
+
+def _refocus_by_hand(maps, target):
+    """Eq. 8 for one token of one sample: maps [M, h, w] -> bilinear to the target's size, per-map
+    (A - min + c max) / (max - min + c max), c = 1e-6, mean over maps, mean of ((S - M)(1 - M))^2."""
+    up = F.interpolate(maps[None].double(), size=target.shape[-2:], mode="bilinear", align_corners=False)[0]
+    mn, mx = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+    s = ((up - mn + 1e-6 * mx) / (mx - mn + 1e-6 * mx)).mean(0)
+    m = target[0].double()
+    return (((s - m) * (1 - m)) ** 2).mean()
+
+
+def _one_step(trainer, samples, phase_step, timesteps):
+    """compute_loss on a batch of `samples`, recording the prediction, the maps and the identity term."""
+    pcfg = trainer.cfg.phase2
+    batch = trainer.build_batch(samples, phase_step, pcfg)
+    batch["timesteps"] = torch.tensor(timesteps)
+    seen = {}
+    real_maps, real_unet, real_id = trainer.store.maps, trainer.unet_forward, trainer.identity_term
+
+    def maps():
+        seen["maps"] = real_maps().detach()
+        return real_maps()
+
+    def unet(*args, **kwargs):
+        out = real_unet(*args, **kwargs)
+        seen["pred"] = out.sample.detach().float()
+        return out
+
+    def identity_term(*args):
+        ident, valid = real_id(*args)
+        seen["id"], seen["id_valid"] = ident.detach(), valid.clone()
+        return ident, valid
+
+    trainer.store.maps, trainer.unet_forward, trainer.identity_term = maps, unet, identity_term
+    try:
+        losses = trainer.compute_loss(batch, phase=2)
+    finally:
+        del trainer.store.maps, trainer.identity_term
+        trainer.unet_forward = real_unet
+    return batch, losses, seen
+
+
+def test_compute_loss_matches_the_formulas_by_hand(tiny_model, prepared_data, tmp_path):
+    from library.data import Sample
+
+    trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0"))
+    trainer.setup_phase(2)
+    src, ref = trainer.source, trainer.reference
+    samples = [Sample("source", 1, "a photo of a mcv1 person", 1),
+               Sample("reference", 2, "a painting of a person in the style of mcv2", 0),
+               Sample("composed", 0, "a photo of a mcv1 person in the style of mcv2", 2)]
+    # each sample's own masks, taken from the cached sets (not from the batch)
+    recon_masks = [src.recon_masks[1], ref.recon_masks[2], ref.recon_masks[0]]
+    targets = [[(0, src.region_masks[1])],                               # source: [V1] on its face
+               [(1, ref.region_masks[2])],                               # reference: [V2] off the face
+               [(0, ref.face_masks[0]), (1, ref.region_masks[0])]]       # composed: both, averaged
+    assert src.face_masks[1].sum() > 0 and ref.face_masks[0].sum() > 0 and (ref.face_masks[0] != ref.region_masks[0]).any()
+
+    for phase_step, weights, id_tasks, id_valid in (
+        (0, [1.0, 2.0, 2.0], ["source", "composed"], [True, False, True]),   # first half; released ID tasks
+        (trainer.cfg.phase2.steps, [1.0, 1.0, 1.0], ["composed"], [False, False, True]),  # second half; paper's
+    ):
+        trainer.cfg.loss.id_tasks = id_tasks
+        batch, losses, seen = _one_step(trainer, samples, phase_step, [100, 300, 500])
+        pred, maps, noise = seen["pred"].double(), seen["maps"], batch["noise"].double()
+        recon = torch.stack([_reconstruction_by_hand(pred[b], noise[b], recon_masks[b].double()) for b in range(3)])
+        attn = torch.stack([torch.stack([_refocus_by_hand(maps[b, k], m) for k, m in targets[b]]).mean() for b in range(3)])
+        assert seen["id_valid"].tolist() == id_valid  # ID only on loss.id_tasks (t < 800, faces found)
+        ident = seen["id"].double()
+        assert (ident[seen["id_valid"]] > 0).all() and (ident[~seen["id_valid"]] == 0).all()
+        w = torch.tensor(weights, dtype=torch.float64)
+        total = (w * recon + 2.5 * attn + 0.25 * ident).mean()  # the weight touches reconstruction only
+        torch.testing.assert_close(losses["loss"].double(), total, rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses["mask"].double(), recon.mean(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses["attn"].double(), attn.mean(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses["id"].double(), ident[seen["id_valid"]].mean(), rtol=1e-5, atol=0)
+        # the guard's figures: [V1] over the source and composed samples, [V2] over reference and composed
+        for k, word, members in ((0, "mcv1", (0, 2)), (1, "mcv2", (1, 2))):
+            inside, outside = [], []
+            for b in members:
+                m = dict(targets[b])[k][0].double()
+                up = F.interpolate(maps[b, k].mean(0)[None, None].double(), size=m.shape, mode="bilinear")[0, 0]
+                inside.append((up * m).sum() / m.sum())
+                outside.append((up * (1 - m)).sum() / up.sum())
+            torch.testing.assert_close(losses[f"inside/{word}"].double(), torch.stack(inside).mean(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(losses[f"outside/{word}"].double(), torch.stack(outside).mean(), rtol=1e-5, atol=0)
+        vectors = trainer.named_trainables(2)["token_embedding.new_vectors"].detach()
+        torch.testing.assert_close(losses["norm/mcv1"], vectors[0].norm())
+        torch.testing.assert_close(losses["norm/mcv2"], vectors[1].norm())
+
+
+def test_collapse_guard_on_the_tiny_model(tiny_model, prepared_data, tmp_path, monkeypatch, capsys):
+    """60 refocusing-only steps: the released literal S drains the tokens' attention and the guard stops
+    the run; eq. 8 as written keeps each token's inside probability within [0.5, 2]x of its start."""
+    import library.trainer as trainer_module
+    from library.trainer import TrainingStopped
+
+    # refocusing alone moves the weights (no reconstruction, no identity)
+    monkeypatch.setattr(trainer_module, "masked_reconstruction_loss",
+                        lambda pred, target, mask, area=True: pred.float().sum((1, 2, 3)) * 0)
+    common = ["sample.every=0", "output.save_every=20", 'loss.identity_weights=""', "phase2.steps=60",
+              "phase2.lr_unet=2e-3", "phase2.lr_text_encoder=8e-4", "phase2.lr_embeddings=2e-4",
+              'phase2.lr_scheduler="constant"', 'loss.attn_collapse_action="stop"', "logging.print_every=20"]
+    detached = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "d", *common, "loss.attn_detach_extremes=true"))
+    with pytest.raises(TrainingStopped, match=r"attention to mcv[12] inside its region fell to .* stopped .*checkpoint-p2-000040"):
+        detached.run_phase(2, 0, None, None)
+    assert 40 < detached.history[-1]["step"] < 60
+    assert (tmp_path / "d" / "checkpoint-p2-000040").is_dir()  # the last checkpoint is kept
+
+    attached = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "a", *common))
+    assert attached.cfg.loss.attn_detach_extremes is False  # the default
+    capsys.readouterr()
+    attached.run_phase(2, 0, None, None)
+    assert len(attached.history) == 60 and not attached.guard.tripped
+    out = capsys.readouterr()
+    assert "warning" not in out.out + out.err
+    assert "mcv1: inside" in out.out + out.err and "outside share" in out.out + out.err  # the log line
+    for word in ("mcv1", "mcv2"):
+        inside = [h[f"inside/{word}"] for h in attached.history]
+        start = sum(inside[:5]) / 5
+        assert all(0.5 * start <= v <= 2 * start for v in inside), (word, start, min(inside), max(inside))
+
+
+def test_attention_report_shares_by_hand(tiny_model, prepared_data, tmp_path, monkeypatch):
+    """Uniform maps (a constant token column): the raw share outside a region is the region's complement
+    fraction, whatever the upsampling; contrast 0; peak the constant."""
+    from library.previews import attention_report
+
+    trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0"))
+    ref = trainer.reference
+    n = len(ref) // 2  # the report uses the unflipped images
+    real_maps = trainer.store.maps
+
+    def uniform():
+        maps = real_maps()
+        return torch.full_like(maps, 0.01)
+
+    monkeypatch.setattr(trainer.store, "maps", uniform)
+    _, shares = attention_report(trainer)
+    face = ref.face_masks[:n].float().mean((1, 2, 3))  # per image: the face's share of the pixels
+    assert shares["source_token_outside_face"] == pytest.approx(float((1 - face).mean()), rel=1e-5)
+    assert shares["reference_token_outside_region"] == pytest.approx(float(face.mean()), rel=1e-5)
+    assert shares["source_token_contrast"] == pytest.approx(0.0, abs=1e-6)
+    assert shares["reference_token_peak"] == pytest.approx(0.01, rel=1e-6)
