@@ -222,8 +222,10 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
     family, evidence = "sd1", ""
     if "text_encoder_2" in listed:
         family, evidence = "sdxl", f"{cls or 'a pipeline'} with text_encoder_2"
-    elif "XL" in cls or unet.get("addition_embed_type") == "text_time":
-        family, evidence = "sdxl", cls or "UNet addition_embed_type text_time"
+    elif "XL" in cls:
+        family, evidence = "sdxl", cls
+    elif unet.get("addition_embed_type") == "text_time":  # SDXL's size/crop conditioning
+        family, evidence = "sdxl", "UNet addition_embed_type text_time"
     elif context == 1024:
         family, evidence = "sd2", "cross-attention dim 1024"
     scheduler = configs.get("scheduler") or {}
