@@ -352,3 +352,32 @@ def test_metadata_records_the_identified_base_model(tiny_model):
         "sd_v2", "True", "True", "stable-diffusion-v2-768-v/lora", "v", "vae.pt")
     with pytest.raises(ValueError, match="unknown base_model_version 'sd_v3'"):
         build_metadata(**common, base_model_version="sd_v3")
+
+
+def test_a_hub_id_is_identified_from_its_configs_before_its_weights(tiny_model, tmp_path, monkeypatch):
+    """With model.offline = false only the configs are fetched first; an SDXL repository is refused before
+    any weights are downloaded, an SD 1.x one goes on to the full download."""
+    import huggingface_hub
+    from diffusers import StableDiffusionPipeline
+
+    sdxl = _derived_folder(tiny_model[0], tmp_path / "sdxl", edit={"model_index.json": {
+        "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}})
+    for f in sdxl.glob("*/*.safetensors"):
+        f.unlink()  # what allow_patterns leaves: configs only
+    fetched = []
+
+    def configs_only(repo_id, allow_patterns=None, **kwargs):
+        fetched.append((repo_id, allow_patterns))
+        return str(sdxl if "xl" in repo_id else tiny_model[0])
+
+    def full_download(*args, **kwargs):
+        raise RuntimeError("full download")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", configs_only)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", full_download)
+    with pytest.raises(ModelLoadError) as info:
+        load_stable_diffusion("someone/sd-xl", offline=False)
+    assert str(info.value) == f"someone/sd-xl: an SDXL model (StableDiffusionXLPipeline with text_encoder_2); {SDXL}"
+    assert fetched[0][1] and all(p.endswith(".json") for p in fetched[0][1] if "vocab" not in p)
+    with pytest.raises(RuntimeError, match="full download"):
+        load_stable_diffusion("someone/sd15", offline=False)
