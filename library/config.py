@@ -27,6 +27,9 @@ class ModelConfig:
     pretrained: str = ""  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
     config_dir: str = ""  # component configs + tokenizer for single files; default configs/sd15
     offline: bool = True  # never reach the hub unless this is false
+    # a VAE file (.safetensors, original or diffusers layout) or diffusers VAE folder that replaces the
+    # checkpoint's; required when the checkpoint ships without one
+    vae: str = ""
 
 
 @dataclass
@@ -286,6 +289,8 @@ def validate(cfg: Config, origin: str) -> None:
             raise ConfigError(f"{origin}: {key} is empty: point it at a folder made by dataset_tools.prepare")
         if not Path(value).is_dir():
             raise ConfigError(f"{origin}: {key} = '{value}' is not a folder")
+    if cfg.model.vae and not Path(cfg.model.vae).exists():
+        raise ConfigError(f"{origin}: model.vae = '{cfg.model.vae}' does not exist; give a VAE .safetensors file or folder")
     if cfg.loss.identity_weights and not Path(cfg.loss.identity_weights).is_file():
         raise ConfigError(f"{origin}: loss.identity_weights = '{cfg.loss.identity_weights}' does not exist")
 

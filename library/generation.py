@@ -137,7 +137,7 @@ def load_model(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_precision(precision, dev)
     try:
-        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline)
+        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline, vae=cfg.model.vae)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as err:

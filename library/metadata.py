@@ -27,7 +27,8 @@ import torch
 from . import config
 
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-MODELSPEC_ARCHITECTURE = "stable-diffusion-v1/lora"
+# kohya's ss_base_model_version -> modelspec architecture (kohya's sai_model_spec names); SD 2.x 768 is "-v"
+_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
 
 # --------------------------------------------------------------------------------------------------
 # hashes (kohya train_util)
@@ -166,6 +167,10 @@ def build_metadata(
     composed_prompt: str | None = None,
     tag_frequency: Mapping[str, int] | None = None,
     date: str | None = None,
+    base_model_version: str = "sd_v1",
+    v_parameterization: bool = False,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
 ) -> dict[str, str]:
     """kohya / modelspec metadata for a LoRA file; every value a string, no path of the user's machine.
 
@@ -175,8 +180,16 @@ def build_metadata(
     key, written as ``ss_<key>`` (without max_train_steps, ss_max_train_steps is phase1_steps +
     phase2_steps when given). `composed_prompt` (or ``training["composed_prompt"]``; default METHOD.md's
     composed template) is the training comment and the trigger phrase. `tag_frequency` maps token word -> count (default 1 each). `date`
-    (ISO 8601) defaults to now, UTC.
+    (ISO 8601) defaults to now, UTC. `base_model_version` (kohya's: sd_v1, sd_v2, sdxl_base_v1-0) and
+    `v_parameterization` are what the base model was identified as (ss_base_model_version, ss_v2,
+    ss_v_parameterization, modelspec.architecture, modelspec.prediction_type); `vae_name` / `vae_hash`
+    (sha256 of the file) name a VAE that replaced the checkpoint's (ss_vae_name, ss_new_vae_hash).
     """
+    if base_model_version not in _ARCHITECTURES:
+        raise ValueError(f"unknown base_model_version {base_model_version!r}; one of {', '.join(_ARCHITECTURES)}")
+    architecture = _ARCHITECTURES[base_model_version]
+    if base_model_version == "sd_v2" and v_parameterization:
+        architecture = "stable-diffusion-v2-768-v"
     training = dict(training)
     res = _resolution(training.pop("resolution", None))
     prompt = composed_prompt or training.pop("composed_prompt", None) or default_composed_prompt(tokens)
@@ -197,8 +210,9 @@ def build_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": int(rank),
         "ss_network_alpha": float(alpha),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": base_model_version,
+        "ss_v2": str(base_model_version == "sd_v2"),
+        "ss_v_parameterization": str(bool(v_parameterization)),
         "ss_output_name": output_name,
         "ss_network_train_unet_only": str(not train_text_encoder),
         "ss_tag_frequency": {"magicapture": freq},
@@ -209,6 +223,10 @@ def build_metadata(
     }
     if base_model_hash:
         meta["ss_new_sd_model_hash"] = base_model_hash
+    if vae_name:
+        meta["ss_vae_name"] = _model_name(vae_name)
+    if vae_hash:
+        meta["ss_new_vae_hash"] = vae_hash
     for key, value in training.items():
         ss_key = _TRAINING_KEYS.get(key, key if key.startswith("ss_") else f"ss_{key}")
         meta[ss_key] = value
@@ -218,7 +236,8 @@ def build_metadata(
     meta.update(
         {
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+            "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
             "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
             "modelspec.title": output_name,
             "modelspec.resolution": f"{res[0]}x{res[1]}",

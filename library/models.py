@@ -11,13 +11,23 @@ from pathlib import Path
 
 import torch
 
+from .model_kind import (  # ModelLoadError re-exported: callers catch it from here
+    SD1_EPSILON,
+    ModelKind,
+    ModelLoadError,
+    check_trainable,
+    identify_folder,
+    identify_state,
+    read_json,
+    safetensors_shapes,
+    sidecar_parameterization,
+)
+
+__all__ = ["DTYPES", "ModelLoadError", "StableDiffusionParts", "load_stable_diffusion", "load_vae"]
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # config names -> torch
-
-
-class ModelLoadError(ValueError):
-    """The model could not be loaded; the message says which path and what to do."""
 
 
 @dataclass
@@ -28,6 +38,8 @@ class StableDiffusionParts:
     tokenizer: object
     noise_scheduler: object  # DDPMScheduler with the model's betas: what training noises with
     name: str  # file or folder name, no directories (goes into metadata)
+    kind: ModelKind = SD1_EPSILON  # what the checkpoint was identified as (goes into metadata)
+    vae_name: str | None = None  # model.vae's file or folder name when it replaced the checkpoint's VAE
 
 
 def _ddpm_from(scheduler_config: dict):
@@ -56,89 +68,161 @@ def _ddpm_from(scheduler_config: dict):
     return scheduler
 
 
-def _checkpoint_to_safetensors_state(path: Path) -> dict:
-    """Read a .ckpt/.pt without unpickling arbitrary objects."""
+def _read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .ckpt/.pt/.pth/.bin, read without unpickling arbitrary objects."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle refusal or a broken file: one clear line either way
         raise ModelLoadError(
-            f"{path.name}: cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}); "
+            f"{path}: cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}); "
             "convert it to .safetensors"
         ) from None
-    if isinstance(state, dict) and "state_dict" in state:
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not any(k.startswith("model.diffusion_model.") for k in state):
-        raise ModelLoadError(f"{path.name}: not a Stable Diffusion 1.x checkpoint (no model.diffusion_model.* keys)")
-    return state
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def _check_sd1_single_file(path: Path) -> None:
-    from safetensors import safe_open
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a weights file (.safetensors, or a pickle read with weights_only)."""
+    if path.suffix.lower() != ".safetensors":
+        return _read_pickled_state(path)
+    from safetensors.torch import load_file
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as err:
-        raise ModelLoadError(f"{path.name}: not a readable .safetensors file ({err})") from None
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
+    safetensors_shapes(path)  # a broken header gets its one-line refusal before anything is read
+    return load_file(str(path))
+
+
+def _vae_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A VAE state dict in diffusers' layout, from diffusers' layout or the original one (`first_stage_model.`,
+    `vae.` or bare `encoder.down.0...` keys; what A1111's VAE files and full checkpoints hold)."""
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        return state
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if any(k.startswith("first_stage_model.") for k in state):  # a full checkpoint given as model.vae
+        state = {k: v for k, v in state.items() if k.startswith("first_stage_model.")}
+    return convert_ldm_vae_checkpoint(state, config)
+
+
+def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """model.vae: an AutoencoderKL from a diffusers VAE folder (`config.json` inside, or a pipeline's `vae/`),
+    or from one weights file in the original or the diffusers layout, shaped by `config_source` (a folder
+    with the base model's VAE config.json). Every weight must fit (strict): ModelLoadError otherwise."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae)
+    where = f"model.vae = '{vae}'"
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{where}: a folder without config.json or vae/config.json; give a VAE file or a diffusers VAE folder")
+        if read_json(folder / "config.json").get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ModelLoadError(f"{where}: {folder / 'config.json'} is not an AutoencoderKL config")
+        try:
+            model = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"{where}: cannot load this VAE folder ({str(err).splitlines()[0]})") from None
+        return model.to(dtype)
+    if not path.is_file():
+        raise ModelLoadError(f"{where}: not found; give a VAE .safetensors file or a diffusers VAE folder")
+    state = _read_state(path)
+    config = AutoencoderKL.load_config(config_source)
+    model = AutoencoderKL.from_config(config)
+    state = _vae_state_dict(state, dict(config))
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if missing or wrong:
+        bad = missing or wrong
         raise ModelLoadError(
-            f"{path.name}: no model.diffusion_model.* keys; expected a Stable Diffusion 1.x checkpoint"
+            f"{where}: not an SD 1.x VAE for this model ({len(missing)} weights missing, {len(wrong)} of another shape, "
+            f"e.g. {bad[0]}); give the VAE file of an SD 1.x model, e.g. vae-ft-mse-840000-ema-pruned.safetensors"
         )
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        raise ModelLoadError(f"{path.name}: this is an SDXL checkpoint; this trainer needs SD 1.x")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise ModelLoadError(f"{path.name}: this is an SD 2.x checkpoint (OpenCLIP text encoder); use SD 1.x")
+    model.load_state_dict({k: state[k] for k in want})
+    return model.to(dtype)
+
+
+def identify(path: Path) -> tuple[ModelKind, dict[str, torch.Tensor] | None]:
+    """What a local model path holds, read from headers and configs only; for a pickled checkpoint also its
+    tensors (reading them is the only way to see its keys; they are converted from there)."""
+    if path.is_dir():
+        return identify_folder(path), None
+    if path.suffix.lower() == ".safetensors":
+        return identify_state(safetensors_shapes(path), sidecar_parameterization(path)), None
+    state = _read_pickled_state(path)
+    return identify_state({k: tuple(v.shape) for k, v in state.items()}, sidecar_parameterization(path)), state
+
+
+def _hub_kind(repo_id: str) -> ModelKind:
+    """A hub repository's kind from its configs alone (downloaded before any weights)."""
+    from huggingface_hub import snapshot_download
+
+    configs = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/tokenizer_config.json", "*/vocab.json"]
+    return identify_folder(Path(snapshot_download(repo_id, allow_patterns=configs)), check_weights=False)
+
+
+def _vae_config_source(path: Path, config_dir: Path) -> Path:
+    """Where the VAE config that model.vae's weights must fit comes from: the base model's own, else config_dir's."""
+    return path / "vae" if (path / "vae" / "config.json").is_file() else config_dir / "vae"
 
 
 def load_stable_diffusion(
-    pretrained: str, config_dir: str | Path | None = None, offline: bool = True, dtype: torch.dtype = torch.float32
+    pretrained: str,
+    config_dir: str | Path | None = None,
+    offline: bool = True,
+    dtype: torch.dtype = torch.float32,
+    vae: str = "",
 ) -> StableDiffusionParts:
+    """SD 1.x from a diffusers folder, one original-layout checkpoint (config_dir: the component configs and
+    tokenizer for it, default configs/sd15) or a hub id (only with offline false).
+
+    The path is identified first (:mod:`library.model_kind`): anything but a complete SD 1.x epsilon
+    text-to-image model is refused with a one-line ModelLoadError before any network is built. `vae`
+    (model.vae) replaces the checkpoint's VAE, and is required when the checkpoint has none.
+    """
     from diffusers import StableDiffusionPipeline
 
     config_dir = Path(config_dir) if config_dir else CONFIG_DIR
     path = Path(pretrained)
-    if path.is_dir():
-        if not (path / "unet").is_dir():
-            raise ModelLoadError(f"{path}: not a diffusers folder (no unet/ inside)")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=offline
-        )
-    elif path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as scratch:  # removed once the weights are in memory
-            if path.suffix.lower() == ".safetensors":
-                _check_sd1_single_file(path)
-                source = str(path)
-            else:
-                # diffusers would unpickle the file itself; we read it safely and hand over tensors.
-                from safetensors.torch import save_file
-
-                state = _checkpoint_to_safetensors_state(path)
-                source = str(Path(scratch) / (path.stem + ".safetensors"))
-                save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, source)
-                del state
-            pipe = StableDiffusionPipeline.from_single_file(
-                source,
-                config=str(config_dir),
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
-                dtype=dtype,
-            )
+    state = None
+    is_file = path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
+    if path.is_dir() or is_file:
+        kind, state = identify(path)
     elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
         raise ModelLoadError(
             f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x .safetensors file"
         )
-    else:
-        if offline:
-            raise ModelLoadError(
-                f"'{pretrained}' looks like a hub id but model.offline is true; set model.offline = false "
-                "to download, or give a local folder or .safetensors file"
-            )
-        pipe = StableDiffusionPipeline.from_pretrained(
-            pretrained, safety_checker=None, requires_safety_checker=False, dtype=dtype
+    elif offline:
+        raise ModelLoadError(
+            f"'{pretrained}' looks like a hub id but model.offline is true; set model.offline = false "
+            "to download, or give a local folder or .safetensors file"
         )
+    else:
+        kind = _hub_kind(pretrained)
+    check_trainable(kind, str(pretrained), vae_given=bool(vae))
+    components = {}
+    if vae:
+        components["vae"] = load_vae(vae, _vae_config_source(path, config_dir) if path.is_dir() else config_dir / "vae", dtype)
+    common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **components)
+    if path.is_dir():
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=offline, **common)
+    elif is_file:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:  # removed once the weights are in memory
+            source = str(path)
+            if state is not None:
+                # diffusers would unpickle the file itself; we read it safely and hand over tensors.
+                from safetensors.torch import save_file
+
+                source = str(Path(scratch) / (path.stem + ".safetensors"))
+                save_file({k: v.contiguous() for k, v in state.items()}, source)
+                del state
+            pipe = StableDiffusionPipeline.from_single_file(source, config=str(config_dir), local_files_only=True, **common)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(pretrained, **common)
     return StableDiffusionParts(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -146,4 +230,6 @@ def load_stable_diffusion(
         tokenizer=pipe.tokenizer,
         noise_scheduler=_ddpm_from(dict(pipe.scheduler.config)),
         name=path.name if path.exists() else str(pretrained),
+        kind=kind,
+        vae_name=Path(vae).name if vae else None,
     )

@@ -25,7 +25,7 @@ def export_outputs(trainer) -> Path:
     lora_path = out / f"{cfg.output.name}.safetensors"
     if trainer.lora_added:
         state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
-        pretrained = Path(cfg.model.pretrained)
+        pretrained, vae = Path(cfg.model.pretrained), Path(cfg.model.vae) if cfg.model.vae else None
         metadata = build_metadata(
             output_name=cfg.output.name,
             rank=cfg.lora.rank,
@@ -35,6 +35,10 @@ def export_outputs(trainer) -> Path:
             tokens=tokens,
             base_model_name=trainer.model_name,
             base_model_hash=file_sha256(pretrained) if pretrained.is_file() else None,
+            base_model_version=trainer.model_kind.base_model_version,
+            v_parameterization=trainer.model_kind.v_parameterization,
+            vae_name=trainer.vae_name,
+            vae_hash=file_sha256(vae) if vae is not None and vae.is_file() else None,
             training={
                 "phase1_steps": cfg.phase1.steps,
                 "phase2_steps": cfg.phase2.steps,

@@ -35,6 +35,7 @@ from .losses import (
 )
 from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer
+from .precision import settle_precision
 from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser, pull_norms
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,23 @@ def format_figures(logs: dict[str, float], words: tuple[str, str]) -> str:
 class MagiCaptureTrainer:
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, parts: StableDiffusionParts | None = None):
         self.cfg = cfg
+        if accelerator is None:  # before anything is loaded: a precision that cannot run fails or falls back here
+            settle_precision(cfg.train)
         self.acc = accelerator or Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             log_with="tensorboard" if cfg.logging.tensorboard else None,
             project_dir=str(Path(cfg.output.dir) / "logs"),
         )
         self.out_dir = Path(cfg.output.dir)
-        if self.acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.acc.device
         self.weight_dtype = DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
         rank_seed = cfg.train.seed + 1000 * self.acc.process_index
         self.gen = torch.Generator().manual_seed(rank_seed)
 
         if parts is None:  # benchmarks hand over models built in memory
-            parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline)
-        self.model_name = parts.name
+            parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline,
+                                          vae=cfg.model.vae)
+        self.model_name, self.model_kind, self.vae_name = parts.name, parts.kind, parts.vae_name
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         for model in (self.unet, self.vae, self.text_encoder):
@@ -113,6 +115,8 @@ class MagiCaptureTrainer:
         with self.acc.main_process_first():
             self.source = self._cache("source", cfg.data.source_dir).to(self.device)
             self.reference = self._cache("reference", cfg.data.reference_dir).to(self.device)
+        if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
         self.store = AttentionMapStore()
         try:
