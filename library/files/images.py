@@ -1,8 +1,13 @@
-"""Robust image loading for the dataset tools.
+"""The one image reader: every entry point (dataset tools, training data, post-processing) reads through it.
 
-`load_image` turns whatever a user drops in a folder into an RGB PIL image with its EXIF orientation
-applied, its short side at most `max_short_side` (never upscaled), or raises `ImageLoadError` with a
-one-line, human-readable reason. Nothing here touches the input file beyond reading it.
+`read_image` turns whatever a user gives into an 8-bit RGB (or gray) PIL image, the same pixels whatever
+the file's storage: its EXIF orientation applied; CMYK and colour-profiled RGB converted to sRGB; 16-bit
+and float images scaled to 8 bits (rounded, 65535 -> 255); palette images expanded; **transparency
+composited on white** (the page colour a viewer shows, and what A1111 flattens onto by default), also for
+masks, where a transparent pixel therefore reads as white (trains). Optionally its short side is capped.
+A file that cannot be used raises `ImageLoadError` whose text is one human-readable line (the caller adds
+the file name). Nothing here changes the input file. Decompression bombs (over PIL's pixel limit) are
+refused before decoding, except JPEGs, which are decoded at reduced scale.
 """
 
 from __future__ import annotations
@@ -19,23 +24,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-MIN_SHORT_SIDE = 64
+ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited on white, everywhere
 
 
-class ImageLoadError(Exception):
-    """A file that cannot be used; str(exc) is the reason, one line."""
+class ImageLoadError(ValueError):
+    """A file that cannot be used; str(exc) is the reason, one line, without the file name."""
 
 
 @dataclass
 class LoadedImage:
-    image: Image.Image  # RGB, EXIF-rotated, resized
+    """What `read_image` returns."""
+
+    image: Image.Image  # "RGB" (or "L" when asked), 8 bits, EXIF-rotated, resized
     original_size: tuple[int, int]  # (width, height) after EXIF rotation, before resizing
-    warnings: list[str] = field(default_factory=list)
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    warnings: list[str] = field(default_factory=list)  # one-line notes (first frame used, profile unreadable)
 
 
 def _megapixels(size: tuple[int, int]) -> str:
@@ -119,7 +121,13 @@ def _icc_to_srgb(im: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    """Any PIL image -> 8-bit "RGB" with the same look; transparency is composited on `ALPHA_BACKGROUND`.
+
+    16-bit and 32-bit integer images are scaled 65535 -> 255 with rounding; float images in [0, 1] are
+    scaled to [0, 255]; CMYK and RGB with an ICC profile are converted to sRGB (CMYK without a profile:
+    R = (255 - C)(255 - K) / 255, PIL's naive formula). Notes about what could not be honoured are
+    appended to `notes`. The input is not modified; an "RGB" image without a profile is returned as is.
+    """
     notes = notes if notes is not None else []
     mode = im.mode
     if mode == "RGB":
@@ -134,12 +142,13 @@ def to_rgb(im: Image.Image, notes: list[str] | None = None) -> Image.Image:
     )
     if has_alpha:
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
 
 
 def target_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at most `max_short_side` pixels, aspect kept (never enlarged)."""
     w, h = size
     short = min(w, h)
     if short <= max_short_side:
@@ -151,20 +160,29 @@ def target_size(size: tuple[int, int], max_short_side: int) -> tuple[int, int]:
     return max(1, round(w * s)), max_short_side
 
 
-def load_image(path: str | os.PathLike, max_short_side: int = 1024) -> LoadedImage:
-    """Read one image file for training; raise ImageLoadError with the reason when it is unusable."""
+def read_image(
+    path: str | os.PathLike, *, mode: str = "RGB", max_short_side: int | None = None, min_short_side: int = 1
+) -> LoadedImage:
+    """Read one image file as 8-bit `mode` ("RGB", or "L" for masks: gray of the RGB reading).
+
+    `max_short_side`: shrink (LANCZOS) so the short side is at most this many pixels; None keeps the
+    size. `min_short_side`: a smaller image is refused. Multi-frame files give their first frame.
+    Raises ImageLoadError (one line: empty, not an image, truncated, too large, too small, ...).
+    """
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"read_image: mode must be 'RGB' or 'L', not {mode!r}")
     path = Path(path)
     im, notes = _open(path)
     try:
         w0, h0 = im.size
-        if min(w0, h0) < MIN_SHORT_SIDE:
+        if min(w0, h0) < min_short_side:
             raise ImageLoadError(
-                f"too small ({w0}x{h0}; the short side must be at least {MIN_SHORT_SIDE} px)"
+                f"too small ({w0}x{h0}; the short side must be at least {min_short_side} px)"
             )
         if getattr(im, "n_frames", 1) > 1:
             notes.append("animated/multi-frame file: using the first frame")
         # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away when the photo is much bigger than needed.
-        if im.format == "JPEG" and min(w0, h0) > max_short_side:
+        if max_short_side is not None and im.format == "JPEG" and min(w0, h0) > max_short_side:
             s = max_short_side / min(w0, h0)
             try:
                 im.draft(None, (max(1, math.ceil(w0 * s)), max(1, math.ceil(h0 * s))))
@@ -191,16 +209,22 @@ def load_image(path: str | os.PathLike, max_short_side: int = 1024) -> LoadedIma
             except Exception:
                 notes.append("EXIF orientation could not be applied")
         original_size = rotated.size
-        rgb = to_rgb(rotated, notes)
+        try:
+            rgb = to_rgb(rotated, notes)
+        except (ValueError, OSError) as exc:  # modes PIL decodes but cannot convert (LAB, odd rawmodes)
+            raise ImageLoadError(f"unsupported colour mode {rotated.mode} ({_short(exc)})") from None
         # JPEG drafts scale both sides alike, so original_size here is the drafted size; report the true one.
         if im.format == "JPEG" and (w0, h0) != (im.size[0], im.size[1]):
             scale = w0 / im.size[0]
             original_size = (round(original_size[0] * scale), round(original_size[1] * scale))
-        tw, th = target_size(rgb.size, max_short_side)
-        if (tw, th) != rgb.size:
-            rgb = rgb.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if max_short_side is not None:
+            tw, th = target_size(rgb.size, max_short_side)
+            if (tw, th) != rgb.size:
+                rgb = rgb.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
         if rgb.mode != "RGB":
             rgb = rgb.convert("RGB")
+        if mode == "L":  # equal channels (gray files) come back exactly: PIL's luma weights sum to 1
+            rgb = rgb.convert("L")
         result = LoadedImage(rgb, original_size, notes)
     except BaseException:
         im.close()
@@ -216,41 +240,3 @@ def load_image(path: str | os.PathLike, max_short_side: int = 1024) -> LoadedIma
                 pass
         im.fp = None
     return result
-
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    """8-bit RGB [H, W, 3] or gray [H, W] -> PNG bytes, fast.
-
-    zlib at level 1 through libpng's adaptive filters costs ~90 ms for a 1024 px RGB photo; the "Up"
-    filter (one vectorised subtraction) with Huffman-only deflate gives files as small in ~25 ms.
-    Masks (long runs of 0 and 255) use no filter and run-length deflate.
-    """
-    import zlib
-
-    arr = np.ascontiguousarray(arr)
-    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
-        raise ValueError(f"encode_png wants uint8 [H, W] or [H, W, 3], got {arr.dtype} {arr.shape}")
-    h, w = arr.shape[:2]
-    rows = arr.reshape(h, -1)
-    out = np.empty((h, rows.shape[1] + 1), np.uint8)
-    if arr.ndim == 3:
-        color_type, strategy = 2, zlib.Z_HUFFMAN_ONLY
-        out[:, 0] = 2  # Up
-        out[0, 1:] = rows[0]
-        np.subtract(rows[1:], rows[:-1], out=out[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG wants
-    else:
-        color_type, strategy = 0, zlib.Z_RLE
-        out[:, 0] = 0  # None
-        out[:, 1:] = rows
-    comp = zlib.compressobj(1, zlib.DEFLATED, 15, 9, strategy)
-    idat = comp.compress(out.data) + comp.flush()
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        return (
-            len(payload).to_bytes(4, "big") + tag + payload
-            + (zlib.crc32(payload, zlib.crc32(tag)) & 0xFFFFFFFF).to_bytes(4, "big")
-        )
-
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, color_type, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
