@@ -3,7 +3,8 @@
 A reader (a frontend, another run, a crash) sees the old file or the complete new one, never half of
 one. The temporary name is hidden (``.NAME.XXXXXXXX.tmp``) so that no folder listing takes it for an
 output, and is removed when the writer fails. Before the rename the data is fsynced, so a power cut
-cannot leave an empty file under the final name, and the file gets the mode an ordinary file gets from
+cannot leave an empty or partial file under the final name (file systems may otherwise commit the
+rename before the data), and the file gets the mode an ordinary file gets from
 the process umask (0o666 & ~umask, folders 0o777 & ~umask): ``tempfile.mkstemp`` and safetensors'
 ``save_file`` create 0600 files and a rename keeps the mode, so without the chmod a frontend running as
 another user (a Docker container, a shared server) could not read the outputs.
@@ -99,7 +100,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_folder(path.parent)
+    # The folder is not fsynced after the rename: that would only make the rename itself survive a power
+    # cut (without it the old complete file may come back, which is fine), and it costs ~4 ms a file,
+    # 20 ms per prepared photo.
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
