@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .files.atomic import write_atomic
 
+
 def _quote(text: str) -> str:
     """A1111's infotext quoting: values with a comma, colon or newline become JSON strings."""
     text = str(text)

@@ -7,7 +7,7 @@ composited on white** (the page colour a viewer shows, and what A1111 flattens o
 masks, where a transparent pixel therefore reads as white (trains). Optionally its short side is capped.
 A file that cannot be used raises `ImageLoadError` whose text is one human-readable line (the caller adds
 the file name). Nothing here changes the input file. Decompression bombs (over PIL's pixel limit) are
-refused before decoding, except JPEGs, which are decoded at reduced scale.
+refused before decoding, except JPEGs read with a `max_short_side`, which are decoded at reduced scale.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _megapixels(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}, {size[0] * size[1] / 1e6:.0f} MP"
 
 
-def _open(path: Path) -> tuple[Image.Image, list[str]]:
+def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str]]:
+    """Open (not decode) `path`. Over PIL's pixel limit only a JPEG that `max_short_side` lets us decode
+    at reduced scale (PIL's draft) is kept; anything else is refused before it is decoded."""
     notes: list[str] = []
     try:
         size = path.stat().st_size
@@ -68,7 +70,8 @@ def _open(path: Path) -> tuple[Image.Image, list[str]]:
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(f"cannot open image ({_short(exc)})") from None
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
-        if im.format == "JPEG":
+        # a JPEG draft decodes at 1/2 to 1/8 scale: enough to stay far below the limit
+        if im.format == "JPEG" and max_short_side is not None and min(im.size) > max_short_side:
             notes.append(
                 f"very large image ({_megapixels(im.size)}): decoded at reduced scale"
             )
@@ -172,7 +175,7 @@ def read_image(
     if mode not in ("RGB", "L"):
         raise ValueError(f"read_image: mode must be 'RGB' or 'L', not {mode!r}")
     path = Path(path)
-    im, notes = _open(path)
+    im, notes = _open(path, max_short_side)
     try:
         w0, h0 = im.size
         if min(w0, h0) < min_short_side:
@@ -188,6 +191,11 @@ def read_image(
                 im.draft(None, (max(1, math.ceil(w0 * s)), max(1, math.ceil(h0 * s))))
             except Exception:
                 pass
+        if im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:  # a draft shrinks by 2, 4 or 8 at most
+            raise ImageLoadError(
+                f"image too large ({_megapixels((w0, h0))} > {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+                "decompression-bomb limit, even decoded at reduced scale); downscale it first"
+            )
         try:
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
