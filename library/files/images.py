@@ -7,7 +7,8 @@ composited on white** (the page colour a viewer shows, and what A1111 flattens o
 masks, where a transparent pixel therefore reads as white (trains). Optionally its short side is capped.
 A file that cannot be used raises `ImageLoadError` whose text is one human-readable line (the caller adds
 the file name). Nothing here changes the input file. Decompression bombs (over PIL's pixel limit) are
-refused before decoding, except JPEGs read with a `max_short_side`, which are decoded at reduced scale.
+refused before decoding, except JPEGs read with a `max_short_side` (under twice the limit, where PIL stops),
+which are decoded at reduced scale where PIL's draft allows.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def _megapixels(size: tuple[int, int]) -> str:
 
 
 def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str]]:
-    """Open (not decode) `path`. Over PIL's pixel limit only a JPEG that `max_short_side` lets us decode
-    at reduced scale (PIL's draft) is kept; anything else is refused before it is decoded."""
+    """Open (not decode) `path`. Between PIL's pixel limit and twice it (where PIL itself stops) only a
+    JPEG that will be shrunk (`max_short_side`) is kept, to be decoded at reduced scale where PIL's draft
+    allows; anything else over the limit is refused before it is decoded."""
     notes: list[str] = []
     try:
         size = path.stat().st_size
@@ -71,10 +73,8 @@ def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str
             raise ImageLoadError(f"cannot open image ({_short(exc)})") from None
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
         # a JPEG draft decodes at 1/2 to 1/8 scale: enough to stay far below the limit
-        if im.format == "JPEG" and max_short_side is not None and min(im.size) > max_short_side:
-            notes.append(
-                f"very large image ({_megapixels(im.size)}): decoded at reduced scale"
-            )
+        if im.format == "JPEG" and max_short_side is not None:
+            notes.append(f"very large image ({_megapixels(im.size)})")  # read_image says at which scale
         else:
             fmt = im.format
             im.close()
@@ -191,11 +191,8 @@ def read_image(
                 im.draft(None, (max(1, math.ceil(w0 * s)), max(1, math.ceil(h0 * s))))
             except Exception:
                 pass
-        if im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:  # a draft shrinks by 2, 4 or 8 at most
-            raise ImageLoadError(
-                f"image too large ({_megapixels((w0, h0))} > {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
-                "decompression-bomb limit, even decoded at reduced scale); downscale it first"
-            )
+        if notes and notes[0].startswith("very large image"):
+            notes[0] += ": decoded at reduced scale" if im.size != (w0, h0) else ": decoded at full size"
         try:
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
