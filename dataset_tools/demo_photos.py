@@ -11,11 +11,13 @@ and single faces cropped out of its group photo t1.jpg.
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+from library.files.atomic import write_bytes
+from library.files.images import read_image
 
 # (name, crop box in t1.jpg (1280 x 886)): each holds one whole face, well inside the crop
 T1_CROPS = (
@@ -40,9 +42,7 @@ def _save_jpeg(im: Image.Image, path: Path, exif: bytes | None = None) -> None:
     if exif is not None:
         kw["exif"] = exif
     im.convert("RGB").save(buf, "JPEG", **kw)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes(path, buf.getvalue())
 
 
 def _to_short_side(im: Image.Image, short: int) -> Image.Image:
@@ -73,11 +73,10 @@ def source_images() -> dict[str, tuple[Image.Image, bytes | None]]:
 
 def reference_images() -> dict[str, Image.Image]:
     folder = _insightface_images()
-    out = {"tom_hanks": Image.open(folder / "Tom_Hanks_54745.png").convert("RGB")}
-    with Image.open(folder / "t1.jpg") as t1:
-        t1 = t1.convert("RGB")
-        for name, box in T1_CROPS:
-            out[name] = t1.crop(box)
+    out = {"tom_hanks": read_image(folder / "Tom_Hanks_54745.png").image}
+    t1 = read_image(folder / "t1.jpg").image
+    for name, box in T1_CROPS:
+        out[name] = t1.crop(box)
     return out
 
 

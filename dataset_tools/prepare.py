@@ -18,12 +18,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from library.files.atomic import write_bytes
 
 from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
 
@@ -83,21 +84,6 @@ class Summary:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then os.replace into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _encode_png(arr: np.ndarray) -> bytes:
@@ -309,7 +295,7 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
     written: list[Path] = []
     try:
         for target, encode in outputs:
-            _atomic_write(target, encode())
+            write_bytes(target, encode())
             written.append(target)
     except BaseException as exc:
         for p in written:  # no half item: an image without its mask or record must not train
@@ -414,7 +400,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
 
     if thumbs:
         try:
-            _atomic_write(preview_dir / "contact.jpg", _encode_jpg(make_contact_sheet(thumbs), 88))
+            write_bytes(preview_dir / "contact.jpg", _encode_jpg(make_contact_sheet(thumbs), 88))
         except OSError as exc:
             summary.warnings.append(("", f"cannot write preview/contact.jpg: {exc.strerror or _one_line(exc)}"))
         if len(summary.used) > CONTACT_MAX:

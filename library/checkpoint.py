@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files.atomic import atomic_folder
+
 _NAME = re.compile(r"^checkpoint-p([12])-(\d{6})$")
 
 
@@ -40,14 +42,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-p{phase}-{step:06d}"
-    tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_folder(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)

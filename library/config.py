@@ -17,6 +17,8 @@ from typing import Any
 
 import toml
 
+from .files.atomic import write_text
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that says what to change."""
@@ -321,7 +323,5 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(toml.dumps(cfg.to_dict()), encoding="utf-8")
-    tmp.replace(path)
+    """Write `cfg` as TOML (UTF-8) to `path`, atomically."""
+    write_text(path, toml.dumps(cfg.to_dict()))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .files.images import read_image
 from .losses import soften_mask
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,15 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
         if not mask_path.is_file() or not meta_path.is_file():
             log.warning("%s: no %s or %s next to it; skipped (run dataset_tools.prepare)", image_path, mask_path.name, meta_path.name)
             continue
+        reading = meta_path  # the file a warning names
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            image = Image.open(image_path).convert("RGB")
-            mask = Image.open(mask_path).convert("L")
-        except (OSError, ValueError) as err:
-            log.warning("%s: unreadable (%s); skipped", image_path, err)
+            reading = image_path
+            image = read_image(image_path).image
+            reading = mask_path
+            mask = read_image(mask_path, mode="L").image
+        except (OSError, ValueError) as err:  # ImageLoadError is a ValueError
+            log.warning("%s: unreadable (%s); skipped", reading, err)
             continue
         if mask.size != image.size:
             log.warning("%s: mask size %s differs from image %s; skipped", mask_path, mask.size, image.size)

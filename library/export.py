@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .files.atomic import write_atomic
 from .metadata import (  # re-exported: the metadata is part of the file format
     build_metadata,
     default_composed_prompt,
@@ -167,10 +168,6 @@ def lora_module_names(state_dict: Mapping[str, Any]) -> list[str]:
 # files
 
 
-def _atomic_replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
 def save_lora(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -195,13 +192,7 @@ def save_lora(
         raise TypeError(f"metadata values must be strings: {bad}")
     if meta:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta or None)
-        _atomic_replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None))
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -239,28 +230,20 @@ def save_embedding(
     if vec.ndim != 2:
         raise ValueError(f"embedding vectors must be [n, dim], got {tuple(vectors.shape)}")
     vec = vec.clone().contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if legacy_pt:
-            data = {
-                "string_to_token": {"*": _A1111_STAR_TOKEN},
-                "string_to_param": {"*": vec},
-                "name": token,
-                "step": int(step),
-                "sd_checkpoint": None,
-                "sd_checkpoint_name": None,
-            }
-            torch.save(data, str(tmp))
-        else:
-            from safetensors.torch import save_file
+    if legacy_pt:
+        data = {
+            "string_to_token": {"*": _A1111_STAR_TOKEN},
+            "string_to_param": {"*": vec},
+            "name": token,
+            "step": int(step),
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        }
+        return write_atomic(path, lambda tmp: torch.save(data, str(tmp)))
+    from safetensors.torch import save_file
 
-            meta = {"name": token, "step": str(int(step)), "vectors": str(vec.shape[0]), "dim": str(vec.shape[1])}
-            save_file({"emb_params": vec}, str(tmp), metadata=meta)
-        _atomic_replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    meta = {"name": token, "step": str(int(step)), "vectors": str(vec.shape[0]), "dim": str(vec.shape[1])}
+    return write_atomic(path, lambda tmp: save_file({"emb_params": vec}, str(tmp), metadata=meta))
 
 
 def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files.images import to_rgb
+
 DEFAULT_FIDELITY = 0.5  # CodeFormer w: 0 = strongest restoration, 1 = closest to the input
 
 # Five ArcFace-order points (image-left eye, image-right eye, nose tip, left and right mouth corner) of
@@ -57,13 +59,13 @@ def _arch_id(desc) -> str:
 
 
 def _split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    """RGB part and alpha channel (or None) of any PIL image."""
+    """RGB part and alpha channel (or None) of any PIL image in memory (files are read without alpha)."""
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         return rgba.convert("RGB"), rgba.getchannel("A")
     if image.mode != "RGB":
-        return image.convert("RGB"), None
+        return to_rgb(image), None  # 16-bit, CMYK, palette: the shared reader's conversion
     return image, None
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from .files.atomic import write_atomic
+
 
 def _quote(text: str) -> str:
     """A1111's infotext quoting: values with a comma, colon or newline become JSON strings."""
@@ -116,21 +118,14 @@ def a1111_hashes(lora: Path | None, embeddings: dict[str, Path | None]) -> dict[
 
 
 def save_png(image: Image.Image, path: Path, parameters: str | None) -> Path:
-    """Write a PNG with a "parameters" text chunk to a hidden temporary name, then os.replace."""
+    """Write a PNG with a "parameters" text chunk (A1111's), atomically; creates the folder; returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = None
     if parameters is not None:
         info = PngInfo()
         info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:

@@ -1,6 +1,7 @@
 """The command line of the post-processing chain: `python -m library.postprocess IN OUT [options]`.
 
-IN is an image or a folder of images, OUT an image file or a folder. Bad options and unusable weights
+IN is an image or a folder of images, OUT an image file or a folder. Images are read by the shared reader
+(library.files.images: EXIF-rotated, 8-bit RGB, transparency composited on white), so outputs are RGB. Bad options and unusable weights
 fail with one line and exit 2 before any image is touched; a bad image is reported on one line and the
 rest carry on (exit 1). Outputs are written to a temporary name and renamed, so none is half-written.
 Kept apart from the chain (library.postprocess), which generate.py uses without any of this.
@@ -9,16 +10,17 @@ Kept apart from the chain (library.postprocess), which generate.py uses without 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import face_restore
 from .face_restore import DEFAULT_FIDELITY, _arch_id
+from .files.atomic import write_atomic
+from .files.images import read_image
 from .postprocess import DEFAULT_UPSCALE, _one_line, _resolve_device, load_face_restorer, load_upscaler, postprocess
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -55,26 +57,18 @@ def _list_inputs(src: Path) -> list[Path]:
 
 
 def _read_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    return im
+    """The shared reader's RGB: EXIF-rotated, 8 bits, transparency composited on white."""
+    return read_image(path).image
 
 
 def _write_image(image: Image.Image, dest: Path) -> None:
-    """Write to a hidden temporary name beside `dest`, then os.replace (no half-written outputs)."""
-    tmp = dest.with_name(f".{dest.stem}.tmp{os.getpid()}{dest.suffix}")
+    """Write in the format `dest`'s extension names, atomically (no half-written outputs)."""
     ext = dest.suffix.lower()
     if ext in (".jpg", ".jpeg") and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     kwargs = {"quality": 95} if ext in (".jpg", ".jpeg", ".webp") else {}
-    try:
-        image.save(tmp, **kwargs)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    fmt = Image.registered_extensions()[ext]  # the temporary name ends in .tmp: PIL cannot guess
+    write_atomic(dest, lambda tmp: image.save(tmp, format=fmt, **kwargs))
 
 
 def _plan(src: Path, out_arg: str) -> list[tuple[Path, Path]]:

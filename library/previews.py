@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import config
+from .files.atomic import write_text
 from .infotext import image_grid, save_png
 
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
@@ -131,8 +132,6 @@ def write_previews(trainer, tag: str) -> None:
     save_png(image_grid(images, cols=len(images)), out / "samples" / f"{tag}.png", None)
     picture, shares = attention_report(trainer)
     save_png(picture, out / "attention" / f"{tag}.png", None)
-    tmp = out / "attention" / f"{tag}.json.tmp"
-    tmp.write_text(json.dumps(shares, indent=2))
-    tmp.replace(out / "attention" / f"{tag}.json")
+    write_text(out / "attention" / f"{tag}.json", json.dumps(shares, indent=2))
     if cfg.logging.tensorboard:
         trainer.acc.log({f"attention/{k}": v for k, v in shares.items()})

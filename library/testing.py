@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .files.atomic import atomic_folder, write_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 
@@ -179,9 +180,7 @@ def save_single_file(components: dict, path: Path) -> None:
     state.update(vae_to_original(components["vae"].state_dict()))
     state.update(text_encoder_to_original(components["text_encoder"].state_dict()))
     state = {k: v.contiguous() for k, v in state.items()}
-    tmp = Path(str(path) + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def save_model(dest: Path, sd15_size: bool = False, seed: int = 0) -> tuple[Path, Path]:
@@ -193,11 +192,9 @@ def save_model(dest: Path, sd15_size: bool = False, seed: int = 0) -> tuple[Path
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    tmp_dir = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp_dir.replace(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(dest) as tmp_dir:
+        pipe.save_pretrained(tmp_dir, safe_serialization=True)
     single = dest.with_suffix(".safetensors")
     save_single_file(components, single)
     return dest, single
@@ -214,10 +211,7 @@ def save_random_arcface(path: Path, seed: int = 0) -> Path:
             m.running_var.uniform_(0.5, 1.5)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(net.state_dict(), tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(net.state_dict(), tmp))
 
 
 def write_prepared(folder: Path, kind: str, token: str, n: int = 3, size: int = 96, seed: int = 0) -> Path:
