@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .files.text import TextFileError, read_text_file
 from .losses import soften_mask
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,23 @@ def _square_crop_box(width: int, height: int, center: tuple[float, float] | None
     return left, top, side
 
 
-def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list[PreparedImage]:
-    """Read NAME.png / NAME.mask.png / NAME.json / NAME.txt written by dataset_tools.prepare."""
+def _read_sidecar(path: Path) -> str:
+    """A text sidecar; one that is not UTF-8 / UTF-16 text stops loading (a DatasetError naming it) rather
+    than silently training on fewer images or a garbled caption."""
+    try:
+        return read_text_file(path)
+    except TextFileError as err:
+        raise DatasetError(str(err)) from None
+
+
+def load_prepared_folder(folder: str | Path, kind: str, resolution: int, captions: bool = False) -> list[PreparedImage]:
+    """Read NAME.png / NAME.mask.png / NAME.json (and NAME.txt if `captions`) written by dataset_tools.prepare.
+
+    Captions are read only when asked for (``data.captions = "sidecar"``): a caption file that is not
+    used must not be able to stop training. A missing or empty caption is ``""`` (the sampler then uses a
+    template). Raises DatasetError when the folder holds no usable image or a sidecar is not UTF-8 /
+    UTF-16 text; images with missing, undecodable or mismatched files are skipped with a warning.
+    """
     folder = Path(folder)
     items = []
     for image_path in sorted(folder.glob("*.png")):
@@ -91,8 +107,9 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
         if not mask_path.is_file() or not meta_path.is_file():
             log.warning("%s: no %s or %s next to it; skipped (run dataset_tools.prepare)", image_path, mask_path.name, meta_path.name)
             continue
+        meta_text = _read_sidecar(meta_path)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(meta_text)
             image = Image.open(image_path).convert("RGB")
             mask = Image.open(mask_path).convert("L")
         except (OSError, ValueError) as err:
@@ -112,7 +129,7 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
             landmarks = (np.asarray(landmarks, np.float32) - [left, top]) * (resolution / side)
         has_face = box is not None
         face_mask = mask_arr if kind == "source" else ((1.0 - mask_arr) if has_face else np.zeros_like(mask_arr))
-        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else ""
+        caption = _read_sidecar(caption_path).strip() if captions and caption_path.is_file() else ""
         items.append(PreparedImage(stem, np.asarray(image), mask_arr, face_mask, landmarks, caption))
     if not items:
         raise DatasetError(
