@@ -181,3 +181,14 @@ def test_token_still_means_its_direction_kept(one_minus_cos, warned):
     assert len(lines) == int(warned)
     if warned:
         assert lines[0].startswith(f"warning: the embedding of mcv1 is still its initial value (cosine {1 - one_minus_cos:.6f})")
+
+
+def test_a_misspelt_caption_mode_is_refused(tmp_path):
+    """`data.captions = "sidecars"` used to train from templates without a word."""
+    from library.config import ConfigError
+
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['model.pretrained="x"', f'data.source_dir="{tmp_path / "s"}"',
+                           f'data.reference_dir="{tmp_path / "s"}"', 'data.captions="sidecars"'])
+    assert str(err.value) == "<defaults>: data.captions = 'sidecars': use template or sidecar"
