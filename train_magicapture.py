@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from library.config import ConfigError, load_config
     from library.data import DatasetError
+    from library.files.text import TextFileError
     from library.models import ModelLoadError
     from library.trainer import MagiCaptureTrainer, TrainingStopped
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
         trainer = MagiCaptureTrainer(cfg)
         trainer.run(resume=args.resume)
-    except (ConfigError, DatasetError, ModelLoadError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, TextFileError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept

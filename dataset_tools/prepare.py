@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from library.files.atomic import write_bytes
+from library.files.text import TextFileError, read_text_file
 
 from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
 
@@ -421,7 +422,11 @@ def _note_stale(summary: Summary, out_dir: Path) -> None:
             if p.stem in written:
                 continue
             try:
-                rec = json.loads(p.read_text("utf-8"))
+                rec = json.loads(read_text_file(p))
+            except TextFileError as exc:
+                if p.with_suffix(".png").is_file():  # an item's sidecar: training would stop on it
+                    summary.warnings.append(("", f"{exc} (or delete that item; training stops on it)"))
+                continue
             except (OSError, ValueError):
                 continue
             if isinstance(rec, dict) and rec.get("kind") in KINDS and "image" in rec:

@@ -18,6 +18,7 @@ from typing import Any
 import toml
 
 from .files.atomic import write_text
+from .files.text import TextFileError, read_text_file
 
 
 class ConfigError(ValueError):
@@ -265,6 +266,8 @@ def validate(cfg: Config, origin: str) -> None:
         word = getattr(cfg.tokens, name)
         if not word or not word.replace("_", "").isalnum() or " " in word:
             raise ConfigError(f"{origin}: tokens.{name} = {word!r}: use one made-up word such as mcv1")
+    if cfg.data.captions not in ("template", "sidecar"):
+        raise ConfigError(f"{origin}: data.captions = {cfg.data.captions!r}: use template or sidecar")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
     if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):
@@ -303,9 +306,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     origin = str(path) if path else "<defaults>"
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            data = tomllib.loads(read_text_file(path))
         except FileNotFoundError:
             raise ConfigError(f"config file '{path}' does not exist") from None
+        except TextFileError as err:
+            raise ConfigError(str(err)) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
         for section, values in data.items():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .files.images import read_image
+from .files.text import TextFileError, read_text_file
 from .losses import soften_mask
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,23 @@ def _square_crop_box(width: int, height: int, center: tuple[float, float] | None
     return left, top, side
 
 
-def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list[PreparedImage]:
-    """Read NAME.png / NAME.mask.png / NAME.json / NAME.txt written by dataset_tools.prepare."""
+def _read_sidecar(path: Path) -> str:
+    """A text sidecar; one that is not UTF-8 / UTF-16 text stops loading (a DatasetError naming it) rather
+    than silently training on fewer images or a garbled caption."""
+    try:
+        return read_text_file(path)
+    except TextFileError as err:
+        raise DatasetError(str(err)) from None
+
+
+def load_prepared_folder(folder: str | Path, kind: str, resolution: int, captions: bool = False) -> list[PreparedImage]:
+    """Read NAME.png / NAME.mask.png / NAME.json (and NAME.txt if `captions`) written by dataset_tools.prepare.
+
+    Captions are read only when asked for (``data.captions = "sidecar"``): a caption file that is not
+    used must not be able to stop training. A missing or empty caption is ``""`` (the sampler then uses a
+    template). Raises DatasetError when the folder holds no usable image or a sidecar is not UTF-8 /
+    UTF-16 text; images with missing, undecodable or mismatched files are skipped with a warning.
+    """
     folder = Path(folder)
     items = []
     for image_path in sorted(folder.glob("*.png")):
@@ -92,10 +108,10 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
         if not mask_path.is_file() or not meta_path.is_file():
             log.warning("%s: no %s or %s next to it; skipped (run dataset_tools.prepare)", image_path, mask_path.name, meta_path.name)
             continue
-        reading = meta_path  # the file a warning names
+        meta_text = _read_sidecar(meta_path)
+        reading = image_path  # the file a warning names
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            reading = image_path
+            meta = json.loads(meta_text)
             image = read_image(image_path).image
             reading = mask_path
             mask = read_image(mask_path, mode="L").image
@@ -116,7 +132,7 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
             landmarks = (np.asarray(landmarks, np.float32) - [left, top]) * (resolution / side)
         has_face = box is not None
         face_mask = mask_arr if kind == "source" else ((1.0 - mask_arr) if has_face else np.zeros_like(mask_arr))
-        caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else ""
+        caption = _read_sidecar(caption_path).strip() if captions and caption_path.is_file() else ""
         items.append(PreparedImage(stem, np.asarray(image), mask_arr, face_mask, landmarks, caption))
     if not items:
         raise DatasetError(

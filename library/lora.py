@@ -160,3 +160,20 @@ def set_lora_scale(model: nn.Module, scale: float, adapter_name: str = DEFAULT_A
     for _, module in layers:
         module.set_scale(adapter_name, scale)
     return len(layers)
+
+
+def lora_relative_change(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> float | None:
+    """How much the LoRA changes `model`: the largest ``||scale B A||_F / ||W||_F`` over its LoRA layers
+    (W the layer's frozen weight; Linear and Conv2d alike, flattened to [out, in * k * k]).
+
+    0 for a LoRA that has not trained (peft starts B at zero); None when `model` holds no LoRA layer.
+    """
+    worst = None
+    for _, layer in lora_layers(model, adapter_name):
+        down = layer.lora_A[adapter_name].weight.detach().float().flatten(1)  # [r, in * k * k]
+        up = layer.lora_B[adapter_name].weight.detach().float().flatten(1)  # [out, r]
+        delta = (up @ down) * layer.scaling[adapter_name]
+        weight = layer.get_base_layer().weight.detach().float()
+        change = (delta.norm() / weight.norm().clamp_min(1e-12)).item()
+        worst = change if worst is None else max(worst, change)
+    return worst

@@ -10,11 +10,12 @@ Only SD 1.x with epsilon prediction trains (SDXL comes in a later issue).
 
 from __future__ import annotations
 
-import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+from .files.text import TextFileError, read_text_file
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -91,14 +92,12 @@ SD1_EPSILON = ModelKind()
 
 
 def read_text(path: Path) -> str:
-    """A text file as str: UTF-8 with or without BOM, or UTF-16 with BOM; ModelLoadError (naming the file) else."""
-    data = Path(path).read_bytes()
+    """A text file as str through the project's one reader (library.files.text); ModelLoadError naming the
+    file when it is not UTF-8 or UTF-16 with a byte-order mark."""
     try:
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            return data.decode("utf-16")
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{path}: not UTF-8 or UTF-16 text; save it as UTF-8") from None
+        return read_text_file(path)
+    except TextFileError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def read_json(path: Path) -> dict:

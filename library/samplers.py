@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files.text import TextFileError, read_text_file
 from .generation_options import GenerationError
 
 
@@ -85,8 +86,12 @@ def scheduler_base_config(cfg, parts) -> dict:
     for path in candidates:
         if path.is_file():
             try:
-                config.update(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
+                text = read_text_file(path)
+            except TextFileError as err:  # a config that cannot be decoded is never silently replaced
+                raise GenerationError(str(err)) from None
+            try:
+                config.update(json.loads(text))
+            except ValueError:  # not JSON: diffusers, which read the same file to load the model, decides
                 pass
             break
     else:

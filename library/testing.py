@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .files.atomic import atomic_folder, write_atomic
+from .files.text import read_text_file
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 
@@ -39,7 +40,7 @@ TINY_TEXT = dict(
 
 def _sd15_config(component: str) -> dict:
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return json.loads((CONFIG_DIR / component / name).read_text())
+    return json.loads(read_text_file(CONFIG_DIR / component / name))
 
 
 def build_components(sd15_size: bool = False, seed: int = 0) -> dict:

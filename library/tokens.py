@@ -26,6 +26,20 @@ def expand_prompt(prompt: str, tokens: dict[str, int]) -> str:
     return " ".join(out)
 
 
+def prompt_input_ids(tokenizer, prompt: str, vector_counts: dict[str, int], truncate: bool = True) -> torch.Tensor:
+    """The CLIP ids [L] (int64) of `prompt` with each multi-vector token expanded (:func:`expand_prompt`).
+
+    With `truncate` (what training feeds the text encoder): cut and padded to the tokenizer's
+    ``model_max_length`` (77), so L = 77 and anything past CLIP's limit is gone. Without: the whole prompt
+    between BOS and EOS, to see what truncation drops.
+    """
+    text = expand_prompt(prompt, vector_counts)
+    if truncate:
+        return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids[0]
+    return tokenizer(text, verbose=False, return_tensors="pt").input_ids[0]  # verbose: no too-long warning
+
+
 class TrainableTokenEmbedding(nn.Module):
     """A frozen token table plus trainable rows for ids >= `first_new_id`."""
 

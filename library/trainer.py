@@ -24,7 +24,8 @@ from . import checkpoint as ckpt
 from .attention import AttentionMapStore, install_attention_capture
 from .attention_guard import BASELINE_STEPS, AttentionCollapseGuard, attention_figures
 from .config import Config, ConfigError, PhaseConfig, save_config
-from .data import CachedSet, Sample, TaskSampler, cache_set, load_prepared_folder
+from .data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
+from .learning_checks import check_caption_tokens, nothing_learned_warnings
 from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import (
     combine_losses,
@@ -36,7 +37,7 @@ from .losses import (
 from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer
 from .precision import settle_precision
-from .tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser, pull_norms
+from .tokens import add_special_tokens, get_token_embedding, norm_regulariser, prompt_input_ids, pull_norms, token_vectors
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,16 @@ class MagiCaptureTrainer:
             self.gen,
         )
         get_token_embedding(self.text_encoder).to(self.device)
+        # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
+        self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
         with self.acc.main_process_first():
-            self.source = self._cache("source", cfg.data.source_dir).to(self.device)
-            self.reference = self._cache("reference", cfg.data.reference_dir).to(self.device)
+            # both folders are read and checked before the VAE encodes anything
+            source_items = self._load("source", cfg.data.source_dir, tok.source)
+            reference_items = self._load("reference", cfg.data.reference_dir, tok.reference)
+            self.source = self._cache(source_items).to(self.device)
+            self.reference = self._cache(reference_items).to(self.device)
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -153,12 +159,25 @@ class MagiCaptureTrainer:
         if self.acc.is_main_process:
             tqdm.write(message)
 
-    def _cache(self, kind: str, folder: str) -> CachedSet:
-        items = load_prepared_folder(folder, kind, self.cfg.data.resolution)
+    def _load(self, kind: str, folder: str, token: str) -> list[PreparedImage]:
+        """One prepared folder, with its warnings; with sidecar captions, checks they can train `token`."""
+        sidecar = self.cfg.data.captions == "sidecar"
+        items = load_prepared_folder(folder, kind, self.cfg.data.resolution, captions=sidecar)
         if len(items) < self.cfg.data.min_images:
             self.print(f"warning: {folder} has {len(items)} {kind} images; the paper uses 4 to 6")
         if kind == "source" and not any(it.landmarks is not None for it in items):
             self.print(f"warning: no face landmarks in {folder}: the identity loss cannot run")
+        if sidecar:
+            warning = check_caption_tokens(
+                folder, token, self.token_ids[token], [(f"{it.name}.txt", it.caption) for it in items],
+                lambda caption, truncate: prompt_input_ids(self.tokenizer, caption, self.vector_counts(), truncate),
+                self.tokenizer.model_max_length,
+            )
+            if warning:
+                self.print(warning)
+        return items
+
+    def _cache(self, items: list[PreparedImage]) -> CachedSet:
         cached = cache_set(items, self.vae, self.cfg.data.flip, self.cfg.loss.mask_eps)
         if self.cfg.data.captions != "sidecar":
             cached.captions = []
@@ -200,11 +219,12 @@ class MagiCaptureTrainer:
     # ---------------------------------------------------------------- one step
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         if prompt not in self._prompt_cache:
-            counts = {self.cfg.tokens.source: self.cfg.tokens.vectors, self.cfg.tokens.reference: self.cfg.tokens.vectors}
-            text = expand_prompt(prompt, counts)
-            ids = self.tokenizer(text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
-            self._prompt_cache[prompt] = ids
+            self._prompt_cache[prompt] = prompt_input_ids(self.tokenizer, prompt, self.vector_counts())
         return self._prompt_cache[prompt]
+
+    def vector_counts(self) -> dict[str, int]:
+        """Token word -> its number of vectors (tokens.vectors), as expand_prompt takes it."""
+        return {self.cfg.tokens.source: self.cfg.tokens.vectors, self.cfg.tokens.reference: self.cfg.tokens.vectors}
 
     def token_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 2] position of the first vector of [V1] and [V2] in each prompt (-1 where absent)."""
@@ -392,6 +412,9 @@ class MagiCaptureTrainer:
             from .outputs import export_outputs
 
             result = export_outputs(self)
+            lora = {"UNet": self.unet, "text encoder": self.text_encoder} if self.lora_added else {}
+            for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
+                self.print(line)
         self.acc.end_training()
         return result
 

@@ -222,7 +222,7 @@ def test_text_files_a_model_comes_with_are_read_in_any_unicode_and_broken_ones_n
     sidecar.write_bytes(b"model: \x92 caf\xe9\n")
     with pytest.raises(ModelLoadError) as info:
         sidecar_parameterization(ckpt)
-    assert str(info.value) == f"{sidecar}: not UTF-8 or UTF-16 text; save it as UTF-8"
+    assert str(info.value) == f"{sidecar}: not UTF-8 text (byte 0x92 at offset 7 is invalid); re-save it as UTF-8"
     sidecar.write_text("model: [unclosed\n")
     with pytest.raises(ModelLoadError, match=r"m\.yaml: not valid YAML \(.*\); fix or remove it$"):
         sidecar_parameterization(ckpt)
