@@ -354,20 +354,20 @@ class FaceAnalyzer:
         for turn in turns:
             k = turn_k(turn)
             turned = np.ascontiguousarray(np.rot90(rgb, k))
-            # a turned copy is searched cheaply: quick detectors, and a face must confirm at once
+            # a blind search (no confirmed face to go by) is cheap: no tiles, and a face must confirm at once
             res = self._analyze_frame(turned, thorough=len(turns) == 1)
             if res.face is None or not res.face.confirmed or res.turn != 0:
                 continue
             how = {90: "90 degrees clockwise", 180: "180 degrees", 270: "90 degrees counter-clockwise"}[turn]
             if fix_rotation:
                 res.rotation, res.image = turn, turned
-                res.warnings.insert(0, f"rotated {how} to upright (the face was {_how_turned(turn)} and no EXIF "
-                                       "orientation said so)")
+                res.warnings.insert(0, f"rotated {how} to upright (the face was {_how_turned(turn)}: the photo's "
+                                       "orientation was lost or wrong)")
                 return res
             back = _map_back(res, (4 - k) % 4, turned.shape[1], turned.shape[0])
-            back.warnings.insert(0, f"the face is {_how_turned(turn)} (the photo needs turning {how}); not "
-                                    "rotated: a reference photo keeps its composition (rotate the file if it is "
-                                    "sideways by mistake)")
+            back.warnings.insert(0, f"the face is {_how_turned(turn)} ({back.angle:.0f} degrees from upright): not "
+                                    f"rotated, a reference photo keeps its composition; turn the file {how} if the "
+                                    "photo itself is sideways")
             return back
         if out.face is not None and out.face.confirmed:
             out.warnings.append(f"the face is {_how_turned(out.turn)} ({out.angle:.0f} degrees from upright) but "
