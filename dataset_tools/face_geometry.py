@@ -25,8 +25,7 @@ MESH_FOREHEAD = 10  # top of the face's midline
 MESH_CHIN = 152  # bottom of the face's midline
 
 UPRIGHT_LIMIT = 60.0  # degrees: a face further than this from upright is "on its side" or upside down
-AGREE_ANGLE = 30.0  # degrees: two mesh fits of one face agree when their up axes differ by less...
-AGREE_DISTANCE = 0.3  # ...and their landmarks differ by less than this x the eye-to-mouth distance (RMS)
+AGREE_DISTANCE = 0.3  # two fits of one face agree within this x the eye-to-mouth distance (RMS over the 5)
 
 
 def landmarks_from_mesh(pts: np.ndarray) -> np.ndarray:
@@ -111,8 +110,8 @@ def landmark_order_problem(lm: np.ndarray, up: np.ndarray) -> str | None:
     is wrong, one line.
 
     Checks, along `up`: both eyes above the nose, the nose above both mouth corners; across it (the
-    face's left-right axis): the first eye and the first mouth corner on the image's left, the two eyes
-    (and the two corners) apart by more than 10% of the eye-to-mouth distance.
+    face's left-right axis): the first eye and the first mouth corner on the image's left of the
+    second, by more than 10% of the eye-to-mouth height.
     """
     lm = np.asarray(lm, np.float64)
     if lm.shape != (5, 2) or not np.isfinite(lm).all():
@@ -120,13 +119,11 @@ def landmark_order_problem(lm: np.ndarray, up: np.ndarray) -> str | None:
     r = right_axis(up)
     h = lm @ up  # height along the face's up axis
     x = lm @ r  # position along its left-right axis
-    span = (h[0] + h[1]) / 2 - (h[3] + h[4]) / 2
-    if span <= 0:
-        return "the eyes are not above the mouth"
     if min(h[0], h[1]) <= h[2]:
         return "the nose is not below both eyes"
     if h[2] <= max(h[3], h[4]):
         return "the nose is not above both mouth corners"
+    span = (h[0] + h[1]) / 2 - (h[3] + h[4]) / 2  # > 0 after the checks above
     if x[1] - x[0] < 0.1 * span:
         return "the first eye is not on the image's left of the second"
     if x[4] - x[3] < 0.1 * span:
@@ -135,10 +132,9 @@ def landmark_order_problem(lm: np.ndarray, up: np.ndarray) -> str | None:
 
 
 def fits_agree(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two [5, 2] landmark sets describe the same face the same way up (see AGREE_*)."""
-    da = face_angle(a) - face_angle(b)
-    if abs((da + 180.0) % 360.0 - 180.0) >= AGREE_ANGLE:
-        return False
+    """Whether two [5, 2] landmark sets describe the same face the same way up: their RMS distance is
+    under AGREE_DISTANCE x their mean eye-to-mouth distance. (A fit drawn the wrong way up puts the
+    mouth where the eyes are: about 2 eye-to-mouth distances away.)"""
     scale = (eye_mouth_distance(a) + eye_mouth_distance(b)) / 2
     rms = float(np.sqrt(((a - b) ** 2).sum(1).mean()))
     return scale > 0 and rms < AGREE_DISTANCE * scale
