@@ -2,10 +2,10 @@
 the wheel).
 
 One `FaceAnalyzer` per run: it builds the detectors and the face mesh once. `analyze(rgb)` finds the
-faces (short-range model first, full-range when that finds nothing, then full-range on tiles), picks
-one, runs the face mesh on a square crop around it (so small faces in big photos get the mesh's full
-resolution), and returns the box, the 5 ArcFace landmarks and a binary face mask (255 = face) in the
-image's pixels.
+faces (short-range model first, then full-range, then full-range on tiles, until one yields a face the
+mesh confirms), picks one, runs the face mesh on square crops around it (so small faces in big photos
+get the mesh's full resolution), and returns the box, the 5 ArcFace landmarks and a binary face mask
+(255 = face) in the image's pixels.
 
 Which face: the largest one the face mesh *confirms*. The mesh fits a face to whatever it is given (a
 cartoon, a blurred face, an upside-down face it draws upright), so one fit proves little. A face is
@@ -67,6 +67,8 @@ MESH_TURNS = (0, 1, 3, 2)  # np.rot90 turns of the crop fed to the mesh, in the 
 
 @dataclass
 class DetectedFace:
+    """One detector box, with the face mesh's verdict once `FaceAnalyzer.check` has run on it."""
+
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels, clipped to the image
     score: float
     keypoints: np.ndarray  # [6, 2] detector keypoints in pixels (eyes, nose, mouth, ears)
@@ -81,6 +83,8 @@ class DetectedFace:
 
 @dataclass
 class FaceAnalysis:
+    """What `FaceAnalyzer.analyze` found in one image; every coordinate is in `image` when `rotation` is set."""
+
     faces: list[DetectedFace]  # the chosen face first, then the others largest first
     detector: str | None  # "short_range" | "full_range" | None
     landmarks: np.ndarray | None = None  # [5, 2] insightface order, pixels
@@ -318,14 +322,15 @@ class FaceAnalyzer:
                 lm = landmarks_from_mesh(pts)
                 if landmark_order_problem(lm, mesh_up_axis(pts)) is not None:
                     continue
-                if single is None:
-                    single = pts
+                if single is None and k == 0:
+                    single = pts  # a lone fit on a turned crop may be drawn the wrong way up: never kept
                 for k2, pts2, lm2 in fits:
                     if fits_agree(lm, lm2):
                         # the mesh is most accurate on a face it sees upright: the crop turned by k
                         # shows the face at (angle - 90 k) degrees
                         a = face_angle(lm)
-                        face.mesh = min((k, pts), (k2, pts2), key=lambda t: abs((a - 90 * t[0] + 180) % 360 - 180))[1]
+                        face.mesh = min((k, pts), (k2, pts2),
+                                        key=lambda t: abs((a - 90 * t[0] + 180) % 360 - 180))[1]
                         face.confirmed = True
                         return face
                 fits.append((k, pts, lm))

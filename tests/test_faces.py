@@ -209,22 +209,27 @@ def test_upside_down_fit_is_not_trusted(analyzer):
     assert abs(abs(face_angle(landmarks_from_mesh(faces[0].mesh))) - 180) < 10
 
 
-def test_fit_out_of_order_is_never_used(analyzer, monkeypatch):
-    """A face-mesh fit whose eyes come out swapped (image-right eye first) is discarded, not used."""
+@pytest.mark.parametrize("fault", ["eyes swapped", "lone fits on turned crops"])
+def test_untrustworthy_fit_is_never_used(analyzer, monkeypatch, fault):
+    """A face-mesh fit whose eyes come out swapped (image-right eye first) is discarded; fits only on
+    turned crops that disagree (the 90-degree one right, the 180-degree one drawn upside down) confirm
+    nothing and none of them becomes the face's mesh. Either way: detector landmarks, in order."""
     from dataset_tools.face_geometry import MESH_LEFT_EYE, MESH_RIGHT_EYE
 
     real_fit = analyzer._fit
 
-    def swapped_eyes(crop, k):
+    def fit(crop, k):
+        if fault == "lone fits on turned crops":
+            return real_fit(crop, k) if k in (1, 2) else None
         pts = real_fit(crop, k)
         if pts is not None:
             pts[list(MESH_RIGHT_EYE) + list(MESH_LEFT_EYE)] = pts[list(MESH_LEFT_EYE) + list(MESH_RIGHT_EYE)]
         return pts
 
-    monkeypatch.setattr(analyzer, "_fit", swapped_eyes)
+    monkeypatch.setattr(analyzer, "_fit", fit)
     res = analyzer.analyze(np.asarray(astronaut()))
     assert res.mesh is None and not res.face.confirmed and res.mask_method == "box_ellipse"
-    assert any("landmarks from the detector" in w for w in res.warnings)
+    assert res.rotation == 0 and any("landmarks from the detector" in w for w in res.warnings)
     _check_landmark_order(res.landmarks, res.face.box)
 
 
