@@ -6,7 +6,10 @@
 For every image in IN_DIR (jpg, jpeg, png, webp, bmp; not recursive) OUT_DIR gets, one stem per image:
 NAME.png (RGB, EXIF-rotated, short side <= 2 x resolution), NAME.mask.png (8-bit, 255 = trains: the face
 for source, everything but the face for reference), NAME.txt (caption), NAME.json (face box, 5 ArcFace
-landmarks, score, mask coverage, warnings), preview/NAME.jpg and preview/contact.jpg.
+landmarks, score, mask coverage, rotation, face angle, warnings), preview/NAME.jpg and preview/contact.jpg.
+A source photo whose face is on its side or upside down (no EXIF tag said so) is turned upright, with
+the turn in NAME.json's "rotation" (degrees clockwise) and a warning; a reference photo is only reported
+(see dataset_tools.faces).
 Exit status: 0 when at least one image was usable, 2 when none was or the arguments are wrong.
 """
 
@@ -237,9 +240,13 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
     rgb = np.asarray(loaded.image)
     if not rgb.flags.c_contiguous:
         rgb = np.ascontiguousarray(rgb)
-    h, w = rgb.shape[:2]
     warns = list(loaded.warnings)
-    fa = analyzer.analyze(rgb)
+    # a source photo is of the person: a face on its side means a lost EXIF tag, so it is turned upright;
+    # a reference photo's composition may be meant (a reclining figure): reported, not turned
+    fa = analyzer.analyze(rgb, fix_rotation=kind == "source")
+    if fa.rotation:
+        rgb = fa.image
+    h, w = rgb.shape[:2]
     warns += fa.warnings
     face = fa.face
     if face is None:
@@ -250,14 +257,15 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
     else:
         if len(fa.faces) > 1:
             bw, bh = face.box[2] - face.box[0], face.box[3] - face.box[1]
+            which = "the largest" if face.area >= max(f.area for f in fa.faces) else "the largest confirmed one"
             if kind == "source":
                 warns.append(
-                    f"{len(fa.faces)} faces found; using the largest ({bw:.0f}x{bh:.0f} px at "
+                    f"{len(fa.faces)} faces found; using {which} ({bw:.0f}x{bh:.0f} px at "
                     f"{face.box[0]:.0f},{face.box[1]:.0f}). A group photo can teach the wrong person: "
                     "crop it to one face"
                 )
             else:
-                warns.append(f"{len(fa.faces)} faces found; only the largest is masked out of the style region")
+                warns.append(f"{len(fa.faces)} faces found; only {which} is masked out of the style region")
         mask = fa.face_mask if kind == "source" else 255 - fa.face_mask
         if kind == "source":
             side = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
@@ -279,6 +287,8 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
         "mask_coverage": round(coverage, 5),
         "num_faces": len(fa.faces),
         "detector": fa.detector,
+        "rotation": fa.rotation,
+        "face_angle": None if fa.angle is None else round(float(fa.angle), 1),
         "warnings": warns,
         "source_file": path.name,
         "mask_method": fa.mask_method if face is not None else "all",

@@ -54,6 +54,13 @@ def group_photo() -> Image.Image:
         return im.convert("RGB")
 
 
+# the 5 landmarks of the upright astronaut (skimage.data.astronaut(), 512 x 512 or its top 512 x 400) and of
+# insightface's Tom Hanks sample (112 x 112), as the face mesh gives them: image-left eye, image-right eye,
+# nose tip, image-left and image-right mouth corners (pixels)
+ASTRO_LANDMARKS = np.array([[203.5, 101.9], [247.0, 103.8], [223.4, 131.2], [201.1, 139.2], [246.2, 141.8]])
+TOM_LANDMARKS = np.array([[35.9, 51.4], [71.4, 49.6], [63.3, 82.8], [37.8, 91.2], [66.7, 89.7]])
+
+
 def hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest_dataset import (  # noqa: E402
+    ASTRO_LANDMARKS,
     astronaut,
     box_mean,
     coffee,
@@ -32,7 +33,7 @@ from dataset_tools.prepare import CAPTIONS, PrepareError, Summary, main, prepare
 SCHEMA = {
     "image": str, "kind": str, "token": str, "width": int, "height": int, "face_box": (list, type(None)),
     "score": (float, type(None)), "landmarks": (list, type(None)), "mask_coverage": float, "num_faces": int,
-    "detector": (str, type(None)), "warnings": list,
+    "detector": (str, type(None)), "rotation": int, "face_angle": (float, type(None)), "warnings": list,
 }
 
 
@@ -130,11 +131,87 @@ def test_exif_rotation(tmp_path):
     a, img_a, mask_a = _check_item(out, "upright", "source", "mcv1")
     b, img_b, mask_b = _check_item(out, "sideways", "source", "mcv1")
     assert (b["width"], b["height"]) == (512, 400)
+    assert a["rotation"] == b["rotation"] == 0 and b["warnings"] == [], "EXIF turned it; nothing more to do"
     assert np.abs(img_a.astype(int) - img_b.astype(int)).mean() < 4
     assert np.allclose(a["face_box"], b["face_box"], atol=5)
     assert np.allclose(a["landmarks"], b["landmarks"], atol=4)
     assert (mask_a != mask_b).mean() < 0.005
     assert box_mean(mask_b, b["face_box"], shrink=0.15) > 0.95
+
+
+def test_turned_source_photos_come_out_upright(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    upright = astronaut().crop((0, 0, 512, 400))  # not square: a missed turn shows in the size
+    upright.save(src / "upright.jpg", quality=95)
+    # turned by hand and saved without an EXIF tag (PIL's ROTATE_* turn counter-clockwise)
+    turned = {"left.jpg": (Image.Transpose.ROTATE_90, 90), "down.jpg": (Image.Transpose.ROTATE_180, 180),
+              "right.jpg": (Image.Transpose.ROTATE_270, 270)}
+    for name, (transpose, _) in turned.items():
+        upright.transpose(transpose).save(src / name, quality=95)
+    s = prepare_folder("source", src, out)
+    assert sorted(s.used) == ["down.jpg", "left.jpg", "right.jpg", "upright.jpg"] and s.skipped == []
+    a, img_a, mask_a = _check_item(out, "upright", "source", "mcv1")
+    assert a["rotation"] == 0 and a["warnings"] == [] and abs(a["face_angle"]) < 6
+    assert np.abs(np.array(a["landmarks"]) - ASTRO_LANDMARKS).max() < 1.5
+    words = {90: "rotated 90 degrees clockwise to upright", 180: "rotated 180 degrees to upright",
+             270: "rotated 90 degrees counter-clockwise to upright"}
+    for name, (_, turn) in turned.items():
+        stem = name[:-4]
+        b, img_b, mask_b = _check_item(out, stem, "source", "mcv1")
+        assert b["rotation"] == turn and (b["width"], b["height"]) == (512, 400)
+        assert abs(b["face_angle"]) < 6
+        assert np.abs(img_a.astype(int) - img_b.astype(int)).mean() < 4, "the written image is upright"
+        assert np.abs(np.array(b["landmarks"]) - ASTRO_LANDMARKS).max() < 2.5, (name, b["landmarks"])
+        assert np.allclose(a["face_box"], b["face_box"], atol=5)
+        assert (mask_a != mask_b).mean() < 0.005
+        lines = [ln for ln in s.lines() if name in ln]
+        assert lines == [f"warning  {name}: {b['warnings'][0]}"] and words[turn] in lines[0], lines
+    with Image.open(out / "preview" / "down.jpg") as pv:
+        assert pv.size == (512, 400)
+
+
+def test_turned_reference_photo_is_reported_not_rotated(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    astronaut().crop((0, 0, 512, 400)).transpose(Image.Transpose.ROTATE_180).save(src / "down.jpg", quality=95)
+    s = prepare_folder("reference", src, out)
+    assert s.used == ["down.jpg"]
+    rec, _, mask = _check_item(out, "down", "reference", "mcv2")
+    assert rec["rotation"] == 0 and (rec["width"], rec["height"]) == (512, 400)
+    assert abs(abs(rec["face_angle"]) - 180) < 6
+    assert "upside down" in rec["warnings"][0] and "not rotated" in rec["warnings"][0]
+    # the upright photo's landmarks turned 180 degrees: the mouth below the eyes on screen is above them now
+    expected = np.stack([512 - ASTRO_LANDMARKS[:, 0], 400 - ASTRO_LANDMARKS[:, 1]], 1)
+    assert np.abs(np.array(rec["landmarks"]) - expected).max() < 2.5, rec["landmarks"]
+    assert box_mean(mask, rec["face_box"], shrink=0.15) < 0.05, "the face is cut out of the style region"
+    assert any(n == "down.jpg" and "upside down" in m for n, m in s.warnings)
+
+
+def test_confirmed_face_beats_larger_cartoon(tmp_path):
+    from PIL import ImageDraw
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    canvas = Image.new("RGB", (780, 440), (128, 128, 128))
+    d = ImageDraw.Draw(canvas)  # a 320 px yellow cartoon face on the left
+    d.ellipse((60, 50, 380, 410), fill=(250, 220, 60))
+    d.ellipse((140, 160, 190, 210), fill=(20, 20, 20))
+    d.ellipse((250, 160, 300, 210), fill=(20, 20, 20))
+    d.chord((150, 270, 290, 350), 0, 180, fill=(120, 20, 20))
+    canvas.paste(astronaut().resize((320, 320), Image.Resampling.LANCZOS), (440, 20))
+    canvas.save(src / "collage.png")
+    s = prepare_folder("source", src, out)
+    assert s.used == ["collage.png"]
+    rec, _, mask = _check_item(out, "collage", "source", "mcv1")
+    assert np.allclose(rec["face_box"], (552, 67, 612, 128), atol=6), rec["face_box"]
+    assert rec["num_faces"] == 2 and rec["rotation"] == 0
+    assert any("larger face-like box" in w and "not confirmed" in w for w in rec["warnings"]), rec["warnings"]
+    assert any("using the largest confirmed one" in w for w in rec["warnings"]), rec["warnings"]
+    assert mask[:, :420].max() == 0 and box_mean(mask, rec["face_box"], shrink=0.2) > 0.9
+    eye_l, eye_r, nose, mouth_l, mouth_r = np.array(rec["landmarks"])
+    assert eye_l[0] < eye_r[0] and mouth_l[0] < mouth_r[0]
+    assert max(eye_l[1], eye_r[1]) < nose[1] < min(mouth_l[1], mouth_r[1])
 
 
 def test_group_photo_warns_for_source(tmp_path):
@@ -313,7 +390,7 @@ def test_all_bad_exit_2_and_argument_errors(tmp_path, capsys):
 def test_parser_weights_cli(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from dataset_tools.bisenet import BiSeNet
-    from dataset_tools.faces import parse_region
+    from dataset_tools.face_masks import parse_region
 
     torch.manual_seed(0)
     net = BiSeNet(19)
