@@ -473,3 +473,16 @@ def test_resumed_optimiser_matches_an_uninterrupted_one_and_takes_new_rates():
     assert torch.equal(opt3.state[r]["exp_avg"], saved_opt["state"][0]["exp_avg"])  # the moments carry over
     _step(r, opt3, sched3, 3)
     assert group["lr"] == 5e-3 * (6 / 10)
+
+
+def test_stale_temporaries_beside_the_outputs_are_removed_and_nothing_else(tmp_path):
+    from library.outputs import remove_stale_temporaries
+
+    cfg = Config()
+    cfg.output.dir, cfg.output.name, cfg.output.embeddings_pt = str(tmp_path), "run", True
+    ours = ["run.safetensors.tmp", "mcv1.safetensors.tmp", "mcv2.pt.tmp", "effective_config.toml.tmp", "loss_history.jsonl.tmp"]
+    others = ["run.safetensors", "notes.tmp", "mcv3.safetensors.tmp"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(p.name for p in remove_stale_temporaries(cfg)) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
