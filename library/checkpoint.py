@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
     except Exception as err:  # safetensors raises its own error types for every kind of bad file
         raise CheckpointError(f"{path / TRAINABLE}: unreadable ({_first_line(err)})") from None
     try:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only refusals all end here
         raise CheckpointError(f"{path / STATE}: unreadable ({_first_line(err)})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):

@@ -378,7 +378,7 @@ class MagiCaptureTrainer:
         from .outputs import remove_stale_temporaries
 
         point = None
-        if resume is not None and resume is not False:
+        if resume:
             point = resume if isinstance(resume, ResumePoint) else prepare_resume(self.cfg, str(resume))
             if not isinstance(resume, ResumePoint):
                 for note in point.notes:
@@ -447,6 +447,8 @@ class MagiCaptureTrainer:
             load_training_state(optimizer, scheduler, state["optimizer"], state["scheduler"])
             sampler.load_state(state["sampler"])
             self.gen.set_state(state["generator"])
+            if state.get("grad_scaler") and self.acc.scaler is not None:  # fp16: the loss scale it had reached
+                self.acc.scaler.load_state_dict(state["grad_scaler"])
         optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
         self.unet_forward = torch.compile(self.unet) if self.cfg.train.compile else self.unet
         return pcfg, optimizer, scheduler, sampler, list(named.values())
@@ -536,10 +538,11 @@ class MagiCaptureTrainer:
                             write_previews(self, f"p{phase}-{done:06d}")
             except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
-                kept = last[-1].path.name if last else "none"
+                then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
+                        else "no checkpoint yet: start again without --resume")
                 raise TrainingInterrupted(
                     f"stopped at once in phase {phase} after step {done}; not saved (the step in progress was "
-                    f"incomplete), last checkpoint: {kept}; continue with --resume latest", stop.requested or signal.SIGINT
+                    f"incomplete), {then}", stop.requested or signal.SIGINT
                 ) from None
             finally:
                 bar.close()
@@ -591,6 +594,7 @@ class MagiCaptureTrainer:
             "sampler": sampler.state(),
             "generator": self.gen.get_state(),
             "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
+            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
         }
         return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
                                     self.cfg.output.keep_checkpoints, config=self.cfg.to_dict())

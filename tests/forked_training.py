@@ -89,6 +89,7 @@ def install_hook(hook: str) -> None:
 
 
 def child(request: dict) -> int:
+    signal.alarm(300)  # a child that hangs dies (rc -14) instead of hanging the test
     for fd, name in ((1, "out"), (2, "err")):
         target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)

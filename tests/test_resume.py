@@ -128,7 +128,7 @@ def test_killed_at_every_kind_of_point_and_resumed_ends_equal_to_an_uninterrupte
     rc, _, err = forked.run(args, tmp_path / "1", kill="int2:1:1")
     assert rc == 130 and "Traceback" not in err
     assert last_line(err) == ("interrupted (SIGINT): stopped at once in phase 1 after step 0; not saved (the step in "
-                              "progress was incomplete), last checkpoint: none; continue with --resume latest")
+                              "progress was incomplete), no checkpoint yet: start again without --resume")
     assert not ckpt.list_checkpoints(out)
     # 2. a new run, Ctrl-C once in phase 1 step 1: that step finishes, is saved, and the run says how to go on
     rc, _, err = forked.run(args, tmp_path / "2", kill="int:1:1")
