@@ -158,23 +158,27 @@ def test_killed_at_every_kind_of_point_and_resumed_ends_equal_to_an_uninterrupte
     assert rc == -9
     assert [n for n in assert_nothing_partial(out) if n.startswith("checkpoint")] == ["checkpoint-p2-000001",
                                                                                       "checkpoint-p2-000002"]
-    # 7. SIGKILL in the middle of the export (mcv1 written, mcv2 half written, the LoRA not yet)
-    rc, _, _ = forked.run([*args, "--resume"], tmp_path / "7", kill="write:mcv2.safetensors")
+    # 7. checkpoint-p2-000002 damaged on disk: --resume latest falls back to p2-000001 with one line; then
+    #    SIGKILL in the middle of the export (mcv1 written, mcv2 half written, the LoRA not yet)
+    damaged = out / "checkpoint-p2-000002" / "trainable.safetensors"
+    whole = damaged.stat().st_size
+    os.truncate(damaged, whole - 100)
+    rc, stdout, _ = forked.run([*args, "--resume"], tmp_path / "7", kill="write:mcv2.safetensors")
     assert rc == -9
+    assert [line for line in stdout.splitlines() if line.startswith(("warning", "resum"))] == [
+        f"warning: {damaged}: {whole - 100} bytes, the manifest says {whole} (truncated or overwritten); resuming "
+        f"from checkpoint-p2-000001, the newest whole checkpoint (the damaged one is removed at the next save)",
+        "resuming from checkpoint-p2-000001: phase 2, step 1",
+    ]
     names = assert_nothing_partial(out)
     assert "mcv2.safetensors.tmp" in names and "mcv2.safetensors" not in names and "magicapture.safetensors" not in names
-    # 8. the final checkpoint damaged on disk: --resume latest falls back to the one before, with one line
-    final = out / "checkpoint-p2-000003" / "trainable.safetensors"
-    whole = final.stat().st_size
-    os.truncate(final, whole - 100)
+    assert "mcv1.safetensors" in names and "checkpoint-p2-000003" in names
+    # 8. resumed from the final checkpoint (with a setting that is safe to change): only the export runs
     rc, stdout, err = forked.run([*args, "--resume", "logging.print_every=1"], tmp_path / "8")
     assert rc == 0, err
-    assert [line for line in stdout.splitlines() if line.startswith(("warning", "resum"))] == [
-        f"warning: {final}: {whole - 100} bytes, the manifest says {whole} (truncated or "
-        f"overwritten); resuming from checkpoint-p2-000002, the newest whole checkpoint (the damaged one is removed at "
-        f"the next save)",
-        "resume: changed since checkpoint-p2-000002, and safe to change: logging.print_every 100 -> 1",
-        "resuming from checkpoint-p2-000002: phase 2, step 2",
+    assert [line for line in stdout.splitlines() if line.startswith(("warning", "resum", "phase"))] == [
+        "resume: changed since checkpoint-p2-000003, and safe to change: logging.print_every 100 -> 1",
+        "resuming from checkpoint-p2-000003: phase 2, step 3",
     ]
 
     assert reference.wait(timeout=300) == 0, reference.communicate()[1]
