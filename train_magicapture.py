@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,31 +20,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or nothing/latest for the newest")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():  # `--resume phase2.steps=9`
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from library.config import ConfigError, load_config
+    from library.checkpoint import CheckpointError
+    from library.config import ConfigError
     from library.data import DatasetError
     from library.files.text import TextFileError
+    from library.interrupt import terminate_as_interrupt
     from library.models import ModelLoadError
-    from library.trainer import MagiCaptureTrainer, TrainingStopped
+    from library.trainer import TrainingStopped
 
     try:
-        cfg = load_config(args.config, list(args.overrides))
-        if args.output_dir:
-            cfg.output.dir = args.output_dir
-        if args.max_steps is not None:
-            cfg.phase1.steps = min(cfg.phase1.steps, args.max_steps)
-            cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
-        trainer = MagiCaptureTrainer(cfg)
-        trainer.run(resume=args.resume)
-    except (ConfigError, DatasetError, ModelLoadError, TextFileError, FileNotFoundError) as err:
+        with terminate_as_interrupt():
+            return _train(args)
+    except (ConfigError, DatasetError, ModelLoadError, CheckpointError, TextFileError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (made to raise the same); exit status 128 + signal
+        signum = getattr(err, "signum", signal.SIGINT)
+        what = str(err) or "outside a training step; the checkpoints written so far are kept (continue with --resume latest)"
+        print(f"interrupted ({signal.Signals(signum).name}): {what}", file=sys.stderr)
+        return 128 + signum
+
+
+def _train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from library.config import load_config
+    from library.resume import prepare_resume
+    from library.trainer import MagiCaptureTrainer
+
+    cfg = load_config(args.config, list(args.overrides))
+    if args.output_dir:
+        cfg.output.dir = args.output_dir
+    if args.max_steps is not None:
+        cfg.phase1.steps = min(cfg.phase1.steps, args.max_steps)
+        cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
+    point = None
+    if args.resume is not None:  # checked before the models load and before anything is written
+        point = prepare_resume(cfg, args.resume)
+        if PartialState().is_main_process:
+            for note in point.notes:
+                print(note)
+    MagiCaptureTrainer(cfg).run(resume=point)
     return 0
 
 

@@ -38,3 +38,24 @@ def build_lr_scheduler(cfg: PhaseConfig, optimizer: torch.optim.Optimizer):
         num_warmup_steps=cfg.lr_warmup_steps,
         num_training_steps=max(cfg.steps, 1),
     )
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, scheduler, optimizer_state: dict, scheduler_state: dict) -> None:
+    """Restore an optimiser and its LR scheduler (built from the current config) from a checkpoint.
+
+    torch's `load_state_dict` brings back each parameter group's lr, betas, eps and weight decay as they
+    were saved; here the current config's values win, so that a run resumed with, say, a lower
+    phase2.lr_unet uses it from the next step on (at the schedule's saved position). With unchanged
+    values the rates are computed by the same expression as the scheduler's own, so they are identical.
+    """
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    scheduler.load_state_dict(scheduler_state)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    lambdas = getattr(scheduler, "lr_lambdas", None)  # diffusers' schedules are all LambdaLR
+    if lambdas is not None:
+        for group, base, lmbda in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+            group["lr"] = base * lmbda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

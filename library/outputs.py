@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .config import composed_prompt
 from .export import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
+from .files.atomic import remove_tree, stale_temporaries
 from .models import DTYPES
 from .tokens import token_vectors
+
+
+def output_paths(cfg) -> dict[str, Path]:
+    """What a run writes at its end, by role: "lora", and per token word its .safetensors (and .pt)."""
+    out = Path(cfg.output.dir)
+    paths = {"lora": out / f"{cfg.output.name}.safetensors"}
+    for word in (cfg.tokens.source, cfg.tokens.reference):
+        paths[word] = out / f"{word}.safetensors"
+        if cfg.output.embeddings_pt:
+            paths[f"{word}.pt"] = out / f"{word}.pt"
+    return paths
+
+
+def remove_stale_temporaries(cfg) -> list[Path]:
+    """Delete the temporaries a killed run left beside its outputs (every write goes through the atomic
+    writer, so only these can be partial); returns what was removed."""
+    out = Path(cfg.output.dir)
+    names = [*output_paths(cfg).values(), out / "effective_config.toml", out / "loss_history.jsonl"]
+    stale = stale_temporaries(out, "|".join(re.escape(p.name) for p in names))
+    for path in stale:
+        remove_tree(path)
+    return stale
 
 
 def export_outputs(trainer) -> Path:
     """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path."""
     cfg = trainer.cfg
-    out = Path(cfg.output.dir)
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
+    paths = output_paths(cfg)
     vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
     for word, vec in vectors.items():
-        save_embedding(out / f"{word}.safetensors", word, vec.to(dtype))
+        save_embedding(paths[word], word, vec.to(dtype))
         if cfg.output.embeddings_pt:
-            save_embedding(out / f"{word}.pt", word, vec, legacy_pt=True, step=cfg.phase1.steps + cfg.phase2.steps)
-    lora_path = out / f"{cfg.output.name}.safetensors"
+            save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=cfg.phase1.steps + cfg.phase2.steps)
+    lora_path = paths["lora"]
     if trainer.lora_added:
         state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
         pretrained, vae = Path(cfg.model.pretrained), Path(cfg.model.vae) if cfg.model.vae else None
@@ -57,7 +81,7 @@ def export_outputs(trainer) -> Path:
         bundle = {w: v.to(dtype) for w, v in vectors.items()} if cfg.output.bundle_embeddings else None
         save_lora(lora_path, state, metadata, bundle_embeddings=bundle)
     trainer.print(
-        f"wrote {lora_path} and {', '.join(str(out / f'{w}.safetensors') for w in vectors)}\n"
+        f"wrote {lora_path} and {', '.join(str(paths[w]) for w in vectors)}\n"
         f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
         f"\"{prompt} <lora:{cfg.output.name}:0.6>\""
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .attention import AttentionMapStore, install_attention_capture
 from .attention_guard import BASELINE_STEPS, AttentionCollapseGuard, attention_figures
 from .config import Config, ConfigError, PhaseConfig, save_config
 from .data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
+from .interrupt import StopAfterStep, TrainingInterrupted
 from .learning_checks import check_caption_tokens, nothing_learned_warnings
 from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import (
@@ -35,8 +37,9 @@ from .losses import (
     tweedie_x0,
 )
 from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, load_training_state
 from .precision import settle_precision
+from .resume import ResumePoint, prepare_resume, rewind_history
 from .tokens import add_special_tokens, get_token_embedding, norm_regulariser, prompt_input_ids, pull_norms, token_vectors
 
 log = logging.getLogger(__name__)
@@ -390,16 +393,36 @@ class MagiCaptureTrainer:
         return self.cfg.tokens.source, self.cfg.tokens.reference
 
     # ---------------------------------------------------------------- the loop
-    def run(self, resume: str | None = None) -> Path | None:
+    def run(self, resume: str | ResumePoint | None = None) -> Path | None:
+        """Both phases (or what is left of them after `resume`), then the export; returns the LoRA's path.
+
+        `resume`: ``--resume``'s value, or a ResumePoint the caller prepared (checked before the models
+        load). The checkpoint and the config are checked before anything is written to the output folder.
+        """
+        from .outputs import remove_stale_temporaries
+
+        point = None
+        if resume:
+            point = resume if isinstance(resume, ResumePoint) else prepare_resume(self.cfg, str(resume))
+            if not isinstance(resume, ResumePoint):
+                for note in point.notes:
+                    self.print(note)
         if self.acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.out_dir)
+            remove_stale_temporaries(self.cfg)
+            earlier = ckpt.list_checkpoints(self.out_dir)
+            if point is None and earlier:
+                self.print(f"warning: {self.out_dir} holds checkpoints of an earlier run (newest: {earlier[-1].path.name}); "
+                           f"this new run replaces them as it saves; to continue that run instead, use --resume latest")
+            # a resumed run does again the steps after its checkpoint; a new run starts the history afresh
+            rewind_history(self.out_dir / "loss_history.jsonl", *(point.info.order if point else (0, 0)))
             save_config(self.cfg, self.out_dir / "effective_config.toml")
         if self.cfg.logging.tensorboard:
             self.acc.init_trackers("tensorboard")
         start_phase, start_step, state, trainable = 1, 0, None, None
-        if resume:
-            info = ckpt.resolve_resume(resume, self.out_dir)
-            trainable, state = ckpt.load_checkpoint(info)
+        if point is not None:
+            info, trainable, state = point.info, point.trainable, point.state
             start_phase, start_step = info.phase, info.step
             self.print(f"resuming from {info.path.name}: phase {info.phase}, step {info.step}")
         for phase in (1, 2):
@@ -427,9 +450,16 @@ class MagiCaptureTrainer:
         for p in named.values():
             p.requires_grad_(True)
         if trainable is not None:
-            missing = set(named) - set(trainable)
-            if missing:
-                raise TrainingStopped(f"checkpoint does not match this config: {len(missing)} tensors missing, e.g. {sorted(missing)[0]}")
+            # a checkpoint without config.toml (older versions) is only checked here
+            missing, extra = set(named) - set(trainable), set(trainable) - set(named)
+            if missing or extra:
+                raise TrainingStopped(f"checkpoint does not match this config: {len(missing)} tensors missing, "
+                                      f"{len(extra)} unexpected, e.g. {sorted(missing or extra)[0]}")
+            wrong = [n for n, p in named.items() if tuple(p.shape) != tuple(trainable[n].shape)]
+            if wrong:
+                n = wrong[0]
+                raise TrainingStopped(f"checkpoint does not match this config: {n} is {tuple(trainable[n].shape)} "
+                                      f"there and {tuple(named[n].shape)} here (tokens.vectors or lora.rank changed?)")
             with torch.no_grad():
                 for name, p in named.items():
                     p.copy_(trainable[name].to(p.device, p.dtype))
@@ -441,10 +471,11 @@ class MagiCaptureTrainer:
             source_captions=self.source.captions or None, reference_captions=self.reference.captions or None,
         )
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            load_training_state(optimizer, scheduler, state["optimizer"], state["scheduler"])
             sampler.load_state(state["sampler"])
             self.gen.set_state(state["generator"])
+            if state.get("grad_scaler") and self.acc.scaler is not None:  # fp16: the loss scale it had reached
+                self.acc.scaler.load_state_dict(state["grad_scaler"])
         optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
         self.unet_forward = torch.compile(self.unet) if self.cfg.train.compile else self.unet
         return pcfg, optimizer, scheduler, sampler, list(named.values())
@@ -506,41 +537,60 @@ class MagiCaptureTrainer:
         offset = self.cfg.phase1.steps if phase == 2 else 0
         bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}",
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
-        step = start_step
-        try:
-            for step in bar:
-                logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
-                done = step + 1
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "/" not in k})
-                self.history.append({"phase": phase, "step": done, **logs})
-                if self.acc.is_main_process:
-                    with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
-                        f.write(json.dumps(self.history[-1]) + "\n")
-                every = self.cfg.logging.print_every
-                if every and (done % every == 0 or done == pcfg.steps):
-                    self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
-                if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
-                    self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items()}
-                                 | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
-                if self.guard is not None:
-                    self.check_attention(logs, phase, done)
-                if self.acc.is_main_process:
-                    if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
-                        self.save(phase, done, optimizer, scheduler, sampler)
-                    if self.cfg.sample.every and done % self.cfg.sample.every == 0:
-                        write_previews(self, f"p{phase}-{done:06d}")
-        except KeyboardInterrupt:
-            bar.close()
+        done = start_step
+        with StopAfterStep() as stop:
+            try:
+                for step in bar:
+                    logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
+                    done = step + 1
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "/" not in k})
+                    self.history.append({"phase": phase, "step": done, **logs})
+                    if self.acc.is_main_process:
+                        with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
+                            f.write(json.dumps(self.history[-1]) + "\n")
+                    every = self.cfg.logging.print_every
+                    if every and (done % every == 0 or done == pcfg.steps):
+                        self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
+                    if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
+                        self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items()}
+                                     | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
+                    if self.guard is not None:
+                        self.check_attention(logs, phase, done)
+                    if self.stop_requested(stop):
+                        break
+                    if self.acc.is_main_process:
+                        if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
+                            self.save(phase, done, optimizer, scheduler, sampler)
+                        if self.cfg.sample.every and done % self.cfg.sample.every == 0:
+                            write_previews(self, f"p{phase}-{done:06d}")
+            except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
+                last = ckpt.list_checkpoints(self.out_dir)
+                then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
+                        else "no checkpoint yet: start again without --resume")
+                raise TrainingInterrupted(
+                    f"stopped at once in phase {phase} after step {done}; not saved (the step in progress was "
+                    f"incomplete), {then}", stop.requested or signal.SIGINT
+                ) from None
+            finally:
+                bar.close()
             if self.acc.is_main_process:
-                path = self.save(phase, step, optimizer, scheduler, sampler)
-                self.print(f"interrupted: saved {path}; continue with --resume latest")
-            raise
-        finally:
-            bar.close()
-        if self.acc.is_main_process:
-            self.save(phase, pcfg.steps, optimizer, scheduler, sampler)
+                path = self.save(phase, done, optimizer, scheduler, sampler)
+            if stop.requested:
+                saved = f"saved {path}" if self.acc.is_main_process else "saved a checkpoint"
+                raise TrainingInterrupted(
+                    f"stopped in phase {phase} at step {done}/{pcfg.steps}: {saved}; continue with --resume latest",
+                    stop.requested,
+                )
         if phase == 1 and self.cfg.sample.every and pcfg.steps % self.cfg.sample.every and self.acc.is_main_process:
             write_previews(self, "p1-end")
+
+    def stop_requested(self, stop: StopAfterStep) -> bool:
+        """Whether a signal asked to stop; with several processes, whether any got one (all stop together)."""
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(torch.tensor([float(stop.requested)], device=self.device), reduction="max")
+            if flag.item() and not stop.requested:
+                stop.requested = int(flag.item())
+        return bool(stop.requested)
 
     def check_attention(self, logs: dict[str, float], phase: int, done: int) -> None:
         """Feed the collapse guard; warn once per collapsed token, or stop (loss.attn_collapse_action)."""
@@ -571,5 +621,7 @@ class MagiCaptureTrainer:
             "sampler": sampler.state(),
             "generator": self.gen.get_state(),
             "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
+            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
         }
-        return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state, self.cfg.output.keep_checkpoints)
+        return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
+                                    self.cfg.output.keep_checkpoints, config=self.cfg.to_dict())

@@ -210,27 +210,30 @@ def test_bad_identity_weights_is_a_one_line_error(tiny_model, prepared_data, tmp
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model, prepared_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
     out = tmp_path / "out"
     cfg = make_config(tiny_model, prepared_data, out, "sample.every=0", "output.save_every=0")
     trainer = MagiCaptureTrainer(cfg)
     real_step = trainer.optimizer_step
-    calls = {"n": 0}
 
     def interrupted(samples, step, phase, *rest):
         if phase == 2 and step == 1:
-            raise KeyboardInterrupt
-        calls["n"] += 1
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of phase 2's second step
         return real_step(samples, step, phase, *rest)
 
     monkeypatch.setattr(trainer, "optimizer_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"stopped in phase 2 at step 2/3: saved .*checkpoint-p2-000002; "
+                                                r"continue with --resume latest"):
         trainer.run()
     saved = sorted(p.name for p in out.glob("checkpoint-*"))
-    assert saved[-1] == "checkpoint-p2-000001"  # phase 2, one step done when Ctrl-C came
+    assert saved[-1] == "checkpoint-p2-000002"  # the step under way when Ctrl-C came finished, and was saved
     assert not list(out.glob("*.tmp")) and not (out / "magicapture.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is gone
     resumed = MagiCaptureTrainer(make_config(tiny_model, prepared_data, out, "sample.every=0", "output.save_every=0"))
     resumed.run(resume="latest")
-    assert [h["step"] for h in resumed.history] == [2, 3] and (out / "magicapture.safetensors").is_file()
+    assert [h["step"] for h in resumed.history] == [3] and (out / "magicapture.safetensors").is_file()
 
 
 def test_adamw8bit_default_steps_and_checkpoints_safely(tmp_path):

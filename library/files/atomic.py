@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -174,3 +175,20 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_folder(path.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def stale_temporaries(folder: str | os.PathLike, name_pattern: str) -> list[Path]:
+    """What atomic writes of files or folders whose final name matches the regex `name_pattern` left behind
+    when the process was killed: ``.NAME.<random>.tmp`` (the write itself) and ``.NAME.<random>.old`` (a
+    replaced folder moved aside). Sorted; nothing is removed (see :func:`remove_tree`)."""
+    pattern = re.compile(rf"^\.(?:{name_pattern})\.[A-Za-z0-9_]+\.(?:tmp|old)$")
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if pattern.match(p.name)) if folder.is_dir() else []
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or a folder with everything in it; missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""Test helper (not a test): runs `train_magicapture.main` in child processes, each with a kill hook.
+
+Started once by a test (`python tests/forked_training.py`), it imports torch, diffusers and the trainer
+once, then forks one child per request, so that each interrupted-and-resumed segment of a test costs its
+training (about a second on the tiny model) rather than the imports (about ten seconds on two busy
+cores). A child is an ordinary process: its own memory, its own signal handlers, killed on its own.
+
+Requests are JSON lines on stdin: {"argv": [...], "kill": HOOK or null, "out": PATH, "err": PATH}; the
+answer is one JSON line {"rc": N}, N negative when the child died of signal -N. Hooks (in the child only;
+production code has none):
+
+- ``kill:P:S``: SIGKILL right after phase P's step S has been computed (before anything saves it)
+- ``term:P:S`` / ``int:P:S``: SIGTERM / SIGINT to itself during phase P's step S
+- ``int2:P:S``: SIGINT twice during phase P's step S (Ctrl-C pressed again: stop at once)
+- ``write:TEXT``: when a file whose path contains TEXT is written (safetensors' `save_file` or
+  `torch.save`), leave half of it on disk, then SIGKILL: a kill in the middle of a write
+- ``term-at-load``: SIGTERM while the base model loads, before any training
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _die_half_written(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_hook(hook: str) -> None:
+    kind, _, arg = hook.partition(":")
+    if kind in ("kill", "term", "int", "int2"):
+        from library.trainer import MagiCaptureTrainer
+
+        phase, step = (int(x) for x in arg.split(":"))
+        real = MagiCaptureTrainer.optimizer_step
+        sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT, "int2": signal.SIGINT}[kind]
+
+        def optimizer_step(self, samples, index, phase_, *rest):
+            hit = (phase_, index + 1) == (phase, step)
+            for _ in range(2 if kind == "int2" else 1 if hit and sig != signal.SIGKILL else 0):
+                if hit:
+                    os.kill(os.getpid(), sig)  # handled between two bytecodes: in the middle of the step
+            result = real(self, samples, index, phase_, *rest)
+            if hit and sig == signal.SIGKILL:
+                os.kill(os.getpid(), sig)
+            return result
+
+        MagiCaptureTrainer.optimizer_step = optimizer_step
+    elif kind == "write":
+        import safetensors.torch
+        import torch
+
+        real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
+
+        def save_file(tensors, filename, *args, **kwargs):
+            real_save_file(tensors, filename, *args, **kwargs)
+            if arg in str(filename):
+                _die_half_written(str(filename))
+
+        def torch_save(obj, f, *args, **kwargs):
+            real_torch_save(obj, f, *args, **kwargs)
+            if isinstance(f, (str, os.PathLike)) and arg in str(f):
+                _die_half_written(str(f))
+
+        safetensors.torch.save_file, torch.save = save_file, torch_save
+        for module in list(sys.modules.values()):  # modules that imported the name before the hook
+            if getattr(module, "__name__", "").startswith("library.") and getattr(module, "save_file", None) is real_save_file:
+                module.save_file = save_file
+    elif kind == "term-at-load":
+        import library.trainer
+
+        real_load = library.trainer.load_stable_diffusion
+
+        def load_stable_diffusion(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_load(*args, **kwargs)
+
+        library.trainer.load_stable_diffusion = load_stable_diffusion
+    elif hook:
+        raise ValueError(f"unknown hook {hook!r}")
+
+
+def child(request: dict) -> int:
+    signal.alarm(300)  # a child that hangs dies (rc -14) instead of hanging the test
+    for fd, name in ((1, "out"), (2, "err")):
+        target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    import train_magicapture
+
+    install_hook(request.get("kill") or "")
+    try:
+        return int(train_magicapture.main(request["argv"]) or 0)
+    except SystemExit as err:
+        return int(err.code or 0)
+    except BaseException:
+        traceback.print_exc()
+        return 99
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def serve() -> None:
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    # everything a run imports, lazily included, so that the children find it loaded
+    import diffusers  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import library.identity  # noqa: F401
+    import library.outputs  # noqa: F401
+    import library.previews  # noqa: F401
+    import library.trainer  # noqa: F401
+    import train_magicapture  # noqa: F401
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                code = child(request)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
