@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from library.checkpoint import CheckpointError
     from library.config import ConfigError, load_config
     from library.data import DatasetError
     from library.models import ModelLoadError
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
         trainer = MagiCaptureTrainer(cfg)
         trainer.run(resume=args.resume)
-    except (ConfigError, DatasetError, ModelLoadError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept

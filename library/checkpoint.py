@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .files.messages import one_line
+from .files.weights import WeightsFileError, load_pickled_weights, load_safetensors
 
 _NAME = re.compile(r"^checkpoint-p([12])-(\d{6})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message is one line naming the file."""
 
 
 @dataclass
@@ -69,6 +76,13 @@ def resolve_resume(value: str, output_dir: Path) -> CheckpointInfo:
 
 
 def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict]:
-    trainable = load_file(str(info.path / "trainable.safetensors"))
-    state = torch.load(info.path / "state.pt", map_location="cpu", weights_only=True)
+    """(trainable tensors, state) of a checkpoint folder; CheckpointError (one line) when either file is
+    missing, broken, or a pickle that would run code (state.pt is read as plain tensors only)."""
+    try:
+        trainable = load_safetensors(info.path / "trainable.safetensors")
+        state = load_pickled_weights(info.path / "state.pt")
+    except (WeightsFileError, OSError) as err:
+        raise CheckpointError(f"--resume: {one_line(err)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {info.path / 'state.pt'} holds a {type(state).__name__}, not a training state")
     return trainable, state

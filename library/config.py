@@ -17,9 +17,16 @@ from typing import Any
 
 import toml
 
+from .files.messages import one_line
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that says what to change."""
+
+    def __init__(self, message: str):
+        # keys, values and file names quoted in the message come from the user's TOML: a quoted key may
+        # hold a newline, and the message must stay one line whatever they hold
+        super().__init__(one_line(message, 500))
 
 
 @dataclass
@@ -237,7 +244,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     section, key = name.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: arrays nested ~1000 deep
         value = raw  # bare strings: output.dir=out/x
     return section, key, value
 
@@ -301,6 +308,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
             raise ConfigError(f"config file '{path}' does not exist") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+            raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 _apply(cfg, section, "", values, origin)  # raises: top-level keys are not allowed

@@ -95,7 +95,7 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int) -> list
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             image = Image.open(image_path).convert("RGB")
             mask = Image.open(mask_path).convert("L")
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:  # bomb: a size claim over PIL's limit
             log.warning("%s: unreadable (%s); skipped", image_path, err)
             continue
         if mask.size != image.size:

@@ -6,10 +6,16 @@ tokenizer shipped in configs/sd15/; `.ckpt`/`.pt` only through `torch.load(weigh
 
 from __future__ import annotations
 
+import logging
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .files.messages import one_line
+from .files.weights import WeightsFileError, describe_load_error, load_pickled_weights, open_safetensors
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "sd15"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -59,12 +65,9 @@ def _ddpm_from(scheduler_config: dict):
 def _checkpoint_to_safetensors_state(path: Path) -> dict:
     """Read a .ckpt/.pt without unpickling arbitrary objects."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusal or a broken file: one clear line either way
-        raise ModelLoadError(
-            f"{path.name}: cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}); "
-            "convert it to .safetensors"
-        ) from None
+        state = load_pickled_weights(path)
+    except WeightsFileError as err:  # a pickle that would run code, or a broken file: one line either way
+        raise ModelLoadError(str(err)) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith("model.diffusion_model.") for k in state):
@@ -73,13 +76,11 @@ def _checkpoint_to_safetensors_state(path: Path) -> dict:
 
 
 def _check_sd1_single_file(path: Path) -> None:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             keys = list(f.keys())
-    except Exception as err:
-        raise ModelLoadError(f"{path.name}: not a readable .safetensors file ({err})") from None
+    except WeightsFileError as err:
+        raise ModelLoadError(str(err)) from None
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
             f"{path.name}: no model.diffusion_model.* keys; expected a Stable Diffusion 1.x checkpoint"
@@ -88,6 +89,37 @@ def _check_sd1_single_file(path: Path) -> None:
         raise ModelLoadError(f"{path.name}: this is an SDXL checkpoint; this trainer needs SD 1.x")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelLoadError(f"{path.name}: this is an SD 2.x checkpoint (OpenCLIP text encoder); use SD 1.x")
+
+
+class _PickleFallbackFilter(logging.Filter):
+    """Drops the two records diffusers logs for a component folder that has .bin weights only: an ERROR
+    ("An error occurred while trying to fetch ... no file named ...safetensors") and "Defaulting to unsafe
+    serialization". The .bin is then read with weights_only=True, which is not unsafe; a file that it
+    refuses is reported by load_stable_diffusion in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(("An error occurred while trying to fetch", "Defaulting to unsafe serialization"))
+
+
+@contextmanager
+def _no_pickle_fallback_notes():
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _PickleFallbackFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _folder_error(path: Path, err: BaseException) -> str:
+    """One line for a diffusers folder that failed to load; a refused pickle is named with its file."""
+    text = describe_load_error(err)
+    if text.startswith("refused"):
+        found = re.search(r"checkpoint file for '([^']+)'", str(err))
+        return f"{found.group(1) if found else path}: {text}"
+    return f"{path}: cannot load this diffusers folder: {one_line(err, 200)}"
 
 
 def load_stable_diffusion(
@@ -100,9 +132,15 @@ def load_stable_diffusion(
     if path.is_dir():
         if not (path / "unet").is_dir():
             raise ModelLoadError(f"{path}: not a diffusers folder (no unet/ inside)")
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=offline
-        )
+        try:
+            with _no_pickle_fallback_notes():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=offline
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            # diffusers reads .bin weights with weights_only=True too, but reports a refusal as "Unable to
+            # load weights" and keeps the reason in the exception chain
+            raise ModelLoadError(_folder_error(path, err)) from None
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file():
         import tempfile
 
