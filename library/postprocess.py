@@ -132,8 +132,10 @@ def _load_descriptor(path: str | os.PathLike, expected: str):
             state = spandrel.canonicalize_state_dict(state)
             state = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
             desc = loader.load_from_state_dict(state)
-    except WeightsFileError as exc:  # one line naming the file and why
-        raise ValueError(str(exc)) from None
+    except WeightsFileError as exc:
+        if exc.refused:  # what the file would do is the whole story
+            raise ValueError(str(exc)) from None
+        raise ValueError(f"{path}: cannot load as a model ({exc.reason}); expected {expected}") from None
     except spandrel.UnsupportedModelError:
         raise ValueError(
             f"{path}: spandrel does not recognise the architecture in this file; expected {expected}"

@@ -30,7 +30,15 @@ _UNSUPPORTED = re.compile(r"WeightsUnpickler error: *(.+?)(?:\n|$)")
 
 
 class WeightsFileError(ValueError):
-    """A weights file that cannot be read safely or at all; str() is one line naming the file."""
+    """A weights file that cannot be read safely or at all; str() is one line naming the file.
+
+    `reason` is the message without the file name; `refused` is true when the file was refused for what
+    unpickling it would do (not merely broken)."""
+
+    def __init__(self, path: Path, reason: str, refused: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+        self.refused = refused
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
@@ -42,23 +50,29 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
         err = err.__cause__ or err.__context__
 
 
-def describe_load_error(err: BaseException) -> str:
-    """Why torch.load(weights_only=True) failed, in one line without the path (the caller adds it)."""
+def _load_failure(err: BaseException) -> tuple[bool, str]:
+    """(refused, why) for a failed torch.load(weights_only=True), `why` one line without the path."""
     for cause in _causes(err):
-        if isinstance(cause, pickle.UnpicklingError):
-            text = str(cause)
+        text = str(cause)
+        if isinstance(cause, pickle.UnpicklingError) and "WeightsUnpickler error" in text:
             found = _GLOBAL.search(text)
             if found:
-                return (f"refused: unpickling it would call {found.group(1)} (code, not weights; nothing ran); "
-                        "use a .safetensors file from a source you trust")
+                return True, (f"refused: unpickling it would call {found.group(1)} (code, not weights; nothing ran); "
+                              "use a .safetensors file from a source you trust")
             detail = _UNSUPPORTED.search(text)
-            return (f"refused: not a plain-tensor pickle ({one_line(detail.group(1) if detail else text, 120)}); "
-                    "only tensors and plain containers are read")
-        if isinstance(cause, RuntimeError) and "zip archive" in str(cause):
-            return "truncated or corrupt (its zip archive is incomplete)"
+            return True, (f"refused: not a plain-tensor pickle ({one_line(detail.group(1) if detail else text, 120)}); "
+                          "only tensors and plain containers are read")
+        if isinstance(cause, RuntimeError) and "zip archive" in text:
+            return False, "truncated or corrupt (its zip archive is incomplete)"
         if isinstance(cause, EOFError):
-            return "empty or truncated"
-    return f"not a PyTorch weights file ({type(err).__name__}: {one_line(err, 160)})"
+            return False, "empty or truncated"
+    return False, f"not a PyTorch weights file ({type(err).__name__}: {one_line(err, 160)})"
+
+
+def describe_load_error(err: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in one line without the path (the caller adds it);
+    starts with "refused" when the file was refused for what unpickling it would do."""
+    return _load_failure(err)[1]
 
 
 def load_pickled_weights(path: str | os.PathLike) -> Any:
@@ -76,14 +90,15 @@ def load_pickled_weights(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
-        raise WeightsFileError(f"{path}: not enough memory to read it") from None
+        raise WeightsFileError(path, "not enough memory to read it") from None
     except Exception as err:  # noqa: BLE001 - every failure of a weights file is one line
-        raise WeightsFileError(f"{path}: {describe_load_error(err)}") from None
+        refused, why = _load_failure(err)
+        raise WeightsFileError(path, why, refused=refused) from None
 
 
 def _safetensors_error(path: Path, err: BaseException) -> WeightsFileError:
     text = one_line(err, 200).removeprefix("Error while deserializing header: ")
-    return WeightsFileError(f"{path}: not a readable .safetensors file ({text})")
+    return WeightsFileError(path, f"not a readable .safetensors file ({text})")
 
 
 @contextmanager
