@@ -15,11 +15,11 @@ def one_line(text: object, limit: int = 300) -> str:
     """`text` (or an exception's message) as one printable line of at most `limit` characters.
 
     Terminal escape sequences are dropped, line breaks (every character ``str.splitlines`` breaks on)
-    become " / " and other unprintable characters their ``\\xNN`` escape, so a message that quotes a
-    user's file name, key or tensor name stays one line on any terminal.
+    become " / " and other unprintable characters their Python escape (``\\x00``, ``\\u200b``), so a
+    message that quotes a user's file name, key or tensor name stays one line on any terminal.
     """
     if isinstance(text, BaseException):
         text = str(text).strip() or type(text).__name__
     flat = _LINE_BREAKS.sub(" / ", _ANSI.sub("", str(text))).replace("\t", " ").strip()
-    flat = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in flat)
+    flat = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in flat)
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
