@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from library.files.weights import WeightsFileError, load_pickled_weights
+
 N_CLASSES = 19
 FACE_CLASSES = tuple(range(1, 14))
 INPUT_SIZE = 512
@@ -171,9 +173,9 @@ class ParserLoadError(Exception):
 def load_bisenet(path: str | os.PathLike, device: str = "cpu") -> BiSeNet:
     """Load a face-parsing.PyTorch BiSeNet checkpoint (a state_dict) with strict key matching."""
     try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - turned into one readable line
-        raise ParserLoadError(f"cannot read face-parsing weights {path}: {' '.join(str(exc).split())[:200]}") from None
+        state = load_pickled_weights(path)
+    except (WeightsFileError, OSError) as exc:
+        raise ParserLoadError(f"cannot read face-parsing weights: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -16,16 +16,17 @@ import json
 import re
 import shutil
 import tomllib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import toml
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .files.atomic import atomic_folder, remove_tree, stale_temporaries
+from .files.messages import one_line
 from .files.text import TextFileError, read_text_file
+from .files.weights import WeightsFileError, load_pickled_weights, load_safetensors
 
 _NAME = re.compile(r"^checkpoint-p([12])-(\d{6})$")
 TRAINABLE, STATE, CONFIG, MANIFEST = "trainable.safetensors", "state.pt", "config.toml", "manifest.json"
@@ -34,6 +35,10 @@ STATE_KEYS = ("optimizer", "scheduler", "sampler", "generator")
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be resumed from; the message is one line naming the file."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message is one line naming the file."""
 
 
 @dataclass
@@ -104,11 +109,6 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
     return stale
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]
-
-
 def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict]:
     """(trainable tensors, state) of a checkpoint, after checking that it is whole.
 
@@ -124,7 +124,7 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
             files = json.loads(read_text_file(manifest))["files"]
             expected = {str(n): (int(f["bytes"]), str(f["sha256"])) for n, f in files.items()}
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{manifest}: unreadable ({_first_line(err)})") from None
+            raise CheckpointError(f"{manifest}: unreadable ({one_line(err, 160)})") from None
     else:
         expected = {TRAINABLE: None, STATE: None}
     for name, want in expected.items():
@@ -137,16 +137,11 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
                 raise CheckpointError(f"{file}: {size} bytes, the manifest says {want[0]} (truncated or overwritten)")
             if _sha256(file) != want[1]:
                 raise CheckpointError(f"{file}: contents differ from the manifest's SHA-256 (damaged)")
-    try:
-        trainable = load_file(str(path / TRAINABLE))
-    except Exception as err:  # safetensors raises its own error types for every kind of bad file
-        raise CheckpointError(f"{path / TRAINABLE}: unreadable ({_first_line(err)})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
-            warnings.simplefilter("ignore")
-            state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only refusals all end here
-        raise CheckpointError(f"{path / STATE}: unreadable ({_first_line(err)})") from None
+    try:  # one line for every kind of bad file; state.pt only as plain tensors and containers
+        trainable = load_safetensors(path / TRAINABLE)
+        state = load_pickled_weights(path / STATE)
+    except (WeightsFileError, OSError) as err:
+        raise CheckpointError(one_line(err)) from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path / STATE}: not a training state (needs {', '.join(STATE_KEYS)})")
     return trainable, state
@@ -160,7 +155,7 @@ def read_checkpoint_config(info: CheckpointInfo) -> dict | None:
     try:
         return tomllib.loads(read_text_file(file))
     except (tomllib.TOMLDecodeError, TextFileError) as err:
-        raise CheckpointError(f"{file}: unreadable ({_first_line(err)})") from None
+        raise CheckpointError(f"{file}: unreadable ({one_line(err, 160)})") from None
 
 
 def checkpoint_at(path: str | Path) -> CheckpointInfo:

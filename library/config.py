@@ -19,10 +19,16 @@ import toml
 
 from .files.atomic import write_text
 from .files.text import TextFileError, read_text_file
+from .files.messages import one_line
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that says what to change."""
+
+    def __init__(self, message: str):
+        # keys, values and file names quoted in the message come from the user's TOML: a quoted key may
+        # hold a newline, and the message must stay one line whatever they hold
+        super().__init__(one_line(message, 500))
 
 
 @dataclass
@@ -243,7 +249,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     section, key = name.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: arrays nested ~1000 deep
         value = raw  # bare strings: output.dir=out/x
     return section, key, value
 
@@ -313,6 +319,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
             raise ConfigError(str(err)) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+            raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 _apply(cfg, section, "", values, origin)  # raises: top-level keys are not allowed

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .files.atomic import write_atomic
+from .files.weights import load_pickled_weights, open_safetensors
 from .metadata import (  # re-exported: the metadata is part of the file format
     build_metadata,
     default_composed_prompt,
@@ -196,10 +197,8 @@ def save_lora(
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors LoRA."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    """(tensors, metadata) of a .safetensors LoRA; WeightsFileError (one line) for an unreadable file."""
+    with open_safetensors(path) as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
@@ -247,13 +246,15 @@ def save_embedding(
 
 
 def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
-    """(name, vectors [n, dim]) of an A1111 / kohya / diffusers embedding file (.safetensors, .pt, .bin)."""
+    """(name, vectors [n, dim]) of an A1111 / kohya / diffusers embedding file (.safetensors, .pt, .bin).
+
+    Pickled files are read as plain tensors only. Raises ValueError (one line naming the file; a
+    WeightsFileError for a file that cannot be read safely) when the file holds no embedding.
+    """
     path = Path(path)
     name = path.stem
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
             if "emb_params" in keys:
@@ -268,7 +269,7 @@ def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
             vec = f.get_tensor(key)
         name = meta.get("name", name)
     else:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = load_pickled_weights(path)
         if isinstance(data, torch.Tensor):
             vec = data
         elif isinstance(data, dict) and "string_to_param" in data:
@@ -280,6 +281,8 @@ def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
             name, vec = next(iter(data.items()))
         else:
             raise ValueError(f"{path.name}: not an embedding")
+    if not isinstance(vec, torch.Tensor) or not vec.is_floating_point() or vec.ndim not in (1, 2):
+        raise ValueError(f"{path.name}: not an embedding (expected float vectors [n, dim])")
     if vec.ndim == 1:
         vec = vec[None]
     return str(name), vec

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .files.weights import load_pickled_weights
 from .iresnet import IBasicBlock, IResNet
 
 __all__ = ["ARCFACE_TEMPLATE_112", "ArcFace", "IdentityEncoder", "align_faces", "estimate_similarity",
@@ -68,10 +69,7 @@ class ArcFace(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- loaders
 def _state_dict_from_file(path: Path) -> dict[str, Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state_dict we read"
-        raise ValueError(f"{path}: not a PyTorch state_dict readable with weights_only=True ({type(e).__name__})") from None
+    sd = load_pickled_weights(path)  # WeightsFileError (a ValueError, one line) for a refused or broken file
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):

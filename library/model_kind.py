@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .files.text import TextFileError, read_text_file
+from .files.weights import WeightsFileError, open_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -186,14 +187,13 @@ def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str 
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape from a .safetensors header, without reading any tensor data."""
-    from safetensors import safe_open
-
+    """Key -> shape from a .safetensors header, without reading any tensor data; ModelLoadError (one line)
+    for a header that lies or does not parse."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:  # the library's own message says what is wrong with the header
-        raise ModelLoadError(f"{path}: not a readable .safetensors file ({str(err).splitlines()[0]})") from None
+    except WeightsFileError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------

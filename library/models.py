@@ -6,10 +6,16 @@ tokenizer shipped in configs/sd15/; `.ckpt`/`.pt` only through `torch.load(weigh
 
 from __future__ import annotations
 
+import logging
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .files.messages import one_line
+from .files.weights import WeightsFileError, describe_load_error, load_pickled_weights
 
 from .model_kind import (  # ModelLoadError re-exported: callers catch it from here
     SD1_EPSILON,
@@ -71,12 +77,9 @@ def _ddpm_from(scheduler_config: dict):
 def _read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a .ckpt/.pt/.pth/.bin, read without unpickling arbitrary objects."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusal or a broken file: one clear line either way
-        raise ModelLoadError(
-            f"{path}: cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}); "
-            "convert it to .safetensors"
-        ) from None
+        state = load_pickled_weights(path)
+    except WeightsFileError as err:  # a pickle that would run code, or a broken file: one line either way
+        raise ModelLoadError(str(err)) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -168,6 +171,37 @@ def _vae_config_source(path: Path, config_dir: Path) -> Path:
     return path / "vae" if (path / "vae" / "config.json").is_file() else config_dir / "vae"
 
 
+class _PickleFallbackFilter(logging.Filter):
+    """Drops the two records diffusers logs for a component folder that has .bin weights only: an ERROR
+    ("An error occurred while trying to fetch ... no file named ...safetensors") and "Defaulting to unsafe
+    serialization". The .bin is then read with weights_only=True, which is not unsafe; a file that it
+    refuses is reported by load_stable_diffusion in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(("An error occurred while trying to fetch", "Defaulting to unsafe serialization"))
+
+
+@contextmanager
+def _no_pickle_fallback_notes():
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _PickleFallbackFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _folder_error(path: Path, err: BaseException) -> str:
+    """One line for a diffusers folder that failed to load; a refused pickle is named with its file."""
+    text = describe_load_error(err)
+    if text.startswith("refused"):
+        found = re.search(r"checkpoint file for '([^']+)'", str(err))
+        return f"{found.group(1) if found else path}: {text}"
+    return f"{path}: cannot load this diffusers folder: {one_line(err, 200)}"
+
+
 def load_stable_diffusion(
     pretrained: str,
     config_dir: str | Path | None = None,
@@ -207,7 +241,13 @@ def load_stable_diffusion(
         components["vae"] = load_vae(vae, _vae_config_source(path, config_dir) if path.is_dir() else config_dir / "vae", dtype)
     common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **components)
     if path.is_dir():
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=offline, **common)
+        try:
+            with _no_pickle_fallback_notes():
+                pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=offline, **common)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            # diffusers reads .bin weights with weights_only=True too, but reports a refusal as "Unable to
+            # load weights" and keeps the reason in the exception chain
+            raise ModelLoadError(_folder_error(path, err)) from None
     elif is_file:
         import tempfile
 

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import face_restore as _face
+from .files.weights import WeightsFileError, load_pickled_weights
 from .face_restore import (
     _FACE_EXPECTED,
     DEFAULT_FIDELITY,
@@ -125,12 +126,16 @@ def _load_descriptor(path: str | os.PathLike, expected: str):
             # safe (no code runs) and also admits nn.Parameter, numpy scalars and the like
             if path.suffix.lower() not in (".pth", ".pt", ".ckpt"):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_pickled_weights(path)
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a state dict") from None
             state = spandrel.canonicalize_state_dict(state)
             state = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
             desc = loader.load_from_state_dict(state)
+    except WeightsFileError as exc:
+        if exc.refused:  # what the file would do is the whole story
+            raise ValueError(str(exc)) from None
+        raise ValueError(f"{path}: cannot load as a model ({exc.reason}); expected {expected}") from None
     except spandrel.UnsupportedModelError:
         raise ValueError(
             f"{path}: spandrel does not recognise the architecture in this file; expected {expected}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import config
+from .files.weights import WeightsFileError, open_safetensors
 from .generation_options import GenerationError, one_line
 
 
@@ -33,13 +34,11 @@ def composed_prompt(cfg) -> str:
 
 def _bundled_tokens(lora: Path) -> set[str]:
     """Token words whose embedding the LoRA carries (``bundle_emb.<word>.emb_params``, kohya's bundling)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(lora), framework="pt") as f:
+        with open_safetensors(lora) as f:
             keys = list(f.keys())
-    except Exception as err:
-        raise GenerationError(f"{lora}: not a readable .safetensors LoRA ({one_line(err)})") from None
+    except (WeightsFileError, OSError) as err:
+        raise GenerationError(f"{err} (the trained LoRA)") from None
     return {k.split(".")[1] for k in keys if k.startswith("bundle_emb.") and k.endswith(".emb_params")}
 
 
@@ -87,13 +86,16 @@ def read_embedding(word: str, path: Path | None, lora: Path | None) -> torch.Ten
     from .export import load_embedding
 
     if path is None:  # bundled in the LoRA
-        from safetensors import safe_open
-
-        with safe_open(str(lora), framework="pt") as f:
-            vec = f.get_tensor(f"bundle_emb.{word}.emb_params")
+        try:
+            with open_safetensors(lora) as f:
+                vec = f.get_tensor(f"bundle_emb.{word}.emb_params")
+        except (WeightsFileError, OSError) as err:
+            raise GenerationError(f"{err} (the trained LoRA)") from None
         return vec[None] if vec.ndim == 1 else vec
     try:
         _, vec = load_embedding(path)
+    except WeightsFileError as err:  # already one line naming the file
+        raise GenerationError(str(err)) from None
     except Exception as err:
         raise GenerationError(f"{path}: not a readable embedding ({one_line(err)})") from None
     return vec

@@ -360,12 +360,14 @@ DAMAGE = {  # name: (file, how, what the one line says after the file's path)
     "missing state": ("state.pt", Path.unlink, "missing"),
     "garbage state": ("state.pt", lambda p: p.write_bytes(b"not a checkpoint" * 10), "bytes, the manifest says"),
     "garbage manifest": ("manifest.json", lambda p: p.write_text("{"), "unreadable"),
-    "truncated trainable, no manifest": ("trainable.safetensors", _without_manifest(_truncate), "unreadable"),
-    "truncated state, no manifest": ("state.pt", _without_manifest(_truncate), "unreadable"),
-    "garbage state, no manifest": ("state.pt", _without_manifest(lambda p: p.write_bytes(b"\x80\x04garbage")), "unreadable"),
+    "truncated trainable, no manifest": ("trainable.safetensors", _without_manifest(_truncate),
+                                         "not a readable .safetensors file (incomplete metadata, file not fully covered)"),
+    "truncated state, no manifest": ("state.pt", _without_manifest(_truncate), "truncated or corrupt (its zip archive is incomplete)"),
+    "garbage state, no manifest": ("state.pt", _without_manifest(lambda p: p.write_bytes(b"\x80\x04garbage")),
+                                   "refused: not a plain-tensor pickle (Unsupported operand 103)"),
     "state of another kind, no manifest": ("state.pt", _without_manifest(lambda p: torch.save([1, 2], p)),
                                            "not a training state (needs optimizer, scheduler, sampler, generator)"),
-    "hostile pickle as state": ("state.pt", _hostile_pickle, "unreadable (Weights only load failed"),
+    "hostile pickle as state": ("state.pt", _hostile_pickle, "refused: not a plain-tensor pickle (Unsupported operand 149)"),
 }
 
 
