@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention_figures", "AttentionCollapseGuard", "BASELINE_STEPS", "EMA_DECAY"]
+__all__ = ["attention_figures", "AttentionCollapseGuard", "format_figures", "BASELINE_STEPS", "EMA_DECAY"]
 
 BASELINE_STEPS = 20  # the first phase-2 steps whose mean is the token's reference level
 EMA_DECAY = 0.9  # ~10-step memory: one odd batch does not trip the guard, a trend does
@@ -85,6 +85,13 @@ class AttentionCollapseGuard:
                 new.append(token)
         return new
 
+    def describe(self, token: str) -> str:
+        """What happened to a tripped token and what to do, for the warning or the stop message."""
+        base, ema = self.baseline(token), self.ema[token]
+        return (f"attention to {token} inside its region fell to {ema:.2g} ({ema / base:.1%} of its first "
+                f"{BASELINE_STEPS} steps' {base:.2g}): the model is learning to ignore the token. Remedies: "
+                "loss.attn_detach_extremes = false, a lower loss.attn_weight or phase2.lr_unet")
+
     def state(self) -> dict:
         return {"sums": dict(self.sums), "counts": dict(self.counts), "ema": dict(self.ema), "tripped": sorted(self.tripped)}
 
@@ -93,3 +100,15 @@ class AttentionCollapseGuard:
         self.counts.update(state["counts"])
         self.ema.update(state["ema"])
         self.tripped = set(state["tripped"])
+
+
+def format_figures(logs: dict[str, float], words: tuple[str, str]) -> str:
+    """One log line: the loss terms, then per token its raw attention inside its region, the share
+    outside it, and its embedding norm (those present in `logs`)."""
+    parts = [f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k]
+    for w in words:
+        token = [f"{label} {logs[f'{key}/{w}']:.3g}" for key, label in
+                 (("inside", "inside"), ("outside", "outside share"), ("norm", "norm")) if f"{key}/{w}" in logs]
+        if token:
+            parts.append(f"{w}: " + ", ".join(token))
+    return " | ".join(parts)

@@ -23,19 +23,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .attention import AttentionMapStore, install_attention_capture
-from .attention_guard import BASELINE_STEPS, AttentionCollapseGuard, attention_figures
+from .attention_guard import AttentionCollapseGuard, attention_figures, format_figures
 from .config import Config, ConfigError, PhaseConfig, save_config
 from .data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
+from .identity_term import IdentityTerm
 from .interrupt import StopAfterStep, TrainingInterrupted
 from .learning_checks import check_caption_tokens, nothing_learned_warnings
 from .lora import add_text_encoder_lora, add_unet_lora
-from .losses import (
-    combine_losses,
-    identity_loss,
-    masked_reconstruction_loss,
-    multi_token_refocus_loss,
-    tweedie_x0,
-)
+from .losses import combine_losses, masked_reconstruction_loss, multi_token_refocus_loss
 from .models import DTYPES, StableDiffusionParts, load_stable_diffusion
 from .optim import build_lr_scheduler, build_optimizer, load_training_state
 from .precision import settle_precision
@@ -47,31 +42,6 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Training ended early (NaN loss); the message says what happened and what was kept."""
-
-
-def _face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tensor, int]:
-    """Top-left latent corner [b, 2] and side (latent pixels) of a window that holds each face.
-
-    The ArcFace crop spans about 3x the landmarks' spread; decoding just that window instead of the
-    whole latent is what keeps the identity loss's VAE decode (with gradient) affordable.
-    """
-    spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [b] pixels
-    side = int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / 8 / 8) * 8)))
-    centre = landmarks.mean(1) / 8
-    corner = (centre - side / 2).round().clamp(0, latent_size - side).long()
-    return corner, side
-
-
-def format_figures(logs: dict[str, float], words: tuple[str, str]) -> str:
-    """One log line: the loss terms, then per token its raw attention inside its region, the share
-    outside it, and its embedding norm (those present in `logs`)."""
-    parts = [f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k]
-    for w in words:
-        token = [f"{label} {logs[f'{key}/{w}']:.3g}" for key, label in
-                 (("inside", "inside"), ("outside", "outside share"), ("norm", "norm")) if f"{key}/{w}" in logs]
-        if token:
-            parts.append(f"{w}: " + ", ".join(token))
-    return " | ".join(parts)
 
 
 class MagiCaptureTrainer:
@@ -136,20 +106,15 @@ class MagiCaptureTrainer:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
 
-        self.identity = None
-        self.source_identity = None
+        self.id_term: IdentityTerm | None = None
         if cfg.loss.identity_weights and cfg.loss.id_weight > 0:
             from .identity import IdentityEncoder
 
             try:
-                self.identity = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+                encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(f"loss.identity_weights: {err}") from None
-            with torch.no_grad():
-                faces = self.source.has_face
-                emb = self.identity(self.source.images[faces.cpu()].to(self.device), self.source.landmarks[faces])
-                self.source_identity = torch.zeros(len(self.source), emb.shape[-1], device=self.device)
-                self.source_identity[faces] = emb.float()
+            self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device)
         elif cfg.loss.id_weight > 0:
             self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
         self.lora_added = False
@@ -289,57 +254,6 @@ class MagiCaptureTrainer:
         batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (b,), generator=self.gen)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def identity_term(self, batch: dict, noisy: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7 on the samples of ``loss.id_tasks`` whose image has a face, whose identity target has
-        one, and whose t < T'; returns (loss [B], zeros where not applied; applied [B] bool)."""
-        b = noisy.shape[0]
-        valid = batch["id_task"] & batch["face_ok"] & (batch["timesteps"] < self.cfg.loss.id_max_timestep)
-        valid &= self.source.has_face[batch["id_source"]]
-        out = torch.zeros(b, device=self.device)
-        if not valid.any():
-            return out, valid
-        idx = valid.nonzero().squeeze(1)
-        a_t = self.alphas_cumprod[batch["timesteps"][idx]]
-        x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
-        landmarks = batch["face_landmarks"][idx]
-        if self.cfg.loss.id_face == "detector":
-            return self._identity_by_detector(x0, idx, valid, batch, out)
-        if self.cfg.loss.id_decode_window:
-            corner, side = _face_window(landmarks, x0.shape[-1])
-            x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
-            landmarks = landmarks - corner.float()[:, None, :] * 8
-        return self._identity_loss_at(self.decode(x0), landmarks, idx, batch, out), valid
-
-    def _identity_loss_at(self, image, landmarks, idx, batch, out) -> torch.Tensor:
-        """1 - cos between the faces in `image` and the samples' source identities, written into `out` at `idx`."""
-        # ArcFace runs in fp32 whatever the mixed precision: it is frozen and cheap at 112 px, and an
-        # iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            emb = self.identity(image.float(), landmarks.float())
-        target = self.source_identity[batch["id_source"][idx]]
-        return out.index_put((idx,), identity_loss(emb, target))
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """VAE decode with gradient, in the VAE's own dtype (fp32 with train.vae_fp32, even under autocast)."""
-        latents = (x0 / self.vae.config.scaling_factor).to(self.vae.dtype)
-        with torch.autocast(device_type=self.device.type, enabled=self.vae.dtype != torch.float32):
-            return self.vae.decode(latents).sample
-
-    def _identity_by_detector(self, x0, idx, valid, batch, out):
-        """The released code's way: find the face on a detached decode of x0_hat; skip samples without one."""
-        from .face_restore import detect_face_landmarks
-
-        image = self.decode(x0)
-        pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        found = [detect_face_landmarks(p) for p in pixels]
-        keep = [i for i, faces in enumerate(found) if faces]
-        valid = valid.clone()
-        valid[idx[[i for i in range(len(found)) if not found[i]]]] = False
-        if not keep:
-            return out, valid
-        landmarks = torch.stack([torch.as_tensor(found[i][0]) for i in keep]).to(self.device)
-        return self._identity_loss_at(image[keep], landmarks, idx[keep], batch, out), valid
-
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
         """Eq. 4-8 on one micro-batch -> {"loss": the total to backpropagate, then detached figures}.
 
@@ -370,9 +284,9 @@ class MagiCaptureTrainer:
             for k, word in enumerate(self.token_words()):
                 figures[f"inside/{word}"], figures[f"outside/{word}"], figures[f"_count/{word}"] = inside[k], outside[k], count[k]
         ident = id_mask = None
-        if phase == 2 and self.identity is not None and self.cfg.loss.id_weight > 0:
+        if phase == 2 and self.id_term is not None:
             with self.acc.autocast():
-                ident, id_mask = self.identity_term(batch, noisy, pred)
+                ident, id_mask = self.id_term(batch, noisy, pred)
         losses = combine_losses(
             recon, attn, ident, batch["recon_weights"], self.cfg.loss.attn_weight, self.cfg.loss.id_weight,
             attn_mask=attn_mask, id_mask=id_mask,
@@ -602,13 +516,9 @@ class MagiCaptureTrainer:
             inside, present = both[0] / both[1].clamp_min(1), both[1]
         tripped = self.guard.update({w: float(inside[k]) for k, w in enumerate(words) if present[k] > 0})
         for word in tripped:
-            base = self.guard.baseline(word)
-            ema = self.guard.ema[word]
             last = ckpt.list_checkpoints(self.out_dir)
             kept = last[-1].path.name if last else "none yet"
-            what = (f"attention to {word} inside its region fell to {ema:.2g} ({ema / base:.1%} of its first "
-                    f"{BASELINE_STEPS} steps' {base:.2g}) at phase {phase} step {done}: the model is learning to ignore "
-                    f"the token. Remedies: loss.attn_detach_extremes = false, a lower loss.attn_weight or phase2.lr_unet")
+            what = f"at phase {phase} step {done}, {self.guard.describe(word)}"
             if self.cfg.loss.attn_collapse_action == "stop":
                 raise TrainingStopped(f"{what}; stopped (loss.attn_collapse_action = stop), last checkpoint: {kept}")
             self.print(f"warning: {what}; last checkpoint: {kept}")

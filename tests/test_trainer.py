@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path
 def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prepared_data, tmp_path):
     """The windowed VAE decode, the alignment and ArcFace pass gradient to the UNet LoRA, sample by sample."""
     from library.data import Sample
-    from library.trainer import _face_window
+    from library.identity_term import face_window
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "loss.attn_weight=0")
     trainer = MagiCaptureTrainer(cfg)
@@ -141,7 +141,7 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
         noisy = trainer.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu())
         hidden = trainer.text_encoder(batch["input_ids"])[0]
         pred = trainer.unet(noisy, batch["timesteps"], hidden).sample
-        ident, valid = trainer.identity_term(batch, noisy, pred)
+        ident, valid = trainer.id_term(batch, noisy, pred)
         assert valid.all() and ident.shape == (3,)
         # by hand: x0 = (z_t - sqrt(1 - a) eps) / sqrt(a); decoded; aligned on the reference's landmarks;
         # 1 - cos against the embedding of the sample's source image
@@ -150,11 +150,11 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
             x0 = (noisy - (1 - a).sqrt() * pred) / a.sqrt()
             lms = trainer.reference.landmarks[:3]
             if window:
-                corner, side = _face_window(lms, x0.shape[-1])
+                corner, side = face_window(lms, x0.shape[-1])
                 x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
                 lms = lms - corner.float()[:, None, :] * 8
-            emb = trainer.identity(trainer.vae.decode(x0 / trainer.vae.config.scaling_factor).sample, lms)
-            target = trainer.source_identity[torch.tensor([0, 1, 2])]
+            emb = trainer.id_term.encoder(trainer.vae.decode(x0 / trainer.vae.config.scaling_factor).sample, lms)
+            target = trainer.id_term.source_embeddings[torch.tensor([0, 1, 2])]
             want = 1 - (emb * target).sum(-1) / (emb.norm(dim=-1) * target.norm(dim=-1))
         torch.testing.assert_close(ident.detach(), want, rtol=1e-4, atol=1e-6)
         trainer.unet.zero_grad()
@@ -164,11 +164,11 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
 
 
 def test_face_window_covers_the_landmarks():
-    from library.trainer import _face_window
+    from library.identity_term import face_window
 
     landmarks = torch.tensor([[[100.0, 100], [140, 100], [120, 120], [105, 140], [135, 140]],
                               [[10.0, 10], [30, 10], [20, 20], [12, 28], [28, 28]]])
-    corner, side = _face_window(landmarks, latent_size=32)
+    corner, side = face_window(landmarks, latent_size=32)
     assert side % 8 == 0 and 8 <= side <= 32
     for lm, (x, y) in zip(landmarks, corner.tolist()):
         assert (lm[:, 0] / 8 >= x).all() and (lm[:, 0] / 8 <= x + side).all()
@@ -267,7 +267,7 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
     noisy = trainer.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu())
     pred = trainer.unet(noisy, batch["timesteps"], trainer.text_encoder(batch["input_ids"])[0]).sample
 
-    ident, valid = trainer.identity_term(batch, noisy, pred)  # the random model draws no face: mediapipe finds none
+    ident, valid = trainer.id_term(batch, noisy, pred)  # the random model draws no face: mediapipe finds none
     assert not valid.any() and torch.equal(ident, torch.zeros(2))
 
     seen = []
@@ -277,7 +277,7 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
         return [np.array([[20, 25], [44, 25], [32, 36], [22, 46], [42, 46]], np.float32)] if len(seen) == 1 else []
 
     monkeypatch.setattr(face_restore, "detect_face_landmarks", one_face_on_first)
-    ident, valid = trainer.identity_term(batch, noisy, pred)
+    ident, valid = trainer.id_term(batch, noisy, pred)
     assert valid.tolist() == [True, False] and seen == [(64, 64, 3), (64, 64, 3)]
     assert ident[0] > 0 and ident[1] == 0
     ident.sum().backward()
@@ -295,7 +295,7 @@ def test_vae_fp32_keeps_the_vae_in_float32_and_decodes_with_gradient(tiny_model,
     assert all(p.dtype == torch.bfloat16 for p in trainer.unet.parameters())
     x0 = torch.randn(1, 4, 8, 8, requires_grad=True)
     with trainer.acc.autocast():  # the fp32 VAE must not be pulled back to bf16 by autocast
-        image = trainer.decode(x0)
+        image = trainer.id_term.decode(x0)
     assert image.shape == (1, 3, 64, 64) and image.dtype == torch.float32
     image.mean().backward()
     assert x0.grad is not None and x0.grad.abs().sum() > 0
@@ -323,7 +323,7 @@ def _one_step(trainer, samples, phase_step, timesteps):
     batch = trainer.build_batch(samples, phase_step, pcfg)
     batch["timesteps"] = torch.tensor(timesteps)
     seen = {}
-    real_maps, real_unet, real_id = trainer.store.maps, trainer.unet_forward, trainer.identity_term
+    real_maps, real_unet, real_id = trainer.store.maps, trainer.unet_forward, trainer.id_term
 
     def maps():
         seen["maps"] = real_maps().detach()
@@ -339,12 +339,12 @@ def _one_step(trainer, samples, phase_step, timesteps):
         seen["id"], seen["id_valid"] = ident.detach(), valid.clone()
         return ident, valid
 
-    trainer.store.maps, trainer.unet_forward, trainer.identity_term = maps, unet, identity_term
+    trainer.store.maps, trainer.unet_forward, trainer.id_term = maps, unet, identity_term
     try:
         losses = trainer.compute_loss(batch, phase=2)
     finally:
-        del trainer.store.maps, trainer.identity_term
-        trainer.unet_forward = real_unet
+        del trainer.store.maps
+        trainer.unet_forward, trainer.id_term = real_unet, real_id
     return batch, losses, seen
 
 
