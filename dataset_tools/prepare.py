@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -31,6 +30,7 @@ from library.files.atomic import write_bytes
 from library.files.text import TextFileError, read_text_file
 
 from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+from .previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
 
 KINDS = ("source", "reference")
 DEFAULT_TOKENS = {"source": "mcv1", "reference": "mcv2"}
@@ -38,8 +38,6 @@ CAPTIONS = {
     "source": "a photo of a {token} person",
     "reference": "a photo of a person in the style of {token}",
 }
-PREVIEW_MAX_SIDE = 512
-THUMB = 192
 CONTACT_MAX = 400
 PNG_LEVEL = 1  # fast; the files are read once to cache latents
 MIN_RECOMMENDED = 3
@@ -92,69 +90,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _encode_png(arr: np.ndarray) -> bytes:
     return encode_png(arr)
-
-
-def _encode_jpg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def _fit(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    h, w = rgb.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    if s >= 1.0:
-        return rgb, 1.0
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA), s
-
-
-_LM_COLORS = [(255, 60, 60), (60, 120, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
-
-
-def make_preview(rgb: np.ndarray, mask: np.ndarray, box, landmarks, other_boxes=()) -> np.ndarray:
-    """The image with the training region tinted green, the face box (yellow), the 5 landmarks, and the
-    boxes of any other faces found (red)."""
-    small, s = _fit(rgb, PREVIEW_MAX_SIDE)
-    m = mask if s == 1.0 else cv2.resize(mask, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_NEAREST)
-    on = m > 127
-    tint = np.empty_like(small)
-    tint[:] = (0, 255, 0)
-    lit = cv2.addWeighted(small, 0.6, tint, 0.4, 0)
-    out = (small >> 1) + (small >> 3)  # ~0.6: what does not train is dimmed
-    out[on] = lit[on]
-    # outline of the mask, so its edge reads at a glance
-    contours, _ = cv2.findContours(on.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (0, 255, 0), 1, cv2.LINE_AA)
-    t = max(1, round(max(out.shape[:2]) / 300))
-    for ob in other_boxes:
-        x0, y0, x1, y1 = (int(round(v * s)) for v in ob)
-        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 40, 40), t, cv2.LINE_AA)
-    if box is not None:
-        x0, y0, x1, y1 = (int(round(v * s)) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 210, 0), t, cv2.LINE_AA)
-    if landmarks is not None:
-        for (x, y), c in zip(landmarks, _LM_COLORS):
-            cv2.circle(out, (int(round(x * s)), int(round(y * s))), t + 1, c, -1, cv2.LINE_AA)
-    return out
-
-
-def make_contact_sheet(thumbs: list[tuple[str, np.ndarray]], cell: int = THUMB) -> np.ndarray:
-    n = len(thumbs)
-    cols = max(1, min(6, math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / cols)
-    label_h = 18
-    sheet = np.full((rows * (cell + label_h), cols * cell, 3), 32, np.uint8)
-    for i, (name, th) in enumerate(thumbs):
-        r, c = divmod(i, cols)
-        y, x = r * (cell + label_h), c * cell
-        small, _ = _fit(th, cell - 4)
-        h, w = small.shape[:2]
-        oy, ox = y + (cell - h) // 2, x + (cell - w) // 2
-        sheet[oy : oy + h, ox : ox + w] = small
-        text = name if len(name) <= 26 else name[:24] + ".."
-        cv2.putText(sheet, text, (x + 4, y + cell + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
-    return sheet
 
 
 def _assign_stems(names: list[str]) -> dict[str, str]:
