@@ -29,7 +29,9 @@ import numpy as np
 from library.files.atomic import write_bytes
 from library.files.text import TextFileError, read_text_file
 
+from .records import json_bytes as _json_bytes, round_list as _round
 from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+from .identity_pass import IdentityWeightsError, embed_one as _embed_one, identity_network as _identity_network, identity_pass as _identity_pass
 from .previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
 
 KINDS = ("source", "reference")
@@ -60,6 +62,8 @@ class Summary:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file, why): not images
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (file or "", message)
     items: list[dict] = field(default_factory=list)  # the NAME.json records written
+    different_person: list[str] = field(default_factory=list)  # source photos the identity check flagged
+    identity: str = ""  # the identity check's network and largest distance, when it ran
 
     @property
     def ok(self) -> bool:
@@ -72,6 +76,11 @@ class Summary:
         ]
         out += [f"skipped  {name}: {reason}" for name, reason in self.skipped]
         out += [f"ignored  {name}: {why}" for name, why in self.ignored]
+        if self.different_person:
+            out.append(f"identity: {len(self.different_person)} photo(s) look like a different person: "
+                       f"{', '.join(self.different_person)}")
+        elif self.identity:
+            out.append(f"identity: every photo shows the same person ({self.identity})")
         out += [f"warning  {name}: {msg}" if name else f"warning  {msg}" for name, msg in self.warnings]
         return out
 
@@ -156,18 +165,8 @@ class _Skip(Exception):
     pass
 
 
-def _json_bytes(meta: dict) -> bytes:
-    """One key per line, values compact: easy to read and to diff."""
-    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
-    return ("{\n" + body + "\n}\n").encode("utf-8")
-
-
-def _round(v, nd=2):
-    return [round(float(x), nd) for x in v]
-
-
 def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, analyzer, out_dir: Path,
-                 preview_dir: Path) -> tuple[dict, np.ndarray]:
+                 preview_dir: Path) -> tuple[dict, np.ndarray, np.ndarray, object]:
     try:
         loaded = load_image(path, max_short)
     except ImageLoadError as exc:
@@ -238,6 +237,13 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
         # the record goes last: a NAME.json means every file of NAME is complete
         (out_dir / f"{stem}.json", lambda: _json_bytes(meta)),
     ]
+    _write_outputs(outputs)
+    thumb, _ = _fit(preview, THUMB)
+    return meta, thumb, rgb, fa
+
+
+def _write_outputs(outputs: list) -> None:
+    """Write (path, encode) pairs in order, each atomically; on failure remove the ones written."""
     written: list[Path] = []
     try:
         for target, encode in outputs:
@@ -252,8 +258,6 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
         if isinstance(exc, OSError):
             raise _Skip(f"cannot write outputs: {exc.strerror or _one_line(exc)}") from None
         raise
-    thumb, _ = _fit(preview, THUMB)
-    return meta, thumb
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,11 +273,14 @@ def validate_token(token: str) -> str:
 
 
 def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolution: int = 512,
-                   parser_weights=None, progress: bool = False) -> Summary:
+                   parser_weights=None, progress: bool = False, identity_check: bool = True,
+                   identity_weights=None) -> Summary:
     """Prepare every image of `in_dir` into `out_dir`; returns what was read, used and skipped.
 
-    Raises PrepareError (one-line message) for bad arguments or unusable folders; a bad image never
-    raises, it lands in `Summary.skipped` with the reason.
+    A source set also gets the identity check (`dataset_tools.identity_check`; dlib's network, or the
+    ArcFace file `identity_weights`) unless `identity_check` is false. Raises PrepareError (one-line
+    message) for bad arguments or unusable folders; a bad image never raises, it lands in
+    `Summary.skipped` with the reason.
     """
     from .faces import FaceAnalyzer, quiet_native_stderr
 
@@ -302,6 +309,11 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     except OSError as exc:
         raise PrepareError(f"cannot create output folder {out_dir}: {exc.strerror or _one_line(exc)}") from None
     stems = _assign_stems(names)
+    try:
+        network = _identity_network(summary, identity_weights) if kind == "source" and identity_check else None
+    except IdentityWeightsError as exc:
+        raise PrepareError(str(exc)) from None
+    id_records: list[dict] = []
 
     from .bisenet import ParserLoadError
 
@@ -319,8 +331,8 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
             for name in bar:
                 summary.read.append(name)
                 try:
-                    meta, thumb = _process_one(in_dir / name, stems[name], kind, token, max_short, analyzer,
-                                               out_dir, preview_dir)
+                    meta, thumb, rgb, fa = _process_one(in_dir / name, stems[name], kind, token, max_short,
+                                                        analyzer, out_dir, preview_dir)
                 except _Skip as exc:
                     summary.skipped.append((name, str(exc)))
                     continue
@@ -340,7 +352,12 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
                     summary.warnings.append((name, f"written as {stems[name]}.png (another file has the same name)"))
                 if len(thumbs) < CONTACT_MAX:
                     thumbs.append((meta["image"][:-4], thumb))
+                if network is not None:
+                    _embed_one(network, name, stems[name], meta, rgb, fa, id_records, summary)
+                del rgb, fa
             bar.close()
+            if network is not None:
+                _identity_pass(network, id_records, analyzer, out_dir, preview_dir, summary, thumbs)
         finally:
             analyzer.close()
 
@@ -410,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="special token word (default: mcv1 for source, mcv2 for reference)")
     p.add_argument("--resolution", type=int, default=512,
                    help="training resolution; images keep a short side of at most twice this (default 512)")
+    p.add_argument("--identity-weights", default=None, metavar="PATH",
+                   help="ArcFace file (.onnx/.pth) for the source set's identity check (default: dlib's network)")
+    p.add_argument("--no-identity-check", action="store_true",
+                   help="skip the source set's identity check (different person, group photos)")
     p.add_argument("--parser-weights", default=None, metavar="PATH",
                    help="BiSeNet face-parsing weights (face-parsing.PyTorch 79999_iter.pth) for the face mask")
     return p
@@ -419,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = prepare_folder(args.kind, args.in_dir, args.out_dir, token=args.token,
-                                 resolution=args.resolution, parser_weights=args.parser_weights, progress=True)
+                                 resolution=args.resolution, parser_weights=args.parser_weights, progress=True,
+                                 identity_check=not args.no_identity_check, identity_weights=args.identity_weights)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
