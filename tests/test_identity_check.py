@@ -119,3 +119,23 @@ def test_bad_identity_weights_is_one_line(tmp_path, capsys):
     assert main(["source", str(tmp_path / "in"), str(tmp_path / "out"), "--identity-weights", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --identity-weights: {bad}: ")
+
+
+def test_arcface_identity_weights(tmp_path):
+    from library.testing import save_random_arcface
+
+    arc = save_random_arcface(tmp_path / "arc.pth")
+    _save(tmp_path / "in", {k: v for k, v in list(_variants().items())[:3]})
+    summary = prepare_folder("source", tmp_path / "in", tmp_path / "out", identity_weights=str(arc))
+    assert summary.identity.startswith("ArcFace arc.pth, largest distance ")
+    for stem in list(_variants())[:3]:
+        rec = _record(tmp_path / "out", stem)
+        assert rec["identity_network"] == "ArcFace arc.pth"
+        # a random network still sees copies of one photo as alike: far under ArcFace's 0.7 (cosine 0.3)
+        assert rec["identity_distance"] < 0.3 and rec["different_person"] is False
+
+
+def test_no_identity_check(tmp_path):
+    _save(tmp_path / "in", _variants())
+    summary = prepare_folder("source", tmp_path / "in", tmp_path / "out", identity_check=False)
+    assert summary.identity == "" and "identity_distance" not in _record(tmp_path / "out", "astro_full")

@@ -322,7 +322,7 @@ class ArcFaceIdentity(IdentityNetwork):
             points, sources = [f[3] for f in found], ["given"] * len(found)
         else:
             points, sources = self._mesh_points(rgb, found)
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(127.5).sub(1.0).unsqueeze(0).to(self._device)
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0).unsqueeze(0).to(self._device)
         lms = torch.from_numpy(np.stack(points)).float().to(self._device)
         with torch.no_grad():
             emb = self._encoder(image.expand(len(points), -1, -1, -1), lms).cpu().numpy()
