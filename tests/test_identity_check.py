@@ -61,7 +61,7 @@ def test_different_person_is_flagged(tmp_path, capsys):
     rec = _record(out, "other")
     assert rec["different_person"] is True
     assert rec["identity_network"] == DLIB
-    # measured 0.12 (cosine 0.88 to the astronaut's median face); dlib's rule: over 0.0845
+    # measured 0.144 (cosine 0.856 to the median of the astronaut photos); dlib's rule: over 0.0845
     assert 0.09 <= rec["identity_distance"] <= 0.2
     message = (f"looks like a different person: identity distance {rec['identity_distance']:.3f} from the other "
                f"photos' median face (1 - cosine, {DLIB}; the same person is under 0.084); remove it unless it is "
@@ -72,7 +72,7 @@ def test_different_person_is_flagged(tmp_path, capsys):
     for stem in _variants():
         rec = _record(out, stem)
         assert rec["different_person"] is False, stem
-        assert rec["identity_distance"] <= 0.03, (stem, rec["identity_distance"])  # measured <= 0.012
+        assert rec["identity_distance"] <= 0.03, (stem, rec["identity_distance"])  # measured 0.001 to 0.008
         assert not any("different person" in w for w in rec["warnings"])
 
 
