@@ -78,15 +78,26 @@ class ClipImageEmbedder:
         return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
 
-def aesthetic_mlp(input_size: int = 768) -> nn.Sequential:
-    """The improved aesthetic predictor's `layers` (see the module docstring), random weights, eval mode."""
-    return nn.Sequential(
-        nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-    ).eval()
+class AestheticMLP(nn.Module):
+    """The improved aesthetic predictor (see the module docstring): [N, D] normalised embeddings -> [N, 1]."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
-def load_aesthetic(path: str | os.PathLike, input_size: int) -> nn.Sequential:
+def aesthetic_mlp(input_size: int = 768) -> AestheticMLP:
+    """The predictor with random weights, in eval mode (dropout off); its state dict has the real keys."""
+    return AestheticMLP(input_size).eval()
+
+
+def load_aesthetic(path: str | os.PathLike, input_size: int) -> AestheticMLP:
     """The aesthetic predictor from its `.pth` state dict (keys `layers.N.weight`/`bias`), read with
     weights_only. `input_size` is the CLIP embedding width it will be given (768 for ViT-L/14).
 

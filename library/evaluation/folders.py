@@ -58,7 +58,7 @@ def read_folder(folder: str | os.PathLike, reference_masks: bool = False, warn=p
     out: list[EvalImage] = []
     for path in image_files(folder):
         try:
-            rgb = np.asarray(read_image(path, max_short_side=MAX_SHORT_SIDE).image)
+            rgb = np.array(read_image(path, max_short_side=MAX_SHORT_SIDE).image)
         except ImageLoadError as err:
             warn(f"warning: {path}: {err} ; skipped")
             continue
