@@ -1,2 +1,3 @@
-"""Evaluation: the paper's metrics (CSIM, masked-CLIP style, LAION aesthetic, face found) and the identity
-network they use."""
+"""Measuring likeness: the identity network (face detection + face embedding) shared by the evaluation
+command, the training-time scores and the dataset check (`face_identity`); the paper's metrics over
+image folders (`folders`, `clip_scores`, `metrics`, `report`) that `evaluate.py` runs."""
