@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         entry = ev.summary[key]
         if entry["mean"] is not None:
             print(f"{title}: {entry['mean']:.3f} ± {entry['std']:.3f} (n={entry['n']})")
+        elif key == "csim" and identity is not None:
+            print("CSIM: none (no face found in any generated image)" if ev.source_faces else
+                  "CSIM: none (no face found in any source image)")
     if identity is not None:
         print(f"identity network: {identity.name}. {COMPARABILITY}")
     print(f"wrote {', '.join(p.name for p in paths)} to {out}")

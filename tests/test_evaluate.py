@@ -174,7 +174,7 @@ def _write_pngs(folder: Path, images: dict[str, np.ndarray]) -> Path:
 def folders(tmp_path) -> tuple[Path, Path, Path]:
     rgb, swapped, _ = _face_swapped()
     small = np.asarray(Image.fromarray(rgb).resize((256, 256)))
-    gen = _write_pngs(tmp_path / "out" / "generated", {"0001": rgb, "0002": swapped, "grid": rgb})
+    gen = _write_pngs(tmp_path / "out" / "generated", {"0001": rgb, "0002": swapped, "grid-00000": rgb})
     src = _write_pngs(tmp_path / "source", {"a": rgb, "b": rgb[:, ::-1].copy()})
     ref = _write_pngs(tmp_path / "reference", {"r": small})
     return gen, src, ref

@@ -30,6 +30,11 @@ class EvalImage:
     face_mask: np.ndarray | None = None  # [H, W] bool, True = face; from a prepared NAME.mask.png
 
 
+def _is_grid(stem: str) -> bool:
+    """generate.py's contact sheet (`grid-NNNNN.png`): the generated images again, not one of them."""
+    return stem == "grid" or (stem.startswith("grid-") and stem[5:].isdigit())
+
+
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The images of `folder` to score, sorted by name (not recursive; masks excluded).
 
@@ -42,7 +47,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     files = sorted(
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.lower().endswith(".mask.png")
-        and not p.name.startswith(".") and p.stem != "grid"
+        and not p.name.startswith(".") and not _is_grid(p.stem)
     )
     if not files:
         raise FolderError(f"{folder}: no images (jpg, jpeg, png, webp, bmp) ; give a folder of photos or a prepared folder")
@@ -54,7 +59,7 @@ def read_folder(folder: str | os.PathLike, reference_masks: bool = False, warn=p
     mask of its prepared reference `NAME.mask.png` when there is one (black = face there).
 
     An unreadable image is one `warn` line and is left out; FolderError when none is readable.
-    `generate.py`'s grid (`grid.png`) is not one of the images."""
+    `generate.py`'s grid (`grid-NNNNN.png`) is not one of the images."""
     out: list[EvalImage] = []
     for path in image_files(folder):
         try:
