@@ -21,9 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description="Score generated images against the source (identity) and reference (style) sets.")
-    p.add_argument("--generated", required=True, help="folder of generated images (generate.py's output)")
-    p.add_argument("--source", required=True, help="source photos: a dataset_tools.prepare folder or plain photos")
-    p.add_argument("--reference", required=True, help="reference photos: a prepared folder (its masks are used) or plain photos")
+    p.add_argument("--generated", help="folder of generated images (generate.py's output)")
+    p.add_argument("--source", help="source photos: a dataset_tools.prepare folder or plain photos")
+    p.add_argument("--reference", help="reference photos: a prepared folder (its masks are used) or plain photos")
+    p.add_argument("--sweep", help="PAIRS.toml: train, generate and evaluate every method x pair, then write the table "
+                                   "(see library/evaluation/sweep.py)")
+    p.add_argument("--shard", help="with --sweep: i/n runs every n-th run from the i-th (1 <= i <= n)")
     p.add_argument("--config", help="a training TOML: [loss] identity_weights, [evaluation] clip and aesthetic")
     p.add_argument("--out", help="output folder (default: GENERATED/../evaluation)")
     p.add_argument("--clip", help="CLIP ViT-L/14 folder in transformers layout (style and aesthetic)")
@@ -65,8 +68,59 @@ def _settings(args) -> tuple[str, str, str]:
     return pick(args.identity_weights, identity), pick(args.clip, clip), pick(args.aesthetic, aesthetic)
 
 
+def _subprocess_runner(script: str):
+    """argv -> exit code of `python script argv` (a separate process per training and generation run:
+    each loads its model afresh and frees it when done)."""
+    import subprocess
+
+    path = Path(__file__).resolve().parent / script
+
+    def run(argv: list[str]) -> int:
+        return subprocess.run([sys.executable, str(path), *argv]).returncode
+
+    return run
+
+
+def sweep_main(args) -> int:
+    """--sweep: the runs of this shard, then the table of every run finished so far."""
+    from library.evaluation.sweep import SweepError, read_sweep, run_one, shard, write_table
+    from library.files.messages import one_line
+
+    try:
+        if args.generated or args.source or args.reference or args.overrides:
+            raise SweepError("--sweep takes the folders and overrides from its file ; drop --generated, --source, "
+                             "--reference and overrides")
+        sweep = read_sweep(args.sweep)
+        runs = shard(sweep.runs, args.shard)
+    except SweepError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    train, generate = _subprocess_runner("train_magicapture.py"), _subprocess_runner("generate.py")
+    failed = 0
+    try:
+        for run in runs:
+            failed += not run_one(sweep, run, train, generate, main, say=lambda line: print(line, file=sys.stderr))
+    except KeyboardInterrupt:
+        return 130
+    paths = write_table(sweep)
+    print(paths[2].read_text(encoding="utf-8"), end="")
+    print(f"wrote {', '.join(p.name for p in paths)} to {sweep.out}"
+          + (f"; {failed} run{'s' if failed != 1 else ''} failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.sweep:
+        return sweep_main(args)
+    if args.shard:
+        print("evaluate.py: error: --shard goes with --sweep (see --help)", file=sys.stderr)
+        return 2
+    missing = [f"--{k}" for k in ("generated", "source", "reference") if not getattr(args, k)]
+    if missing:
+        print(f"evaluate.py: error: the following arguments are required: {', '.join(missing)} (or --sweep PAIRS.toml)",
+              file=sys.stderr)
+        return 2
     from library.config import ConfigError
     from library.evaluation.clip_scores import ClipImageEmbedder, ScoreWeightsError, load_aesthetic
     from library.evaluation.folders import FolderError, read_folder
