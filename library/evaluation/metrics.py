@@ -123,11 +123,10 @@ def evaluate_images(
                 s.same_person = False  # no face is not the same person: the share is over all images
         if clip is not None:
             m = face_mask(item.rgb) if face_mask else None
-            plain, masked = clip.embed([item.rgb, item.rgb], [None, m])
-            s.style = float(np.mean(ref @ masked))
-            if aesthetic is not None:
+            s.style = float(np.mean(ref @ clip.embed([item.rgb], [m])[0]))
+            if aesthetic is not None:  # the predictor was trained on whole images: no mask
                 from .clip_scores import aesthetic_scores
 
-                s.aesthetic = float(aesthetic_scores(aesthetic, plain[None])[0])
+                s.aesthetic = float(aesthetic_scores(aesthetic, clip.embed([item.rgb]))[0])
         scores.append(s)
     return Evaluation(scores, summarise(scores), networks, notes, int(len(src)))
