@@ -152,7 +152,7 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
 
 
 class IdentityNetwork:
-    """Face detector + embedding network. Subclasses give `_embed_shapes`.
+    """Face detector + embedding network. Subclasses give `_embed_found`.
 
     `name` says which network (reports must: dlib's and ArcFace's figures are not comparable),
     `threshold` the cosine similarity above which `same_person` holds.
@@ -189,9 +189,10 @@ class IdentityNetwork:
             rects, scores, _ = self._detector.run(img, upsample, 0.0)
             found = [((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale), float(s))
                      for r, s in zip(rects, scores)]
+            found = [f for f in found if self._confirmed(rgb, f[0])]
             if found:
                 break
-        return [f for f in found if self._confirmed(rgb, f[0])]
+        return found
 
     def _confirmed(self, rgb: np.ndarray, box) -> bool:
         """dlib's CNN detector finds a face near the centre of a small crop around a HOG box."""
@@ -233,7 +234,9 @@ class IdentityNetwork:
 
     def embed(self, rgb: np.ndarray, landmarks: np.ndarray) -> FoundFace:
         """Embed the face at known ArcFace-order `landmarks` ([5, 2] pixels), without running the detector
-        (dataset_tools.prepare has found its faces already). ValueError for a bad image."""
+        (dataset_tools.prepare has found its faces already). ArcFace aligns with these landmarks; dlib
+        fits its own 5 points in a box made from them (its descriptor aligns itself). ValueError for a
+        bad image."""
         rgb = _check_rgb(rgb)
         landmarks = np.asarray(landmarks, np.float32).reshape(5, 2)
         box = _box_from_points(landmarks)
@@ -322,7 +325,7 @@ class ArcFaceIdentity(IdentityNetwork):
             points, sources = [f[3] for f in found], ["given"] * len(found)
         else:
             points, sources = self._mesh_points(rgb, found)
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(127.5).sub(1.0).unsqueeze(0).to(self._device)
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0).unsqueeze(0).to(self._device)
         lms = torch.from_numpy(np.stack(points)).float().to(self._device)
         with torch.no_grad():
             emb = self._encoder(image.expand(len(points), -1, -1, -1), lms).cpu().numpy()
