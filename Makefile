@@ -23,7 +23,9 @@ demo: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train_magicapture.py --config configs/demo.toml
 	$(BIN)/python generate.py --config configs/demo.toml --n 2 --steps 10
-	@echo "demo outputs: out/demo/ (LoRA, embeddings, samples/, attention/, logs/, generated/)"
+	# no --config: the demo's ArcFace is random, dlib's network is real; no CLIP or aesthetic weights here (skipped, one line each)
+	$(BIN)/python evaluate.py --generated out/demo/generated --source data/demo/source --reference data/demo/reference --out out/demo/evaluation
+	@echo "demo outputs: out/demo/ (LoRA, embeddings, samples/, attention/, logs/, generated/, evaluation/report.html)"
 
 test: setup
 	bash scripts/run_tests.sh $(BIN)/python

@@ -175,6 +175,12 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    clip: str = ""  # CLIP ViT-L/14 folder (transformers layout) for the style and aesthetic scores; empty: skipped
+    aesthetic: str = ""  # LAION improved aesthetic predictor .pth (sac+logos+ava1-l14-linearMSE.pth); empty: skipped
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +195,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     source_file: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,6 +60,7 @@ RULES: dict[str, tuple[str, str]] = {
     "output.*": (SAFE, "where files go and how often"),
     "sample.*": (SAFE, "previews only"),
     "logging.*": (SAFE, "logs only"),
+    "evaluation.*": (SAFE, "scores only"),
 }
 _PATH_KEYS = ("model.pretrained", "model.config_dir", "model.vae", "data.source_dir", "data.reference_dir")
 
