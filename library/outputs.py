@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from .config import composed_prompt
@@ -60,10 +61,13 @@ def export_outputs(trainer, step: int | None = None) -> Path:
     paths = output_paths(cfg, step)
     vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
     for word, vec in vectors.items():
-        save_embedding(paths[word], word, vec.to(dtype))
-        if cfg.output.embeddings_pt:
-            done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
-            save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=done)
+        with warnings.catch_warnings():
+            if step is not None:  # named by step on purpose; the best-step message says to rename it
+                warnings.filterwarnings("ignore", message="A1111 will call this embedding")
+            save_embedding(paths[word], word, vec.to(dtype))
+            if cfg.output.embeddings_pt:
+                done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
+                save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=done)
     lora_path = paths["lora"]
     if trainer.lora_added:
         state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)

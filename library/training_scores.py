@@ -161,6 +161,8 @@ def best_step_message(history: Iterable[dict], files_of: Callable[[int, int], li
     files = [p for p in files_of(best["phase"], best["step"]) if p.is_file()]
     if files:
         kept = f": {', '.join(str(p) for p in files)}"
+        if any("-step" in p.stem for p in files):  # frontends name an embedding after its file
+            kept += " (rename the embeddings without -stepNNNNNNNN to prompt with the usual words)"
     elif best["phase"] == 1:
         kept = " (phase 1: the embeddings alone, no LoRA yet)"
     else:
