@@ -420,6 +420,23 @@ class FaceAnalyzer:
                 "confirmed face")
             out.faces.remove(face)
             out.faces.insert(0, face)
+        return self._finish(rgb, out, face)
+
+    def use_face(self, rgb: np.ndarray, faces: list[DetectedFace], index: int) -> FaceAnalysis:
+        """The analysis of `rgb` with `faces[index]` as the chosen face (landmarks, mesh, mask), for a
+        caller that knows better which face is meant (dataset_tools.identity_check: the person of the set).
+        `faces` are an earlier `analyze`'s, in `rgb`'s pixels (its `image` when it turned the photo)."""
+        rgb = np.ascontiguousarray(rgb)
+        face = self.check(rgb, faces[index])
+        others = sorted((f for i, f in enumerate(faces) if i != index), key=lambda f: f.area, reverse=True)
+        out = FaceAnalysis(faces=[face] + others, detector=None)
+        if face.mesh is not None and not face.confirmed:
+            out.warnings.append("the face mesh does not confirm this face (a drawing, or a blurred, covered or "
+                                "turned face?): check its landmarks in the preview")
+        return self._finish(rgb, out, face)
+
+    def _finish(self, rgb: np.ndarray, out: FaceAnalysis, face: DetectedFace) -> FaceAnalysis:
+        """Landmarks, mesh, angle and face mask of the chosen `face` into `out`."""
         shape = rgb.shape[:2]
         pts = face.mesh
         if pts is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -30,7 +29,10 @@ import numpy as np
 from library.files.atomic import write_bytes
 from library.files.text import TextFileError, read_text_file
 
+from .records import json_bytes as _json_bytes, round_list as _round
 from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+from .identity_pass import IdentityWeightsError, embed_one as _embed_one, identity_network as _identity_network, identity_pass as _identity_pass
+from .previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
 
 KINDS = ("source", "reference")
 DEFAULT_TOKENS = {"source": "mcv1", "reference": "mcv2"}
@@ -38,8 +40,6 @@ CAPTIONS = {
     "source": "a photo of a {token} person",
     "reference": "a photo of a person in the style of {token}",
 }
-PREVIEW_MAX_SIDE = 512
-THUMB = 192
 CONTACT_MAX = 400
 PNG_LEVEL = 1  # fast; the files are read once to cache latents
 MIN_RECOMMENDED = 3
@@ -62,6 +62,8 @@ class Summary:
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file, why): not images
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (file or "", message)
     items: list[dict] = field(default_factory=list)  # the NAME.json records written
+    different_person: list[str] = field(default_factory=list)  # source photos the identity check flagged
+    identity: str = ""  # the identity check's network and largest distance, when it ran
 
     @property
     def ok(self) -> bool:
@@ -74,6 +76,11 @@ class Summary:
         ]
         out += [f"skipped  {name}: {reason}" for name, reason in self.skipped]
         out += [f"ignored  {name}: {why}" for name, why in self.ignored]
+        if self.different_person:
+            out.append(f"identity: {len(self.different_person)} photo(s) look like a different person: "
+                       f"{', '.join(self.different_person)}")
+        elif self.identity:
+            out.append(f"identity: every photo shows the same person ({self.identity})")
         out += [f"warning  {name}: {msg}" if name else f"warning  {msg}" for name, msg in self.warnings]
         return out
 
@@ -92,69 +99,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _encode_png(arr: np.ndarray) -> bytes:
     return encode_png(arr)
-
-
-def _encode_jpg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def _fit(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    h, w = rgb.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    if s >= 1.0:
-        return rgb, 1.0
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA), s
-
-
-_LM_COLORS = [(255, 60, 60), (60, 120, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
-
-
-def make_preview(rgb: np.ndarray, mask: np.ndarray, box, landmarks, other_boxes=()) -> np.ndarray:
-    """The image with the training region tinted green, the face box (yellow), the 5 landmarks, and the
-    boxes of any other faces found (red)."""
-    small, s = _fit(rgb, PREVIEW_MAX_SIDE)
-    m = mask if s == 1.0 else cv2.resize(mask, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_NEAREST)
-    on = m > 127
-    tint = np.empty_like(small)
-    tint[:] = (0, 255, 0)
-    lit = cv2.addWeighted(small, 0.6, tint, 0.4, 0)
-    out = (small >> 1) + (small >> 3)  # ~0.6: what does not train is dimmed
-    out[on] = lit[on]
-    # outline of the mask, so its edge reads at a glance
-    contours, _ = cv2.findContours(on.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (0, 255, 0), 1, cv2.LINE_AA)
-    t = max(1, round(max(out.shape[:2]) / 300))
-    for ob in other_boxes:
-        x0, y0, x1, y1 = (int(round(v * s)) for v in ob)
-        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 40, 40), t, cv2.LINE_AA)
-    if box is not None:
-        x0, y0, x1, y1 = (int(round(v * s)) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 210, 0), t, cv2.LINE_AA)
-    if landmarks is not None:
-        for (x, y), c in zip(landmarks, _LM_COLORS):
-            cv2.circle(out, (int(round(x * s)), int(round(y * s))), t + 1, c, -1, cv2.LINE_AA)
-    return out
-
-
-def make_contact_sheet(thumbs: list[tuple[str, np.ndarray]], cell: int = THUMB) -> np.ndarray:
-    n = len(thumbs)
-    cols = max(1, min(6, math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / cols)
-    label_h = 18
-    sheet = np.full((rows * (cell + label_h), cols * cell, 3), 32, np.uint8)
-    for i, (name, th) in enumerate(thumbs):
-        r, c = divmod(i, cols)
-        y, x = r * (cell + label_h), c * cell
-        small, _ = _fit(th, cell - 4)
-        h, w = small.shape[:2]
-        oy, ox = y + (cell - h) // 2, x + (cell - w) // 2
-        sheet[oy : oy + h, ox : ox + w] = small
-        text = name if len(name) <= 26 else name[:24] + ".."
-        cv2.putText(sheet, text, (x + 4, y + cell + 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
-    return sheet
 
 
 def _assign_stems(names: list[str]) -> dict[str, str]:
@@ -221,18 +165,8 @@ class _Skip(Exception):
     pass
 
 
-def _json_bytes(meta: dict) -> bytes:
-    """One key per line, values compact: easy to read and to diff."""
-    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
-    return ("{\n" + body + "\n}\n").encode("utf-8")
-
-
-def _round(v, nd=2):
-    return [round(float(x), nd) for x in v]
-
-
 def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, analyzer, out_dir: Path,
-                 preview_dir: Path) -> tuple[dict, np.ndarray]:
+                 preview_dir: Path) -> tuple[dict, np.ndarray, np.ndarray, object]:
     try:
         loaded = load_image(path, max_short)
     except ImageLoadError as exc:
@@ -303,6 +237,13 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
         # the record goes last: a NAME.json means every file of NAME is complete
         (out_dir / f"{stem}.json", lambda: _json_bytes(meta)),
     ]
+    _write_outputs(outputs)
+    thumb, _ = _fit(preview, THUMB)
+    return meta, thumb, rgb, fa
+
+
+def _write_outputs(outputs: list) -> None:
+    """Write (path, encode) pairs in order, each atomically; on failure remove the ones written."""
     written: list[Path] = []
     try:
         for target, encode in outputs:
@@ -317,8 +258,6 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
         if isinstance(exc, OSError):
             raise _Skip(f"cannot write outputs: {exc.strerror or _one_line(exc)}") from None
         raise
-    thumb, _ = _fit(preview, THUMB)
-    return meta, thumb
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,11 +273,14 @@ def validate_token(token: str) -> str:
 
 
 def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolution: int = 512,
-                   parser_weights=None, progress: bool = False) -> Summary:
+                   parser_weights=None, progress: bool = False, identity_check: bool = True,
+                   identity_weights=None) -> Summary:
     """Prepare every image of `in_dir` into `out_dir`; returns what was read, used and skipped.
 
-    Raises PrepareError (one-line message) for bad arguments or unusable folders; a bad image never
-    raises, it lands in `Summary.skipped` with the reason.
+    A source set also gets the identity check (`dataset_tools.identity_check`; dlib's network, or the
+    ArcFace file `identity_weights`) unless `identity_check` is false. Raises PrepareError (one-line
+    message) for bad arguments or unusable folders; a bad image never raises, it lands in
+    `Summary.skipped` with the reason.
     """
     from .faces import FaceAnalyzer, quiet_native_stderr
 
@@ -367,6 +309,11 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     except OSError as exc:
         raise PrepareError(f"cannot create output folder {out_dir}: {exc.strerror or _one_line(exc)}") from None
     stems = _assign_stems(names)
+    try:
+        network = _identity_network(summary, identity_weights) if kind == "source" and identity_check else None
+    except IdentityWeightsError as exc:
+        raise PrepareError(str(exc)) from None
+    id_records: list[dict] = []
 
     from .bisenet import ParserLoadError
 
@@ -384,8 +331,8 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
             for name in bar:
                 summary.read.append(name)
                 try:
-                    meta, thumb = _process_one(in_dir / name, stems[name], kind, token, max_short, analyzer,
-                                               out_dir, preview_dir)
+                    meta, thumb, rgb, fa = _process_one(in_dir / name, stems[name], kind, token, max_short,
+                                                        analyzer, out_dir, preview_dir)
                 except _Skip as exc:
                     summary.skipped.append((name, str(exc)))
                     continue
@@ -405,7 +352,12 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
                     summary.warnings.append((name, f"written as {stems[name]}.png (another file has the same name)"))
                 if len(thumbs) < CONTACT_MAX:
                     thumbs.append((meta["image"][:-4], thumb))
+                if network is not None:
+                    _embed_one(network, name, stems[name], meta, rgb, fa, id_records, summary)
+                del rgb, fa
             bar.close()
+            if network is not None:
+                _identity_pass(network, id_records, analyzer, out_dir, preview_dir, summary, thumbs)
         finally:
             analyzer.close()
 
@@ -475,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="special token word (default: mcv1 for source, mcv2 for reference)")
     p.add_argument("--resolution", type=int, default=512,
                    help="training resolution; images keep a short side of at most twice this (default 512)")
+    p.add_argument("--identity-weights", default=None, metavar="PATH",
+                   help="ArcFace file (.onnx/.pth) for the source set's identity check (default: dlib's network)")
+    p.add_argument("--no-identity-check", action="store_true",
+                   help="skip the source set's identity check (different person, group photos)")
     p.add_argument("--parser-weights", default=None, metavar="PATH",
                    help="BiSeNet face-parsing weights (face-parsing.PyTorch 79999_iter.pth) for the face mask")
     return p
@@ -484,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = prepare_folder(args.kind, args.in_dir, args.out_dir, token=args.token,
-                                 resolution=args.resolution, parser_weights=args.parser_weights, progress=True)
+                                 resolution=args.resolution, parser_weights=args.parser_weights, progress=True,
+                                 identity_check=not args.no_identity_check, identity_weights=args.identity_weights)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
