@@ -9,6 +9,7 @@ TensorBoard, the log line).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .files.images import read_image
+from .files.text import read_text_file
 
 # the keys one scoring adds to a history entry
 CSIM, FACE_FOUND, SAME_PERSON = "eval/csim", "eval/face_found", "eval/same_person"
@@ -39,19 +41,27 @@ class PreviewScorer:
 
     `network` follows ``library/evaluation/face_identity.py``'s IdentityNetwork: ``faces(rgb)`` (largest
     first, each with an L2-normalised ``embedding``), ``similarity(a, b)`` (cosine) and
-    ``same_person(a, b)``. `source_images`: the source set's RGB images, [H, W, 3] uint8; each one's
-    largest face is its identity (the dataset check has already picked the person). Raises
-    ScoringUnavailable when none of them shows a face the network finds.
+    ``same_person(a, b)``. `source_images`: the source set's RGB images, [H, W, 3] uint8. `landmarks`
+    (optional, one per image, [5, 2] pixels or None): where dataset_tools.prepare found the person (in a
+    group photo, the face most like the rest of the set); a network with ``embed(rgb, landmarks)`` embeds
+    that face, otherwise the image's largest face is its identity. Raises ScoringUnavailable when none of
+    them gives an embedding.
     """
 
-    def __init__(self, network, source_images: Iterable[np.ndarray]):
+    def __init__(self, network, source_images: Iterable[np.ndarray],
+                 landmarks: Sequence[np.ndarray | None] | None = None):
         self.network = network
         self.name = getattr(network, "name", type(network).__name__)
         self.source_embeddings: list[np.ndarray] = []
-        for rgb in source_images:
-            faces = network.faces(rgb)
-            if faces:
-                self.source_embeddings.append(np.asarray(faces[0].embedding, np.float32))
+        for i, rgb in enumerate(source_images):
+            points = landmarks[i] if landmarks is not None else None
+            if points is not None and hasattr(network, "embed"):
+                face = network.embed(rgb, points)
+            else:
+                faces = network.faces(rgb)
+                face = faces[0] if faces else None
+            if face is not None:
+                self.source_embeddings.append(np.asarray(face.embedding, np.float32))
         if not self.source_embeddings:
             raise ScoringUnavailable(f"{self.name} finds no face in the source images")
 
@@ -65,13 +75,17 @@ class PreviewScorer:
             network = (load or _load_network)(identity_weights)
         except (ImportError, ValueError, OSError, RuntimeError) as err:
             raise ScoringUnavailable(f"the identity network did not load ({err})") from None
-        images = []
+        images, landmarks = [], []
         for name in names:
             try:
                 images.append(np.asarray(read_image(Path(folder) / f"{name}.png").image))
             except (OSError, ValueError):  # the trainer has already read it once; a file gone since is skipped
                 continue
-        return cls(network, images)
+            landmarks.append(_stored_landmarks(Path(folder) / f"{name}.json"))
+        try:
+            return cls(network, images, landmarks)
+        except ValueError as err:  # the network refused an image or landmarks
+            raise ScoringUnavailable(f"the source faces could not be embedded ({err})") from None
 
     def score(self, images: Sequence[Image.Image]) -> dict[str, float]:
         """`images` (the preview samples) -> {eval/face_found, eval/same_person[, eval/csim]}.
@@ -97,6 +111,15 @@ class PreviewScorer:
         if csims:
             scores[CSIM] = float(np.mean(csims))
         return scores
+
+
+def _stored_landmarks(path: Path) -> np.ndarray | None:
+    """The [5, 2] landmarks dataset_tools.prepare stored in NAME.json, or None (absent or unreadable)."""
+    try:
+        points = np.asarray(json.loads(read_text_file(path)).get("landmarks"), np.float32)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return points if points.shape == (5, 2) and np.isfinite(points).all() else None
 
 
 class PreviewScoring:

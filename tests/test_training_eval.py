@@ -242,3 +242,49 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
     if best["phase"] == 2:
         stem = "run" if best["step"] == 3 else f"run-step{best['step']:08d}"
         assert str(out / f"{stem}.safetensors") in line
+
+
+def test_source_faces_are_taken_at_the_stored_landmarks(tmp_path):
+    """A group photo in the source set: its NAME.json points at the person (the smaller face), so that
+    face is embedded, not the largest; a photo without landmarks gives its largest face."""
+
+    class LandmarkColourNetwork(ColourNetwork):
+        def embed(self, rgb: np.ndarray, landmarks: np.ndarray):
+            x, y = np.asarray(landmarks, np.float64)[2].round().astype(int)  # the nose
+            return SimpleNamespace(embedding=ColourNetwork.faces(self, rgb[y:y + 1, x:x + 1])[0].embedding)
+
+    group = np.zeros((40, 40, 3), np.uint8)
+    group[:, :30] = (200, 0, 0)  # the larger "face"
+    group[:, 30:] = (0, 0, 90)  # the person, where prepare's landmarks are
+    Image.fromarray(group).save(tmp_path / "group.png")
+    (tmp_path / "group.json").write_text(json.dumps({"landmarks": [[32, 10], [38, 10], [35, 20], [32, 30], [38, 30]]}))
+    Image.fromarray(np.full((40, 40, 3), (0, 120, 0), np.uint8)).save(tmp_path / "plain.png")
+    (tmp_path / "plain.json").write_text(json.dumps({"landmarks": None}))
+    scorer = PreviewScorer.from_folder("", tmp_path, ["group", "plain"], lambda weights: LandmarkColourNetwork())
+    np.testing.assert_allclose(scorer.source_embeddings, [[0, 0, 1], [0, 1, 0]], atol=1e-7)
+
+
+def test_real_network_scores_the_person_above_another(tmp_path):
+    """dlib's network on real photos: a half-size astronaut scores above a stranger from insightface's
+    group photo, a blank image shows no face; the figures are the network's own cosines, averaged."""
+    pytest.importorskip("dlib")
+    from skimage import data
+
+    from dataset_tools.demo_photos import reference_images
+    from library.evaluation.face_identity import load_identity_network
+
+    astronaut = Image.fromarray(data.astronaut())
+    astronaut.save(tmp_path / "full.png")
+    astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+    said: list[str] = []
+    scoring = PreviewScoring("", tmp_path, ["full", "mirror"], said.append)
+    samples = [astronaut.resize((256, 256), Image.Resampling.LANCZOS), reference_images()["t1_left"],
+               Image.new("RGB", (256, 256), (128, 128, 128))]
+    scores = scoring(samples)
+    assert said == ["preview samples are scored with dlib ResNet v1 (face_recognition_models) against 2 source faces"]
+    net = load_identity_network()
+    sources = [net.faces(np.asarray(im))[0].embedding for im in (astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
+    per_image = [np.mean([net.similarity(net.faces(np.asarray(im))[0].embedding, s) for s in sources]) for im in samples[:2]]
+    assert per_image[0] > 0.95 > per_image[1]  # measured: 0.98-1.0 for the astronaut, 0.82-0.89 for others
+    assert scores == pytest.approx({"eval/face_found": 2 / 3, "eval/same_person": 1 / 3,
+                                    "eval/csim": float(np.mean(per_image))}, abs=1e-6)
