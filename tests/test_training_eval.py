@@ -203,6 +203,14 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
             seen_none = True
             assert "eval/csim" not in h
     assert seen_face, "no sample showed a stand-in face: the CSIM comparison never ran"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("eval/csim")]
+    want = [(h["step"] + (cfg.phase1.steps if h["phase"] == 2 else 0), h["eval/csim"]) for h in history if "eval/csim" in h]
+    assert [s for s, _ in logged] == [s for s, _ in want]
+    np.testing.assert_allclose([v for _, v in logged], [v for _, v in want], rtol=1e-6)
     assert "preview samples are scored with stand-in against" in printed
     assert re.search(r"phase 2 step 1/3: samples (csim [0-9.]+|csim - \(no face\)) \| face found", printed)
 
