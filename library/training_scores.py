@@ -78,7 +78,7 @@ class PreviewScorer:
         images, landmarks = [], []
         for name in names:
             try:
-                images.append(np.asarray(read_image(Path(folder) / f"{name}.png").image))
+                images.append(np.array(read_image(Path(folder) / f"{name}.png").image))
             except (OSError, ValueError):  # the trainer has already read it once; a file gone since is skipped
                 continue
             landmarks.append(_stored_landmarks(Path(folder) / f"{name}.json"))
@@ -98,7 +98,7 @@ class PreviewScorer:
         csims, same = [], 0
         found = 0
         for im in images:
-            faces = self.network.faces(np.asarray(im.convert("RGB")))
+            faces = self.network.faces(np.array(im.convert("RGB")))  # writable: torch warns on a read-only array
             if not faces:
                 continue
             found += 1
