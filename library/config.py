@@ -152,6 +152,9 @@ class OutputConfig:
     name: str = "magicapture"
     save_every: int = 500
     keep_checkpoints: int = 2
+    # phase 2: also export the LoRA and embeddings every this many steps, named by step as kohya does
+    # (NAME-step00000500.safetensors), to keep the step where identity peaked; 0 = only at the end
+    save_lora_every: int = 0
     save_precision: str = "fp16"  # fp16 | bf16 | fp32
     embeddings_pt: bool = False  # also A1111's legacy .pt embeddings
     bundle_embeddings: bool = False  # bundle_emb.* inside the LoRA (A1111 only; ComfyUI warns)
@@ -271,6 +274,8 @@ def validate(cfg: Config, origin: str) -> None:
             raise ConfigError(f"{origin}: {phase_name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 please")
         if phase.batch_size % phase.grad_accum:
             raise ConfigError(f"{origin}: {phase_name}.batch_size must be a multiple of grad_accum")
+    if cfg.output.save_lora_every < 0:
+        raise ConfigError(f"{origin}: output.save_lora_every = {cfg.output.save_lora_every}: use 0 (off) or a step count")
     if "composed" in cfg.phase1.tasks:
         raise ConfigError(f"{origin}: phase1.tasks: the composed task needs the LoRA phase (phase2) only")
     if cfg.tokens.source == cfg.tokens.reference:

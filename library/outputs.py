@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from .config import composed_prompt
@@ -12,14 +13,23 @@ from .models import DTYPES
 from .tokens import token_vectors
 
 
-def output_paths(cfg) -> dict[str, Path]:
-    """What a run writes at its end, by role: "lora", and per token word its .safetensors (and .pt)."""
+PROGRESS_PLOT = "progress.png"  # the losses and the preview scores over steps (library/progress_plot.py)
+STEP_SUFFIX = "-step{:08d}"  # kohya sd-scripts' STEP_FILE_NAME ("{}-step{:08d}")
+
+
+def output_paths(cfg, step: int | None = None) -> dict[str, Path]:
+    """What a run writes at its end, by role: "lora", and per token word its .safetensors (and .pt).
+
+    With `step` (a phase-2 step, output.save_lora_every), the intermediate files of that step, named as
+    kohya names them: ``NAME-step00000500.safetensors``, ``mcv1-step00000500.safetensors``.
+    """
     out = Path(cfg.output.dir)
-    paths = {"lora": out / f"{cfg.output.name}.safetensors"}
+    suffix = "" if step is None else STEP_SUFFIX.format(step)
+    paths = {"lora": out / f"{cfg.output.name}{suffix}.safetensors"}
     for word in (cfg.tokens.source, cfg.tokens.reference):
-        paths[word] = out / f"{word}.safetensors"
+        paths[word] = out / f"{word}{suffix}.safetensors"
         if cfg.output.embeddings_pt:
-            paths[f"{word}.pt"] = out / f"{word}.pt"
+            paths[f"{word}.pt"] = out / f"{word}{suffix}.pt"
     return paths
 
 
@@ -27,25 +37,37 @@ def remove_stale_temporaries(cfg) -> list[Path]:
     """Delete the temporaries a killed run left beside its outputs (every write goes through the atomic
     writer, so only these can be partial); returns what was removed."""
     out = Path(cfg.output.dir)
-    names = [*output_paths(cfg).values(), out / "effective_config.toml", out / "loss_history.jsonl"]
-    stale = stale_temporaries(out, "|".join(re.escape(p.name) for p in names))
+    names = [*output_paths(cfg).values(), out / "effective_config.toml", out / "loss_history.jsonl",
+             out / PROGRESS_PLOT]
+    patterns = [re.escape(p.name) for p in names]
+    # the step-named intermediate files: the same names with kohya's step suffix before the extension
+    patterns += [re.escape(p.stem) + r"-step\d{8}" + re.escape(p.suffix) for p in output_paths(cfg).values()]
+    stale = stale_temporaries(out, "|".join(patterns))
     for path in stale:
         remove_tree(path)
     return stale
 
 
-def export_outputs(trainer) -> Path:
-    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path."""
+def export_outputs(trainer, step: int | None = None) -> Path:
+    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path.
+
+    With `step`: the intermediate files of that phase-2 step (:func:`output_paths`), the same tensors the
+    run holds at that step, and no note on how to load them.
+    """
     cfg = trainer.cfg
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
-    paths = output_paths(cfg)
+    paths = output_paths(cfg, step)
     vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
     for word, vec in vectors.items():
-        save_embedding(paths[word], word, vec.to(dtype))
-        if cfg.output.embeddings_pt:
-            save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=cfg.phase1.steps + cfg.phase2.steps)
+        with warnings.catch_warnings():
+            if step is not None:  # named by step on purpose; the best-step message says to rename it
+                warnings.filterwarnings("ignore", message="A1111 will call this embedding")
+            save_embedding(paths[word], word, vec.to(dtype))
+            if cfg.output.embeddings_pt:
+                done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
+                save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=done)
     lora_path = paths["lora"]
     if trainer.lora_added:
         state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
@@ -65,7 +87,7 @@ def export_outputs(trainer) -> Path:
             vae_hash=file_sha256(vae) if vae is not None and vae.is_file() else None,
             training={
                 "phase1_steps": cfg.phase1.steps,
-                "phase2_steps": cfg.phase2.steps,
+                "phase2_steps": cfg.phase2.steps if step is None else step,
                 "learning_rate": cfg.phase2.lr_unet,
                 "unet_lr": cfg.phase2.lr_unet,
                 "text_encoder_lr": cfg.phase2.lr_text_encoder,
@@ -80,6 +102,8 @@ def export_outputs(trainer) -> Path:
         )
         bundle = {w: v.to(dtype) for w, v in vectors.items()} if cfg.output.bundle_embeddings else None
         save_lora(lora_path, state, metadata, bundle_embeddings=bundle)
+    if step is not None:
+        return lora_path
     trainer.print(
         f"wrote {lora_path} and {', '.join(str(paths[w]) for w in vectors)}\n"
         f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "

@@ -124,8 +124,9 @@ def _with_header(grid: Image.Image, labels: list[str]) -> Image.Image:
     return out
 
 
-def write_previews(trainer, tag: str) -> None:
-    """samples/<tag>.png (composed prompt) and attention/<tag>.png + .json, atomically."""
+def write_previews(trainer, tag: str) -> list[Image.Image]:
+    """samples/<tag>.png (composed prompt) and attention/<tag>.png + .json, atomically; returns the
+    samples (sample.n images, in the grid's order) for scoring."""
     cfg = trainer.cfg
     out = Path(cfg.output.dir)
     images = sample_images(trainer, composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
@@ -135,3 +136,4 @@ def write_previews(trainer, tag: str) -> None:
     write_text(out / "attention" / f"{tag}.json", json.dumps(shares, indent=2))
     if cfg.logging.tensorboard:
         trainer.acc.log({f"attention/{k}": v for k, v in shares.items()})
+    return images

@@ -36,6 +36,7 @@ from .optim import build_lr_scheduler, build_optimizer, load_training_state
 from .precision import settle_precision
 from .resume import ResumePoint, prepare_resume, rewind_history
 from .tokens import add_special_tokens, get_token_embedding, norm_regulariser, prompt_input_ids, pull_norms, token_vectors
+from .training_scores import PreviewScoring, report_progress
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class MagiCaptureTrainer:
             reference_items = self._load("reference", cfg.data.reference_dir, tok.reference)
             self.source = self._cache(source_items).to(self.device)
             self.reference = self._cache(reference_items).to(self.device)
+        # the previews' likeness against the source faces, embedded once from the prepared folder's PNGs
+        self.scoring = PreviewScoring(cfg.loss.identity_weights, cfg.data.source_dir,
+                                      [it.name for it in source_items], self.print)
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -349,6 +353,7 @@ class MagiCaptureTrainer:
             from .outputs import export_outputs
 
             result = export_outputs(self)
+            report_progress(self.cfg, self.print)
             lora = {"UNet": self.unet, "text encoder": self.text_encoder} if self.lora_added else {}
             for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
                 self.print(line)
@@ -458,6 +463,15 @@ class MagiCaptureTrainer:
                     logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
                     done = step + 1
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "/" not in k})
+                    tag = self.preview_tag(phase, done, pcfg)
+                    if tag and self.acc.is_main_process and not stop.requested:
+                        # before the history line: the scores go into the entry of this step
+                        scores = self.scoring(write_previews(self, tag))
+                        logs |= scores
+                        if scores:
+                            self.print(f"phase {phase} step {done}/{pcfg.steps}: samples {self.scoring.describe(scores)}")
+                            if self.cfg.logging.tensorboard:
+                                self.acc.log(scores, step=offset + done)
                     self.history.append({"phase": phase, "step": done, **logs})
                     if self.acc.is_main_process:
                         with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
@@ -466,7 +480,7 @@ class MagiCaptureTrainer:
                     if every and (done % every == 0 or done == pcfg.steps):
                         self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
                     if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
-                        self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items()}
+                        self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items() if not k.startswith("eval/")}
                                      | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
                     if self.guard is not None:
                         self.check_attention(logs, phase, done)
@@ -475,8 +489,11 @@ class MagiCaptureTrainer:
                     if self.acc.is_main_process:
                         if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
                             self.save(phase, done, optimizer, scheduler, sampler)
-                        if self.cfg.sample.every and done % self.cfg.sample.every == 0:
-                            write_previews(self, f"p{phase}-{done:06d}")
+                        every = self.cfg.output.save_lora_every
+                        if phase == 2 and every and done % every == 0 and done < pcfg.steps:
+                            from .outputs import export_outputs
+
+                            export_outputs(self, step=done)  # the last step's are the final files
             except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
@@ -495,8 +512,15 @@ class MagiCaptureTrainer:
                     f"stopped in phase {phase} at step {done}/{pcfg.steps}: {saved}; continue with --resume latest",
                     stop.requested,
                 )
-        if phase == 1 and self.cfg.sample.every and pcfg.steps % self.cfg.sample.every and self.acc.is_main_process:
-            write_previews(self, "p1-end")
+
+    def preview_tag(self, phase: int, done: int, pcfg: PhaseConfig) -> str | None:
+        """The samples' name at this step, or None: every sample.every steps, and at the end of phase 1."""
+        every = self.cfg.sample.every
+        if not every:
+            return None
+        if done % every == 0:
+            return f"p{phase}-{done:06d}"
+        return "p1-end" if phase == 1 and done == pcfg.steps else None
 
     def stop_requested(self, stop: StopAfterStep) -> bool:
         """Whether a signal asked to stop; with several processes, whether any got one (all stop together)."""

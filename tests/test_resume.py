@@ -109,6 +109,11 @@ def assert_nothing_partial(out: Path) -> list[str]:
         elif path.name == "loss_history.jsonl":
             for line in path.read_text().splitlines():
                 json.loads(line)
+        elif path.name == "progress.png":
+            from PIL import Image
+
+            with Image.open(path) as plot:
+                plot.load()  # raises on a truncated file
         else:
             raise AssertionError(f"unexpected file {path}")
     return names
@@ -192,7 +197,7 @@ def test_killed_at_every_kind_of_point_and_resumed_ends_equal_to_an_uninterrupte
     names = assert_nothing_partial(out)
     assert names == assert_nothing_partial(reference_out) == [
         "checkpoint-p2-000002", "checkpoint-p2-000003", "effective_config.toml", "loss_history.jsonl",
-        "magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors"]
+        "magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors", "progress.png"]
     for name in [*sorted(OUTPUT_FILES), "checkpoint-p2-000003/trainable.safetensors"]:
         got, want = tensors(out / name), tensors(reference_out / name)
         assert got.keys() == want.keys(), name
