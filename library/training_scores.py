@@ -21,7 +21,7 @@ from .files.images import read_image
 from .files.text import read_text_file
 
 # the keys one scoring adds to a history entry
-CSIM, FACE_FOUND, SAME_PERSON = "eval/csim", "eval/face_found", "eval/same_person"
+CSIM, FACE_FOUND, SAME_PERSON, STYLE = "eval/csim", "eval/face_found", "eval/same_person", "eval/style"
 
 
 class ScoringUnavailable(RuntimeError):
@@ -88,7 +88,13 @@ class PreviewScorer:
             raise ScoringUnavailable(f"the source faces could not be embedded ({err})") from None
 
     def score(self, images: Sequence[Image.Image]) -> dict[str, float]:
-        """`images` (the preview samples) -> {eval/face_found, eval/same_person[, eval/csim]}.
+        """`images` (the preview samples) -> {eval/face_found, eval/same_person[, eval/csim]}; see
+        :meth:`score_faces`."""
+        # writable arrays: torch warns on a read-only one
+        return self.score_faces([self.network.faces(np.array(im.convert("RGB"))) for im in images])
+
+    def score_faces(self, faces_per_image: Sequence[list]) -> dict[str, float]:
+        """The scores of images whose faces (largest first, as ``network.faces`` gives them) are known.
 
         face_found: the share of images where the network finds a face. csim: over the images with a
         face, the mean of each one's largest face's cosine similarity to every source face, averaged
@@ -97,8 +103,7 @@ class PreviewScorer:
         """
         csims, same = [], 0
         found = 0
-        for im in images:
-            faces = self.network.faces(np.array(im.convert("RGB")))  # writable: torch warns on a read-only array
+        for faces in faces_per_image:
             if not faces:
                 continue
             found += 1
@@ -106,11 +111,54 @@ class PreviewScorer:
             csims.append(float(np.mean([self.network.similarity(emb, s) for s in self.source_embeddings])))
             votes = sum(bool(self.network.same_person(emb, s)) for s in self.source_embeddings)
             same += votes * 2 > len(self.source_embeddings)
-        n = max(len(images), 1)
+        n = max(len(faces_per_image), 1)
         scores = {FACE_FOUND: found / n, SAME_PERSON: same / n}
         if csims:
             scores[CSIM] = float(np.mean(csims))
         return scores
+
+
+def face_ellipse(shape: tuple[int, int], boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray | None:
+    """[H, W] bool: the ellipses inscribed in the face boxes (x0, y0, x1, y1 pixels); None without a box."""
+    if not boxes:
+        return None
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32) + 0.5
+    mask = np.zeros(shape, bool)
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 1.0), max((y1 - y0) / 2, 1.0)
+        mask |= ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+    return mask
+
+
+class StyleScorer:
+    """``eval/style`` of the preview samples: the mean cosine of their CLIP image embeddings with the
+    reference photos', faces masked out (the paper's masked-CLIP style score; evaluate.py's metric).
+
+    The references are masked by their prepared masks (``NAME.mask.png``: black = face). A preview sample
+    has no prepared mask, so its faces are masked by the ellipse inscribed in each box the identity network
+    found: the face-mesh oval the dataset tools would draw, to within its edge. `embedder`: a
+    ``library.evaluation.clip_scores.ClipImageEmbedder``.
+    """
+
+    def __init__(self, embedder, reference_dir: str | Path, names: Sequence[str]):
+        self.embedder = embedder
+        images, masks = [], []
+        for name in names:
+            folder = Path(reference_dir)
+            try:
+                images.append(np.array(read_image(folder / f"{name}.png").image))
+                mask = folder / f"{name}.mask.png"
+                masks.append(np.array(read_image(mask, mode="L").image) < 128 if mask.is_file() else None)
+            except (OSError, ValueError):  # read once by the trainer already; a file gone since is skipped
+                continue
+        if not images:
+            raise ScoringUnavailable(f"no reference image in {reference_dir} could be read for the style score")
+        self.references = embedder.embed(images, masks)  # [R, D], L2-normalised
+
+    def score(self, rgbs: Sequence[np.ndarray], faces_per_image: Sequence[list]) -> float:
+        masks = [face_ellipse(rgb.shape[:2], [f.box for f in faces]) for rgb, faces in zip(rgbs, faces_per_image)]
+        samples = self.embedder.embed(list(rgbs), masks)  # [N, D]
+        return float((samples @ self.references.T).mean())
 
 
 def _stored_landmarks(path: Path) -> np.ndarray | None:
@@ -123,41 +171,59 @@ def _stored_landmarks(path: Path) -> np.ndarray | None:
 
 
 class PreviewScoring:
-    """The trainer's scorer: built at the first scoring (the network loads only if previews are drawn),
-    and off for the rest of the run, said once through `say`, when it cannot be built.
-
-    Style (CLIP ViT-L/14 on face-masked images, issue 9 item 1) belongs here too once its scorer
-    exists: add its figure as ``eval/style`` in :meth:`__call__` when a CLIP folder is configured.
+    """The trainer's scorer: built at the first scoring (the networks load only if previews are drawn),
+    and off for the rest of the run, said once through `say`, when it cannot be built. With a CLIP folder
+    (``evaluation.clip``) and the reference set, it adds ``eval/style`` (:class:`StyleScorer`); a style
+    scorer that cannot be built is said once and leaves the likeness scores on.
     """
 
     def __init__(self, identity_weights: str, source_dir: str | Path, source_names: Sequence[str],
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], clip_folder: str = "", reference_dir: str | Path = "",
+                 reference_names: Sequence[str] = ()):
         self.identity_weights, self.source_dir, self.source_names = identity_weights, source_dir, list(source_names)
+        self.clip_folder, self.reference_dir, self.reference_names = clip_folder, reference_dir, list(reference_names)
         self.say = say
         self.scorer: PreviewScorer | None = None
+        self.style: StyleScorer | None = None
         self.off = False
+
+    def _build(self) -> bool:
+        try:
+            self.scorer = PreviewScorer.from_folder(self.identity_weights, self.source_dir, self.source_names,
+                                                    _load_network)
+        except ScoringUnavailable as err:
+            self.off = True
+            self.say(f"warning: preview samples are not scored for likeness: {err}")
+            return False
+        self.say(f"preview samples are scored with {self.scorer.name} against "
+                 f"{len(self.scorer.source_embeddings)} source faces")
+        if self.clip_folder:
+            from .evaluation.clip_scores import ClipImageEmbedder
+
+            try:
+                self.style = StyleScorer(ClipImageEmbedder(self.clip_folder), self.reference_dir, self.reference_names)
+            except (ScoringUnavailable, ValueError, OSError) as err:
+                self.say(f"warning: preview samples are not scored for style: {err}")
+        return True
 
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, float]:
         """The ``eval/*`` scores of `images` ({} when scoring is off)."""
-        if self.off:
+        if self.off or (self.scorer is None and not self._build()):
             return {}
-        if self.scorer is None:
-            try:
-                self.scorer = PreviewScorer.from_folder(self.identity_weights, self.source_dir, self.source_names,
-                                                        _load_network)
-            except ScoringUnavailable as err:
-                self.off = True
-                self.say(f"warning: preview samples are not scored for likeness: {err}")
-                return {}
-            self.say(f"preview samples are scored with {self.scorer.name} against "
-                     f"{len(self.scorer.source_embeddings)} source faces")
-        return self.scorer.score(images)
+        rgbs = [np.array(im.convert("RGB")) for im in images]  # writable: torch warns on a read-only array
+        faces = [self.scorer.network.faces(rgb) for rgb in rgbs]
+        scores = self.scorer.score_faces(faces)
+        if self.style is not None:
+            scores[STYLE] = self.style.score(rgbs, faces)
+        return scores
 
     @staticmethod
     def describe(scores: dict[str, float]) -> str:
         """The log line's part: ``csim 0.512 | face found 1.00 | same person 0.50``."""
         parts = [f"csim {scores[CSIM]:.3f}"] if CSIM in scores else ["csim - (no face)"]
         parts += [f"face found {scores[FACE_FOUND]:.2f}", f"same person {scores[SAME_PERSON]:.2f}"]
+        if STYLE in scores:
+            parts.append(f"style {scores[STYLE]:.3f}")
         return " | ".join(parts)
 
 

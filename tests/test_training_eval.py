@@ -296,3 +296,57 @@ def test_real_network_scores_the_person_above_another(tmp_path):
     assert per_image[0] > 0.95 > per_image[1]  # measured: 0.98-1.0 for the astronaut, 0.82-0.89 for others
     assert scores == pytest.approx({"eval/face_found": 2 / 3, "eval/same_person": 1 / 3,
                                     "eval/csim": float(np.mean(per_image))}, abs=1e-6)
+
+
+def test_style_score_masks_faces_and_averages_over_references(tmp_path, monkeypatch):
+    """eval/style = mean over samples x references of the cosine of CLIP embeddings, the references'
+    faces masked by their prepared masks, the samples' by the ellipse inscribed in each found face box."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from library.evaluation.clip_scores import ClipImageEmbedder
+
+    torch.manual_seed(0)
+    clip = tmp_path / "clip"
+    cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, projection_dim=24)
+    CLIPVisionModelWithProjection(cfg).eval().save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    rng = np.random.default_rng(0)
+    refs = tmp_path / "reference"
+    refs.mkdir()
+    ref_images, ref_masks = [], []
+    for i in range(2):
+        rgb = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        face = np.zeros((32, 32), bool)
+        face[8:20, 10:22] = True
+        Image.fromarray(rgb).save(refs / f"r{i}.png")
+        Image.fromarray(np.where(face, 0, 255).astype(np.uint8)).save(refs / f"r{i}.mask.png")  # white = trains
+        ref_images.append(rgb)
+        ref_masks.append(face)
+
+    class BoxNetwork(StandInNetwork):
+        def faces(self, rgb):
+            return [SimpleNamespace(box=(4.0, 6.0, 20.0, 26.0), embedding=stand_in_embedding(rgb))]
+
+    monkeypatch.setattr(training_scores, "_load_network", lambda weights: BoxNetwork())
+    sources = tmp_path / "source"
+    sources.mkdir()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(sources / "s.png")
+    said = []
+    scoring = PreviewScoring("", sources, ["s"], said.append, str(clip), refs, ["r0", "r1"])
+    samples = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    scores = scoring(samples)
+
+    # by hand: the ellipse centred (12, 16) with radii (8, 10), in pixel-centre coordinates
+    yy, xx = np.mgrid[:32, :32] + 0.5
+    ellipse = ((xx - 12) / 8) ** 2 + ((yy - 16) / 10) ** 2 <= 1
+    embedder = ClipImageEmbedder(clip)
+    fill = embedder.fill
+    masked = [np.where(ellipse[..., None], fill, np.asarray(im)).astype(np.uint8) for im in samples]
+    ref_masked = [np.where(m[..., None], fill, im).astype(np.uint8) for im, m in zip(ref_images, ref_masks)]
+    a, b = embedder.embed(masked), embedder.embed(ref_masked)
+    assert scores[training_scores.STYLE] == pytest.approx(float((a @ b.T).mean()), abs=1e-6)
+    assert PreviewScoring.describe(scores).endswith(f"style {scores[training_scores.STYLE]:.3f}")
+    # without the masks the figure differs: the mask is used
+    assert abs(float((embedder.embed([np.array(s) for s in samples]) @ b.T).mean()) - scores[training_scores.STYLE]) > 1e-4
+    assert not any(line.startswith("warning") for line in said)
