@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .attention import AttentionMapStore, install_attention_capture
 from .attention_guard import AttentionCollapseGuard, attention_figures, format_figures
+from .batching import sample_tensors, token_positions
 from .config import Config, ConfigError, PhaseConfig, save_config
 from .data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from .identity_term import IdentityTerm
@@ -201,62 +202,19 @@ class MagiCaptureTrainer:
 
     def token_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 2] position of the first vector of [V1] and [V2] in each prompt (-1 where absent)."""
-        firsts = [self.token_ids[self.cfg.tokens.source][0], self.token_ids[self.cfg.tokens.reference][0]]
-        pos = torch.full((ids.shape[0], 2), -1, dtype=torch.long)
-        for k, tid in enumerate(firsts):
-            hit = ids == tid
-            found = hit.any(1)
-            pos[found, k] = hit[found].float().argmax(1)
-        return pos
+        return token_positions(ids, [self.token_ids[w][0] for w in self.token_words()])
 
     def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig) -> dict[str, torch.Tensor]:
-        """The tensors of one micro-batch, on the device.
-
-        Per sample b: its latent and softened reconstruction mask; ``ar_masks`` [B, 2, 1, h, w] and
-        ``ar_valid`` [B, 2], the refocusing target of [V1] (k = 0) and [V2] (k = 1) and whether the token
-        takes part (source: [V1] on the face; reference: [V2] on the non-face region; composed: [V1] on
-        the reference's face, [V2] on its non-face region); ``recon_weights`` (first half of the phase:
-        ``first_half_weight`` on reference and composed samples, released); ``id_task`` (the task is in
-        ``loss.id_tasks``), ``face_landmarks`` / ``face_ok`` (where the sample's image has its face) and
-        ``id_source`` (the source image whose embedding is the identity target).
-        """
-        src, ref = self.source, self.reference
-        latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok = [], [], [], [], [], [], []
+        """The tensors of one micro-batch on the device: :func:`library.batching.sample_tensors` (the
+        first-half weight while ``phase_step < steps / 2``), the prompts' ``input_ids`` and the tokens'
+        ``positions``, then ``noise`` and ``timesteps`` ~ U(0, max_timestep) from the trainer's generator."""
         late = phase_step >= pcfg.steps / 2
-        for s in samples:
-            data = src if s.task == "source" else ref
-            latents.append(data.latents[s.index])
-            recon.append(data.recon_masks[s.index])
-            landmarks.append(data.landmarks[s.index])
-            face_ok.append(data.has_face[s.index])
-            empty = torch.zeros_like(data.region_masks[s.index])
-            if s.task == "source":
-                ar_masks.append(torch.stack([src.region_masks[s.index], empty]))
-                ar_valid.append([True, False])
-            elif s.task == "reference":
-                ar_masks.append(torch.stack([empty, ref.region_masks[s.index]]))
-                ar_valid.append([False, True])
-            else:  # composed: [V1] belongs on the reference's face, [V2] everywhere else
-                ar_masks.append(torch.stack([ref.face_masks[s.index], ref.region_masks[s.index]]))
-                ar_valid.append([bool(ref.has_face[s.index]), True])
-            weights.append(1.0 if s.task == "source" or late else pcfg.first_half_weight)
+        batch = sample_tensors(samples, self.source, self.reference, self.cfg.loss.id_tasks,
+                               1.0 if late else pcfg.first_half_weight)
         ids = torch.stack([self.prompt_ids(s.prompt) for s in samples])
-        batch = {
-            "latents": torch.stack(latents),
-            "recon_masks": torch.stack(recon),
-            "ar_masks": torch.stack(ar_masks),  # [B, 2, 1, h, w]
-            "ar_valid": torch.tensor(ar_valid),
-            "recon_weights": torch.tensor(weights),
-            "input_ids": ids,
-            "positions": self.token_positions(ids),
-            "id_task": torch.tensor([s.task in self.cfg.loss.id_tasks for s in samples]),
-            "face_landmarks": torch.stack(landmarks),
-            "face_ok": torch.stack(face_ok),
-            "id_source": torch.tensor([s.id_source for s in samples]),
-        }
-        b = len(samples)
+        batch |= {"input_ids": ids, "positions": self.token_positions(ids)}
         batch["noise"] = torch.randn(batch["latents"].shape, generator=self.gen)
-        batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (b,), generator=self.gen)
+        batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (len(samples),), generator=self.gen)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
