@@ -41,7 +41,7 @@ _BORDER_RGB = (132, 133, 135)  # facexlib's grey fill outside the image, in RGB 
 
 _FACE_EXPECTED = "a face restoration model (CodeFormer or GFPGAN v1.3/v1.4)"
 
-# Set by the CLI (library.postprocess_cli): silence mediapipe's native (C++) log lines on stderr while it
+# Set by the CLI (library/postprocess/__main__.py): silence mediapipe's native (C++) log lines on stderr while it
 # runs. Read here, at detection time, so it must live in this module.
 _QUIET_NATIVE_LOGS = False
 

@@ -143,7 +143,7 @@ def _tree_modes(root: Path) -> dict[str, int]:
                          ids=["022", "002"])
 def test_every_output_gets_the_umask_mode(tiny_model, prepared_data, tmp_path, umask, mask, file_mode, folder_mode):
     from dataset_tools.prepare import prepare_folder
-    from library import postprocess_cli
+    from library.postprocess import __main__ as postprocess_cli
     from library.config import load_config
     from library.generation import generate
     from library.testing import save_random_arcface

@@ -213,7 +213,7 @@ def test_bisenet_pickle_is_refused_by_prepare(tmp_path, marker, capsys):
 
 @pytest.mark.parametrize("restore, flag", [("none", "--sr-weights"), ("gfpgan", "--weights"), ("codeformer", "--weights")])
 def test_restorer_and_upscaler_pickles_are_refused_by_postprocess(tmp_path, marker, capsys, restore, flag):
-    from library.postprocess_cli import main
+    from library.postprocess.__main__ import main
 
     photo_like().save(tmp_path / "a.png")
     weights = write_hostile_pickle(tmp_path / f"{restore}.pth", marker)
@@ -368,7 +368,7 @@ def test_image_claiming_100000_squared_pixels_is_refused_per_file(tmp_path, caps
     from dataset_tools.images import ImageLoadError, load_image
     from dataset_tools.prepare import main as prepare_main
     from library.data import load_prepared_folder
-    from library.postprocess_cli import main as postprocess_main
+    from library.postprocess.__main__ import main as postprocess_main
     from library.testing import write_prepared
 
     src = tmp_path / "in"

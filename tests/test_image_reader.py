@@ -175,7 +175,7 @@ def read_for_training(path: Path, tmp_path: Path) -> np.ndarray:
 
 
 def read_for_postprocess(path: Path, tmp_path: Path) -> np.ndarray:
-    from library import postprocess_cli
+    from library.postprocess import __main__ as postprocess_cli
 
     out = tmp_path / "post" / "out.png"
     assert postprocess_cli.main([str(path), str(out), "--restore", "none", "--upscale", "1"]) == 0
@@ -277,7 +277,7 @@ def test_a_jpeg_over_the_pixel_limit_is_read_only_where_it_is_shrunk(tmp_path, m
     only warns) a JPEG is read by the photo loader, which shrinks it anyway (decoded at reduced scale where
     PIL's draft can), and refused by the readers that keep full size (training, post-processing)."""
     from dataset_tools.images import load_image
-    from library import postprocess_cli
+    from library.postprocess import __main__ as postprocess_cli
     from library.files.images import ImageLoadError, read_image
 
     src = tmp_path / "big.jpg"

@@ -1,4 +1,4 @@
-"""library/postprocess.py on networks with random weights saved in each architecture's real key layout.
+"""library/postprocess/ on networks with random weights saved in each architecture's real key layout.
 
 Real-ESRGAN files are basicsr state dicts under "params_ema" (RRDBNet: conv_first / body.N.rdbM.convK /
 conv_body / conv_up1 / conv_up2 / conv_hr / conv_last; x2plus = the x4 network behind a pixel-unshuffle,
@@ -22,6 +22,7 @@ from PIL import Image
 from skimage import data
 
 from library import postprocess as pp
+from library.postprocess import __main__ as postprocess_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,7 +280,7 @@ def test_cli_folder_with_a_bad_file(tmp_path, weights, capsys):
     Image.new("RGB", (32, 24), (40, 90, 160)).save(src / "flat.png")
     (src / "broken.png").write_text("not an image")
     (src / "readme.txt").write_text("ignored")
-    rc = pp.main([str(src), str(dst), "--upscale", "2", "--restore", "codeformer", "--weights", str(weights["codeformer"]),
+    rc = postprocess_cli.main([str(src), str(dst), "--upscale", "2", "--restore", "codeformer", "--weights", str(weights["codeformer"]),
                   "--sr-weights", str(weights["esrgan_x2plus"]), "--tile", "16", "--device", "cpu"])
     captured = capsys.readouterr().err
     assert rc == 1
@@ -295,7 +296,7 @@ def test_cli_folder_with_a_bad_file(tmp_path, weights, capsys):
 def test_cli_summary_line(tmp_path, weights, capsys):
     src = tmp_path / "one.png"
     Image.new("RGB", (20, 10), (1, 2, 3)).save(src)
-    rc = pp.main([str(src), str(tmp_path / "big.png"), "--restore", "none", "--upscale", "3"])
+    rc = postprocess_cli.main([str(src), str(tmp_path / "big.png"), "--restore", "none", "--upscale", "3"])
     assert rc == 0
     assert capsys.readouterr().out.strip().startswith("postprocess: 1 written, 0 failed")
     assert Image.open(tmp_path / "big.png").size == (60, 30)
@@ -325,7 +326,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, weights, capsys, extra
     src = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(src)
     args = [e.format_map(_Names(weights, missing=str(tmp_path / "nothere.pth"))) for e in extra]
-    rc = pp.main([str(src), str(tmp_path / "b.png")] + args)
+    rc = postprocess_cli.main([str(src), str(tmp_path / "b.png")] + args)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "b.png").exists()
@@ -344,6 +345,6 @@ def test_cli_as_a_module_missing_weights(tmp_path):
 
 def test_cli_argparse_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as info:
-        pp.main(["only-one-path"])
+        postprocess_cli.main(["only-one-path"])
     assert info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

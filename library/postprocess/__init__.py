@@ -13,8 +13,8 @@ always downloads a RetinaFace and a ParseNet model.
     python -m library.postprocess IN OUT --upscale 2 --restore codeformer --weights codeformer.pth
 
 Layout: this module loads weights and runs the chain; library.face_restore finds, aligns, restores and
-pastes back faces; library.postprocess_cli is the command line (`main` here forwards to it, so the
-command above keeps working). The face names are re-exported here: import everything from this module.
+pastes back faces; library/postprocess/__main__.py is the command line (it imports this module;
+nothing here imports it). The face names are re-exported here: import everything from this module.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import importlib
 import math
 import os
 import pickle
-import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import face_restore as _face
-from .files.weights import WeightsFileError, load_pickled_weights
-from .face_restore import (
+from .. import face_restore as _face
+from ..files.weights import WeightsFileError, load_pickled_weights
+from ..face_restore import (
     _FACE_EXPECTED,
     DEFAULT_FIDELITY,
     FFHQ_TEMPLATE_512,
@@ -301,18 +300,3 @@ def postprocess(
             extra = f" (fidelity {fidelity:g})" if _arch_id(restorer) == "CodeFormer" else ""
             notes.append(f"restored {count} face{'s' if count != 1 else ''} with {name}{extra}")
     return out, notes
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (library.postprocess_cli.main); imported on call, as the CLI imports this module."""
-    from .postprocess_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    # `python -m library.postprocess` keeps working; the CLI module re-imports this one as
-    # library.postprocess (a separate module object from __main__), which is harmless: no state is shared
-    from .postprocess_cli import main as cli_main
-
-    sys.exit(cli_main())
