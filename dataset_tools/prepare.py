@@ -97,10 +97,6 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _encode_png(arr: np.ndarray) -> bytes:
-    return encode_png(arr)
-
-
 def _assign_stems(names: list[str]) -> dict[str, str]:
     """Output stem per input file name, unique (case-insensitively) and clear of mask/contact names."""
     taken: set[str] = {"contact"}
@@ -230,8 +226,8 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
     preview = make_preview(rgb, mask, None if face is None else face.box, fa.landmarks,
                            [f.box for f in fa.faces[1:]])
     outputs = [
-        (out_dir / f"{stem}.png", lambda: _encode_png(rgb)),
-        (out_dir / f"{stem}.mask.png", lambda: _encode_png(mask)),
+        (out_dir / f"{stem}.png", lambda: encode_png(rgb)),
+        (out_dir / f"{stem}.mask.png", lambda: encode_png(mask)),
         (out_dir / f"{stem}.txt", lambda: CAPTIONS[kind].format(token=token).encode("utf-8")),
         (preview_dir / f"{stem}.jpg", lambda: _encode_jpg(preview)),
         # the record goes last: a NAME.json means every file of NAME is complete

@@ -11,7 +11,6 @@ the manifest is what notices that.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ from .files.atomic import atomic_folder, remove_tree, stale_temporaries
 from .files.messages import one_line
 from .files.text import TextFileError, read_text_file
 from .files.weights import WeightsFileError, load_pickled_weights, load_safetensors
+from .metadata import file_sha256
 
 _NAME = re.compile(r"^checkpoint-p([12])-(\d{6})$")
 TRAINABLE, STATE, CONFIG, MANIFEST = "trainable.safetensors", "state.pt", "config.toml", "manifest.json"
@@ -62,11 +62,6 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.order)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def save_checkpoint(
     root: Path, phase: int, step: int, trainable: dict[str, torch.Tensor], state: dict, keep: int,
     config: dict | None = None,
@@ -88,7 +83,7 @@ def save_checkpoint(
         if config is not None:
             (tmp / CONFIG).write_text(toml.dumps(config), encoding="utf-8")
             names.append(CONFIG)
-        files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}
+        files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in names}
         (tmp / MANIFEST).write_text(json.dumps({"phase": phase, "step": step, "files": files}, indent=1), encoding="utf-8")
     found = list_checkpoints(root)
     for later in (c for c in found if c.order > (phase, step)):
@@ -135,7 +130,7 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
             size = file.stat().st_size
             if size != want[0]:
                 raise CheckpointError(f"{file}: {size} bytes, the manifest says {want[0]} (truncated or overwritten)")
-            if _sha256(file) != want[1]:
+            if file_sha256(file) != want[1]:
                 raise CheckpointError(f"{file}: contents differ from the manifest's SHA-256 (damaged)")
     try:  # one line for every kind of bad file; state.pt only as plain tensors and containers
         trainable = load_safetensors(path / TRAINABLE)
