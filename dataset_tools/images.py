@@ -7,9 +7,8 @@ import os
 
 import numpy as np
 
-from library.files.images import ImageLoadError, LoadedImage, read_image
+from library.files.images import IMAGE_EXTENSIONS, ImageLoadError, LoadedImage, read_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SHORT_SIDE = 64
 
 __all__ = ["IMAGE_EXTENSIONS", "MIN_SHORT_SIDE", "ImageLoadError", "LoadedImage", "encode_png", "is_image_name",

@@ -99,7 +99,7 @@ class MagiCaptureTrainer:
         # the previews' likeness against the source faces, embedded once from the prepared folder's PNGs
         self.scoring = PreviewScoring(cfg.loss.identity_weights, cfg.data.source_dir,
                                       [it.name for it in source_items], self.print, cfg.evaluation.clip,
-                                      cfg.data.reference_dir, [it.name for it in reference_items])
+                                      cfg.data.reference_dir)
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
 

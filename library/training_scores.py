@@ -140,20 +140,15 @@ class StyleScorer:
     ``library.evaluation.clip_scores.ClipImageEmbedder``.
     """
 
-    def __init__(self, embedder, reference_dir: str | Path, names: Sequence[str]):
+    def __init__(self, embedder, reference_dir: str | Path, warn: Callable[[str], None] = print):
+        from .evaluation.folders import FolderError, read_folder
+
+        try:  # the reader evaluate.py uses: the same images, the same masks
+            references = read_folder(reference_dir, reference_masks=True, warn=warn)
+        except FolderError as err:
+            raise ScoringUnavailable(f"no reference image for the style score ({err})") from None
         self.embedder = embedder
-        images, masks = [], []
-        for name in names:
-            folder = Path(reference_dir)
-            try:
-                images.append(np.array(read_image(folder / f"{name}.png").image))
-                mask = folder / f"{name}.mask.png"
-                masks.append(np.array(read_image(mask, mode="L").image) < 128 if mask.is_file() else None)
-            except (OSError, ValueError):  # read once by the trainer already; a file gone since is skipped
-                continue
-        if not images:
-            raise ScoringUnavailable(f"no reference image in {reference_dir} could be read for the style score")
-        self.references = embedder.embed(images, masks)  # [R, D], L2-normalised
+        self.references = embedder.embed([r.rgb for r in references], [r.face_mask for r in references])  # [R, D]
 
     def score(self, rgbs: Sequence[np.ndarray], faces_per_image: Sequence[list]) -> float:
         masks = [face_ellipse(rgb.shape[:2], [f.box for f in faces]) for rgb, faces in zip(rgbs, faces_per_image)]
@@ -178,10 +173,9 @@ class PreviewScoring:
     """
 
     def __init__(self, identity_weights: str, source_dir: str | Path, source_names: Sequence[str],
-                 say: Callable[[str], None], clip_folder: str = "", reference_dir: str | Path = "",
-                 reference_names: Sequence[str] = ()):
+                 say: Callable[[str], None], clip_folder: str = "", reference_dir: str | Path = ""):
         self.identity_weights, self.source_dir, self.source_names = identity_weights, source_dir, list(source_names)
-        self.clip_folder, self.reference_dir, self.reference_names = clip_folder, reference_dir, list(reference_names)
+        self.clip_folder, self.reference_dir = clip_folder, reference_dir
         self.say = say
         self.scorer: PreviewScorer | None = None
         self.style: StyleScorer | None = None
@@ -201,7 +195,7 @@ class PreviewScoring:
             from .evaluation.clip_scores import ClipImageEmbedder
 
             try:
-                self.style = StyleScorer(ClipImageEmbedder(self.clip_folder), self.reference_dir, self.reference_names)
+                self.style = StyleScorer(ClipImageEmbedder(self.clip_folder), self.reference_dir, self.say)
             except (ScoringUnavailable, ValueError, OSError) as err:
                 self.say(f"warning: preview samples are not scored for style: {err}")
         return True

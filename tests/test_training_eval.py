@@ -333,7 +333,7 @@ def test_style_score_masks_faces_and_averages_over_references(tmp_path, monkeypa
     sources.mkdir()
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(sources / "s.png")
     said = []
-    scoring = PreviewScoring("", sources, ["s"], said.append, str(clip), refs, ["r0", "r1"])
+    scoring = PreviewScoring("", sources, ["s"], said.append, str(clip), refs)
     samples = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
     scores = scoring(samples)
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files.images import ImageLoadError, read_image
+from ..files.images import IMAGE_EXTENSIONS, ImageLoadError, read_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_SHORT_SIDE = 1024  # larger photos are shrunk on reading: every metric looks at 224 px or a face crop
 
 

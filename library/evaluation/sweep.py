@@ -165,7 +165,8 @@ def run_overrides(sweep: Sweep, run: Run) -> list[str]:
 
 
 def _generated_count(folder: Path) -> int:
-    from .folders import IMAGE_EXTENSIONS, _is_grid
+    from ..files.images import IMAGE_EXTENSIONS
+    from .folders import _is_grid
 
     if not folder.is_dir():
         return 0

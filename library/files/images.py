@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited on white, everywhere
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a folder of photos is read for
 
 
 class ImageLoadError(ValueError):
