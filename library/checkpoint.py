@@ -37,10 +37,6 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be resumed from; the message is one line naming the file."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message is one line naming the file."""
-
-
 @dataclass
 class CheckpointInfo:
     path: Path
