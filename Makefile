@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m library.testing data/tiny_sd --arcface data/arcface_random.pth
+	$(BIN)/python -m library.models.tiny data/tiny_sd --arcface data/arcface_random.pth
 	$(BIN)/python -m dataset_tools.demo_photos data/demo_raw
 	$(BIN)/python -m dataset_tools.prepare source data/demo_raw/source data/demo/source
 	$(BIN)/python -m dataset_tools.prepare reference data/demo_raw/reference data/demo/reference

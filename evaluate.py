@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _face_mask_finder():
     """face_mask(rgb) -> bool mask (True = face) from the project's face masks, or None without a face."""
-    from dataset_tools.faces import FaceAnalyzer, quiet_native_stderr
+    from library.faces.analyzer import FaceAnalyzer, quiet_native_stderr
 
     analyzer = None
 

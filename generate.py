@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from library.generation import (
+    from library.generation.pipeline import (
         DEFAULT_CFG,
         DEFAULT_FIDELITY,
         DEFAULT_LORA_SCALE,
@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from library.config import ConfigError, load_config
     from library.files.text import TextFileError
-    from library.generation import GenerationError
-    from library.models import ModelLoadError
+    from library.generation.pipeline import GenerationError
+    from library.models.loading import ModelLoadError
 
     try:
         cfg = load_config(args.config, list(args.overrides), check_paths=False)  # data folders are not needed here
-        from library.generation import generate
+        from library.generation.pipeline import generate
 
         paths = generate(
             cfg,

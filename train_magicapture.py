@@ -25,13 +25,13 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = "latest"
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from library.checkpoint import CheckpointError
+    from library.training.checkpoint import CheckpointError
     from library.config import ConfigError
-    from library.data import DatasetError
+    from library.training.data import DatasetError
     from library.files.text import TextFileError
-    from library.interrupt import terminate_as_interrupt
-    from library.models import ModelLoadError
-    from library.trainer import TrainingStopped
+    from library.training.interrupt import terminate_as_interrupt
+    from library.models.loading import ModelLoadError
+    from library.training.trainer import TrainingStopped
 
     try:
         with terminate_as_interrupt():
@@ -53,8 +53,8 @@ def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from library.config import load_config
-    from library.resume import prepare_resume
-    from library.trainer import MagiCaptureTrainer
+    from library.training.resume import prepare_resume
+    from library.training.trainer import MagiCaptureTrainer
 
     cfg = load_config(args.config, list(args.overrides))
     if args.output_dir:

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from library.config import load_config  # noqa: E402
-from library.models import StableDiffusionParts, _ddpm_from  # noqa: E402
-from library.testing import build_components, write_prepared  # noqa: E402
+from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
+from library.models.tiny import build_components, write_prepared  # noqa: E402
 
 
 def make_trainer(args, root: Path):
-    from library.iresnet import iresnet50
-    from library.trainer import MagiCaptureTrainer
+    from library.models.iresnet import iresnet50
+    from library.training.trainer import MagiCaptureTrainer
 
     comps = build_components(sd15_size=not args.tiny)
     parts = StableDiffusionParts(

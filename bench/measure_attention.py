@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library import checkpoint as ckpt  # noqa: E402
+from library.training import checkpoint as ckpt  # noqa: E402
 from library.config import load_config  # noqa: E402
-from library.previews import attention_report  # noqa: E402
-from library.trainer import MagiCaptureTrainer  # noqa: E402
+from library.training.previews import attention_report  # noqa: E402
+from library.training.trainer import MagiCaptureTrainer  # noqa: E402
 
 
 def main() -> int:

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from library import trainer as trainer_module  # noqa: E402
+from library.training import trainer as trainer_module  # noqa: E402
 from library.config import load_config  # noqa: E402
-from library.models import StableDiffusionParts, _ddpm_from  # noqa: E402
-from library.testing import build_components, write_prepared  # noqa: E402
+from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
+from library.models.tiny import build_components, write_prepared  # noqa: E402
 
 
 def make_trainer(args, root: Path, out: Path, detach: bool, extra: list[str] = ()):

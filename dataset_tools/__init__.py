@@ -12,11 +12,11 @@ __all__ = ["prepare_folder", "Summary", "PrepareError", "write_demo_photos", "DE
 
 def __getattr__(name):
     if name in ("prepare_folder", "Summary", "PrepareError", "DEFAULT_TOKENS", "CAPTIONS"):
-        from . import prepare
+        from dataset_tools import prepare
 
         return getattr(prepare, name)
     if name == "write_demo_photos":
-        from .demo_photos import write_demo_photos
+        from dataset_tools.demo_photos import write_demo_photos
 
         return write_demo_photos
     raise AttributeError(f"module 'dataset_tools' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .face_geometry import landmarks_from_detector, landmarks_from_mesh
+from library.faces.geometry import landmarks_from_detector, landmarks_from_mesh
 
 MIN_PHOTOS = 3
 
@@ -39,7 +39,7 @@ class Verdict:
 
 
 def face_landmarks(face, chosen_landmarks: np.ndarray | None) -> np.ndarray:
-    """ArcFace-order landmarks of a `dataset_tools.faces.DetectedFace`: the analysis' own for the chosen
+    """ArcFace-order landmarks of a `library.faces.analyzer.DetectedFace`: the analysis' own for the chosen
     face, the mesh's when it was fitted, else the detector keypoints'."""
     if chosen_landmarks is not None:
         return chosen_landmarks

@@ -11,11 +11,11 @@ import numpy as np
 from library.files.atomic import write_bytes
 from library.files.messages import one_line
 
-from .identity_check import MIN_PHOTOS, check_set, embed_faces
-from .images import load_image
-from .previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_preview
-from .images import encode_png as _encode_png
-from .records import json_bytes as _json_bytes, round_list as _round
+from dataset_tools.identity_check import MIN_PHOTOS, check_set, embed_faces
+from dataset_tools.images import load_image
+from dataset_tools.previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_preview
+from dataset_tools.images import encode_png as _encode_png
+from dataset_tools.records import json_bytes as _json_bytes, round_list as _round
 
 
 class IdentityWeightsError(ValueError):

@@ -9,7 +9,7 @@ for source, everything but the face for reference), NAME.txt (caption), NAME.jso
 landmarks, score, mask coverage, rotation, face angle, warnings), preview/NAME.jpg and preview/contact.jpg.
 A source photo whose face is on its side or upside down (no EXIF tag said so) is turned upright, with
 the turn in NAME.json's "rotation" (degrees clockwise) and a warning; a reference photo is only reported
-(see dataset_tools.faces).
+(see library.faces.analyzer).
 Exit status: 0 when at least one image was usable, 2 when none was or the arguments are wrong.
 """
 
@@ -28,10 +28,10 @@ import numpy as np
 from library.files.atomic import write_bytes
 from library.files.text import TextFileError, read_text_file
 
-from .records import json_bytes as _json_bytes, round_list as _round
-from .images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
-from .identity_pass import IdentityWeightsError, embed_one as _embed_one, identity_network as _identity_network, identity_pass as _identity_pass
-from .previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
+from dataset_tools.records import json_bytes as _json_bytes, round_list as _round
+from dataset_tools.images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+from dataset_tools.identity_pass import IdentityWeightsError, embed_one as _embed_one, identity_network as _identity_network, identity_pass as _identity_pass
+from dataset_tools.previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
 
 KINDS = ("source", "reference")
 DEFAULT_TOKENS = {"source": "mcv1", "reference": "mcv2"}
@@ -277,7 +277,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     message) for bad arguments or unusable folders; a bad image never raises, it lands in
     `Summary.skipped` with the reason.
     """
-    from .faces import FaceAnalyzer, quiet_native_stderr
+    from library.faces.analyzer import FaceAnalyzer, quiet_native_stderr
 
     if kind not in KINDS:
         raise PrepareError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -310,7 +310,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
         raise PrepareError(str(exc)) from None
     id_records: list[dict] = []
 
-    from .bisenet import ParserLoadError
+    from library.faces.bisenet import ParserLoadError
 
     thumbs: list[tuple[str, np.ndarray]] = []
     with quiet_native_stderr() as stream:

@@ -17,9 +17,9 @@ from typing import Any
 
 import toml
 
-from .files.atomic import write_text
-from .files.text import TextFileError, read_text_file
-from .files.messages import one_line
+from library.files.atomic import write_text
+from library.files.text import TextFileError, read_text_file
+from library.files.messages import one_line
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.testing import write_prepared
+from library.models.tiny import write_prepared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,7 +37,7 @@ def fresh_accelerator_state():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, original-layout single .safetensors) of the tiny SD 1.x model."""
-    from library.testing import save_model
+    from library.models.tiny import save_model
 
     return save_model(tmp_path_factory.mktemp("model") / "tiny_sd")
 

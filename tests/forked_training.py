@@ -37,7 +37,7 @@ def _die_half_written(path: str) -> None:
 def install_hook(hook: str) -> None:
     kind, _, arg = hook.partition(":")
     if kind in ("kill", "term", "int", "int2"):
-        from library.trainer import MagiCaptureTrainer
+        from library.training.trainer import MagiCaptureTrainer
 
         phase, step = (int(x) for x in arg.split(":"))
         real = MagiCaptureTrainer.optimizer_step
@@ -75,15 +75,15 @@ def install_hook(hook: str) -> None:
             if getattr(module, "__name__", "").startswith("library.") and getattr(module, "save_file", None) is real_save_file:
                 module.save_file = save_file
     elif kind == "term-at-load":
-        import library.trainer
+        import library.training.trainer
 
-        real_load = library.trainer.load_stable_diffusion
+        real_load = library.training.trainer.load_stable_diffusion
 
         def load_stable_diffusion(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             return real_load(*args, **kwargs)
 
-        library.trainer.load_stable_diffusion = load_stable_diffusion
+        library.training.trainer.load_stable_diffusion = load_stable_diffusion
     elif hook:
         raise ValueError(f"unknown hook {hook!r}")
 
@@ -117,10 +117,10 @@ def serve() -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import library.identity  # noqa: F401
-    import library.outputs  # noqa: F401
-    import library.previews  # noqa: F401
-    import library.trainer  # noqa: F401
+    import library.models.identity  # noqa: F401
+    import library.training.outputs  # noqa: F401
+    import library.training.previews  # noqa: F401
+    import library.training.trainer  # noqa: F401
     import train_magicapture  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)

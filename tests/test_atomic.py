@@ -145,9 +145,9 @@ def test_every_output_gets_the_umask_mode(tiny_model, prepared_data, tmp_path, u
     from dataset_tools.prepare import prepare_folder
     from library.postprocess import __main__ as postprocess_cli
     from library.config import load_config
-    from library.generation import generate
-    from library.testing import save_random_arcface
-    from library.trainer import MagiCaptureTrainer
+    from library.generation.pipeline import generate
+    from library.models.tiny import save_random_arcface
+    from library.training.trainer import MagiCaptureTrainer
 
     folder, _ = tiny_model
     source, reference = prepared_data

@@ -1,4 +1,4 @@
-"""library/attention.py: capture of the special tokens' cross-attention maps (METHOD.md eq. 8, traps)."""
+"""library/training/attention.py: capture of the special tokens' cross-attention maps (METHOD.md eq. 8, traps)."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from library.attention import (
+from library.training.attention import (
     DEFAULT_CAPTURE_LAYERS,
     AttentionMapStore,
     CaptureCrossAttnProcessor,
@@ -17,7 +17,7 @@ from library.attention import (
 )
 
 try:
-    from library.losses import attention_refocus_loss
+    from library.training.losses import attention_refocus_loss
 except ImportError:  # losses.py not there yet: the same quantity, simply written
     def attention_refocus_loss(maps, mask):
         up = F.interpolate(maps.float(), size=tuple(mask.shape[-2:]), mode="bilinear", align_corners=False)
@@ -35,7 +35,7 @@ LATENT = 16  # smaller than the model's sample_size (32), to keep the tests fast
 
 @pytest.fixture(scope="module")
 def base_unet():
-    from library.testing import build_components
+    from library.models.tiny import build_components
 
     return build_components()["unet"]
 

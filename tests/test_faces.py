@@ -1,4 +1,4 @@
-"""dataset_tools.faces / bisenet / images.encode_png on real photos (no downloaded weights)."""
+"""library.faces.analyzer / bisenet / images.encode_png on real photos (no downloaded weights)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _fit_to_template(lm: np.ndarray) -> tuple[float, float, bool]:
     """Least-squares similarity from `lm` to insightface's ARCFACE_TEMPLATE_112 (Umeyama): the rotation
     it needs (degrees, clockwise on screen), the RMS residual in template pixels, and whether
     a reflection would have fitted better (a mirrored landmark order)."""
-    from library.identity import ARCFACE_TEMPLATE_112
+    from library.models.identity import ARCFACE_TEMPLATE_112
 
     dst = ARCFACE_TEMPLATE_112.numpy().astype(np.float64)
     src = np.asarray(lm, np.float64)
@@ -195,8 +195,8 @@ def test_upside_down_fit_is_not_trusted(analyzer):
     """The mesh fitted on the upside-down crop alone draws an upright face, mouth on the forehead: the
     fault the issue reports. The crop turned a quarter (and three quarters) disagrees, so that fit
     never confirms the face."""
-    from dataset_tools.face_geometry import face_angle, landmarks_from_mesh
-    from dataset_tools.faces import MESH_CROP, square_crop
+    from library.faces.geometry import face_angle, landmarks_from_mesh
+    from library.faces.analyzer import MESH_CROP, square_crop
 
     rgb = np.ascontiguousarray(np.asarray(astronaut())[::-1, ::-1])
     faces, _ = analyzer.detect(rgb)
@@ -214,7 +214,7 @@ def test_untrustworthy_fit_is_never_used(analyzer, monkeypatch, fault):
     """A face-mesh fit whose eyes come out swapped (image-right eye first) is discarded; fits only on
     turned crops that disagree (the 90-degree one right, the 180-degree one drawn upside down) confirm
     nothing and none of them becomes the face's mesh. Either way: detector landmarks, in order."""
-    from dataset_tools.face_geometry import MESH_LEFT_EYE, MESH_RIGHT_EYE
+    from library.faces.geometry import MESH_LEFT_EYE, MESH_RIGHT_EYE
 
     real_fit = analyzer._fit
 
@@ -288,7 +288,7 @@ def test_confirmed_face_beats_larger_unconfirmed_box(analyzer, case):
 
 
 def _template() -> np.ndarray:
-    from library.identity import ARCFACE_TEMPLATE_112
+    from library.models.identity import ARCFACE_TEMPLATE_112
 
     return ARCFACE_TEMPLATE_112.numpy().astype(np.float64)
 
@@ -306,7 +306,7 @@ def _up(deg: float) -> np.ndarray:
 
 @pytest.mark.parametrize("deg", [0, 90, 180, 270, -35])
 def test_template_order_passes_at_any_angle(deg):
-    from dataset_tools.face_geometry import face_angle, landmark_order_problem
+    from library.faces.geometry import face_angle, landmark_order_problem
 
     lm = _turn(_template(), deg)
     assert landmark_order_problem(lm, _up(deg)) is None
@@ -338,7 +338,7 @@ ORDER_FAULTS = {  # fault -> (make it from the template, the message)
 
 @pytest.mark.parametrize("fault", list(ORDER_FAULTS))
 def test_landmark_order_faults(fault):
-    from dataset_tools.face_geometry import landmark_order_problem
+    from library.faces.geometry import landmark_order_problem
 
     make, message = ORDER_FAULTS[fault]
     for deg in (0, 90, 200):  # the same fault on a face at any angle
@@ -348,7 +348,7 @@ def test_landmark_order_faults(fault):
 
 
 def test_detector_landmarks_come_out_in_order():
-    from dataset_tools.face_geometry import landmarks_from_detector
+    from library.faces.geometry import landmarks_from_detector
 
     # mediapipe detector keypoints of an upright face, eyes given image-right first
     kps = np.array([[73.5, 51.5], [38.3, 51.7], [56.0, 71.7], [56.0, 92.3], [20.0, 60.0], [92.0, 60.0]])
@@ -359,7 +359,7 @@ def test_detector_landmarks_come_out_in_order():
 
 
 def test_rotate_points_matches_numpy_rot90():
-    from dataset_tools.face_geometry import rotate_box, rotate_points, turn_k
+    from library.faces.geometry import rotate_box, rotate_points, turn_k
 
     img = np.zeros((50, 100), np.uint8)
     img[20, 10] = 1  # pixel (x 10, y 20); its centre is (10.5, 20.5)
@@ -375,7 +375,7 @@ def test_rotate_points_matches_numpy_rot90():
 
 
 def test_quarter_turn_and_agreement():
-    from dataset_tools.face_geometry import fits_agree, quarter_turn
+    from library.faces.geometry import fits_agree, quarter_turn
 
     table = {0: 0, 30: 0, -59: 0, 59.9: 0, 61: 270, 90: 270, 120: 270, -61: 90, -90: 90, -130: 90, 140: 180,
              180: 180, -180: 180, -150: 180, 270: 90, -270: 270}
@@ -389,7 +389,7 @@ def test_quarter_turn_and_agreement():
 
 
 def test_square_crop_maps_back():
-    from dataset_tools.faces import square_crop
+    from library.faces.analyzer import square_crop
 
     yy, xx = np.mgrid[0:300, 0:400]
     img = np.stack([xx * 255 // 399, yy * 255 // 299, (xx + yy) * 255 // 698], -1).astype(np.uint8)
@@ -407,7 +407,7 @@ def test_square_crop_maps_back():
 
 def test_bisenet_keys_match_face_parsing_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
-    from dataset_tools.bisenet import BiSeNet, ParserLoadError, load_bisenet
+    from library.faces.bisenet import BiSeNet, ParserLoadError, load_bisenet
 
     net = BiSeNet(19)
     sd = net.state_dict()

@@ -360,14 +360,14 @@ NAME_WITH_A_LINE_BREAK = safetensors_bytes({"b": {"dtype": "F32", "shape": [1], 
 
 
 def _safetensors_loaders(root: Path):
-    from library.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
+    from library.training.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
     from library.config import load_config
-    from library.export import load_embedding, load_lora
+    from library.export.kohya import load_embedding, load_lora
     from library.files.weights import WeightsFileError
-    from library.generation import GenerationError
-    from library.models import ModelLoadError, load_stable_diffusion
+    from library.generation.pipeline import GenerationError
+    from library.models.loading import ModelLoadError, load_stable_diffusion
     from library.postprocess import load_upscaler
-    from library.trained_files import find_trained_files, read_embedding
+    from library.generation.trained_files import find_trained_files, read_embedding
 
     ckpt = root / "checkpoint-p1-000001"
     ckpt.mkdir()

@@ -1,4 +1,4 @@
-"""generate.py / library.generation on the tiny model, with trained files made without the trainer."""
+"""generate.py / library.generation.pipeline on the tiny model, with trained files made without the trainer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from library.config import load_config
-from library.generation import GenerationError, generate, load_model, parse_infotext
+from library.generation.pipeline import GenerationError, generate, load_model, parse_infotext
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE, REFERENCE = "mcv1", "mcv2"
@@ -22,9 +22,9 @@ RUN = "tinyrun"
 
 def _make_trained_files(model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     """What training writes to output.dir: <name>.safetensors (kohya LoRA) and <token>.safetensors."""
-    from library.export import build_metadata, lora_state_dict, save_embedding, save_lora
-    from library.lora import add_text_encoder_lora, add_unet_lora
-    from library.models import load_stable_diffusion
+    from library.export.kohya import build_metadata, lora_state_dict, save_embedding, save_lora
+    from library.training.lora import add_text_encoder_lora, add_unet_lora
+    from library.models.loading import load_stable_diffusion
 
     parts = load_stable_diffusion(str(model_dir))
     add_unet_lora(parts.unet, rank=4, alpha=4.0, preset="cross_attn")

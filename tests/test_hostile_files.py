@@ -85,11 +85,11 @@ def test_the_payloads_are_live(tmp_path):
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_every_pickle_reader_refuses_in_one_line(tmp_path, marker, form, payload):
     """Each loader of a pickle-based weights file, called directly: one-line error naming the file."""
-    from dataset_tools.bisenet import ParserLoadError, load_bisenet
-    from library.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
-    from library.export import load_embedding
-    from library.identity import load_arcface
-    from library.models import ModelLoadError, load_stable_diffusion
+    from library.faces.bisenet import ParserLoadError, load_bisenet
+    from library.training.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
+    from library.export.kohya import load_embedding
+    from library.models.identity import load_arcface
+    from library.models.loading import ModelLoadError, load_stable_diffusion
     from library.postprocess import load_face_restorer, load_upscaler
 
     ckpt = tmp_path / "checkpoint-p1-000001"
@@ -264,11 +264,11 @@ def test_legacy_embedding_pickle_is_refused_by_generate(tiny_model, tmp_path, ma
 _MEASURE = r"""
 import json, resource, sys, tracemalloc
 from pathlib import Path
-from library.checkpoint import CheckpointInfo, load_checkpoint
-from library.export import load_embedding, load_lora
-from library.models import load_stable_diffusion
+from library.training.checkpoint import CheckpointInfo, load_checkpoint
+from library.export.kohya import load_embedding, load_lora
+from library.models.loading import load_stable_diffusion
 from library.postprocess import load_upscaler
-from library.trained_files import read_embedding
+from library.generation.trained_files import read_embedding
 
 root = Path(sys.argv[1])
 loaders = {
@@ -367,9 +367,9 @@ def test_lying_embedding_and_checkpoint_through_the_entry_points(tiny_model, pre
 def test_image_claiming_100000_squared_pixels_is_refused_per_file(tmp_path, capsys, caplog):
     from dataset_tools.images import ImageLoadError, load_image
     from dataset_tools.prepare import main as prepare_main
-    from library.data import load_prepared_folder
+    from library.training.data import load_prepared_folder
     from library.postprocess.__main__ import main as postprocess_main
-    from library.testing import write_prepared
+    from library.models.tiny import write_prepared
 
     src = tmp_path / "in"
     src.mkdir()
@@ -398,7 +398,7 @@ def test_image_claiming_100000_squared_pixels_is_refused_per_file(tmp_path, caps
     # the trainer's reader of prepared folders: a bomb in place of one image is a warning, the rest load
     folder = write_prepared(tmp_path / "prepared", "source", "mcv1")
     (folder / "img1.png").write_bytes(BOMBS["bomb.png"])
-    with caplog.at_level(logging.WARNING, logger="library.data"):
+    with caplog.at_level(logging.WARNING, logger="library.training.data"):
         items = load_prepared_folder(folder, "source", 64)
     assert [item.name for item in items] == ["img0", "img2"]
     warned = [r.getMessage() for r in caplog.records if "img1.png" in r.getMessage()]

@@ -1,4 +1,4 @@
-"""library.identity: ArcFace loaders on networks the tests build, and alignment on a real photo."""
+"""library.models.identity: ArcFace loaders on networks the tests build, and alignment on a real photo."""
 import os
 import warnings
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from library.identity import (ARCFACE_TEMPLATE_112, ArcFace, IdentityEncoder, align_faces, estimate_similarity,
+from library.models.identity import (ARCFACE_TEMPLATE_112, ArcFace, IdentityEncoder, align_faces, estimate_similarity,
                               iresnet_config, load_arcface)
-from library.iresnet import IBasicBlock, IResNet, iresnet50, iresnet100
+from library.models.iresnet import IBasicBlock, IResNet, iresnet50, iresnet100
 
 
 def _small_iresnet(seed=0):

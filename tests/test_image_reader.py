@@ -3,7 +3,7 @@
 Each odd storage of an image (16-bit RGB / RGBA PNG, 16-bit grayscale I;16, palette with and without a
 transparent index, LA, RGBA, CMYK JPEG) is built here together with the 8-bit RGB it shows, and read
 through the reading path of each entry point: dataset_tools.prepare's loader, the training data loader
-(library.data.load_prepared_folder) and the post-processing CLI (python -m library.postprocess). Each must
+(library.training.data.load_prepared_folder) and the post-processing CLI (python -m library.postprocess). Each must
 give the 8-bit RGB: identical, or within 1 level where 16 -> 8 bit or alpha blending rounds.
 Transparency is composited on white everywhere (the documented choice), masks included.
 """
@@ -168,7 +168,7 @@ def _prepared_folder(tmp_path: Path, image_src: Path | None, mask_src: Path | No
 
 
 def read_for_training(path: Path, tmp_path: Path) -> np.ndarray:
-    from library.data import load_prepared_folder
+    from library.training.data import load_prepared_folder
 
     (item,) = load_prepared_folder(_prepared_folder(tmp_path, path, None), "reference", S)
     return item.image
@@ -239,7 +239,7 @@ def _masks(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
 
 @pytest.mark.parametrize("storage", ["L", "I;16", "RGB", "P", "LA"])
 def test_training_masks_in_any_storage(storage, tmp_path):
-    from library.data import load_prepared_folder
+    from library.training.data import load_prepared_folder
 
     src = tmp_path / "src"
     src.mkdir()

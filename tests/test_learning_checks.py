@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from library.config import load_config
-from library.data import DatasetError
-from library.learning_checks import check_caption_tokens, nothing_learned_warnings
-from library.lora import lora_relative_change
-from library.tokens import TrainableTokenEmbedding, prompt_input_ids
-from library.trainer import MagiCaptureTrainer
+from library.training.data import DatasetError
+from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
+from library.training.lora import lora_relative_change
+from library.models.prompts import prompt_input_ids
+from library.training.tokens import TrainableTokenEmbedding
+from library.training.trainer import MagiCaptureTrainer
 
 FOLDER = "data/me"
 FIX_TAIL = "those images do not train mcv1: put it near the start of their captions"
@@ -31,7 +32,7 @@ LONG = "a photo of a person " + "with a hat " * 30 + "mcv1"  # mcv1 is token 95 
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    from library.testing import CONFIG_DIR
+    from library.models.tiny import CONFIG_DIR
 
     tok = CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer")
     tok.add_tokens(["mcv1", "mcv1_1"])

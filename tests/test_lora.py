@@ -1,4 +1,4 @@
-"""LoRA targets and peft layers on the tiny SD 1.x-shaped model (library.testing)."""
+"""LoRA targets and peft layers on the tiny SD 1.x-shaped model (library.models.tiny)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from library import lora
-from library.testing import build_components
+from library.training import lora
+from library.models.tiny import build_components
 
 N_TRANSFORMERS = 16  # SD 1.x: down 3 x 2, mid 1, up 3 x 3 Transformer2DModel, one transformer block each
 

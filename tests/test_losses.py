@@ -1,10 +1,10 @@
-"""library.losses against values computed by hand (the arithmetic is written next to each number)."""
+"""library.training.losses against values computed by hand (the arithmetic is written next to each number)."""
 import math
 
 import pytest
 import torch
 
-from library.losses import (attention_refocus_loss, combine_losses, identity_loss, masked_reconstruction_loss,
+from library.training.losses import (attention_refocus_loss, combine_losses, identity_loss, masked_reconstruction_loss,
                             multi_token_refocus_loss, normalize_attention_maps, resize_mask, soften_mask, tweedie_x0)
 
 

@@ -1,7 +1,7 @@
 """Issue 8, item 2: a base model that is not what the trainer assumes is identified and refused in one
 line before any work; model.vae replaces (or supplies) the checkpoint's VAE.
 
-Every other kind is derived here from the tiny SD 1.x model (library/testing.py): keys renamed to SDXL's
+Every other kind is derived here from the tiny SD 1.x model (library/models/tiny.py): keys renamed to SDXL's
 or SD 2.x's text encoders, a 9- or 8-channel conv_in, a component's keys dropped, a v-prediction
 scheduler config, A1111's sidecar .yaml, a LoRA or a VAE given as the model. Each refusal is asserted as
 the exact line `train_magicapture.main` prints, with exit code 2, no output folder, no latents cached and
@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from library.models import ModelLoadError, load_stable_diffusion
-from library.testing import TINY_VAE, _sd15_config, vae_to_original
+from library.models.loading import ModelLoadError, load_stable_diffusion
+from library.models.tiny import TINY_VAE, _sd15_config, vae_to_original
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +90,12 @@ def no_work(monkeypatch):
     """Building a pipeline or caching latents fails the test: a refusal must come before either."""
     from diffusers import StableDiffusionPipeline
 
-    import library.trainer
+    import library.training.trainer
 
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the model was refused")
 
-    monkeypatch.setattr(library.trainer, "cache_set", forbidden)
+    monkeypatch.setattr(library.training.trainer, "cache_set", forbidden)
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", forbidden)
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", forbidden)
 
@@ -200,7 +200,7 @@ def test_diffusers_folders_of_other_kinds_are_refused_in_one_line_before_any_wor
 def test_text_files_a_model_comes_with_are_read_in_any_unicode_and_broken_ones_named(tiny_model, tiny_state, tmp_path):
     """model_index.json and configs with a UTF-8 BOM or in UTF-16 are read; a sidecar that is not text or not
     YAML is an error naming it (not a traceback)."""
-    from library.model_kind import identify_folder, sidecar_parameterization
+    from library.models.kind import identify_folder, sidecar_parameterization
 
     folder = _derived_folder(tiny_model[0], tmp_path / "bom")
     index = folder / "model_index.json"
@@ -305,8 +305,8 @@ def test_training_with_model_vae_uses_it_and_records_it(tiny_model, tiny_state, 
     """A checkpoint without a VAE trains with model.vae: the trainer's VAE holds the file's weights, the
     run finishes, and the LoRA's metadata names the VAE and the identified base model."""
     from library.config import load_config
-    from library.metadata import file_sha256
-    from library.trainer import MagiCaptureTrainer
+    from library.export.metadata import file_sha256
+    from library.training.trainer import MagiCaptureTrainer
 
     vae = _other_vae()
     vae_file = _write(tmp_path / "my_vae.safetensors", vae_to_original(vae.state_dict()))
@@ -337,7 +337,7 @@ def test_model_vae_missing_path_is_a_config_error(tiny_model, prepared_data, tmp
 
 
 def test_metadata_records_the_identified_base_model(tiny_model):
-    from library.metadata import build_metadata
+    from library.export.metadata import build_metadata
 
     common = dict(output_name="x", rank=4, alpha=4, unet_targets_preset="cross_attn", train_text_encoder=True,
                   tokens={"source": "mcv1", "reference": "mcv2"}, base_model_name="m.safetensors",

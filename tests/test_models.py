@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.models import ModelLoadError, load_stable_diffusion
-from library.testing import CONFIG_DIR
+from library.models.loading import ModelLoadError, load_stable_diffusion
+from library.models.tiny import CONFIG_DIR
 
 
 def test_tokenizer_is_the_real_clip_vocabulary():

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from library.config import ConfigError, TrainConfig
-from library.precision import plan_precision
-from library.testing import save_random_arcface
+from library.training.precision import plan_precision
+from library.models.tiny import save_random_arcface
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +59,16 @@ def test_fp16_on_the_cpu_falls_back_to_fp32_before_any_work_and_finishes(tiny_mo
                                                                          capsys, monkeypatch):
     """low_vram.toml's fp16 on a machine without a GPU: the warning comes before the model is loaded, and
     the run (identity loss on, which is where CPU fp16 used to stop in phase 2) finishes in fp32 and records it."""
-    import library.trainer
+    import library.training.trainer
 
     said_before_loading = []
-    load = library.trainer.load_stable_diffusion
+    load = library.training.trainer.load_stable_diffusion
 
     def watched_load(*args, **kwargs):
         said_before_loading.append(capsys.readouterr().out)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(library.trainer, "load_stable_diffusion", watched_load)
+    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", watched_load)
     arcface = save_random_arcface(tmp_path / "arcface.pth")
     out = tmp_path / "out"
     capsys.readouterr()
@@ -88,8 +88,8 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_before_any_work(tiny_mo
     """A pre-Ampere GPU stands in through PartialState's device and the capability query."""
     import accelerate
 
-    import library.precision
-    import library.trainer
+    import library.training.precision
+    import library.training.trainer
 
     class OldGpu:
         device = torch.device("cuda", 0)
@@ -99,9 +99,9 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_before_any_work(tiny_mo
         raise AssertionError("the model was loaded before the precision was checked")
 
     monkeypatch.setattr(accelerate, "PartialState", OldGpu)
-    monkeypatch.setattr(library.precision, "cuda_bf16_supported", lambda: False)
-    monkeypatch.setattr(library.precision, "describe_device", lambda device: "cuda:0 (Tesla T4)")
-    monkeypatch.setattr(library.trainer, "load_stable_diffusion", forbidden)
+    monkeypatch.setattr(library.training.precision, "cuda_bf16_supported", lambda: False)
+    monkeypatch.setattr(library.training.precision, "describe_device", lambda device: "cuda:0 (Tesla T4)")
+    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", forbidden)
     out = tmp_path / "out"
     capsys.readouterr()
     rc = main(_args(tiny_model, prepared_data, out, 'train.mixed_precision="bf16"'))
@@ -114,7 +114,7 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_before_any_work(tiny_mo
 
 
 def test_settle_precision_records_what_runs():
-    from library.precision import settle_precision
+    from library.training.precision import settle_precision
 
     train = TrainConfig(mixed_precision="fp16")
     plan = settle_precision(train)

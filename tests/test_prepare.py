@@ -389,8 +389,8 @@ def test_all_bad_exit_2_and_argument_errors(tmp_path, capsys):
 
 def test_parser_weights_cli(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    from dataset_tools.bisenet import BiSeNet
-    from dataset_tools.face_masks import parse_region
+    from library.faces.bisenet import BiSeNet
+    from library.faces.masks import parse_region
 
     torch.manual_seed(0)
     net = BiSeNet(19)

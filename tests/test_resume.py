@@ -32,10 +32,10 @@ import torch
 from safetensors import safe_open
 
 import train_magicapture
-from library import checkpoint as ckpt
+from library.training import checkpoint as ckpt
 from library.config import Config, load_config, save_config
-from library.resume import RULES, compare_configs, prepare_resume, rewind_history, rule_for
-from library.testing import save_random_arcface, write_prepared
+from library.training.resume import RULES, compare_configs, prepare_resume, rewind_history, rule_for
+from library.models.tiny import save_random_arcface, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -468,7 +468,7 @@ def _step(p, opt, sched, k: int) -> None:
 
 
 def test_resumed_optimiser_matches_an_uninterrupted_one_and_takes_new_rates():
-    from library.optim import load_training_state
+    from library.training.optim import load_training_state
 
     p, opt, sched = _adamw_and_schedule(1e-2)
     for k in range(3):
@@ -496,7 +496,7 @@ def test_resumed_optimiser_matches_an_uninterrupted_one_and_takes_new_rates():
 
 
 def test_stale_temporaries_beside_the_outputs_are_removed_and_nothing_else(tmp_path):
-    from library.outputs import remove_stale_temporaries
+    from library.training.outputs import remove_stale_temporaries
 
     cfg = Config()
     cfg.output.dir, cfg.output.name, cfg.output.embeddings_pt = str(tmp_path), "run", True

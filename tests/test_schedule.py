@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from library.attention_guard import BASELINE_STEPS, EMA_DECAY, AttentionCollapseGuard, attention_figures
+from library.training.attention_guard import BASELINE_STEPS, EMA_DECAY, AttentionCollapseGuard, attention_figures
 from library.config import PhaseConfig
-from library.data import TaskSampler
-from library.optim import build_lr_scheduler
-from library.tokens import pull_norms
+from library.training.data import TaskSampler
+from library.training.optim import build_lr_scheduler
+from library.training.tokens import pull_norms
 
 TASKS = ["source", "reference", "composed"]
 

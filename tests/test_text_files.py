@@ -3,8 +3,8 @@
 Fault kinds, each with the answer a user should get: a file saved by a Windows editor as Windows-1252
 (byte 0x92, the curly apostrophe), as UTF-16 LE or BE with a byte-order mark, or as UTF-8 with a mark;
 UTF-16 without a mark; UTF-32; truncated UTF-16; a folder where a file should be. Readers covered: TOML
-configs (train_magicapture.py, generate.py), caption and JSON sidecars (library/data.py, the trainer),
-the scheduler JSON (library/samplers.py) and prepare's check of earlier items.
+configs (train_magicapture.py, generate.py), caption and JSON sidecars (library/training/data.py, the trainer),
+the scheduler JSON (library/generation/samplers.py) and prepare's check of earlier items.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from library.config import ConfigError, load_config
-from library.data import DatasetError, load_prepared_folder
+from library.training.data import DatasetError, load_prepared_folder
 from library.files.text import TextFileError, read_text_file
-from library.testing import write_prepared
+from library.models.tiny import write_prepared
 
 CLEAN = "a photo of a mcv1 person, smiling\nsecond line"
 ENCODINGS_ACCEPTED = {
@@ -126,7 +126,7 @@ def _tiny_run_args(tiny_model, source: Path, reference: Path, out: Path, *extra:
 
 def test_cp1252_caption_stops_sidecar_mode_and_is_never_read_in_template_mode(
         tiny_model, prepared_data, tmp_path, capsys, monkeypatch):
-    import library.data
+    import library.training.data
     import train_magicapture
 
     source, reference = prepared_data
@@ -139,8 +139,8 @@ def test_cp1252_caption_stops_sidecar_mode_and_is_never_read_in_template_mode(
     assert not (tmp_path / "out" / "mcv1.safetensors").exists()
 
     opened = []
-    real = library.data.read_text_file
-    monkeypatch.setattr(library.data, "read_text_file", lambda p: opened.append(Path(p).name) or real(p))
+    real = library.training.data.read_text_file
+    monkeypatch.setattr(library.training.data, "read_text_file", lambda p: opened.append(Path(p).name) or real(p))
     assert train_magicapture.main([*args, "--max_steps", "1"]) == 0  # data.captions = "template"
     assert _error_lines(capsys.readouterr().err) == []
     assert (tmp_path / "out" / "mcv1.safetensors").is_file()
@@ -151,8 +151,8 @@ def test_cp1252_caption_stops_sidecar_mode_and_is_never_read_in_template_mode(
 def test_caption_with_bom_tokenizes_like_the_clean_caption(tmp_path, encoding):
     from transformers import CLIPTokenizer
 
-    from library.testing import CONFIG_DIR
-    from library.tokens import prompt_input_ids
+    from library.models.tiny import CONFIG_DIR
+    from library.models.prompts import prompt_input_ids
 
     clean = "a photo of a mcv1 person, smiling"
     codec, bom = {"utf-8 with BOM": ("utf-8", codecs.BOM_UTF8), "utf-16 LE with BOM": ("utf-16-le", codecs.BOM_UTF16_LE),
@@ -192,8 +192,8 @@ def test_json_sidecar_in_another_encoding_stops_training_in_one_line(tiny_model,
 def test_scheduler_config_utf16_is_read_and_cp1252_refused(tmp_path):
     from diffusers import DDPMScheduler
 
-    from library.generation_options import GenerationError
-    from library.samplers import scheduler_base_config
+    from library.generation.options import GenerationError
+    from library.generation.samplers import scheduler_base_config
 
     folder = tmp_path / "model"
     (folder / "scheduler").mkdir(parents=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.testing import build_components
-from library.tokens import add_special_tokens, expand_prompt, get_token_embedding, norm_regulariser, token_vectors
+from library.models.tiny import build_components
+from library.models.prompts import expand_prompt
+from library.training.tokens import add_special_tokens, get_token_embedding, norm_regulariser, token_vectors
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 
 from library.config import load_config
-from library.testing import save_random_arcface
-from library.trainer import MagiCaptureTrainer
+from library.models.tiny import save_random_arcface
+from library.training.trainer import MagiCaptureTrainer
 
 
 def make_config(tiny_model, prepared_data, out: Path, *extra: str):
@@ -116,7 +116,7 @@ def test_full_run_exports_and_resume_matches(tiny_model, prepared_data, tmp_path
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path):
-    from library.trainer import TrainingStopped
+    from library.training.trainer import TrainingStopped
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "phase1.lr_embeddings=1e30",
                       "optimizer.max_grad_norm=0.0", "optimizer.name=\"SGD\"")
@@ -127,8 +127,8 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny_model, prepared_data, tmp_path
 
 def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prepared_data, tmp_path):
     """The windowed VAE decode, the alignment and ArcFace pass gradient to the UNet LoRA, sample by sample."""
-    from library.data import Sample
-    from library.identity_term import face_window
+    from library.training.data import Sample
+    from library.training.identity_term import face_window
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", "loss.attn_weight=0")
     trainer = MagiCaptureTrainer(cfg)
@@ -164,7 +164,7 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
 
 
 def test_face_window_covers_the_landmarks():
-    from library.identity_term import face_window
+    from library.training.identity_term import face_window
 
     landmarks = torch.tensor([[[100.0, 100], [140, 100], [120, 120], [105, 140], [135, 140]],
                               [[10.0, 10], [30, 10], [20, 20], [12, 28], [28, 28]]])
@@ -238,7 +238,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model, prepared_dat
 
 def test_adamw8bit_default_steps_and_checkpoints_safely(tmp_path):
     from library.config import OptimizerConfig
-    from library.optim import build_optimizer
+    from library.training.optim import build_optimizer
 
     p = torch.nn.Parameter(torch.randn(8, 300))
     opt = build_optimizer(OptimizerConfig(), [{"params": [p], "lr": 1e-2}])
@@ -255,8 +255,8 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
     """loss.id_face = detector (the released code): no face on x0_hat -> sample skipped; a face -> its landmarks."""
     import numpy as np
 
-    import library.face_restore as face_restore
-    from library.data import Sample
+    import library.postprocess.face_restore as face_restore
+    from library.training.data import Sample
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", 'loss.id_face="detector"')
     trainer = MagiCaptureTrainer(cfg)
@@ -349,7 +349,7 @@ def _one_step(trainer, samples, phase_step, timesteps):
 
 
 def test_compute_loss_matches_the_formulas_by_hand(tiny_model, prepared_data, tmp_path):
-    from library.data import Sample
+    from library.training.data import Sample
 
     trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0"))
     trainer.setup_phase(2)
@@ -400,8 +400,8 @@ def test_compute_loss_matches_the_formulas_by_hand(tiny_model, prepared_data, tm
 def test_collapse_guard_on_the_tiny_model(tiny_model, prepared_data, tmp_path, monkeypatch, capsys):
     """60 refocusing-only steps: the released literal S drains the tokens' attention and the guard stops
     the run; eq. 8 as written keeps each token's inside probability within [0.5, 2]x of its start."""
-    import library.trainer as trainer_module
-    from library.trainer import TrainingStopped
+    import library.training.trainer as trainer_module
+    from library.training.trainer import TrainingStopped
 
     # refocusing alone moves the weights (no reconstruction, no identity)
     monkeypatch.setattr(trainer_module, "masked_reconstruction_loss",
@@ -432,7 +432,7 @@ def test_collapse_guard_on_the_tiny_model(tiny_model, prepared_data, tmp_path, m
 def test_attention_report_shares_by_hand(tiny_model, prepared_data, tmp_path, monkeypatch):
     """Uniform maps (a constant token column): the raw share outside a region is the region's complement
     fraction, whatever the upsampling; contrast 0; peak the constant."""
-    from library.previews import attention_report
+    from library.training.previews import attention_report
 
     trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0"))
     ref = trainer.reference

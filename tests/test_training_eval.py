@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import library.training_scores as training_scores
+import library.training.training_scores as training_scores
 from library.config import ConfigError, load_config
-from library.testing import save_random_arcface
-from library.trainer import MagiCaptureTrainer
-from library.training_scores import PreviewScorer, PreviewScoring, best_step_message
+from library.models.tiny import save_random_arcface
+from library.training.trainer import MagiCaptureTrainer
+from library.training.training_scores import PreviewScorer, PreviewScoring, best_step_message
 
 SAME_PERSON_COSINE = -0.12  # between the cosines this run gives, so both answers occur
 
@@ -132,7 +132,7 @@ def test_best_step_message(tmp_path):
 
 def test_save_lora_every_is_checked_and_its_temporaries_found(prepared_data, tmp_path):
     from library.config import Config
-    from library.outputs import remove_stale_temporaries
+    from library.training.outputs import remove_stale_temporaries
 
     source, reference = prepared_data
     with pytest.raises(ConfigError, match="save_lora_every = -1"):

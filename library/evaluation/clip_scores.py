@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files.messages import one_line
-from ..files.weights import WeightsFileError, load_pickled_weights
+from library.files.messages import one_line
+from library.files.weights import WeightsFileError, load_pickled_weights
 
 AESTHETIC_LINEARS = (0, 2, 4, 6, 7)  # indices of the Linear layers in the predictor's nn.Sequential
 

@@ -1,7 +1,7 @@
 """The identity network: find every face in a photo and embed it, with dlib's network or an ArcFace file.
 
     net = load_identity_network()                       # dlib ResNet v1 from face_recognition_models
-    net = load_identity_network("w600k_r50.onnx")       # ArcFace through library.identity's loaders
+    net = load_identity_network("w600k_r50.onnx")       # ArcFace through library.models.identity's loaders
     faces = net.faces(rgb)                              # [FoundFace], largest first
     net.similarity(faces[0].embedding, other)           # cosine similarity (the paper's CSIM)
     net.same_person(faces[0].embedding, other)          # the network's own same-person rule
@@ -24,9 +24,9 @@ Measured on real photos: the astronaut against its mirror, crop, half-size and b
 (the paper's CSIM is ArcFace): different people sit near 0.85 with dlib and near 0 with ArcFace.
 
 **ArcFace** (insightface's `w600k_r50.onnx` / `glintr100.onnx` or an arcface_torch `.pth`, through
-`library.identity.IdentityEncoder.from_file`): the face is aligned to ArcFace's 112 px template with 5
+`library.models.identity.IdentityEncoder.from_file`): the face is aligned to ArcFace's 112 px template with 5
 landmarks that must include the mouth corners, which dlib's 5-point model does not give; they come from
-mediapipe's face mesh (`library.face_restore.detect_face_landmarks`), matched to each dlib box by its
+mediapipe's face mesh (`library.postprocess.face_restore.detect_face_landmarks`), matched to each dlib box by its
 nose; a box the mesh does not match gets its mouth corners from the template (eyes and nose fitted to
 it, `FoundFace.landmarks_source` says which). Same person: cosine > 0.3 (`ARCFACE_COSINE_THRESHOLD`, a
 common choice for w600k_r50; pass `threshold=` to change it).
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files.messages import one_line
+from library.files.messages import one_line
 
 __all__ = ["ARCFACE_COSINE_THRESHOLD", "DLIB_COSINE_THRESHOLD", "FoundFace", "IdentityNetwork",
            "IdentityNetworkError", "arcface_points_from_dlib", "dlib_model_dir", "load_identity_network"]
@@ -55,7 +55,7 @@ DLIB_DESCRIPTOR_NORM = 1.46  # typical norm of a raw dlib descriptor (measured: 
 DLIB_COSINE_THRESHOLD = 1.0 - (DLIB_DISTANCE_THRESHOLD / DLIB_DESCRIPTOR_NORM) ** 2 / 2  # = 0.9155
 ARCFACE_COSINE_THRESHOLD = 0.3
 
-# ArcFace's 112 px template (library.identity.ARCFACE_TEMPLATE_112, kept here as numpy so that importing
+# ArcFace's 112 px template (library.models.identity.ARCFACE_TEMPLATE_112, kept here as numpy so that importing
 # this module for dlib does not import torch)
 _TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                       [70.7299, 92.2041]], np.float64)
@@ -283,11 +283,11 @@ class DlibIdentity(IdentityNetwork):
 
 
 class ArcFaceIdentity(IdentityNetwork):
-    """An ArcFace file through library.identity's loaders, on faces found by dlib's detector."""
+    """An ArcFace file through library.models.identity's loaders, on faces found by dlib's detector."""
 
     def __init__(self, weights: str | os.PathLike, device: str = "cpu", threshold: float = ARCFACE_COSINE_THRESHOLD):
         super().__init__()
-        from ..identity import IdentityEncoder
+        from library.models.identity import IdentityEncoder
 
         try:
             self._encoder = IdentityEncoder.from_file(weights, device)
@@ -301,7 +301,7 @@ class ArcFaceIdentity(IdentityNetwork):
         self.threshold = float(threshold)
 
     def _mesh_points(self, rgb: np.ndarray, found) -> tuple[list[np.ndarray], list[str]]:
-        from ..face_restore import detect_face_landmarks
+        from library.postprocess.face_restore import detect_face_landmarks
 
         meshes = detect_face_landmarks(rgb)
         points, sources, used = [], [], set()
@@ -334,7 +334,7 @@ class ArcFaceIdentity(IdentityNetwork):
 
 def load_identity_network(arcface_weights: str | os.PathLike = "", device: str = "cpu",
                           threshold: float | None = None) -> IdentityNetwork:
-    """ArcFace from `arcface_weights` (`.onnx`/`.pth`, library.identity's loaders) when given, else dlib's
+    """ArcFace from `arcface_weights` (`.onnx`/`.pth`, library.models.identity's loaders) when given, else dlib's
     network from face_recognition_models. `threshold` overrides the same-person cosine threshold.
 
     Raises IdentityNetworkError (a ValueError; str() one line) for a missing package, model file or a

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files.images import IMAGE_EXTENSIONS, ImageLoadError, read_image
+from library.files.images import IMAGE_EXTENSIONS, ImageLoadError, read_image
 
 MAX_SHORT_SIDE = 1024  # larger photos are shrunk on reading: every metric looks at 224 px or a face crop
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .folders import EvalImage
+from library.evaluation.folders import EvalImage
 
 METRICS = ("csim", "style", "aesthetic", "face_found", "same_person")
 
@@ -125,7 +125,7 @@ def evaluate_images(
             m = face_mask(item.rgb) if face_mask else None
             s.style = float(np.mean(ref @ clip.embed([item.rgb], [m])[0]))
             if aesthetic is not None:  # the predictor was trained on whole images: no mask
-                from .clip_scores import aesthetic_scores
+                from library.evaluation.clip_scores import aesthetic_scores
 
                 s.aesthetic = float(aesthetic_scores(aesthetic, clip.embed([item.rgb]))[0])
         scores.append(s)

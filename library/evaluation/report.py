@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files.atomic import write_text
-from .folders import EvalImage
-from .metrics import METRICS, Evaluation
+from library.files.atomic import write_text
+from library.evaluation.folders import EvalImage
+from library.evaluation.metrics import METRICS, Evaluation
 
 THUMB = 192  # px, long side of the thumbnails in report.html
 COMPARABILITY = ("CSIM figures are comparable with the paper's (0.566) only when the identity network is "

@@ -43,8 +43,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..files.atomic import write_text
-from ..files.text import TextFileError, read_text_file
+from library.files.atomic import write_text
+from library.files.text import TextFileError, read_text_file
 
 COLUMNS = (("csim", "CSIM"), ("style", "Masked CLIP (style)"), ("aesthetic", "Aesthetic"))
 _KEYS = {"config", "out", "n", "steps", "overrides", "identity_weights", "clip", "aesthetic", "pair", "method"}
@@ -165,8 +165,8 @@ def run_overrides(sweep: Sweep, run: Run) -> list[str]:
 
 
 def _generated_count(folder: Path) -> int:
-    from ..files.images import IMAGE_EXTENSIONS
-    from .folders import _is_grid
+    from library.files.images import IMAGE_EXTENSIONS
+    from library.evaluation.folders import _is_grid
 
     if not folder.is_dir():
         return 0
@@ -182,7 +182,7 @@ def run_one(sweep: Sweep, run: Run, train: Callable[[list[str]], int], generate:
         say(f"sweep: {where}: finished earlier, skipped")
         return True
     overrides = run_overrides(sweep, run)
-    from ..config import load_config
+    from library.config import load_config
 
     name = load_config(sweep.config, overrides, check_paths=False).output.name
     if not (run.folder / f"{name}.safetensors").is_file():

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .messages import one_line
+from library.files.messages import one_line
 
 __all__ = ["WeightsFileError", "describe_load_error", "load_pickled_weights", "load_safetensors", "open_safetensors"]
 

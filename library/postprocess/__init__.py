@@ -7,12 +7,12 @@ with a soft mask. Released defaults: CodeFormer, fidelity 0.5, x2, Real-ESRGAN o
 Weights are only ever read through spandrel's loader (a restricted unpickler that admits tensors and
 ordered dicts only, or safetensors). Nothing here downloads anything: faces are found with mediapipe's
 bundled models (or landmarks the caller already has), and the FFHQ alignment / paste-back that
-facexlib's FaceRestoreHelper does is reimplemented (library.face_restore) because its constructor
+facexlib's FaceRestoreHelper does is reimplemented (library.postprocess.face_restore) because its constructor
 always downloads a RetinaFace and a ParseNet model.
 
     python -m library.postprocess IN OUT --upscale 2 --restore codeformer --weights codeformer.pth
 
-Layout: this module loads weights and runs the chain; library.face_restore finds, aligns, restores and
+Layout: this module loads weights and runs the chain; library.postprocess.face_restore finds, aligns, restores and
 pastes back faces; library/postprocess/__main__.py is the command line (it imports this module;
 nothing here imports it). The face names are re-exported here: import everything from this module.
 """
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import face_restore as _face
-from ..files.weights import WeightsFileError, load_pickled_weights
-from ..face_restore import (
+from library.postprocess import face_restore as _face
+from library.files.weights import WeightsFileError, load_pickled_weights
+from library.postprocess.face_restore import (
     _FACE_EXPECTED,
     DEFAULT_FIDELITY,
     FFHQ_TEMPLATE_512,

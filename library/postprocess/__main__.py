@@ -17,11 +17,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from .. import face_restore
-from ..face_restore import DEFAULT_FIDELITY, _arch_id
-from ..files.atomic import write_atomic
-from ..files.images import read_image
-from . import DEFAULT_UPSCALE, _one_line, _resolve_device, load_face_restorer, load_upscaler, postprocess
+from library.postprocess import face_restore
+from library.postprocess.face_restore import DEFAULT_FIDELITY, _arch_id
+from library.files.atomic import write_atomic
+from library.files.images import read_image
+from library.postprocess import DEFAULT_UPSCALE, _one_line, _resolve_device, load_face_restorer, load_upscaler, postprocess
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 

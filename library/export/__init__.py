@@ -1,0 +1,1 @@
+"""What the frontends load: the kohya LoRA, the embeddings, their metadata, A1111 infotext."""

@@ -1,0 +1,385 @@
+"""Sampling with the trained files: base model + the two embeddings + the LoRA, then optional post-processing.
+
+What `generate()` does (METHOD.md, "Inference and post-processing"; released: Euler ancestral, 50 steps,
+CFG 7, LoRA 0.6 on the UNet and 0.9 on the text encoder):
+
+1. checks everything a user can get wrong *before* loading anything heavy: the sampler name, the size,
+   the trained files (``<output.dir>/<output.name>.safetensors`` and ``<output.dir>/<token>.safetensors``),
+   the post-processing weights (loaded, so a wrong file fails before any sampling);
+2. loads the base model from the config's ``[model]`` exactly as training does (offline by default);
+3. adds each token to the tokenizer (``word``, ``word_1``, ... for multi-vector embeddings, the rule of
+   training and of diffusers' textual inversion loader) and writes the saved vectors into new rows of the
+   token-embedding table;
+4. merges the kohya LoRA into the weights with ``export.apply_kohya_lora`` and the two scales
+   (W += scale * alpha / r * up @ down, in fp32, before any cast to fp16). Merging rather than diffusers'
+   ``load_lora_weights``: no peft layers at sampling time (no per-step overhead), the per-component scales
+   are exact, it reads exactly the names our exporter writes (``lora_te_text_model_*`` although
+   transformers 5's CLIPTextModel has no ``text_model`` level, which diffusers' kohya converter maps to a
+   module path that no longer exists), and a LoRA that does not fit the model fails with one line before
+   any weight changes;
+5. samples image i with seed + i (its own CPU generator: the same seed gives the same picture on any
+   device and whatever the batch), writes each PNG atomically with an A1111 "parameters" text chunk, a
+   grid, and, when asked, the post-processed image (the sample before post-processing goes to ``raw/``).
+
+This module is the orchestration (`load_model`, `generate`); the parts live beside it and every name is
+re-exported here: generation_options (GenerationError, defaults, device, precision, post-processing
+setup), trained_files (finding the files, adding the embeddings), samplers (the sampler table and the
+model's scheduler config) and infotext (A1111's "parameters" text, short hashes, the PNGs carrying it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from library.config import ConfigError
+from library.generation.options import (
+    DEFAULT_CFG,
+    DEFAULT_FIDELITY,
+    DEFAULT_LORA_SCALE,
+    DEFAULT_STEPS,
+    DEFAULT_TE_SCALE,
+    RESTORERS,
+    GenerationError,
+    PostProcessing,
+    one_line,
+    resolve_device,
+    resolve_precision,
+    setup_postprocessing,
+)
+from library.export.infotext import a1111_hashes, a1111_model_name, image_grid, infotext, lora_tag, parse_infotext, save_png
+from library.generation.samplers import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    Sampler,
+    check_scheduler,
+    make_scheduler,
+    scheduler_base_config,
+    scheduler_names,
+)
+from library.generation.trained_files import (
+    TrainedFiles,
+    add_embeddings,
+    composed_prompt,
+    find_trained_files,
+    read_embedding,
+    trained_tokens,
+)
+
+# Everything this module offered before it was split (generate.py and the tests import from here).
+__all__ = [
+    # defined here
+    "GenerationModel", "generate", "image_grid", "load_model", "quiet_libraries",
+    # generation_options
+    "DEFAULT_CFG", "DEFAULT_FIDELITY", "DEFAULT_LORA_SCALE", "DEFAULT_STEPS", "DEFAULT_TE_SCALE", "RESTORERS",
+    "GenerationError", "PostProcessing", "resolve_device", "resolve_precision", "setup_postprocessing",
+    # samplers
+    "DEFAULT_SCHEDULER", "SCHEDULERS", "Sampler", "check_scheduler", "make_scheduler", "scheduler_names",
+    # trained_files
+    "TrainedFiles", "add_embeddings", "composed_prompt", "find_trained_files",
+    # infotext
+    "infotext", "lora_tag", "parse_infotext", "save_png",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationModel:
+    """A loaded pipeline and what the "parameters" text needs to describe it; reusable across generate()."""
+
+    pipe: object  # diffusers StableDiffusionPipeline
+    model_name: str
+    token_ids: dict[str, list[int]]  # token word -> tokenizer ids (word, word_1, ...)
+    lora_name: str | None
+    lora_modules: int  # modules the LoRA patched (0 without a LoRA)
+    lora_scale: float
+    te_scale: float
+    hashes: dict[str, str] = field(default_factory=dict)  # "Lora hashes" / "TI hashes" values
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    scheduler_config: dict = field(default_factory=dict)  # the model's own; each sampler is built from it
+    scheduler: str = DEFAULT_SCHEDULER
+
+    def set_scheduler(self, name: str) -> None:
+        """Switch the sampler (schedulers hold no weights: cheap, no reload)."""
+        if name != self.scheduler:
+            self.pipe.scheduler = make_scheduler(name, self.scheduler_config)
+            self.scheduler = name
+
+
+def load_model(
+    cfg,
+    trained: TrainedFiles | None = None,
+    lora_scale: float = DEFAULT_LORA_SCALE,
+    te_scale: float = DEFAULT_TE_SCALE,
+    scheduler: str = DEFAULT_SCHEDULER,
+    device: str | torch.device | None = "auto",
+    precision: str | None = "auto",
+) -> GenerationModel:
+    """The pipeline with the tokens added and the LoRA merged (fp32 merge, then cast and move)."""
+    from library.export.kohya import apply_kohya_lora, load_lora
+    from library.models.loading import ModelLoadError, load_stable_diffusion
+
+    check_scheduler(scheduler)
+    trained = trained if trained is not None else find_trained_files(cfg)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    try:
+        parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline, vae=cfg.model.vae)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load model.pretrained = '{cfg.model.pretrained}': {one_line(err)}") from None
+
+    vectors = {w: read_embedding(w, p, trained.lora) for w, p in trained.embeddings.items()}
+    token_ids = add_embeddings(parts.tokenizer, parts.text_encoder, vectors)
+
+    lora_name = None
+    patched = 0
+    if trained.lora is not None:
+        lora_name = trained.lora.stem
+        try:
+            state, _meta = load_lora(trained.lora)
+        except Exception as err:
+            raise GenerationError(f"{trained.lora}: not a readable LoRA ({one_line(err)})") from None
+        try:
+            patched = apply_kohya_lora(parts.unet, parts.text_encoder, state, unet_scale=lora_scale, te_scale=te_scale)
+        except ValueError as err:  # names, shapes or tensors that do not fit: nothing was merged
+            raise GenerationError(
+                f"{trained.lora} does not fit model.pretrained = '{cfg.model.pretrained}': {one_line(err)}"
+            ) from None
+    # hashed after the merge: a LoRA that does not fit fails before its file is read a second time
+    hashes = a1111_hashes(trained.lora, trained.embeddings)
+
+    from diffusers import StableDiffusionPipeline
+
+    scheduler_config = scheduler_base_config(cfg, parts)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=make_scheduler(scheduler, scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(dev)
+    if dtype != torch.float32:  # merged in fp32 above; cast once, after the merge
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            part.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return GenerationModel(
+        pipe=pipe,
+        model_name=a1111_model_name(parts.name),
+        token_ids=token_ids,
+        lora_name=lora_name,
+        lora_modules=patched,
+        lora_scale=float(lora_scale),
+        te_scale=float(te_scale),
+        hashes=hashes,
+        device=dev,
+        dtype=dtype,
+        scheduler_config=scheduler_config,
+        scheduler=scheduler,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------------
+
+_NUMBERED = re.compile(r"^(\d{5})-")
+
+
+def _next_index(folder: Path) -> int:
+    """A1111-style running number: one more than the largest NNNNN- prefix in the folder."""
+    best = -1
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _NUMBERED.match(p.name)
+            if m:
+                best = max(best, int(m.group(1)))
+    return best + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """diffusers / transformers chatter (component loading bars, deprecation notes): off, process-wide."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def _check_config(cfg) -> None:
+    """The config keys generation reads (base model, token words), checked with one-line ConfigErrors."""
+    origin = getattr(cfg, "source_file", "") or "<config>"
+    if not cfg.model.pretrained:
+        raise ConfigError(f"{origin}: model.pretrained is empty: give the base model training used")
+    words = trained_tokens(cfg)
+    for key, word in zip(("tokens.source", "tokens.reference"), words):
+        if not word or not word.replace("_", "").isalnum():
+            raise ConfigError(f"{origin}: {key} = {word!r}: use one made-up word such as mcv1")
+    if words[0] == words[1]:
+        raise ConfigError(f"{origin}: tokens.source and tokens.reference must differ")
+
+
+def generate(
+    cfg,
+    prompt: str | None = None,
+    negative: str = "",
+    n: int = 4,
+    seed: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    cfg_scale: float = DEFAULT_CFG,
+    lora_scale: float = DEFAULT_LORA_SCALE,
+    te_scale: float = DEFAULT_TE_SCALE,
+    scheduler: str = DEFAULT_SCHEDULER,
+    width: int | None = None,
+    height: int | None = None,
+    upscale: float | None = None,
+    restore: str | None = None,
+    restore_weights: str | os.PathLike | None = None,
+    sr_weights: str | os.PathLike | None = None,
+    fidelity: float = DEFAULT_FIDELITY,
+    out_dir: str | os.PathLike | None = None,
+    device: str | None = "auto",
+    precision: str | None = "auto",
+    batch_size: int = 1,
+    use_lora: bool = True,
+    grid: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    model: GenerationModel | None = None,
+    quiet: bool = False,
+) -> list[Path]:
+    """Sample `n` images (image i with seed + i) with the trained files; returns the image paths.
+
+    Files: ``<out_dir>/NNNNN-SEED.png`` (NNNNN continues the folder's numbering), ``grid-NNNNN.png`` (when
+    n > 1 and `grid`), and with post-processing the samples before it in ``raw/``. `out_dir` defaults to
+    ``<output.dir>/generated``; `width`/`height` to ``data.resolution``; `seed` to a random one (also for
+    -1, as in A1111); `upscale` to 1 (or the Real-ESRGAN model's factor when `sr_weights` is given);
+    `restore` to codeformer when `restore_weights` is given, else none.
+
+    `model` (from `load_model`) skips loading: its LoRA scales (merged into the weights) then rule, and
+    its sampler is switched to `scheduler`. `quiet` silences diffusers' and transformers' loading bars and
+    notes (the CLI's choice; it changes their process-wide logging settings). User errors raise
+    `GenerationError` / `ConfigError` / `ModelLoadError` with a one-line message, before any sampling.
+    """
+    from tqdm import tqdm
+
+    say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    _check_config(cfg)
+    sampler = check_scheduler(scheduler)
+    width = int(width or cfg.data.resolution)
+    height = int(height or cfg.data.resolution)
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise GenerationError(f"width and height must be positive multiples of 8, got {width}x{height}")
+    if n < 1 or steps < 1 or batch_size < 1:
+        raise GenerationError("n, steps and batch size must be at least 1")
+    if seed is None or seed == -1:
+        seed = random.randrange(2**32)
+    if not 0 <= seed < 2**64 - n:
+        raise GenerationError(f"seed must be a non-negative integer, got {seed}")
+    prompt = composed_prompt(cfg) if prompt is None or not prompt.strip() else prompt
+    trained = find_trained_files(cfg, use_lora=use_lora) if model is None else None
+    dev = model.device if model is not None else resolve_device(device)
+    if model is None:
+        resolve_precision(precision, dev)
+    post = setup_postprocessing(upscale, restore, restore_weights, sr_weights, fidelity, dev)
+    out = Path(out_dir) if out_dir else Path(cfg.output.dir) / "generated"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GenerationError(f"cannot create the output folder {out}: {one_line(err)}") from None
+    missing = [w for w in trained_tokens(cfg) if not re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", prompt)]
+    if missing:
+        say(f"note: the prompt does not contain {' or '.join(missing)}: the trained token{'s' if len(missing) > 1 else ''} will not be used")
+
+    if model is None:
+        if quiet:
+            quiet_libraries()
+        model = load_model(cfg, trained, lora_scale, te_scale, scheduler, dev, precision)
+    else:
+        model.set_scheduler(scheduler)
+    pipe = model.pipe
+
+    shown_prompt = prompt
+    if model.lora_name:
+        shown_prompt = f"{prompt} {lora_tag(model.lora_name, model.lora_scale, model.te_scale)}"
+    extra = dict(model.hashes)
+
+    start = _next_index(out)
+    paths: list[Path] = []
+    finals: list[Image.Image] = []
+    bar = tqdm(total=n, unit="img", desc="generate", disable=not progress, file=sys.stderr)
+    try:
+        for first in range(0, n, batch_size):
+            count = min(batch_size, n - first)
+            seeds = [seed + first + k for k in range(count)]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            with torch.inference_mode():
+                images = pipe(
+                    prompt,
+                    negative_prompt=negative or None,
+                    num_inference_steps=steps,
+                    guidance_scale=cfg_scale,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=count,
+                    generator=generators if count > 1 else generators[0],
+                ).images
+            for k, (image, s) in enumerate(zip(images, seeds)):
+                index = start + first + k
+                name = f"{index:05d}-{s}.png"
+                text = infotext(shown_prompt, negative, steps, sampler.a1111, cfg_scale, s, width, height,
+                                model.model_name, extra)
+                if post.active:
+                    from library.postprocess import postprocess as run_post
+
+                    save_png(image, out / "raw" / name, text)
+                    try:
+                        image, notes = run_post(image, upscaler=post.upscaler, restorer=post.restorer,
+                                                upscale=post.upscale, fidelity=post.fidelity)
+                    except ValueError as err:
+                        raise GenerationError(f"post-processing {name}: {one_line(err)}") from None
+                    for note in notes:
+                        if first + k == 0 or note.startswith("no face"):
+                            say(f"{name}: {note}")
+                    text = infotext(shown_prompt, negative, steps, sampler.a1111, cfg_scale, s, width, height,
+                                    model.model_name, {**extra, **post.infotext_fields()})
+                paths.append(save_png(image, out / name, text))
+                finals.append(image)
+                bar.update(1)
+    finally:
+        bar.close()
+    if grid and len(finals) > 1:
+        first_text = infotext(shown_prompt, negative, steps, sampler.a1111, cfg_scale, seed, width, height,
+                              model.model_name, {**extra, **(post.infotext_fields() if post.active else {})})
+        save_png(image_grid(finals), out / f"grid-{start:05d}.png", first_text)
+    return paths

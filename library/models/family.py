@@ -1,0 +1,136 @@
+"""Everything that differs between the model families the project trains: SD 1.x and SDXL.
+
+The trainer, the exporter and the generator ask a :class:`ModelFamily`; none of them tests which family
+it is. A family is found from the model itself (:mod:`library.models.kind` reads the file or folder),
+never from a flag: :func:`family_for` maps a ``ModelKind.family`` string to one of :data:`FAMILIES`.
+
+What a family says:
+  * its files: the component configs and tokenizers shipped in ``configs/<dir>/`` that a single
+    checkpoint file is loaded with, offline, and the diffusers pipeline class;
+  * prompts: which text encoders (one, or CLIP-L and OpenCLIP-G), which hidden layer feeds the UNet,
+    whether a pooled embedding and size / crop ids (SDXL's ``add_time_ids``) condition it;
+  * training: the default resolution and the cross-attention layers attention refocusing captures;
+  * export: kohya's LoRA prefixes for each text encoder, the embedding file's tensor names, the
+    metadata values (``ss_base_model_version``, ``modelspec.architecture``, resolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family (see the module docstring). Instances: :data:`SD1`, :data:`SDXL`.
+
+    name: ``ModelKind.family`` ("sd1" / "sdxl"); label: what messages call it ("SD 1.x" / "SDXL").
+    config_dir: component configs and tokenizers for single-file checkpoints.
+    pipeline_class: the diffusers pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``);
+        pipeline_kwargs: what its constructor needs besides the components (no safety checker for SD 1.x).
+    resolution: default training and sampling side, pixels.
+    text_encoders / tokenizers: pipeline attribute names, in the order their hidden states are
+        concatenated for cross-attention.
+    hidden_layer: which hidden state feeds the UNet (-1 last layer, -2 penultimate, as SDXL was trained).
+    pooled: whether the last text encoder's projected pooled output and the 6 size / crop ids condition
+        the UNet (``added_cond_kwargs = {"text_embeds", "time_ids"}``).
+    kohya_te_prefixes: kohya's LoRA prefix per text encoder ("lora_te" / "lora_te1", "lora_te2").
+    embedding_keys: the tensor names of one A1111 embedding file, per text encoder ("emb_params" for SD
+        1.x: A1111 writes ``string_to_param["*"]`` in .pt and ``emb_params`` in .safetensors; "clip_l",
+        "clip_g" for SDXL, what A1111, Forge, ComfyUI and InvokeAI read).
+    capture_layers: default cross-attention modules attention refocusing records (full module paths).
+    unet_key_style: how the LoRA exporter names UNet modules: "diffusers" (kohya keeps diffusers' paths
+        for SD 1.x) or "sgm" (kohya uses the original ``input_blocks`` / ``middle_block`` /
+        ``output_blocks`` paths for SDXL).
+    base_model_version: kohya's ``ss_base_model_version``; architecture: ``modelspec.architecture``
+        before "/lora".
+    """
+
+    name: str
+    label: str
+    config_dir: Path
+    pipeline_class: str
+    pipeline_kwargs: tuple[tuple[str, object], ...]
+    resolution: int
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    hidden_layer: int
+    pooled: bool
+    kohya_te_prefixes: tuple[str, ...]
+    embedding_keys: tuple[str, ...]
+    capture_layers: tuple[str, ...]
+    unet_key_style: str
+    base_model_version: str
+    architecture: str
+
+
+SD1 = ModelFamily(
+    name="sd1",
+    label="SD 1.x",
+    config_dir=CONFIGS / "sd15",
+    pipeline_class="StableDiffusionPipeline",
+    pipeline_kwargs=(("safety_checker", None), ("requires_safety_checker", False)),
+    resolution=512,
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    hidden_layer=-1,
+    pooled=False,
+    kohya_te_prefixes=("lora_te",),
+    embedding_keys=("emb_params",),
+    # the 16x16 layers at 512 px (the paper's choice): 5 layers x 8 heads
+    capture_layers=tuple(
+        f"{block}.transformer_blocks.0.attn2"
+        for block in (
+            "down_blocks.2.attentions.0",
+            "down_blocks.2.attentions.1",
+            "up_blocks.1.attentions.0",
+            "up_blocks.1.attentions.1",
+            "up_blocks.1.attentions.2",
+        )
+    ),
+    unet_key_style="diffusers",
+    base_model_version="sd_v1",
+    architecture="stable-diffusion-v1",
+)
+
+SDXL = ModelFamily(
+    name="sdxl",
+    label="SDXL",
+    config_dir=CONFIGS / "sdxl",
+    pipeline_class="StableDiffusionXLPipeline",
+    pipeline_kwargs=(),
+    resolution=1024,
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    hidden_layer=-2,
+    pooled=True,
+    kohya_te_prefixes=("lora_te1", "lora_te2"),
+    embedding_keys=("clip_l", "clip_g"),
+    # the lowest-resolution cross-attention (32x32 at 1024 px), first transformer block of each
+    # attention, as for SD 1.x; the trainer's measurement for this choice is in the README
+    capture_layers=tuple(
+        f"{block}.transformer_blocks.0.attn2"
+        for block in (
+            "down_blocks.2.attentions.0",
+            "down_blocks.2.attentions.1",
+            "up_blocks.0.attentions.0",
+            "up_blocks.0.attentions.1",
+            "up_blocks.0.attentions.2",
+        )
+    ),
+    unet_key_style="sgm",
+    base_model_version="sdxl_base_v1-0",
+    architecture="stable-diffusion-xl-v1-base",
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}
+
+
+def family_for(name: str) -> ModelFamily:
+    """The family of a ``ModelKind.family`` string; ValueError naming the trainable ones otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"no trainable model family {name!r}; trainable: {', '.join(f.label for f in FAMILIES.values())}") from None

@@ -1,0 +1,300 @@
+"""What a base-model path holds, found before anything is built: family, prediction type, UNet input
+channels and which components are present.
+
+Single files are identified from their keys and shapes (the safetensors header, or the state dict a
+`.ckpt` yields under `torch.load(weights_only=True)`) and from A1111's sidecar `NAME.yaml`; diffusers
+folders from `model_index.json` and the component configs. Nothing here allocates a network, so a
+model the trainer cannot use is refused in one line before any weights are converted or latents cached.
+Only SD 1.x with epsilon prediction trains (SDXL comes in a later issue).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from library.files.text import TextFileError, read_text_file
+from library.files.weights import WeightsFileError, open_safetensors
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+SD2_OPENCLIP = "cond_stage_model.model."  # SD 2.x's OpenCLIP ViT-H
+SDXL_EMBEDDERS = "conditioner.embedders."  # SDXL's two text encoders (the refiner has one)
+SD1_CLIP = "cond_stage_model.transformer."
+# what the user should give instead, said once
+USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message is one line naming the path, what was found, what to do."""
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model path holds.
+
+    family: "sd1" | "sd2" | "sdxl" | "other" (a model but not a Stable Diffusion UNet: `found` says what)
+    prediction: "epsilon" | "v_prediction" | "sample" (what the UNet predicts)
+    in_channels: the UNet's conv_in input channels (4 text-to-image, 9 inpainting, 8 InstructPix2Pix)
+    missing: components absent from the checkpoint, in ("UNet", "VAE", "text encoder", "tokenizer", "scheduler")
+    evidence: what the family and prediction were read from, for the messages
+    found, advice: for family "other", what the path is instead (e.g. "a LoRA (lora_* keys), not a base
+    model") and what to give instead
+    """
+
+    family: str = "sd1"
+    prediction: str = "epsilon"
+    in_channels: int = 4
+    missing: tuple[str, ...] = ()
+    evidence: str = ""
+    found: str = ""
+    advice: str = ""
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ss_base_model_version."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(self.family, self.family)
+
+    @property
+    def v_parameterization(self) -> bool:
+        return self.prediction == "v_prediction"
+
+    def describe(self) -> str:
+        """'an SD 1.x inpainting model (9-channel conv_in)', 'an SD 1.x v-prediction model (...)', ..."""
+        if self.family == "other":
+            return self.found
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.family]
+        extra = []
+        if self.in_channels == 9:
+            name += " inpainting"
+            extra.append("9-channel conv_in")
+        elif self.in_channels == 8:
+            name += " InstructPix2Pix-style"
+            extra.append("8-channel conv_in")
+        elif self.in_channels != 4:
+            extra.append(f"{self.in_channels}-channel conv_in")
+        if self.prediction == "v_prediction":
+            name += " v-prediction"
+        elif self.prediction != "epsilon":
+            name += f" {self.prediction}-prediction"
+        if self.evidence:
+            extra.insert(0, self.evidence)
+        return f"an {name} model" + (f" ({'; '.join(extra)})" if extra else "")
+
+
+SD1_EPSILON = ModelKind()
+
+
+# --------------------------------------------------------------------------------------------------
+# the one reader of the small text files a model comes with (model_index.json, configs, sidecar .yaml)
+
+
+def read_text(path: Path) -> str:
+    """A text file as str through the project's one reader (library.files.text); ModelLoadError naming the
+    file when it is not UTF-8 or UTF-16 with a byte-order mark."""
+    try:
+        return read_text_file(path)
+    except TextFileError as err:
+        raise ModelLoadError(str(err)) from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path` (through read_text); ModelLoadError naming the file if it is not one."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or replace the file") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def sidecar_parameterization(checkpoint: Path) -> str | None:
+    """'v' or 'eps' from A1111's `NAME.yaml` next to a single-file checkpoint (model.params.parameterization);
+    None without a sidecar or without the key."""
+    import yaml
+
+    sidecar = checkpoint.with_suffix(".yaml")
+    if not sidecar.is_file():
+        return None
+    try:
+        doc = yaml.safe_load(read_text(sidecar))
+    except yaml.YAMLError as err:
+        raise ModelLoadError(f"{sidecar}: not valid YAML ({str(err).splitlines()[0]}); fix or remove it") from None
+    params = ((doc or {}).get("model") or {}).get("params") if isinstance(doc, dict) else None
+    value = params.get("parameterization") if isinstance(params, dict) else None
+    return str(value) if value is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# single files
+
+
+def _not_a_model(keys: list[str]) -> ModelKind:
+    """What a file without UNet or text-encoder keys is instead, and what to give instead."""
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return ModelKind(family="other", found="a LoRA (lora_* keys), not a base model",
+                         advice="give the SD 1.x model it was trained on as model.pretrained")
+    if any(k.startswith((VAE_PREFIX, "encoder.down", "decoder.up")) for k in keys):
+        return ModelKind(family="other", found="a VAE alone, not a full model",
+                         advice="give it as model.vae, and a full SD 1.x checkpoint as model.pretrained")
+    if "emb_params" in keys or any(k.startswith(("clip_l", "clip_g", "string_to_param")) for k in keys):
+        found = "a textual-inversion embedding, not a base model"
+    elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+        found = "a diffusers UNet alone, not a full model"
+    else:
+        found = "not a Stable Diffusion checkpoint (no model.diffusion_model.* or cond_stage_model.* keys)"
+    return ModelKind(family="other", found=found, advice=USE_SD1)
+
+
+def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str | None = None) -> ModelKind:
+    """A single-file checkpoint's kind from its keys -> shapes (original CompVis / A1111 layout).
+
+    `parameterization` is the sidecar .yaml's value ("v" marks v-prediction; SD 1.x and 2.x files carry no
+    scheduler config). A `v_pred` key (the marker ComfyUI and Forge read) also means v-prediction.
+    """
+    keys = list(shapes)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    unet, text = has(UNET_PREFIX), has("cond_stage_model.") or has(SDXL_EMBEDDERS)
+    if not unet and not text:
+        return _not_a_model(keys)
+    context = next((s[1] for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and len(s) == 2), None)
+    if has(SDXL_EMBEDDERS):
+        family, evidence = "sdxl", "conditioner.embedders.* keys"
+    elif has(SD2_OPENCLIP):
+        family, evidence = "sd2", "OpenCLIP ViT-H text encoder: cond_stage_model.model.* keys"
+    elif context in (1280, 2048):
+        family, evidence = "sdxl", f"cross-attention dim {context}"
+    elif context == 1024:
+        family, evidence = "sd2", "cross-attention dim 1024"
+    else:
+        family, evidence = "sd1", ""
+    prediction = "epsilon"
+    if parameterization == "v":
+        prediction, evidence = "v_prediction", "; ".join(filter(None, [evidence, 'parameterization: "v" in its .yaml']))
+    elif "v_pred" in shapes:
+        prediction, evidence = "v_prediction", "; ".join(filter(None, [evidence, "a v_pred key"]))
+    conv_in = shapes.get(CONV_IN)
+    in_channels = int(conv_in[1]) if conv_in is not None and len(conv_in) == 4 else 4
+    missing = tuple(name for name, ok in (("UNet", unet), ("VAE", has(VAE_PREFIX)), ("text encoder", text)) if not ok)
+    return ModelKind(family=family, prediction=prediction, in_channels=in_channels, missing=missing, evidence=evidence)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a .safetensors header, without reading any tensor data; ModelLoadError (one line)
+    for a header that lies or does not parse."""
+    try:
+        with open_safetensors(path) as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except WeightsFileError as err:
+        raise ModelLoadError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
+
+
+def identify_configs(model_index: dict, configs: Mapping[str, dict | None], check_weights: Path | None = None) -> ModelKind:
+    """A diffusers pipeline's kind from `model_index.json` and its components' configs.
+
+    `configs` maps "unet", "vae", "text_encoder", "tokenizer", "scheduler" to the component's config dict
+    (None where the component has none). With `check_weights` (the folder), a component whose subfolder
+    holds no weight file counts as missing.
+    """
+    cls = str(model_index.get("_class_name", ""))
+    listed = {k for k, v in model_index.items() if isinstance(v, list) and len(v) == 2 and v[0] and v[1]}
+    if "transformer" in listed or ("unet" not in listed and model_index):
+        return ModelKind(family="other", found=f"a {cls or 'diffusers'} model without a UNet, not Stable Diffusion 1.x",
+                         advice=USE_SD1)
+    unet = configs.get("unet") or {}
+    context = unet.get("cross_attention_dim")
+    family, evidence = "sd1", ""
+    if "text_encoder_2" in listed:
+        family, evidence = "sdxl", f"{cls or 'a pipeline'} with text_encoder_2"
+    elif "XL" in cls:
+        family, evidence = "sdxl", cls
+    elif unet.get("addition_embed_type") == "text_time":  # SDXL's size/crop conditioning
+        family, evidence = "sdxl", "UNet addition_embed_type text_time"
+    elif context == 1024:
+        family, evidence = "sd2", "cross-attention dim 1024"
+    scheduler = configs.get("scheduler") or {}
+    prediction = str(scheduler.get("prediction_type", "epsilon"))
+    if prediction != "epsilon":
+        evidence = "; ".join(filter(None, [evidence, f'scheduler prediction_type = "{prediction}"']))
+    missing = []
+    for part, name in (("unet", "UNet"), ("vae", "VAE"), ("text_encoder", "text encoder"), ("tokenizer", "tokenizer"), ("scheduler", "scheduler")):
+        weighted = part in ("unet", "vae", "text_encoder")
+        if configs.get(part) is None or (weighted and check_weights is not None and not _has_weights(check_weights / part)):
+            missing.append(name)
+    return ModelKind(family=family, prediction=prediction, in_channels=int(unet.get("in_channels", 4)),
+                     missing=tuple(missing), evidence=evidence)
+
+
+def read_folder_configs(folder: Path) -> tuple[dict, dict[str, dict | None]]:
+    """(model_index.json, {component: config dict or None}) of a diffusers folder, through read_json."""
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+             "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+    configs: dict[str, dict | None] = {}
+    for part, name in names.items():
+        path = folder / part / name
+        if path.is_file():
+            configs[part] = read_json(path)
+        elif part == "tokenizer" and (folder / part / "vocab.json").is_file():
+            configs[part] = {}
+        else:
+            configs[part] = None
+    return index, configs
+
+
+def identify_folder(folder: Path, check_weights: bool = True) -> ModelKind:
+    """A diffusers folder's kind; ModelLoadError if it is no diffusers pipeline at all."""
+    if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
+        if (folder / "config.json").is_file() and read_json(folder / "config.json").get("_class_name") == "AutoencoderKL":
+            return ModelKind(family="other", found="a VAE folder, not a full model",
+                             advice="give it as model.vae, and a full SD 1.x model as model.pretrained")
+        raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json or unet/ inside); "
+                             "give a diffusers folder or an SD 1.x .safetensors file")
+    index, configs = read_folder_configs(folder)
+    return identify_configs(index, configs, folder if check_weights else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# the decision
+
+
+def check_trainable(kind: ModelKind, where: str, vae_given: bool = False) -> None:
+    """Refuse, in one line naming `where`, anything but a complete SD 1.x epsilon text-to-image model.
+
+    A missing VAE is accepted when `vae_given` (model.vae replaces it). Raises ModelLoadError.
+    """
+    what = kind.describe()
+    if kind.family == "other":
+        raise ModelLoadError(f"{where}: {what}; {kind.advice}")
+    if kind.family == "sdxl":
+        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x only (SDXL support is planned): {USE_SD1}")
+    if kind.family != "sd1":
+        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x only: {USE_SD1}")
+    if kind.in_channels != 4:
+        raise ModelLoadError(f"{where}: {what}; training needs a text-to-image model (4-channel conv_in): "
+                             "use the model it was made from, e.g. v1-5-pruned-emaonly.safetensors")
+    if kind.prediction != "epsilon":
+        raise ModelLoadError(f"{where}: {what}; this trainer trains epsilon-prediction models only: "
+                             f"{USE_SD1} (not a v-prediction fine-tune)")
+    fatal = [m for m in kind.missing if m != "VAE"]
+    if fatal:
+        raise ModelLoadError(f"{where}: an incomplete SD 1.x model: no {' and no '.join(fatal)}; "
+                             "use a full checkpoint (UNet, VAE and text encoder), e.g. v1-5-pruned-emaonly.safetensors")
+    if "VAE" in kind.missing and not vae_given:
+        raise ModelLoadError(f"{where}: an SD 1.x model without a VAE; "
+                             "set model.vae to a VAE file or folder, e.g. vae-ft-mse-840000-ema-pruned.safetensors")

@@ -1,0 +1,267 @@
+"""A tiny Stable Diffusion 1.x-shaped model for tests, the demo and benchmarks.
+
+It has SD 1.x's block layout (4 down / 4 up blocks, two resnets per down block, cross-attention in
+down_blocks 0-2 and up_blocks 1-3, the same module names) and the real 49408-token CLIP vocabulary, so
+every code path that depends on names or shapes (LoRA targets, 16x16 attention capture, kohya key names,
+single-file conversion) runs on it exactly as on SD 1.5, but at a few MB.
+
+`python -m library.models.tiny DEST [--sd15]` writes the model as a diffusers folder (DEST/) and as one
+original-layout checkpoint (DEST.safetensors); `--sd15` gives full-size SD 1.5 shapes with random weights
+(what the benchmarks time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from library.files.atomic import atomic_folder, write_atomic
+from library.files.text import read_text_file
+from library.models.family import SD1
+
+CONFIG_DIR = SD1.config_dir
+
+TINY_UNET = dict(
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=2,
+    attention_head_dim=2,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], layers_per_block=2, norm_num_groups=8, sample_size=256)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+)
+
+
+def _sd15_config(component: str) -> dict:
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return json.loads(read_text_file(CONFIG_DIR / component / name))
+
+
+def build_components(sd15_size: bool = False, seed: int = 0) -> dict:
+    """UNet, VAE, text encoder, tokenizer and DDPM scheduler with random weights from a fixed seed."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_cfg = {k: v for k, v in _sd15_config("unet").items() if not k.startswith("_")}
+    vae_cfg = {k: v for k, v in _sd15_config("vae").items() if not k.startswith("_")}
+    text_cfg = {k: v for k, v in _sd15_config("text_encoder").items() if k not in ("architectures",)}
+    if not sd15_size:
+        unet_cfg.update(TINY_UNET)
+        vae_cfg.update(TINY_VAE)
+        text_cfg.update(TINY_TEXT)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    tokenizer = CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer")
+    sched_cfg = {k: v for k, v in _sd15_config("scheduler").items() if not k.startswith("_")}
+    scheduler = DDPMScheduler(
+        num_train_timesteps=sched_cfg["num_train_timesteps"],
+        beta_start=sched_cfg["beta_start"],
+        beta_end=sched_cfg["beta_end"],
+        beta_schedule=sched_cfg["beta_schedule"],
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+# --- diffusers -> original (CompVis / A1111) key layout -------------------------------------------
+# The mapping is SD 1.x's fixed block layout (two resnets per down block, three per up block), the
+# inverse of what diffusers' single-file loader does; the tests prove it by loading the file back.
+
+
+def _unet_prefix_map() -> list[tuple[str, str]]:
+    pairs = []
+    for i in range(4):
+        for j in range(2):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0."))
+            if i < 3:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1."))
+        for j in range(3):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0."))
+            if i > 0:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1."))
+        if i < 3:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * (i + 1)}.0.op."))
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}."))
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    for j in range(2):
+        pairs.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))
+    return pairs
+
+
+_UNET_WHOLE = {
+    "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "conv_in.": "input_blocks.0.0.",
+    "conv_norm_out.": "out.0.",
+    "conv_out.": "out.2.",
+}
+_RESNET_PARTS = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+
+def unet_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefixes = _unet_prefix_map()
+    out = {}
+    for key, value in state.items():
+        new = key
+        for hf, sd in _UNET_WHOLE.items():
+            if new.startswith(hf):
+                new = sd + new[len(hf) :]
+        if "resnets" in new:
+            for hf, sd in _RESNET_PARTS:
+                new = new.replace(hf, sd)
+        for hf, sd in prefixes:
+            if new.startswith(hf):
+                new = sd + new[len(hf) :]
+                break
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def vae_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefixes = []
+    for i in range(4):
+        for j in range(2):
+            prefixes.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
+        if i < 3:
+            prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+            prefixes.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample."))
+        for j in range(3):
+            prefixes.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}."))
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            prefixes.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
+        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
+        prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out."))
+    attn_parts = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+    out = {}
+    for key, value in state.items():
+        new = key
+        for hf, sd in prefixes:
+            if new.startswith(hf):
+                new = sd + new[len(hf) :]
+                break
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        if ".mid.attn_1." in new:
+            for hf, sd in attn_parts:
+                new = new.replace("attn_1." + hf, "attn_1." + sd)
+            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
+                value = value[:, :, None, None]  # the original VAE uses 1x1 convolutions there
+        out["first_stage_model." + new] = value
+    return out
+
+
+def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        # transformers 5 dropped the `text_model.` level; checkpoints on disk keep it.
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out["cond_stage_model.transformer." + key] = value
+    return out
+
+
+def save_single_file(components: dict, path: Path) -> None:
+    state = {}
+    state.update(unet_to_original(components["unet"].state_dict()))
+    state.update(vae_to_original(components["vae"].state_dict()))
+    state.update(text_encoder_to_original(components["text_encoder"].state_dict()))
+    state = {k: v.contiguous() for k, v in state.items()}
+    write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def save_model(dest: Path, sd15_size: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """Write the model as a diffusers folder `dest` and as `dest.safetensors`; returns both paths."""
+    from diffusers import StableDiffusionPipeline
+
+    dest = Path(dest)
+    components = build_components(sd15_size=sd15_size, seed=seed)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(dest) as tmp_dir:
+        pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    single = dest.with_suffix(".safetensors")
+    save_single_file(components, single)
+    return dest, single
+
+
+def save_random_arcface(path: Path, seed: int = 0) -> Path:
+    """A small arcface_torch-layout iresnet with random weights (for the demo and tests; it knows no faces)."""
+    from library.models.iresnet import IBasicBlock, IResNet
+
+    torch.manual_seed(seed)
+    net = IResNet(IBasicBlock, layers=[1, 1, 1, 1], width=16, num_features=64)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so the embedding depends on the face
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+            m.running_var.uniform_(0.5, 1.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda tmp: torch.save(net.state_dict(), tmp))
+
+
+def write_prepared(folder: Path, kind: str, token: str, n: int = 3, size: int = 96, seed: int = 0) -> Path:
+    """Files as dataset_tools.prepare writes them, with a drawn face at a known place."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = rng.integers(0, 255, 3)
+        img = Image.new("RGB", (size, size), tuple(int(c) for c in base))
+        draw = ImageDraw.Draw(img)
+        cx, cy, r = size * (0.45 + 0.1 * i / n), size * 0.5, size * 0.22
+        box = [cx - r, cy - r * 1.2, cx + r, cy + r * 1.2]
+        draw.ellipse(box, fill=(224, 172, 140))
+        lms = [[cx - r * 0.4, cy - r * 0.3], [cx + r * 0.4, cy - r * 0.3], [cx, cy + r * 0.1],
+               [cx - r * 0.35, cy + r * 0.55], [cx + r * 0.35, cy + r * 0.55]]
+        for x, y in lms:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(40, 30, 30))
+        face = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(face).ellipse(box, fill=255)
+        mask = face if kind == "source" else Image.eval(face, lambda v: 255 - v)
+        img.save(folder / f"img{i}.png")
+        mask.save(folder / f"img{i}.mask.png")
+        caption = f"a photo of a {token} person" if kind == "source" else f"a photo of a person in the style of {token}"
+        (folder / f"img{i}.txt").write_text(caption)
+        meta = {"image": f"img{i}.png", "kind": kind, "token": token, "width": size, "height": size,
+                "face_box": box, "score": 0.9, "landmarks": lms, "mask_coverage": float(np.mean(np.asarray(mask) > 127)),
+                "num_faces": 1, "detector": "short_range", "warnings": []}
+        (folder / f"img{i}.json").write_text(json.dumps(meta))
+    return folder
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dest", type=Path, help="output folder (the single file is DEST.safetensors)")
+    parser.add_argument("--sd15", action="store_true", help="full SD 1.5 shapes (random weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arcface", type=Path, help="also write a random-weight ArcFace .pth here")
+    args = parser.parse_args(argv)
+    folder, single = save_model(args.dest, sd15_size=args.sd15, seed=args.seed)
+    print(f"wrote {folder}/ and {single}")
+    if args.arcface:
+        print(f"wrote {save_random_arcface(args.arcface)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

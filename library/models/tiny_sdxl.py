@@ -1,0 +1,84 @@
+"""A tiny SDXL-shaped model for tests, the demo and benchmarks.
+
+SDXL's real layout at a few MB: three UNet levels (no cross-attention in the first, then 1 and 2
+transformer blocks per attention, as SDXL's [1, 2, 10] starts), a mid block with cross-attention,
+``addition_embed_type = "text_time"`` size conditioning (pooled text embedding + 6 time ids), two text
+encoders (CLIP-L ``CLIPTextModel`` and OpenCLIP-G ``CLIPTextModelWithProjection``) whose hidden states
+are concatenated for cross-attention, both with the real 49408-token vocabulary, and the second
+tokenizer padding with "!" as SDXL's does. Everything else comes from the real SDXL 1.0 configs in
+``configs/sdxl/``; ``full_size=True`` keeps them whole (2.57 B UNet parameters, what benchmarks time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from library.files.atomic import atomic_folder
+from library.files.text import read_text_file
+from library.models.family import SDXL
+
+CONFIG_DIR = SDXL.config_dir
+
+TINY_TEXT_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TINY_TEXT_G = dict(hidden_size=64, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, projection_dim=48)
+TINY_TIME_EMBED = 8
+TINY_UNET = dict(
+    block_out_channels=[32, 64, 64],
+    transformer_layers_per_block=[1, 1, 2],
+    attention_head_dim=[2, 4, 4],
+    # cross-attention sees CLIP-L and OpenCLIP-G hidden states side by side: 32 + 64
+    cross_attention_dim=TINY_TEXT_L["hidden_size"] + TINY_TEXT_G["hidden_size"],
+    addition_time_embed_dim=TINY_TIME_EMBED,
+    # the pooled OpenCLIP-G embedding and six Fourier-embedded size / crop numbers
+    projection_class_embeddings_input_dim=TINY_TEXT_G["projection_dim"] + 6 * TINY_TIME_EMBED,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], layers_per_block=2, norm_num_groups=8, sample_size=256)
+
+
+def sdxl_config(component: str) -> dict:
+    """One component's config from configs/sdxl (keys starting with '_' and 'architectures' dropped)."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    raw = json.loads(read_text_file(CONFIG_DIR / component / name))
+    return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+
+
+def build_sdxl_components(full_size: bool = False, seed: int = 0) -> dict:
+    """unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler with random weights
+    from a fixed seed: the keyword arguments of ``StableDiffusionXLPipeline``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet_cfg, vae_cfg = sdxl_config("unet"), sdxl_config("vae")
+    text_l, text_g = sdxl_config("text_encoder"), sdxl_config("text_encoder_2")
+    if not full_size:
+        unet_cfg.update(TINY_UNET)
+        vae_cfg.update(TINY_VAE)
+        text_l.update(TINY_TEXT_L)
+        text_g.update(TINY_TEXT_G)
+    torch.manual_seed(seed)
+    return dict(
+        unet=UNet2DConditionModel(**unet_cfg),
+        vae=AutoencoderKL(**vae_cfg),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_l)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_g)),
+        tokenizer=CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_config(sdxl_config("scheduler")),
+    )
+
+
+def save_sdxl_folder(dest: Path, full_size: bool = False, seed: int = 0) -> Path:
+    """Write the model as a diffusers ``StableDiffusionXLPipeline`` folder at `dest` (atomically)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    dest = Path(dest)
+    pipe = StableDiffusionXLPipeline(**build_sdxl_components(full_size=full_size, seed=seed))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(dest) as tmp_dir:
+        pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    return dest

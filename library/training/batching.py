@@ -1,0 +1,72 @@
+"""The tensors of one micro-batch of MagiCapture's tasks: which latent, which masks, which token meets
+which region, which weight and which identity target each sample gets.
+
+Pure indexing into the cached sets (:class:`library.training.data.CachedSet`); the trainer adds the prompt ids,
+the noise and the timesteps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from library.training.data import CachedSet, Sample
+
+__all__ = ["sample_tensors", "token_positions"]
+
+
+def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: CachedSet, id_tasks: Sequence[str],
+                   recon_weight: float) -> dict[str, torch.Tensor]:
+    """Per sample b (B = len(samples)), on the cached sets' device:
+
+    - ``latents`` [B, 4, h, w] and ``recon_masks`` [B, 1, h, w] (softened): the sample's own image;
+    - ``ar_masks`` [B, 2, 1, h, w] and ``ar_valid`` [B, 2] bool: the refocusing target of [V1] (k = 0) and
+      [V2] (k = 1) and whether the token takes part. Source: [V1] on its face. Reference: [V2] on its
+      non-face region. Composed: [V1] on the reference's face (where it has one), [V2] on the rest;
+    - ``recon_weights`` [B]: `recon_weight` on reference and composed samples, 1 on source samples (the
+      released code's x2 in the first half of a phase);
+    - ``id_task`` [B] bool (the task is in `id_tasks`), ``face_landmarks`` [B, 5, 2] pixels and
+      ``face_ok`` [B] bool (where the sample's image has its face), ``id_source`` [B] (the source image
+      whose embedding is the identity target).
+    """
+    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok = [], [], [], [], [], [], []
+    for s in samples:
+        data = source if s.task == "source" else reference
+        latents.append(data.latents[s.index])
+        recon.append(data.recon_masks[s.index])
+        landmarks.append(data.landmarks[s.index])
+        face_ok.append(data.has_face[s.index])
+        empty = torch.zeros_like(data.region_masks[s.index])
+        if s.task == "source":
+            ar_masks.append(torch.stack([source.region_masks[s.index], empty]))
+            ar_valid.append([True, False])
+        elif s.task == "reference":
+            ar_masks.append(torch.stack([empty, reference.region_masks[s.index]]))
+            ar_valid.append([False, True])
+        else:  # composed: [V1] belongs on the reference's face, [V2] everywhere else
+            ar_masks.append(torch.stack([reference.face_masks[s.index], reference.region_masks[s.index]]))
+            ar_valid.append([bool(reference.has_face[s.index]), True])
+        weights.append(1.0 if s.task == "source" else recon_weight)
+    return {
+        "latents": torch.stack(latents),
+        "recon_masks": torch.stack(recon),
+        "ar_masks": torch.stack(ar_masks),
+        "ar_valid": torch.tensor(ar_valid),
+        "recon_weights": torch.tensor(weights),
+        "id_task": torch.tensor([s.task in id_tasks for s in samples]),
+        "face_landmarks": torch.stack(landmarks),
+        "face_ok": torch.stack(face_ok),
+        "id_source": torch.tensor([s.id_source for s in samples]),
+    }
+
+
+def token_positions(ids: torch.Tensor, first_ids: Sequence[int]) -> torch.Tensor:
+    """ids [B, L] token ids -> [B, K] long: the position of `first_ids[k]` (the first vector of token k)
+    in each prompt, -1 where it is absent (e.g. cut by the 77-token limit)."""
+    pos = torch.full((ids.shape[0], len(first_ids)), -1, dtype=torch.long)
+    for k, tid in enumerate(first_ids):
+        hit = ids == tid
+        found = hit.any(1)
+        pos[found, k] = hit[found].float().argmax(1)
+    return pos

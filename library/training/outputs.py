@@ -1,0 +1,112 @@
+"""The end of a run: the kohya LoRA, one A1111 embedding per token, and a note of what to load where."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from library.config import composed_prompt
+from library.export.kohya import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
+from library.files.atomic import remove_tree, stale_temporaries
+from library.models.loading import DTYPES
+from library.training.tokens import token_vectors
+
+
+PROGRESS_PLOT = "progress.png"  # the losses and the preview scores over steps (library/training/progress_plot.py)
+STEP_SUFFIX = "-step{:08d}"  # kohya sd-scripts' STEP_FILE_NAME ("{}-step{:08d}")
+
+
+def output_paths(cfg, step: int | None = None) -> dict[str, Path]:
+    """What a run writes at its end, by role: "lora", and per token word its .safetensors (and .pt).
+
+    With `step` (a phase-2 step, output.save_lora_every), the intermediate files of that step, named as
+    kohya names them: ``NAME-step00000500.safetensors``, ``mcv1-step00000500.safetensors``.
+    """
+    out = Path(cfg.output.dir)
+    suffix = "" if step is None else STEP_SUFFIX.format(step)
+    paths = {"lora": out / f"{cfg.output.name}{suffix}.safetensors"}
+    for word in (cfg.tokens.source, cfg.tokens.reference):
+        paths[word] = out / f"{word}{suffix}.safetensors"
+        if cfg.output.embeddings_pt:
+            paths[f"{word}.pt"] = out / f"{word}{suffix}.pt"
+    return paths
+
+
+def remove_stale_temporaries(cfg) -> list[Path]:
+    """Delete the temporaries a killed run left beside its outputs (every write goes through the atomic
+    writer, so only these can be partial); returns what was removed."""
+    out = Path(cfg.output.dir)
+    names = [*output_paths(cfg).values(), out / "effective_config.toml", out / "loss_history.jsonl",
+             out / PROGRESS_PLOT]
+    patterns = [re.escape(p.name) for p in names]
+    # the step-named intermediate files: the same names with kohya's step suffix before the extension
+    patterns += [re.escape(p.stem) + r"-step\d{8}" + re.escape(p.suffix) for p in output_paths(cfg).values()]
+    stale = stale_temporaries(out, "|".join(patterns))
+    for path in stale:
+        remove_tree(path)
+    return stale
+
+
+def export_outputs(trainer, step: int | None = None) -> Path:
+    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path.
+
+    With `step`: the intermediate files of that phase-2 step (:func:`output_paths`), the same tensors the
+    run holds at that step, and no note on how to load them.
+    """
+    cfg = trainer.cfg
+    dtype = DTYPES[cfg.output.save_precision]
+    tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
+    prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
+    paths = output_paths(cfg, step)
+    vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
+    for word, vec in vectors.items():
+        with warnings.catch_warnings():
+            if step is not None:  # named by step on purpose; the best-step message says to rename it
+                warnings.filterwarnings("ignore", message="A1111 will call this embedding")
+            save_embedding(paths[word], word, vec.to(dtype))
+            if cfg.output.embeddings_pt:
+                done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
+                save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=done)
+    lora_path = paths["lora"]
+    if trainer.lora_added:
+        state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
+        pretrained, vae = Path(cfg.model.pretrained), Path(cfg.model.vae) if cfg.model.vae else None
+        metadata = build_metadata(
+            output_name=cfg.output.name,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            unet_targets_preset=cfg.lora.targets,
+            train_text_encoder=cfg.lora.text_encoder,
+            tokens=tokens,
+            base_model_name=trainer.model_name,
+            base_model_hash=file_sha256(pretrained) if pretrained.is_file() else None,
+            base_model_version=trainer.model_kind.base_model_version,
+            v_parameterization=trainer.model_kind.v_parameterization,
+            vae_name=trainer.vae_name,
+            vae_hash=file_sha256(vae) if vae is not None and vae.is_file() else None,
+            training={
+                "phase1_steps": cfg.phase1.steps,
+                "phase2_steps": cfg.phase2.steps if step is None else step,
+                "learning_rate": cfg.phase2.lr_unet,
+                "unet_lr": cfg.phase2.lr_unet,
+                "text_encoder_lr": cfg.phase2.lr_text_encoder,
+                "embedding_lr": cfg.phase2.lr_embeddings,
+                "seed": cfg.train.seed,
+                "resolution": cfg.data.resolution,
+                "mixed_precision": cfg.train.mixed_precision,
+                "optimizer": cfg.optimizer.name,
+                "composed_prompt": prompt,
+            },
+            state_dict=state,
+        )
+        bundle = {w: v.to(dtype) for w, v in vectors.items()} if cfg.output.bundle_embeddings else None
+        save_lora(lora_path, state, metadata, bundle_embeddings=bundle)
+    if step is not None:
+        return lora_path
+    trainer.print(
+        f"wrote {lora_path} and {', '.join(str(paths[w]) for w in vectors)}\n"
+        f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
+        f"\"{prompt} <lora:{cfg.output.name}:0.6>\""
+    )
+    return lora_path

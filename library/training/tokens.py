@@ -1,0 +1,129 @@
+"""Special tokens [V1] / [V2]: tokenizer entries, initialisation, and their trainable embedding rows.
+
+Only the new rows train. Instead of letting the whole 49408 x 768 table receive (zero) gradients and
+restoring it after every step, the text encoder's token embedding is wrapped: the frozen table serves
+every ordinary id and a small `nn.Parameter` serves the new ids, so optimiser state, weight decay and
+checkpoints only ever see the new vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from library.models.prompts import token_words
+
+
+class TrainableTokenEmbedding(nn.Module):
+    """A frozen token table plus trainable rows for ids >= `first_new_id`."""
+
+    def __init__(self, base: nn.Embedding, first_new_id: int, vectors: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.new_vectors = nn.Parameter(vectors.clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers reads .weight (e.g. resize_token_embeddings, tied heads): give the full table.
+        return torch.cat([self.base.weight[: self.first_new_id], self.new_vectors.to(self.base.weight.dtype)])
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.first_new_id + self.new_vectors.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.first_new_id
+        old = self.base(input_ids.clamp(max=self.first_new_id - 1))
+        new = self.new_vectors[(input_ids - self.first_new_id).clamp(min=0)].to(old.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, old)
+
+
+def _token_embedding_holder(text_encoder: nn.Module) -> nn.Module:
+    # transformers 5 CLIPTextModel: .embeddings; transformers 4: .text_model.embeddings
+    holder = getattr(text_encoder, "text_model", text_encoder).embeddings
+    return holder
+
+
+def add_special_tokens(
+    tokenizer,
+    text_encoder: nn.Module,
+    words: list[str],
+    init_words: list[str],
+    vectors: int,
+    random_std: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, list[int]]:
+    """Add each word (x `vectors`) to the tokenizer and wrap the text encoder's embedding table.
+
+    A word initialises from the mean embedding of its init word's tokens, or from N(0, random_std)
+    when the init word is empty (the released code: [V1] from "person", [V2] random N(0, 0.017)).
+    Returns word -> token ids.
+    """
+    holder = _token_embedding_holder(text_encoder)
+    base = holder.token_embedding
+    if isinstance(base, TrainableTokenEmbedding):
+        raise ValueError("special tokens were already added to this text encoder")
+    first_new_id = base.num_embeddings
+    if len(tokenizer) != first_new_id:
+        raise ValueError(f"tokenizer has {len(tokenizer)} entries but the text encoder {first_new_id} rows")
+    ids: dict[str, list[int]] = {}
+    rows = []
+    for word, init in zip(words, init_words):
+        entries = token_words(word, vectors)
+        for entry in entries:
+            if tokenizer.convert_tokens_to_ids(entry) != tokenizer.unk_token_id:
+                raise ValueError(f"token '{entry}' is already in the vocabulary: choose a made-up word")
+        added = tokenizer.add_tokens(entries)
+        if added != len(entries):
+            raise ValueError(f"could not add token '{word}' to the tokenizer")
+        ids[word] = tokenizer.convert_tokens_to_ids(entries)
+        dim = base.embedding_dim
+        if init:
+            init_ids = tokenizer(init, add_special_tokens=False).input_ids
+            vec = base.weight.detach()[torch.tensor(init_ids, device=base.weight.device)].float().mean(0).cpu()
+            rows.extend([vec.clone() for _ in entries])
+        else:
+            for _ in entries:
+                rows.append(torch.randn(dim, generator=generator) * random_std)
+    wrapped = TrainableTokenEmbedding(base, first_new_id, torch.stack(rows))
+    base.weight.requires_grad_(False)
+    holder.token_embedding = wrapped
+    text_encoder.config.vocab_size = wrapped.num_embeddings
+    return ids
+
+
+def get_token_embedding(text_encoder: nn.Module) -> TrainableTokenEmbedding:
+    emb = _token_embedding_holder(text_encoder).token_embedding
+    if not isinstance(emb, TrainableTokenEmbedding):
+        raise ValueError("the text encoder has no special tokens (add_special_tokens was not called)")
+    return emb
+
+
+def token_vectors(text_encoder: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The current vectors [n, dim] of one special token (detached, float32)."""
+    emb = get_token_embedding(text_encoder)
+    rows = torch.tensor(ids) - emb.first_new_id
+    return emb.new_vectors.detach()[rows].float().cpu()
+
+
+def norm_regulariser(vectors: torch.Tensor, target: float) -> torch.Tensor:
+    """Mean squared distance of the vectors' norms from `target` (pulls norms toward it)."""
+    return ((vectors.float().norm(dim=-1) - target) ** 2).mean()
+
+
+def pull_norms(vectors: torch.Tensor, target: float, rate: float) -> torch.Tensor:
+    """The released phase-1 renormalisation: each row keeps its direction and its norm moves toward
+    ``target``: ``|v| <- |v| + rate (target - |v|)``, ``rate`` in [0, 1] (the released code uses
+    ``min(1, 100 x the current learning rate)``, ``lora_diffusion_/magicapture_train.py``,
+    ``train_inversion``). vectors [n, dim]; returns a new tensor of the same shape and dtype.
+
+    A norm far above CLIP's ordinary ~0.4 is what makes a textual-inversion token drown every other
+    word of a prompt; a soft penalty (:func:`norm_regulariser`) at its usual weight barely moves it.
+    """
+    norm = vectors.norm(dim=-1, keepdim=True)
+    return vectors / norm.clamp_min(1e-12) * (norm + rate * (target - norm))
