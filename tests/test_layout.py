@@ -310,3 +310,55 @@ def test_the_call_checks_classify_calls():
     images = ("Image.open(p)", "cv2.imread(p)", "imageio.v3.imread(p)", "ImageFile.Parser()", "open(p)",
               "os.open(p, 0)", "cv2.imwrite(p, a)", "Image.new('RGB', s)")
     assert [_opens_images(first_call(c)) for c in images] == [True] * 4 + [False] * 4
+
+
+# ------------------------------------------------------------------------------------- documentation
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# notes that live outside the repository: the documentation must stand alone
+OUTSIDE_REFERENCES = ("../shared", "METHOD.md", "DESIGN.md")
+# a repository path in backticks: starts with a top-level folder or is a top-level script
+REPO_PATH = re.compile(r"^(?:(?:library|dataset_tools|tests|configs|bench|scripts|docs)/[\w./+-]*|\w+\.py)$")
+
+
+def backticked_paths(markdown: str) -> list[str]:
+    """Repository paths named in inline code (`library/files/text.py`, `tests/test_x.py::test_y`,
+    `generate.py`) outside fenced code blocks (those hold commands with the user's own paths); a
+    `::test` suffix is dropped, and so is anything after the first space."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    found = []
+    for span in re.findall(r"`([^`\n]+)`", text):
+        word = span.split()[0].split("::")[0] if span.strip() else ""
+        if REPO_PATH.match(word):
+            found.append(word)
+    return found
+
+
+def test_docs_exist_and_readme_links_them():
+    names = {p.name for p in DOCS}
+    assert {"README.md", "method.md", "design.md", "formats.md"} <= names
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert all(f"(docs/{n})" in readme for n in ("method.md", "design.md", "formats.md"))
+    assert readme.count("make demo") >= 1 and readme.count("make test") >= 1
+
+
+def test_docs_refer_to_nothing_outside_the_repository():
+    """README.md, docs/*.md, the project's modules, the tests and the shipped configs name no notes that
+    live outside the repository (the method and the design are docs/method.md and docs/design.md)."""
+    texts = [*DOCS, *MODULES.values(), *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "configs").glob("*.toml"))]
+    offenders = sorted(f"{_rel(p)}: {ref}" for p in texts if p != Path(__file__).resolve()
+                       for ref in OUTSIDE_REFERENCES if ref in p.read_text(encoding="utf-8"))
+    assert offenders == []
+
+
+def test_every_path_the_docs_name_exists():
+    missing = sorted({f"{p.name}: {word}" for p in DOCS for word in backticked_paths(p.read_text(encoding="utf-8"))
+                      if not (ROOT / word).exists()})
+    assert missing == []
+
+
+def test_backticked_paths_are_found_by_the_rule():
+    markdown = ("See `library/files/text.py` and `tests/test_layout.py::test_x`; run `generate.py --n 2`;\n"
+                "not `out/run/NAME.safetensors`, not `ss_*`, not `a b`.\n"
+                "```bash\npython `library/not_here.py`\n```\n")
+    assert backticked_paths(markdown) == ["library/files/text.py", "tests/test_layout.py", "generate.py"]

@@ -1,4 +1,4 @@
-"""Super-resolution and face restoration through spandrel (METHOD.md, "Inference and post-processing").
+"""Super-resolution and face restoration through spandrel (docs/method.md, "Inference and post-processing").
 
 The chain is: upscale the whole image (Real-ESRGAN from the user's .pth, or a LANCZOS resize), then
 restore every face on the upscaled image (CodeFormer or GFPGAN from the user's .pth) and paste it back
