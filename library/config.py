@@ -1,4 +1,4 @@
-"""The training configuration: TOML sections as dataclasses whose defaults are METHOD.md's.
+"""The training configuration: TOML sections as dataclasses whose defaults are docs/method.md's.
 
 Unknown keys, wrong types and missing paths are `ConfigError`s whose one-line message names the key,
 the file and (for a typo) the closest valid key. Overrides from the command line use the same dotted
@@ -47,7 +47,7 @@ class DataConfig:
     reference_dir: str = ""
     resolution: int = 512
     flip: bool = True  # cache horizontally flipped latents too
-    captions: str = "template"  # "template": METHOD.md's template lists; "sidecar": NAME.txt
+    captions: str = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
     min_images: int = 3  # fewer gives a warning (the paper uses 4-6)
 
 
@@ -213,7 +213,7 @@ _TASKS = ("source", "reference", "composed")
 
 
 def composed_prompt(source: str, reference: str) -> str:
-    """METHOD.md's composed prompt: what previews, generate.py and the LoRA's metadata default to."""
+    """docs/method.md's composed prompt: what previews, generate.py and the LoRA's metadata default to."""
     return f"a photo of a {source} person in the style of {reference}"
 
 

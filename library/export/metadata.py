@@ -130,7 +130,7 @@ def _resolution(value: Any) -> tuple[int, int]:
 
 
 def default_composed_prompt(tokens: Mapping[str, str]) -> str:
-    """The composed prompt of METHOD.md from the token words (roles "source" and "reference")."""
+    """The composed prompt of docs/method.md from the token words (roles "source" and "reference")."""
     src, ref = tokens.get("source"), tokens.get("reference")
     if src and ref:
         return config.composed_prompt(src, ref)
@@ -178,7 +178,7 @@ def build_metadata(
     `training` holds the run's settings: learning_rate, unet_lr, text_encoder_lr, max_train_steps (or
     steps), seed, resolution (int, "512x512" or (w, h)), mixed_precision, network_args (dict), and any other
     key, written as ``ss_<key>`` (without max_train_steps, ss_max_train_steps is phase1_steps +
-    phase2_steps when given). `composed_prompt` (or ``training["composed_prompt"]``; default METHOD.md's
+    phase2_steps when given). `composed_prompt` (or ``training["composed_prompt"]``; default docs/method.md's
     composed template) is the training comment and the trigger phrase. `tag_frequency` maps token word -> count (default 1 each). `date`
     (ISO 8601) defaults to now, UTC. `base_model_version` (kohya's: sd_v1, sd_v2, sdxl_base_v1-0) and
     `v_parameterization` are what the base model was identified as (ss_base_model_version, ss_v2,

@@ -1,6 +1,6 @@
 """Sampling with the trained files: base model + the two embeddings + the LoRA, then optional post-processing.
 
-What `generate()` does (METHOD.md, "Inference and post-processing"; released: Euler ancestral, 50 steps,
+What `generate()` does (docs/method.md, "Inference and post-processing"; released: Euler ancestral, 50 steps,
 CFG 7, LoRA 0.6 on the UNet and 0.9 on the text encoder):
 
 1. checks everything a user can get wrong *before* loading anything heavy: the sampler name, the size,

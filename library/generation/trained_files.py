@@ -28,7 +28,7 @@ class TrainedFiles:
 
 
 def composed_prompt(cfg) -> str:
-    """METHOD.md's composed prompt, the default: "a photo of a {source} person in the style of {reference}"."""
+    """docs/method.md's composed prompt, the default: "a photo of a {source} person in the style of {reference}"."""
     return config.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
 
 

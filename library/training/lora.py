@@ -4,7 +4,7 @@ The layers are plain peft `LoraLayer`s (adapter "default"); `library.export.kohy
 format. Targets are given to peft as *full* module names (exact matches), so a preset selects exactly the
 modules it names and nothing that merely ends the same way.
 
-Presets (METHOD.md, phase 2):
+Presets (docs/method.md, phase 2):
 - ``cross_attn`` (paper): ``attn2.to_q / to_k / to_v / to_out.0`` of every transformer block of the UNet.
 - ``attn_geglu`` (released code): ``to_q / to_k / to_v / to_out.0`` of ``attn1`` and ``attn2``, plus
   ``ff.net.0.proj`` (the GEGLU projection).
@@ -16,7 +16,7 @@ Text encoder (released code): the ``self_attn`` q/k/v/out projections of every C
 
 Note on versions: transformers 5.24's own ``add_adapter`` refuses peft < 0.22 (the newest peft on the index is
 0.21.2), so the text encoder gets its adapter from ``peft.inject_adapter_in_model`` directly; the UNet goes
-through diffusers' ``add_adapter`` as DESIGN.md says.
+through diffusers' ``add_adapter`` as docs/design.md says.
 
 Both ``add_*`` functions leave only the LoRA parameters with ``requires_grad=True`` in the model they touch
 (peft freezes every other parameter). Code that also trains something else in that model (the token
