@@ -42,6 +42,14 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     return save_model(tmp_path_factory.mktemp("model") / "tiny_sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, SGM-layout single .safetensors) of the tiny SDXL model."""
+    from library.models.tiny_sdxl import save_sdxl_model
+
+    return save_sdxl_model(tmp_path_factory.mktemp("model") / "tiny_sdxl")
+
+
 @pytest.fixture
 def prepared_data(tmp_path) -> tuple[Path, Path]:
     return (write_prepared(tmp_path / "source", "source", "mcv1", seed=1),
