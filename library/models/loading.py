@@ -288,9 +288,8 @@ def load_stable_diffusion(
                 pipe = pipeline_class.from_single_file(source, config=str(config_dir), local_files_only=True, **common)
             except (OSError, ValueError, KeyError, RuntimeError) as err:
                 # e.g. weights of other shapes than config_dir's configs (a model.config_dir of another model)
-                raise ModelLoadError(f"{path}: cannot load it with the configs in {config_dir}: {one_line(err, 200)}; "
-                                     f"set model.config_dir to the folder of configs this {family.label} model was made with, "
-                                     "or leave it empty") from None
+                raise ModelLoadError(f"{path}: cannot load it with the configs in {config_dir}: {one_line(err, 200).rstrip('.')}; "
+                                     "set model.config_dir to a diffusers folder whose configs fit this model") from None
     else:
         pipe = pipeline_class.from_pretrained(pretrained, **common)
     return StableDiffusionParts(
