@@ -44,10 +44,13 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
-    """(diffusers folder, SGM-layout single .safetensors) of the tiny SDXL model."""
-    from library.models.tiny_sdxl import save_sdxl_model
+    """(diffusers folder, SGM-layout single .safetensors) of the tiny SDXL model, written by the command line
+    `python -m library.models.tiny DEST --sdxl`."""
+    from library.models.tiny import main
 
-    return save_sdxl_model(tmp_path_factory.mktemp("model") / "tiny_sdxl")
+    dest = tmp_path_factory.mktemp("model") / "tiny_sdxl"
+    assert main([str(dest), "--sdxl"]) == 0
+    return dest, dest.with_suffix(".safetensors")
 
 
 @pytest.fixture

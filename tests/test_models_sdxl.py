@@ -117,23 +117,20 @@ def test_the_single_file_uses_the_sgm_names(tiny_sdxl_model, loaded):
 
 
 def test_real_sdxl_shapes_go_through_diffusers_converters_with_configs_sdxl():
-    """What from_single_file does with configs/sdxl, on full-size SDXL 1.0 built on the meta device (no
-    memory): every SGM key this project writes converts back to exactly the diffusers model's keys and shapes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """What from_single_file does with configs/sdxl, on full-size SDXL 1.0 with its weights on the meta device: every SGM key this project writes converts back to exactly the diffusers model's keys and shapes."""
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from library.models.tiny_sdxl import build_sdxl_components, sdxl_to_sgm
 
-    from library.models.tiny_sdxl import sdxl_to_sgm
+    from accelerate import init_empty_weights
 
-    with torch.device("meta"):
-        parts = dict(unet=UNet2DConditionModel(**sdxl_config("unet")), vae=AutoencoderKL(**sdxl_config("vae")),
-                     text_encoder=CLIPTextModel(CLIPTextConfig(**sdxl_config("text_encoder"))),
-                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_config("text_encoder_2"))))
+    with init_empty_weights():  # what `python -m library.models.tiny DEST --sdxl --full-size` builds, no memory
+        parts = build_sdxl_components(full_size=True)
+    assert (list(parts["unet"].config.block_out_channels), parts["text_encoder_2"].config.num_hidden_layers) == ([320, 640, 1280], 32)
     sgm = sdxl_to_sgm(parts)
     counts = {}
     for k in sgm:

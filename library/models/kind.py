@@ -225,8 +225,9 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
     """A diffusers pipeline's kind from `model_index.json` and its components' configs.
 
     `configs` maps "unet", "vae", "text_encoder", "tokenizer", "scheduler" (and SDXL's "text_encoder_2",
-    "tokenizer_2") to the component's config dict (None where the component has none). With `check_weights` (the folder), a component whose subfolder
-    holds no weight file counts as missing.
+    "tokenizer_2") to the component's config dict (None where the component has none); which of them a
+    complete model needs is the family's (:mod:`library.models.family`). With `check_weights` (the
+    folder), a component whose subfolder holds no weight file counts as missing.
     """
     cls = str(model_index.get("_class_name", ""))
     listed = {k for k, v in model_index.items() if isinstance(v, list) and len(v) == 2 and v[0] and v[1]}
