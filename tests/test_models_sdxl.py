@@ -298,3 +298,18 @@ def test_model_vae_for_sdxl_is_shaped_by_the_sdxl_config(tiny_sdxl_model, loaded
     with pytest.raises(ModelLoadError, match=r"not an SDXL VAE for this model \(\d+ weights missing, 1 of another shape.*"
                                              r"give the VAE file of an SDXL model, e.g. sdxl_vae.safetensors$"):
         load_stable_diffusion(str(single), config_dir=folder, vae=str(bad))
+
+
+def test_the_extra_keys_real_sdxl_files_carry_are_ignored(tiny_sdxl_model, loaded, tmp_path):
+    """sd_xl_base_1.0.safetensors and its fine-tunes also hold CLIP-L's position_ids buffer, OpenCLIP's
+    logit_scale and (SGM) the denoiser's sigmas; none of them is a weight of the diffusers model."""
+    folder, single = tiny_sdxl_model
+    extra = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+             "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6052),
+             "denoiser.sigmas": torch.linspace(0.03, 14.6, 1000)}
+    path = _write(tmp_path / "with_extras.safetensors", {**load_file(str(single)), **extra})
+    parts = load_stable_diffusion(str(path), config_dir=folder)
+    assert parts.kind.missing == ()
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        want, got = getattr(loaded[0], name).state_dict(), getattr(parts, name).state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
