@@ -46,6 +46,11 @@ class ModelFamily:
         ``output_blocks`` paths for SDXL).
     base_model_version: kohya's ``ss_base_model_version``; architecture: ``modelspec.architecture``
         before "/lora".
+    checkpoint_text_prefixes: the key prefix of each text encoder in a single-file checkpoint, in
+        ``text_encoders`` order (what makes such a file complete).
+    example_checkpoint / example_vae: the file names refusals suggest (the family's reference checkpoint
+        and a VAE file for it); complete_parts: what a complete checkpoint holds, for the refusal of an
+        incomplete one.
     """
 
     name: str
@@ -64,6 +69,10 @@ class ModelFamily:
     unet_key_style: str
     base_model_version: str
     architecture: str
+    checkpoint_text_prefixes: tuple[str, ...]
+    example_checkpoint: str
+    example_vae: str
+    complete_parts: str
 
 
 SD1 = ModelFamily(
@@ -93,6 +102,10 @@ SD1 = ModelFamily(
     unet_key_style="diffusers",
     base_model_version="sd_v1",
     architecture="stable-diffusion-v1",
+    checkpoint_text_prefixes=("cond_stage_model.transformer.",),
+    example_checkpoint="v1-5-pruned-emaonly.safetensors",
+    example_vae="vae-ft-mse-840000-ema-pruned.safetensors",
+    complete_parts="UNet, VAE and text encoder",
 )
 
 SDXL = ModelFamily(
@@ -123,6 +136,11 @@ SDXL = ModelFamily(
     unet_key_style="sgm",
     base_model_version="sdxl_base_v1-0",
     architecture="stable-diffusion-xl-v1-base",
+    # CLIP-L in transformers' naming, OpenCLIP-G in open_clip's (library/models/sgm_keys.py)
+    checkpoint_text_prefixes=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+    example_checkpoint="sd_xl_base_1.0.safetensors",
+    example_vae="sdxl_vae.safetensors",
+    complete_parts="UNet, VAE and both text encoders",
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}
