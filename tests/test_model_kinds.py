@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.models.loading import ModelLoadError, load_stable_diffusion
-from library.models.tiny import TINY_VAE, _sd15_config, vae_to_original
+from library.models.sgm_keys import vae_to_original
+from library.models.tiny import TINY_VAE, _sd15_config
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]

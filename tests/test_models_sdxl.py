@@ -283,7 +283,7 @@ def test_model_vae_for_sdxl_is_shaped_by_the_sdxl_config(tiny_sdxl_model, loaded
     shape is refused naming SDXL."""
     from diffusers import AutoencoderKL
 
-    from library.models.tiny import vae_to_original
+    from library.models.sgm_keys import vae_to_original
     from library.models.tiny_sdxl import TINY_VAE
 
     folder, single = tiny_sdxl_model

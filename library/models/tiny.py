@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from library.files.atomic import atomic_folder, write_atomic
 from library.files.text import read_text_file
 from library.models.family import SD1
-from library.models.sgm_keys import clip_to_sgm, unet_to_sgm
+from library.models.sgm_keys import clip_to_sgm, unet_to_sgm, vae_to_original
 
 CONFIG_DIR = SD1.config_dir
 
@@ -83,41 +83,6 @@ def unet_to_original(state: dict[str, torch.Tensor], unet_config: dict | None = 
     """A diffusers UNet state dict under ``model.diffusion_model.`` in the original block numbering;
     `unet_config` gives the block layout (default: SD 1.5's, which the tiny SD 1.x model shares)."""
     return unet_to_sgm(state, unet_config or _sd15_config("unet"))
-
-
-def vae_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers AutoencoderKL state dict under ``first_stage_model.`` in the original layout (SD 1.x and SDXL
-    VAEs share it: four levels, two resnets down, three up, 1x1-conv mid attention)."""
-    prefixes = []
-    for i in range(4):
-        for j in range(2):
-            prefixes.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
-        if i < 3:
-            prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
-            prefixes.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample."))
-        for j in range(3):
-            prefixes.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}."))
-    for part in ("encoder", "decoder"):
-        for j in range(2):
-            prefixes.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
-        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
-        prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out."))
-    attn_parts = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
-    out = {}
-    for key, value in state.items():
-        new = key
-        for hf, sd in prefixes:
-            if new.startswith(hf):
-                new = sd + new[len(hf) :]
-                break
-        new = new.replace("conv_shortcut", "nin_shortcut")
-        if ".mid.attn_1." in new:
-            for hf, sd in attn_parts:
-                new = new.replace("attn_1." + hf, "attn_1." + sd)
-            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
-                value = value[:, :, None, None]  # the original VAE uses 1x1 convolutions there
-        out["first_stage_model." + new] = value
-    return out
 
 
 def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,8 +25,7 @@ from safetensors.torch import save_file
 from library.files.atomic import atomic_folder, write_atomic
 from library.files.text import read_text_file
 from library.models.family import SDXL
-from library.models.sgm_keys import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, clip_to_sgm, open_clip_to_sgm, unet_to_sgm
-from library.models.tiny import vae_to_original
+from library.models.sgm_keys import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_original
 
 CONFIG_DIR = SDXL.config_dir
 
