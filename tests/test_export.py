@@ -478,12 +478,15 @@ def test_metadata(tmp_path):
     assert meta_back == meta and set(tensors) == set(sd)
     assert export.safetensors_file_hash(path) == meta["sshs_model_hash"]
 
-    # bundled embeddings (A1111 only): the hash is recomputed for the tensors written
+    # bundled embeddings (A1111, ComfyUI): kohya's name "bundle_emb.<token>.string_to_param.*" (ComfyUI's
+    # sd1_clip.py looks for exactly this; A1111 takes a bundle's one tensor); the hash is recomputed
     bundled = tmp_path / "bundled.safetensors"
     export.save_lora(bundled, sd, meta, bundle_embeddings={SUBJECT: torch.randn(2, 32), STYLE: torch.randn(32)})
     tensors, meta_b = export.load_lora(bundled)
-    assert tensors[f"bundle_emb.{SUBJECT}.emb_params"].shape == (2, 32)
-    assert tensors[f"bundle_emb.{STYLE}.emb_params"].shape == (1, 32)
+    assert sorted(k for k in tensors if k.startswith("bundle_emb.")) == [
+        f"bundle_emb.{SUBJECT}.string_to_param.*", f"bundle_emb.{STYLE}.string_to_param.*"]
+    assert tensors[f"bundle_emb.{SUBJECT}.string_to_param.*"].shape == (2, 32)
+    assert tensors[f"bundle_emb.{STYLE}.string_to_param.*"].shape == (1, 32)
     assert meta_b["sshs_model_hash"] == export.safetensors_file_hash(bundled) != meta["sshs_model_hash"]
     fresh = build_components(seed=0)
     assert export.apply_kohya_lora(fresh["unet"], fresh["text_encoder"], tensors) == len(export.lora_module_names(sd))

@@ -40,6 +40,9 @@ class ModelFamily:
     embedding_keys: the tensor names of one A1111 embedding file, per text encoder ("emb_params" for SD
         1.x: A1111 writes ``string_to_param["*"]`` in .pt and ``emb_params`` in .safetensors; "clip_l",
         "clip_g" for SDXL, what A1111, Forge, ComfyUI and InvokeAI read).
+    bundle_embedding_keys: the tensor-name ends of an embedding bundled in a LoRA
+        (``bundle_emb.<token>.<key>``), per text encoder, names both A1111 and ComfyUI read:
+        "string_to_param.*" for SD 1.x (kohya's), "clip_l", "clip_g" for SDXL.
     capture_layers: default cross-attention modules attention refocusing records (full module paths).
     unet_key_style: how the LoRA exporter names UNet modules: "diffusers" (kohya keeps diffusers' paths
         for SD 1.x) or "sgm" (kohya uses the original ``input_blocks`` / ``middle_block`` /
@@ -64,6 +67,7 @@ class ModelFamily:
     unet_key_style: str
     base_model_version: str
     architecture: str
+    bundle_embedding_keys: tuple[str, ...]
 
 
 SD1 = ModelFamily(
@@ -93,6 +97,7 @@ SD1 = ModelFamily(
     unet_key_style="diffusers",
     base_model_version="sd_v1",
     architecture="stable-diffusion-v1",
+    bundle_embedding_keys=("string_to_param.*",),
 )
 
 SDXL = ModelFamily(
@@ -123,6 +128,7 @@ SDXL = ModelFamily(
     unet_key_style="sgm",
     base_model_version="sdxl_base_v1-0",
     architecture="stable-diffusion-xl-v1-base",
+    bundle_embedding_keys=("clip_l", "clip_g"),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}
