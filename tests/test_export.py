@@ -580,3 +580,18 @@ def test_trained_files_reproduce_the_trained_model(tiny_model, prepared_data, tm
     torch.testing.assert_close(out_unet, trained_unet, rtol=0, atol=1e-5)
     # and the LoRA is not a no-op: the UNet without it answers differently to the same conditioning
     assert (base_unet - trained_unet).abs().max() > 1e-4
+
+
+def test_sd1_bundles_old_and_new_names_are_read(tmp_path):
+    """generate.py reads kohya's bundle name ("string_to_param.*", written now) and this project's old one."""
+    from safetensors.torch import save_file
+
+    from library.generation.trained_files import _bundled_tokens, read_embedding
+
+    new, old = torch.randn(2, 32), torch.randn(1, 32)
+    path = tmp_path / "run.safetensors"
+    save_file({"bundle_emb.mcv1.string_to_param.*": new, "bundle_emb.mcv2.emb_params": old,
+               "bundle_emb.mcv3.clip_l": old}, str(path))  # mcv3: half an SDXL bundle, not an embedding
+    assert _bundled_tokens(path) == {"mcv1", "mcv2"}
+    assert torch.equal(read_embedding("mcv1", None, path)["emb_params"], new)
+    assert torch.equal(read_embedding("mcv2", None, path)["emb_params"], old)

@@ -271,7 +271,14 @@ def test_generate_matches_the_diffusers_loaded_pipeline(exported, tmp_path, monk
                      out_dir=tmp_path / "images", device="cpu", precision="fp32", grid=False, progress=False)
     ours = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int16)
     assert ours.shape == (64, 64, 3)
-    assert "Size: 64x64" in Image.open(paths[0]).text["parameters"]
+    # A1111 writes the same "parameters" fields for SDXL as for SD 1.x
+    from library.export.infotext import parse_infotext
+
+    info = parse_infotext(Image.open(paths[0]).text["parameters"])
+    assert info["Prompt"] == f"{PROMPT} <lora:magicapture:1>"
+    assert (info["Steps"], info["Sampler"], info["CFG scale"], info["Seed"], info["Size"]) == ("2", "Euler a", "7", "1234", "64x64")
+    lora_hash = export.safetensors_file_hash(exported / "magicapture.safetensors")[:12]
+    assert info["Lora hashes"] == f"magicapture: {lora_hash}" and info["Model"] == "tiny_sdxl"
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -300,3 +307,12 @@ def test_default_size_comes_from_the_family():
     assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=512)), SDXL) == 1024
     assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=512)), SD1) == 512
     assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=768)), SDXL) == 768
+
+
+def test_an_sdxl_lora_does_not_fit_an_sd1_model(exported):
+    from library.models.tiny import build_components
+
+    tensors, _ = export.load_lora(exported / "magicapture.safetensors")
+    sd1 = build_components(seed=0)
+    with pytest.raises(ValueError, match=r"^200 LoRA modules match no module of this SD 1\.x model \(a LoRA for SDXL\?\): "):
+        export.apply_kohya_lora(sd1["unet"], sd1["text_encoder"], tensors)

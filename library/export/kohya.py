@@ -267,6 +267,17 @@ def _merge_targets(model: nn.Module, prefix: str, family: ModelFamily) -> dict[s
     return targets
 
 
+def _other_family_hint(names: list[str], family: ModelFamily) -> str:
+    """" (a LoRA for SDXL?)" when the names use a text-encoder prefix only another family has."""
+    from library.models.family import FAMILIES
+
+    for other in FAMILIES.values():
+        own = [p for p in other.kohya_te_prefixes if p not in family.kohya_te_prefixes]
+        if other != family and any(n.startswith(p + "_") for n in names for p in own):
+            return f" (a LoRA for {other.label}?)"
+    return ""
+
+
 def apply_kohya_lora(
     unet: nn.Module | None,
     text_encoders: nn.Module | Sequence[nn.Module | None] | None,
@@ -321,7 +332,8 @@ def apply_kohya_lora(
         plan.append((module, delta.reshape(w.shape) * (scale * alpha / r)))
     if missing:
         # ValueError, not KeyError: str(KeyError) wraps the message in quotes
-        raise ValueError(f"{len(missing)} LoRA modules match no module of this {family.label} model: {sorted(missing)[:5]}")
+        raise ValueError(f"{len(missing)} LoRA modules match no module of this {family.label} model"
+                         f"{_other_family_hint(missing, family)}: {sorted(missing)[:5]}")
     with torch.no_grad():
         for module, delta in plan:
             module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
