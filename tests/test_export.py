@@ -591,7 +591,7 @@ def test_sd1_bundles_old_and_new_names_are_read(tmp_path):
     new, old = torch.randn(2, 32), torch.randn(1, 32)
     path = tmp_path / "run.safetensors"
     save_file({"bundle_emb.mcv1.string_to_param.*": new, "bundle_emb.mcv2.emb_params": old,
-               "bundle_emb.mcv3.clip_l": old}, str(path))  # mcv3: half an SDXL bundle, not an embedding
+               "bundle_emb.mcv3.clip_l": old.clone()}, str(path))  # mcv3: half an SDXL bundle, not an embedding
     assert _bundled_tokens(path) == {"mcv1", "mcv2"}
     assert torch.equal(read_embedding("mcv1", None, path)["emb_params"], new)
     assert torch.equal(read_embedding("mcv2", None, path)["emb_params"], old)
