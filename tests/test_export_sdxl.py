@@ -268,13 +268,15 @@ def test_generate_matches_the_diffusers_loaded_pipeline(exported, tmp_path, monk
     cfg = load_config("configs/test_tiny.toml", [f'model.pretrained="{folder}"', f'output.dir="{exported}"'], check_paths=False)
     seed = 1234
     paths = generate(cfg, prompt=PROMPT, n=1, seed=seed, steps=2, lora_scale=1.0, te_scale=1.0, width=64, height=64,
-                     out_dir=tmp_path / "images", device="cpu", precision="fp32", grid=False, progress=False)
-    ours = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int16)
+                     upscale=2, out_dir=tmp_path / "images", device="cpu", precision="fp32", grid=False, progress=False)
+    # post-processing (here a plain 2x resize) runs on the SDXL sample; the sample itself is in raw/
+    assert Image.open(paths[0]).size == (128, 128)
+    ours = np.asarray(Image.open(paths[0].parent / "raw" / paths[0].name).convert("RGB"), dtype=np.int16)
     assert ours.shape == (64, 64, 3)
     # A1111 writes the same "parameters" fields for SDXL as for SD 1.x
     from library.export.infotext import parse_infotext
 
-    info = parse_infotext(Image.open(paths[0]).text["parameters"])
+    info = parse_infotext(Image.open(paths[0].parent / "raw" / paths[0].name).text["parameters"])
     assert info["Prompt"] == f"{PROMPT} <lora:magicapture:1>"
     assert (info["Steps"], info["Sampler"], info["CFG scale"], info["Seed"], info["Size"]) == ("2", "Euler a", "7", "1234", "64x64")
     lora_hash = export.safetensors_file_hash(exported / "magicapture.safetensors")[:12]
@@ -316,3 +318,14 @@ def test_an_sdxl_lora_does_not_fit_an_sd1_model(exported):
     sd1 = build_components(seed=0)
     with pytest.raises(ValueError, match=r"^200 LoRA modules match no module of this SD 1\.x model \(a LoRA for SDXL\?\): "):
         export.apply_kohya_lora(sd1["unet"], sd1["text_encoder"], tensors)
+
+
+def test_presets_select_the_same_layers_on_the_sdxl_unet():
+    """The presets keep their meaning on SDXL: tiny SDXL has 17 transformer blocks in 11 attentions."""
+    unet = build_sdxl_components(seed=0)["unet"]
+    counts = {preset: len(lora.unet_lora_target_modules(unet, preset)) for preset in lora.LORA_TARGET_PRESETS}
+    assert counts == {"cross_attn": 17 * 4, "attn_geglu": 17 * 9, "kohya_all": 17 * 10 + 11 * 2}
+    te2 = build_sdxl_components(seed=0)["text_encoder_2"]
+    assert lora.text_encoder_lora_target_modules(te2)[:2] == [
+        "text_model.encoder.layers.0.self_attn.k_proj", "text_model.encoder.layers.0.self_attn.v_proj"]
+    assert len(lora.text_encoder_lora_target_modules(te2)) == 2 * 4
