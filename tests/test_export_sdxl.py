@@ -329,3 +329,38 @@ def test_presets_select_the_same_layers_on_the_sdxl_unet():
     assert lora.text_encoder_lora_target_modules(te2)[:2] == [
         "text_model.encoder.layers.0.self_attn.k_proj", "text_model.encoder.layers.0.self_attn.v_proj"]
     assert len(lora.text_encoder_lora_target_modules(te2)) == 2 * 4
+
+
+def test_export_outputs_writes_the_sdxl_files(trained, tmp_path, monkeypatch):
+    """The end of an SDXL run: te1 / te2 LoRA, clip_l / clip_g embeddings, SDXL metadata, no .pt."""
+    from types import SimpleNamespace
+
+    import library.training.outputs as outputs
+    from library.config import Config
+
+    c, vectors = trained
+    cfg = Config()
+    cfg.output.dir, cfg.output.save_precision, cfg.lora.targets = str(tmp_path), "fp32", "kohya_all"
+    cfg.output.embeddings_pt = True  # SDXL has no .pt embeddings: ignored, with a note
+    cfg.data.resolution = 1024
+    ids = {w: c["tokenizer"].convert_tokens_to_ids([w] + [f"{w}_{i}" for i in range(1, n)]) for w, n in TOKENS.items()}
+    assert ids == {w: c["tokenizer_2"].convert_tokens_to_ids([w] + [f"{w}_{i}" for i in range(1, n)]) for w, n in TOKENS.items()}
+    # the trainer's token-embedding wrapper (training/tokens.py) is not on these plain encoders: read the rows
+    monkeypatch.setattr(outputs, "token_vectors", lambda enc, rows: enc.get_input_embeddings().weight[rows].detach().clone())
+    said = []
+    trainer = SimpleNamespace(
+        cfg=cfg, family=SDXL, unet=c["unet"], text_encoder=c["text_encoder"], text_encoders=(c["text_encoder"], c["text_encoder_2"]),
+        token_ids=ids, lora_added=True, model_name="sd_xl_base_1.0.safetensors", vae_name=None, print=said.append,
+        model_kind=SimpleNamespace(base_model_version="sdxl_base_v1-0", v_parameterization=False),
+    )
+    lora_path = outputs.export_outputs(trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors"]
+    assert said[0] == "note: output.embeddings_pt is ignored: SDXL embeddings exist as .safetensors only"
+    tensors, meta = export.load_lora(lora_path)
+    assert {k.split("_text_model")[0] for k in tensors if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    assert len(export.lora_module_names(tensors)) == 17 * 10 + 11 * 2 + 2 * 2 * 4
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"], meta["modelspec.resolution"]) == (
+        "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "1024x1024")
+    for word, vecs in vectors.items():
+        name, got = export.load_embedding_vectors(tmp_path / f"{word}.safetensors", SDXL)
+        assert name == word and torch.equal(got["clip_l"], vecs["clip_l"]) and torch.equal(got["clip_g"], vecs["clip_g"])
