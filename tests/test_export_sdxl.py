@@ -364,3 +364,18 @@ def test_export_outputs_writes_the_sdxl_files(trained, tmp_path, monkeypatch):
     for word, vecs in vectors.items():
         name, got = export.load_embedding_vectors(tmp_path / f"{word}.safetensors", SDXL)
         assert name == word and torch.equal(got["clip_l"], vecs["clip_l"]) and torch.equal(got["clip_g"], vecs["clip_g"])
+
+
+def test_single_file_scheduler_config_comes_from_the_family(tmp_path):
+    """A single-file SDXL checkpoint samples with configs/sdxl's scheduler settings (interpolation_type is
+    only in SDXL's), a folder with its own."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from library.generation.samplers import scheduler_base_config
+
+    parts = SimpleNamespace(noise_scheduler=DDPMScheduler(), family=SDXL)
+    single = SimpleNamespace(model=SimpleNamespace(pretrained=str(tmp_path / "sd_xl_base_1.0.safetensors"), config_dir=""))
+    config = scheduler_base_config(single, parts)
+    assert (config["interpolation_type"], config["steps_offset"], config["timestep_spacing"]) == ("linear", 1, "leading")
