@@ -40,6 +40,9 @@ class ModelFamily:
     embedding_keys: the tensor names of one A1111 embedding file, per text encoder ("emb_params" for SD
         1.x: A1111 writes ``string_to_param["*"]`` in .pt and ``emb_params`` in .safetensors; "clip_l",
         "clip_g" for SDXL, what A1111, Forge, ComfyUI and InvokeAI read).
+    bundle_embedding_keys: the tensor-name ends of an embedding bundled in a LoRA
+        (``bundle_emb.<token>.<key>``), per text encoder, names both A1111 and ComfyUI read:
+        "string_to_param.*" for SD 1.x (kohya's), "clip_l", "clip_g" for SDXL.
     capture_layers: default cross-attention modules attention refocusing records (full module paths).
     unet_key_style: how the LoRA exporter names UNet modules: "diffusers" (kohya keeps diffusers' paths
         for SD 1.x) or "sgm" (kohya uses the original ``input_blocks`` / ``middle_block`` /
@@ -73,6 +76,7 @@ class ModelFamily:
     example_checkpoint: str
     example_vae: str
     complete_parts: str
+    bundle_embedding_keys: tuple[str, ...]
 
 
 SD1 = ModelFamily(
@@ -106,6 +110,7 @@ SD1 = ModelFamily(
     example_checkpoint="v1-5-pruned-emaonly.safetensors",
     example_vae="vae-ft-mse-840000-ema-pruned.safetensors",
     complete_parts="UNet, VAE and text encoder",
+    bundle_embedding_keys=("string_to_param.*",),
 )
 
 SDXL = ModelFamily(
@@ -141,6 +146,7 @@ SDXL = ModelFamily(
     example_checkpoint="sd_xl_base_1.0.safetensors",
     example_vae="sdxl_vae.safetensors",
     complete_parts="UNet, VAE and both text encoders",
+    bundle_embedding_keys=("clip_l", "clip_g"),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}

@@ -12,7 +12,10 @@ Presets (docs/method.md, phase 2):
   UNet's ``Transformer2DModel`` blocks (``proj_in``, ``proj_out``, attn1/attn2 q/k/v/out.0, ``ff.net.0.proj``,
   ``ff.net.2``).
 
-Text encoder (released code): the ``self_attn`` q/k/v/out projections of every CLIP encoder layer.
+Text encoders (released code): the ``self_attn`` q/k/v/out projections of every CLIP encoder layer; the same
+transformers module names in SD 1.x's CLIP-L and in both SDXL encoders (CLIP-L, and OpenCLIP-G as
+``CLIPTextModelWithProjection``), so one call per encoder covers SDXL. The presets select by the
+diffusers module names inside ``Transformer2DModel`` blocks, which SD 1.x and SDXL UNets share.
 
 Note on versions: transformers 5.24's own ``add_adapter`` refuses peft < 0.22 (the newest peft on the index is
 0.21.2), so the text encoder gets its adapter from ``peft.inject_adapter_in_model`` directly; the UNet goes
@@ -90,7 +93,7 @@ def unet_lora_target_modules(unet: nn.Module, preset: str) -> list[str]:
             if _wanted(rel, preset, module):
                 names.append(f"{tname}.{rel}")
     if not names:
-        raise ValueError(f"preset {preset!r} selected no module: is this an SD 1.x UNet with transformer blocks?")
+        raise ValueError(f"preset {preset!r} selected no module: is this a Stable Diffusion UNet with transformer blocks?")
     return names
 
 
