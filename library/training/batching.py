@@ -28,14 +28,17 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
       released code's x2 in the first half of a phase);
     - ``id_task`` [B] bool (the task is in `id_tasks`), ``face_landmarks`` [B, 5, 2] pixels and
       ``face_ok`` [B] bool (where the sample's image has its face), ``id_source`` [B] (the source image
-      whose embedding is the identity target).
+      whose embedding is the identity target);
+    - ``time_ids`` [B, 6]: the image's SDXL size / crop ids (:func:`library.training.data.sdxl_time_ids`;
+      a flipped copy has its own).
     """
-    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok = [], [], [], [], [], [], []
+    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok, time_ids = [], [], [], [], [], [], [], []
     for s in samples:
         data = source if s.task == "source" else reference
         latents.append(data.latents[s.index])
         recon.append(data.recon_masks[s.index])
         landmarks.append(data.landmarks[s.index])
+        time_ids.append(data.time_ids[s.index])
         face_ok.append(data.has_face[s.index])
         empty = torch.zeros_like(data.region_masks[s.index])
         if s.task == "source":
@@ -58,6 +61,7 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
         "face_landmarks": torch.stack(landmarks),
         "face_ok": torch.stack(face_ok),
         "id_source": torch.tensor([s.id_source for s in samples]),
+        "time_ids": torch.stack(time_ids),
     }
 
 

@@ -127,3 +127,17 @@ def pull_norms(vectors: torch.Tensor, target: float, rate: float) -> torch.Tenso
     """
     norm = vectors.norm(dim=-1, keepdim=True)
     return vectors / norm.clamp_min(1e-12) * (norm + rate * (target - norm))
+
+
+def embedding_scale(text_encoder: nn.Module) -> tuple[float, float]:
+    """(mean row norm, element standard deviation) of the text encoder's ordinary token table (the
+    frozen rows, also after :func:`add_special_tokens` wrapped it).
+
+    What the trainer scales the norm target and the random init by for an encoder other than the
+    first: CLIP-L's table (SD 1.x, and SDXL's first encoder) has a mean row norm of about 0.39 (what
+    ``tokens.norm_target = 0.4`` is) and an element std of about 0.014; OpenCLIP-G's table is on its
+    own scale, so [V1] / [V2] in it are held to that table's scale, not CLIP-L's.
+    """
+    emb = _token_embedding_holder(text_encoder).token_embedding
+    table = (emb.base if isinstance(emb, TrainableTokenEmbedding) else emb).weight.detach().float()
+    return float(table.norm(dim=-1).mean()), float(table.std())
