@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from library.config import Config, ConfigError, load_config, validate
 from library.models.tiny import save_random_arcface, write_prepared
 from library.models.tiny_sdxl import build_sdxl_parts
+from library.training import checkpoint as ckpt
 from library.training.data import Sample, sdxl_time_ids
 from library.training.resume import compare_configs
 from library.training.trainer import MagiCaptureTrainer
@@ -167,6 +168,14 @@ def test_sdxl_two_phases_all_tasks(tmp_path):
     assert set(saved) == set(names)
     assert torch.equal(saved["token_embedding.new_vectors"], te1.get_input_embeddings().new_vectors.detach())
     assert torch.equal(saved["token_embedding_2.new_vectors"], te2.get_input_embeddings().new_vectors.detach())
+
+    # -- and a resumed run puts them (and both encoders' LoRA) back
+    info = ckpt.CheckpointInfo(out / "checkpoint-p2-000003", 2, 3)
+    trainable, state = ckpt.load_checkpoint(info)
+    resumed = MagiCaptureTrainer(cfg, parts=build_sdxl_parts())
+    resumed.setup_phase(2, state, trainable)
+    for name, p in resumed.named_trainables(2).items():
+        assert torch.equal(p.detach(), saved[name]), name
 
 
 def test_sdxl_configs_load(tmp_path):
