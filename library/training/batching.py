@@ -7,13 +7,13 @@ the noise and the timesteps.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from library.training.data import CachedSet, Sample
 
-__all__ = ["sample_tensors", "token_positions"]
+__all__ = ["prompt_rows", "sample_tensors", "token_positions"]
 
 
 def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: CachedSet, id_tasks: Sequence[str],
@@ -63,6 +63,20 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
         "id_source": torch.tensor([s.id_source for s in samples]),
         "time_ids": torch.stack(time_ids),
     }
+
+
+def prompt_rows(prompts: Sequence[str], encoder_ids: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ids of a batch's prompts with each distinct prompt once. `encoder_ids(prompt)` -> [E, L] ids in
+    each of the E tokenizers. Returns ``input_ids`` [B, L] (first tokenizer, per sample: where the tokens'
+    positions are read), ``unique_input_ids`` [E, U, L] (the U distinct prompts, first-seen order) and
+    ``prompt_index`` [B] (sample -> its row in U). The tasks' templates repeat within a batch, and the text
+    encoders then run U < B rows.
+    """
+    unique = list(dict.fromkeys(prompts))
+    rows = {p: encoder_ids(p) for p in unique}
+    return {"input_ids": torch.stack([rows[p][0] for p in prompts]),
+            "unique_input_ids": torch.stack([rows[p] for p in unique], 1),
+            "prompt_index": torch.tensor([unique.index(p) for p in prompts])}
 
 
 def token_positions(ids: torch.Tensor, first_ids: Sequence[int]) -> torch.Tensor:

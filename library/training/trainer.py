@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from library.training import checkpoint as ckpt
 from library.training.attention import AttentionMapStore, install_attention_capture
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
-from library.training.batching import sample_tensors, token_positions
+from library.training.batching import prompt_rows, sample_tensors, token_positions
 from library.config import Config, ConfigError, PhaseConfig, save_config
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
@@ -37,8 +37,7 @@ from library.training.optim import build_lr_scheduler, build_optimizer, load_tra
 from library.training.precision import settle_precision
 from library.training.resume import ResumePoint, prepare_resume, rewind_history
 from library.models.prompts import prompt_input_ids
-from library.training.tokens import (add_special_tokens, embedding_scale, get_token_embedding, norm_regulariser,
-                                     pull_norms, token_vectors)
+from library.training.tokens import add_tokens_to_encoders, get_token_embedding, norm_regulariser, pull_norms, token_vectors
 from library.training.training_scores import PreviewScoring, report_progress
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,11 @@ class MagiCaptureTrainer:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
         tok = cfg.tokens
-        self.token_ids, self.norm_targets = self._add_tokens()
+        self.token_ids, self.norm_targets = add_tokens_to_encoders(
+            self.tokenizers, self.text_encoders, [tok.source, tok.reference], [tok.source_init, tok.reference_init],
+            tok.vectors, tok.reference_init_std, tok.norm_target, self.gen)
+        for encoder in self.text_encoders:
+            get_token_embedding(encoder).to(self.device)
         # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
         self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -140,30 +143,6 @@ class MagiCaptureTrainer:
     def capture_layers(self) -> tuple[str, ...]:
         """attention.layers, or the family's capture layers when that list is empty."""
         return tuple(self.cfg.attention.layers) or self.family.capture_layers
-
-    def _add_tokens(self) -> tuple[dict[str, list[int]], tuple[float, ...]]:
-        """[V1] / [V2] as new rows of every text encoder's table -> (word -> ids, norm target per encoder).
-
-        Each encoder initialises its rows from the init word's tokens in its own table. The first encoder
-        (CLIP-L in both families) takes tokens.reference_init_std and tokens.norm_target as they are; any
-        other one scales them by its table's element std and mean row norm over the first encoder's
-        (:func:`embedding_scale`), so OpenCLIP-G's rows start and stay on OpenCLIP-G's scale. The ids
-        must be the same in every tokenizer (SDXL's two share CLIP's vocabulary): one prompt spelling,
-        one token position for attention refocusing.
-        """
-        tok = self.cfg.tokens
-        scales = [embedding_scale(te) for te in self.text_encoders]
-        ids, targets = None, []
-        for tokenizer, encoder, (norm, std) in zip(self.tokenizers, self.text_encoders, scales):
-            got = add_special_tokens(tokenizer, encoder, [tok.source, tok.reference], [tok.source_init, tok.reference_init],
-                                     tok.vectors, tok.reference_init_std * std / scales[0][1], self.gen)
-            if ids is not None and got != ids:
-                raise ValueError(f"the special tokens got ids {got} in one tokenizer and {ids} in another; "
-                                 f"the model's tokenizers must share one vocabulary")
-            ids = got
-            targets.append(tok.norm_target * norm / scales[0][0])
-            get_token_embedding(encoder).to(self.device)
-        return ids, tuple(targets)
 
     def embedding_key(self, index: int) -> str:
         """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
@@ -249,18 +228,12 @@ class MagiCaptureTrainer:
         return self._prompt_cache[prompt]
 
     def prompt_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The ids of a batch's prompts, each distinct prompt once: ``input_ids`` [B, 77] (first tokenizer,
-        per sample), ``unique_input_ids`` [E, U, 77] (U distinct prompts, every tokenizer) and
-        ``prompt_index`` [B] (sample -> its row in U). A phase's batches repeat a few templates, so the
-        text encoders run U <= B times (:meth:`encode_prompts`)."""
-        unique = list(dict.fromkeys(prompts))
-        return {"input_ids": torch.stack([self.prompt_ids(p) for p in prompts]),
-                "unique_input_ids": torch.stack([self.encoder_ids(p) for p in unique], 1),
-                "prompt_index": torch.tensor([unique.index(p) for p in prompts])}
+        """:func:`library.training.batching.prompt_rows` of `prompts` with this trainer's ids."""
+        return prompt_rows(prompts, self.encoder_ids)
 
     def encode_prompts(self, unique_input_ids: torch.Tensor, prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden [B, 77, D], pooled [B, Dg] or None) of :meth:`prompt_batch`'s ids: the family's
-        encoding (:meth:`~library.models.family.ModelFamily.encode_prompt`) of the distinct prompts, indexed
+        encoding (:meth:`~library.models.family.ModelFamily.encode_prompt`) of the distinct prompts (each once), indexed
         back to the samples (gradients of repeated rows add up in the shared encoding)."""
         hidden, pooled = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
         return hidden[prompt_index], (pooled[prompt_index] if pooled is not None else None)
