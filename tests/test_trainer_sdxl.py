@@ -207,3 +207,27 @@ def test_resolution_and_layers_default_to_the_family(tmp_path):
     saved["data"]["resolution"] = 768
     refused, _ = compare_configs(saved, Config().to_dict(), phase=2, step=5)
     assert [c.key for c in refused] == ["data.resolution"]
+
+
+def test_vae_upcast_follows_force_upcast_where_the_family_obeys_it(tiny_model, prepared_data, tmp_path):
+    """Under fp16 the SDXL VAE (config force_upcast = true) runs in fp32 without train.vae_fp32, one whose
+    config says false stays in fp16; an SD 1.x
+    VAE stays in fp16 although diffusers' AutoencoderKL config says force_upcast = true by default."""
+    from accelerate import Accelerator
+
+    source, reference = prepared_data
+    base = [f'data.source_dir="{source}"', f'data.reference_dir="{reference}"', f'output.dir="{tmp_path / "out"}"',
+            "logging.tensorboard=false", 'train.mixed_precision="fp16"']
+    sdxl = MagiCaptureTrainer(load_config("configs/test_tiny.toml", [f'model.pretrained="{tmp_path}"', *base]),
+                              accelerator=Accelerator(), parts=build_sdxl_parts())
+    assert sdxl.vae.config.force_upcast is True
+    assert (sdxl.vae.dtype, sdxl.unet.dtype) == (torch.float32, torch.float16)
+    fixed = build_sdxl_parts()
+    fixed.vae.register_to_config(force_upcast=False)  # as the fp16-fix SDXL VAE's config says
+    sdxl = MagiCaptureTrainer(load_config("configs/test_tiny.toml", [f'model.pretrained="{tmp_path}"', *base]),
+                              accelerator=Accelerator(), parts=fixed)
+    assert sdxl.vae.dtype == torch.float16
+    sd1 = MagiCaptureTrainer(load_config("configs/test_tiny.toml", [f'model.pretrained="{tiny_model[0]}"', *base]),
+                             accelerator=Accelerator())
+    assert sd1.vae.config.force_upcast is True
+    assert (sd1.vae.dtype, sd1.unet.dtype) == (torch.float16, torch.float16)
