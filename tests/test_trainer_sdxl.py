@@ -255,3 +255,10 @@ def test_train_magicapture_trains_an_sdxl_folder(prepared_data, tmp_path, monkey
     saved = load_file(out / "checkpoint-p2-000002" / "trainable.safetensors")
     assert saved["token_embedding.new_vectors"].shape == (2, 32) and saved["token_embedding_2.new_vectors"].shape == (2, 64)
     assert any(k.startswith("text_encoder_2.") and "lora_B" in k for k in saved)
+
+
+def test_log_line_shows_both_encoders_norms():
+    from library.training.attention_guard import format_figures
+
+    logs = {"loss": 1.0, "norm/mcv1": 0.4, "norm_2/mcv1": 0.9, "norm/mcv2": 0.1}
+    assert format_figures(logs, ("mcv1", "mcv2")) == "loss 1 | mcv1: norm 0.4, norm 2 0.9 | mcv2: norm 0.1"

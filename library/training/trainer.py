@@ -144,10 +144,14 @@ class MagiCaptureTrainer:
         """attention.layers, or the family's capture layers when that list is empty."""
         return tuple(self.cfg.attention.layers) or self.family.capture_layers
 
+    def encoder_suffix(self, index: int) -> str:
+        """"" for the first text encoder, "_2" for text_encoder_2: what its checkpoint and log names carry."""
+        return self.family.text_encoders[index][len("text_encoder"):]
+
     def embedding_key(self, index: int) -> str:
         """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
         SD 1.x checkpoints always had it), token_embedding_2.new_vectors (text_encoder_2's)."""
-        return f"token_embedding{self.family.text_encoders[index][len('text_encoder'):]}.new_vectors"
+        return f"token_embedding{self.encoder_suffix(index)}.new_vectors"
 
     def print(self, message: str) -> None:
         if self.acc.is_main_process:
@@ -307,12 +311,12 @@ class MagiCaptureTrainer:
         penalty = 0.0
         for i, encoder in enumerate(self.text_encoders):
             vectors = get_token_embedding(encoder).new_vectors
-            if use_penalty:  # each encoder's rows toward its own target (_add_tokens)
+            if use_penalty:  # each encoder's rows toward its own target (add_tokens_to_encoders)
                 penalty = penalty + norm_regulariser(vectors, self.norm_targets[i])
             with torch.no_grad():
                 norms = vectors.float().norm(dim=-1).view(2, -1).mean(1)  # rows: [V1] vectors, then [V2]'s
             for k, word in enumerate(self.token_words()):  # norm/<word>, then norm_2/<word> for text_encoder_2
-                losses[f"norm{self.family.text_encoders[i][len('text_encoder'):]}/{word}"] = norms[k]
+                losses[f"norm{self.encoder_suffix(i)}/{word}"] = norms[k]
         if use_penalty:
             losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * penalty
             losses["norm_penalty"] = penalty.detach()
