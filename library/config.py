@@ -143,7 +143,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     vae_fp32: bool = False  # keep the VAE in fp32 under fp16 (kohya's no_half_vae)
-    compile: bool = False
+    compile: str = "auto"  # torch.compile the UNet: auto (on CUDA only) | on | off (library/training/speed.py)
+    channels_last: bool = False  # NHWC weights for the UNet and VAE; same values, another memory order
 
 
 @dataclass
@@ -249,6 +250,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_closest(key, list(hints))}")
+    if (section, key) == ("train", "compile") and isinstance(value, bool):  # it was a bool before "auto"
+        value = "on" if value else "off"
     setattr(obj, key, _coerce(value, hints[key], f"{origin}: {section}.{key}"))
 
 
@@ -286,6 +289,8 @@ def validate(cfg: Config, origin: str) -> None:
             raise ConfigError(f"{origin}: tokens.{name} = {word!r}: use one made-up word such as mcv1")
     if cfg.data.captions not in ("template", "sidecar"):
         raise ConfigError(f"{origin}: data.captions = {cfg.data.captions!r}: use template or sidecar")
+    if cfg.train.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"{origin}: train.compile = {cfg.train.compile!r}: use auto, on or off")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
     if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):
