@@ -177,14 +177,19 @@ def run_schedule(args, inputs: dict[str, str]) -> dict:
 
 
 # ------------------------------------------------------------------ plain loop and levers (bench_train's harness)
-def _harness(args):
-    from bench.bench_train import make_trainer
+_HARNESS: list = []  # one harness trainer for --plain and --levers (building SD 1.5 weights takes a while)
 
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    hargs = SimpleNamespace(tiny=args.tiny, resolution=512, optimizer="AdamW",
-                            precision="bf16" if device == "cuda" else "no")
-    trainer = make_trainer(hargs, args.work / "harness")
-    return trainer, trainer.setup_phase(2), device
+
+def _harness(args):
+    if not _HARNESS:
+        from bench.bench_train import make_trainer
+
+        device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+        hargs = SimpleNamespace(tiny=args.tiny, resolution=512, optimizer="AdamW",
+                                precision="bf16" if device == "cuda" else "no")
+        trainer = make_trainer(hargs, args.work / "harness")
+        _HARNESS.append((trainer, trainer.setup_phase(2), device))
+    return _HARNESS[0]
 
 
 def run_plain(args, batch: int) -> dict:
@@ -194,12 +199,10 @@ def run_plain(args, batch: int) -> dict:
     trainer, state, device = _harness(args)
     rows = [time_variant(trainer, state, name, batch, accum, args.bench_steps, args.bench_warmup, device)
             for name, accum in (("plain", batch), ("batched", 1))]
-    del trainer, state
-    gc.collect()
     return {"rows": rows, "batched_vs_plain": rows[1]["samples_per_s"] / rows[0]["samples_per_s"]}
 
 
-def run_levers(args, batch: int) -> list[dict]:
+def run_levers(args, batch: int, save_row=lambda rows: None) -> list[dict]:
     """Phase-2 ms/step with each lever off and on; the other levers at their defaults."""
     from bench.bench_train import time_variant
     from library.config import OptimizerConfig
@@ -221,7 +224,8 @@ def run_levers(args, batch: int) -> list[dict]:
          {"state": state_with("AdamW", {"fused": True})} if device == "cuda" else None),
         ("optimizer_AdamW8bit_vs_AdamW", {"state": state_with("AdamW8bit")}, {}),
         ("channels_last", {}, {"channels_last": True}),
-        ("compile", {}, {"compile": True}),
+        # inductor's C++ code generation for the SD UNet takes many minutes on a CPU: measured on CUDA only
+        ("compile", {}, {"compile": True} if device == "cuda" else None),
     ]
     rows = []
     for lever, off, on in cases:
@@ -238,6 +242,7 @@ def run_levers(args, batch: int) -> list[dict]:
             except Exception as err:  # a lever that cannot run here (bitsandbytes on the CPU, inductor) is reported
                 row[which] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         rows.append(row)
+        save_row(rows)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -245,6 +250,8 @@ def run_levers(args, batch: int) -> list[dict]:
 # ------------------------------------------------------------------ report
 def table(report: dict) -> str:
     """The schedule's stages as a Markdown table: measured, and projected to the whole schedule."""
+    if "schedule" not in report:
+        return _harness_tables(report)
     s = report["schedule"]
     lines = [f"| stage | measured s ({s['run_steps']['phase1']}+{s['run_steps']['phase2']} steps) | "
              f"projected s ({s['full_steps']['phase1']}+{s['full_steps']['phase2']} steps) |", "|---|---:|---:|"]
@@ -261,6 +268,23 @@ def table(report: dict) -> str:
         lines.append(f"plain loop: {plain:.2f} samples/s; schedule phase 2 / plain = "
                      f"{s['rates']['phase2']['samples_per_s'] / plain:.2f}x; batched step / plain = "
                      f"{report['plain']['batched_vs_plain']:.2f}x")
+    return "\n".join(lines + [_harness_tables({k: v for k, v in report.items() if k == "levers"})])
+
+
+def _harness_tables(report: dict) -> str:
+    """The plain-loop line and the lever table, for a report without a schedule."""
+    lines = []
+    if "plain" in report:
+        rows = report["plain"]["rows"]
+        lines.append(f"plain loop: {rows[0]['samples_per_s']:.2f} samples/s; batched step: {rows[1]['samples_per_s']:.2f} "
+                     f"samples/s ({report['plain']['batched_vs_plain']:.2f}x)")
+    if "levers" in report:
+        lines += ["", "| lever (phase-2 step, batch in one pass) | off ms/step | on ms/step | on / off |", "|---|---:|---:|---:|"]
+        for row in report["levers"]:
+            cells = [f"{row[w]['ms_per_step']:.1f}" if isinstance(row[w], dict) else row[w] for w in ("off", "on")]
+            both = all(isinstance(row[w], dict) for w in ("off", "on"))
+            ratio = f"{row['on']['ms_per_step'] / row['off']['ms_per_step']:.2f}" if both else "-"
+            lines.append(f"| {row['lever']} | {cells[0]} | {cells[1]} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -276,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", action="store_true", help="also time phase-2 steps with each speed lever off/on")
     parser.add_argument("--bench-steps", type=int, default=8, help="timed steps per --plain / --levers variant")
     parser.add_argument("--bench-warmup", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--skip-schedule", action="store_true", help="only --plain / --levers (no training run)")
+    parser.add_argument("--json", type=Path, help="write the report here (rewritten after each part)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for the trainer")
     args = parser.parse_args(argv)
     if not 0 < args.steps_scale <= 1:
@@ -285,18 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
     report = {"device": device, "model": "tiny (CPU, relative only)" if args.tiny else "SD 1.5-shaped, random weights",
               "torch": torch.__version__}
-    inputs = make_inputs(args.work, args.tiny)
-    report["schedule"] = run_schedule(args, inputs)
-    gc.collect()
+    def save() -> None:  # after every part, so that a run stopped by a time limit keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+
+    if not args.skip_schedule:
+        inputs = make_inputs(args.work, args.tiny)
+        report["schedule"] = run_schedule(args, inputs)
+        save()
+        gc.collect()
     if args.plain:
         report["plain"] = run_plain(args, _phase2_batch(args))
+        save()
     if args.levers:
-        report["levers"] = run_levers(args, _phase2_batch(args))
+        report["levers"] = run_levers(args, _phase2_batch(args), save_row=lambda rows: (report.update(levers=rows), save()))
     print(f"\n{device}, {report['model']}, {args.config}" + (f", steps x {args.steps_scale} (projected)" if args.steps_scale != 1 else ""))
     print(table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    save()
     return 0
 
 
