@@ -40,7 +40,8 @@ run() {  # name, time limit, then paper_schedule.py's arguments
   timeout "$limit" "$PY" bench/paper_schedule.py "${TINY[@]}" --work "$WORK" --json "$OUT/$name.json" \
     "${BENCH[@]}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "   exit $rc (124: stopped at the time limit; $OUT/$name.json holds the parts that finished)" | tee -a "$OUT/summary.md"
+  if [ "$rc" = 0 ]; then echo "   done"; else
+    echo "   exit $rc (124: stopped at the time limit); $OUT/$name.json holds the parts that finished" | tee -a "$OUT/summary.md"; fi
   # the tables paper_schedule.py prints last
   awk '/^(\| stage|plain loop|\| lever)/{p=1} p' "$OUT/$name.log" | tee -a "$OUT/summary.md"
   return 0

@@ -6,7 +6,8 @@
 
 What runs: random SD 1.5-shaped weights written once as a single file (the tiny model with --tiny),
 the demo photos prepared at 512 px (dataset_tools.demo_photos + dataset_tools.prepare, as `make demo`),
-a random ArcFace so the identity loss runs, then `train_magicapture.main` with the config's own values.
+a random ArcFace so the identity loss runs (a full-size r50; a small one with --tiny), then
+`train_magicapture.main` with the config's own values.
 Stage times come from the trainer's timings.json (library/training/timing.py), peak memory from
 torch.cuda.max_memory_allocated ("n/a" on the CPU).
 
@@ -102,7 +103,7 @@ def make_inputs(work: Path, tiny: bool) -> dict[str, str]:
     from library.models.tiny import build_components, save_model, save_random_arcface, save_single_file
 
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {"arcface": str(work / "arcface_random.pth")}
+    inputs = {"arcface": str(work / ("arcface_random.pth" if tiny else "arcface_r50_random.pth"))}
     if tiny:  # a single file of the tiny model needs its own component configs: the folder beside it
         folder, single = work / "tiny_sd", work / "tiny_sd.safetensors"
         if not single.is_file():
@@ -116,7 +117,13 @@ def make_inputs(work: Path, tiny: bool) -> dict[str, str]:
             print(f"wrote {single} ({time.perf_counter() - t:.0f} s)", flush=True)
         inputs |= {"model": str(single), "config_dir": ""}
     if not Path(inputs["arcface"]).is_file():
-        save_random_arcface(Path(inputs["arcface"]))
+        if tiny:
+            save_random_arcface(Path(inputs["arcface"]))
+        else:  # full-size r50 (the real identity network's cost), as bench_train.py's harness uses
+            from library.models.iresnet import iresnet50
+
+            torch.manual_seed(0)
+            torch.save(iresnet50().state_dict(), inputs["arcface"])
     raw, data = work / "demo_raw", work / "demo"
     if not (data / "reference").is_dir():
         _run([sys.executable, "-m", "dataset_tools.demo_photos", str(raw)])

@@ -16,7 +16,7 @@ import torch
 from library.config import ConfigError, load_config
 from library.training.optim import adam_kernel, build_optimizer
 from library.training.speed import compile_enabled
-from library.training.step_log import FigureSums, StepLog
+from library.training.step_log import FigureSums, StepLog, logs_due
 from library.training.timing import StageClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,14 +158,18 @@ def test_phase1_computes_no_weight_gradients(tiny_model, prepared_data, tmp_path
 def test_figures_average_over_micro_batches_and_token_holders():
     sums = FigureSums()
     t = torch.tensor
-    sums.add({"loss": t(1.0), "inside/mcv1": t(0.2), "_count/mcv1": t(2.0), "outside/mcv2": t(float("nan")), "_count/mcv2": t(0.0)})
-    sums.add({"loss": t(3.0), "inside/mcv1": t(0.5), "_count/mcv1": t(1.0), "outside/mcv2": t(0.7), "_count/mcv2": t(0.0)})
+    nan = float("nan")
+    sums.add({"loss": t(1.0), "inside/mcv1": t(0.2), "_count/mcv1": t(2.0), "outside/mcv2": t(nan), "_count/mcv2": t(0.0),
+              "inside/mcv3": t(nan), "_count/mcv3": t(0.0)})
+    sums.add({"loss": t(3.0), "inside/mcv1": t(0.5), "_count/mcv1": t(1.0), "outside/mcv2": t(0.7), "_count/mcv2": t(1.0),
+              "inside/mcv3": t(0.9), "_count/mcv3": t(0.0)})
     log = StepLog()
     log.add(2, 7, 1e-4, sums)
     (entry,) = log.take()
     assert (entry.phase, entry.step, entry.lr) == (2, 7, 1e-4)
-    # loss: (1 + 3) / 2; inside/mcv1: (0.2 x 2 + 0.5 x 1) / 3 = 0.3; outside/mcv2: no sample held mcv2 -> absent
-    assert entry.figures == pytest.approx({"loss": 2.0, "inside/mcv1": 0.3})
+    # loss: (1 + 3) / 2; inside/mcv1: (0.2 x 2 + 0.5 x 1) / 3 = 0.3; outside/mcv2: the NaN of the micro-batch
+    # without mcv2 stays out -> 0.7; inside/mcv3: no sample held mcv3 -> absent
+    assert entry.figures == pytest.approx({"loss": 2.0, "inside/mcv1": 0.3, "outside/mcv2": 0.7})
     assert log.take() == []
 
 
@@ -201,3 +205,12 @@ def test_compile_switch():
     assert load_config(None, [], check_paths=False).train.compile == "auto"
     with pytest.raises(ConfigError, match=r"train.compile = 'fast': use auto, on or off"):
         load_config(None, ['train.compile="fast"'])
+
+
+def test_figures_are_read_at_logging_steps_only():
+    cfg = load_config(None, ["logging.every=10", "logging.print_every=25", "output.save_every=40",
+                             "output.save_lora_every=63"], check_paths=False)
+    # multiples of 10, 25, 40 and (phase 2) 63 up to the last step
+    assert [d for d in range(1, 101) if logs_due(cfg, 2, d, 100, False)] == [10, 20, 25, 30, 40, 50, 60, 63, 70, 75, 80, 90, 100]
+    assert [d for d in range(1, 98) if logs_due(cfg, 1, d, 97, False)][-4:] == [75, 80, 90, 97]  # 63: phase 2 only
+    assert logs_due(cfg, 1, 7, 100, True) and not logs_due(cfg, 1, 7, 100, False)  # a preview or a stop request

@@ -9,11 +9,15 @@ of the phase or a stop needs them (:meth:`StepLog.take`).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FigureSums", "StepLog", "StepEntry"]
+from library.config import Config
+
+__all__ = ["FigureSums", "StepLog", "StepEntry", "logs_due", "non_finite_message"]
 
 
 class FigureSums:
@@ -83,3 +87,21 @@ class StepLog:
             entries.append(StepEntry(phase, step, lr, {k: s / w for k, s, w in zip(keys, sums, weights) if w > 0}))
         self._pending = []
         return entries
+
+
+def logs_due(cfg: Config, phase: int, done: int, steps: int, event: bool) -> bool:
+    """Whether the figures must be read after step `done` of `steps`: a multiple of logging.every,
+    logging.print_every, output.save_every or (phase 2) output.save_lora_every, the phase's last step, or
+    `event` (a preview or a stop request)."""
+    hits = [cfg.logging.every, cfg.logging.print_every, cfg.output.save_every]
+    if phase == 2:
+        hits.append(cfg.output.save_lora_every)
+    return done == steps or event or any(n and done % n == 0 for n in hits)
+
+
+def non_finite_message(entry: StepEntry, kept: str) -> str:
+    """The one-line stop message for a step whose loss is not finite; `kept` names the last checkpoint."""
+    values = entry.figures
+    bad = ", ".join(k for k, v in values.items() if k != "loss" and not math.isfinite(v)) or "total"
+    return (f"loss became {values['loss']} ({bad} term) at phase {entry.phase} step {entry.step - 1}; last good "
+            f"checkpoint: {kept}. Lower the learning rate, or use bf16 instead of fp16.")

@@ -30,7 +30,7 @@ from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler,
 from library.training.identity_term import IdentityTerm
 from library.training.interrupt import StopAfterStep, TrainingInterrupted
 from library.training.speed import compile_enabled, compile_unet, use_channels_last
-from library.training.step_log import FigureSums, StepEntry, StepLog
+from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, non_finite_message
 from library.training.timing import StageClock
 from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
 from library.training.lora import add_text_encoder_lora, add_unet_lora
@@ -405,16 +405,9 @@ class MagiCaptureTrainer:
 
     def check_finite(self, entry: StepEntry) -> None:
         """Stop (one line naming the term and the last good checkpoint) if a step's loss was not finite."""
-        values = entry.figures
-        if math.isfinite(values["loss"]):
-            return
-        last = ckpt.list_checkpoints(self.out_dir)
-        kept = last[-1].path.name if last else "none yet"
-        bad = ", ".join(k for k, v in values.items() if k != "loss" and not math.isfinite(v)) or "total"
-        raise TrainingStopped(
-            f"loss became {values['loss']} ({bad} term) at phase {entry.phase} step {entry.step - 1}; last good "
-            f"checkpoint: {kept}. Lower the learning rate, or use bf16 instead of fp16."
-        )
+        if not math.isfinite(entry.figures["loss"]):
+            last = ckpt.list_checkpoints(self.out_dir)
+            raise TrainingStopped(non_finite_message(entry, last[-1].path.name if last else "none yet"))
 
     def record_steps(self, entries: list[StepEntry], pcfg: PhaseConfig, scores: dict[str, float]) -> None:
         """History, loss_history.jsonl, the log line, TensorBoard and the collapse guard for steps read back
@@ -436,15 +429,6 @@ class MagiCaptureTrainer:
                              | {"lr": entry.lr}, step=offset + done)
             if self.guard is not None:
                 self.check_attention(logs, phase, done)
-
-    def logs_due(self, phase: int, done: int, pcfg: PhaseConfig, stop: StopAfterStep) -> bool:
-        """Whether the figures must be read now: a logging interval, a preview, a save, the phase's end or a stop."""
-        out, log = self.cfg.output, self.cfg.logging
-        hits = [log.every, log.print_every if log.print_every else 0, out.save_every]
-        if phase == 2:
-            hits.append(out.save_lora_every)
-        return (done == pcfg.steps or bool(stop.requested) or self.preview_tag(phase, done, pcfg) is not None
-                or any(n and done % n == 0 for n in hits))
 
     def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
         from library.training.previews import write_previews
@@ -473,7 +457,8 @@ class MagiCaptureTrainer:
                     self.clock.steps[f"phase{phase}"] = self.clock.steps.get(f"phase{phase}", 0) + 1
                     if self.acc.num_processes > 1:
                         self.stop_requested(stop)  # every process must agree before deciding to read the figures
-                    if not self.logs_due(phase, done, pcfg, stop):
+                    event = bool(stop.requested) or self.preview_tag(phase, done, pcfg) is not None
+                    if not logs_due(self.cfg, phase, done, pcfg.steps, event):
                         continue
                     entries = steps.take()
                     for entry in entries:
