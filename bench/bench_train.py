@@ -74,16 +74,19 @@ def time_variant(trainer, phase_state: tuple, name: str, batch: int, accum: int,
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
     for i in range(warmup):
         read(trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params))
     sync()
+    warmup_s = time.perf_counter() - start  # with compile: the compilation
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         read(trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params))
     sync()
     ms = (time.perf_counter() - start) / steps * 1000
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"variant": name, "batch": batch, "micro_batches": accum, "ms_per_step": ms,
+    return {"variant": name, "batch": batch, "micro_batches": accum, "ms_per_step": ms, "warmup_s": warmup_s,
             "samples_per_s": batch / ms * 1000, "peak_gib": peak, **switches}
 
 

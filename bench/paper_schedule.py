@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,6 +91,17 @@ def project(timings: dict, full: dict, run: dict) -> dict:
         out[event] = per * full[event]
     out["total"] = sum(out.values())
     return out
+
+
+def break_even_steps(off: dict, on: dict) -> str:
+    """Steps after which a lever's extra warm-up (compilation) is won back by its faster steps:
+    (on warm-up - off warm-up) / (off - on seconds per step); "never" if it is not faster, "0" if the
+    warm-up costs nothing extra. off / on: {"ms_per_step", "warmup_s"}."""
+    saved = (off["ms_per_step"] - on["ms_per_step"]) / 1000
+    extra = on["warmup_s"] - off["warmup_s"]
+    if saved <= 0:
+        return "never"
+    return str(max(0, math.ceil(extra / saved)))
 
 
 # ------------------------------------------------------------------ inputs
@@ -245,7 +257,7 @@ def run_levers(args, batch: int, save_row=lambda rows: None) -> list[dict]:
             state = switches.pop("state", (pcfg, optimizer, scheduler, sampler, params))
             try:
                 r = time_variant(trainer, state, lever, batch, 1, args.bench_steps, args.bench_warmup, device, **switches)
-                row[which] = {"ms_per_step": r["ms_per_step"], "peak_gib": r["peak_gib"]}
+                row[which] = {"ms_per_step": r["ms_per_step"], "warmup_s": r["warmup_s"], "peak_gib": r["peak_gib"]}
             except Exception as err:  # a lever that cannot run here (bitsandbytes on the CPU, inductor) is reported
                 row[which] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         rows.append(row)
@@ -286,12 +298,16 @@ def _harness_tables(report: dict) -> str:
         lines.append(f"plain loop: {rows[0]['samples_per_s']:.2f} samples/s; batched step: {rows[1]['samples_per_s']:.2f} "
                      f"samples/s ({report['plain']['batched_vs_plain']:.2f}x)")
     if "levers" in report:
-        lines += ["", "| lever (phase-2 step, batch in one pass) | off ms/step | on ms/step | on / off |", "|---|---:|---:|---:|"]
+        lines += ["", "| lever (phase-2 step, batch in one pass) | off ms/step | on ms/step | on / off | warm-up s off / on "
+                  "| break-even steps |", "|---|---:|---:|---:|---:|---:|"]
         for row in report["levers"]:
             cells = [f"{row[w]['ms_per_step']:.1f}" if isinstance(row[w], dict) else row[w] for w in ("off", "on")]
-            both = all(isinstance(row[w], dict) for w in ("off", "on"))
-            ratio = f"{row['on']['ms_per_step'] / row['off']['ms_per_step']:.2f}" if both else "-"
-            lines.append(f"| {row['lever']} | {cells[0]} | {cells[1]} | {ratio} |")
+            ratio = warm = even = "-"
+            if all(isinstance(row[w], dict) for w in ("off", "on")):
+                off, on = row["off"], row["on"]
+                ratio, warm = f"{on['ms_per_step'] / off['ms_per_step']:.2f}", f"{off['warmup_s']:.1f} / {on['warmup_s']:.1f}"
+                even = break_even_steps(off, on)
+            lines.append(f"| {row['lever']} | {cells[0]} | {cells[1]} | {ratio} | {warm} | {even} |")
     return "\n".join(lines)
 
 

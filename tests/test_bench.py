@@ -57,6 +57,13 @@ def test_projection_from_a_scaled_run():
     assert out["total"] == pytest.approx(20 + 3 + 2 + 0.5 + p1 + p2 + 12 + 3)
 
 
+def test_break_even_of_a_lever_with_a_warm_up():
+    # compile: 90 s of warm-up against 2 s eager, 211 instead of 234 ms a step -> 88 / 0.023 = 3826.1 -> 3827
+    assert ps.break_even_steps({"ms_per_step": 234.0, "warmup_s": 2.0}, {"ms_per_step": 211.0, "warmup_s": 90.0}) == "3827"
+    assert ps.break_even_steps({"ms_per_step": 200.0, "warmup_s": 2.0}, {"ms_per_step": 210.0, "warmup_s": 2.0}) == "never"
+    assert ps.break_even_steps({"ms_per_step": 200.0, "warmup_s": 2.0}, {"ms_per_step": 150.0, "warmup_s": 1.0}) == "0"
+
+
 # ------------------------------------------------------------------ the command
 def test_help():
     res = subprocess.run([sys.executable, "bench/paper_schedule.py", "--help"], cwd=ROOT, capture_output=True, text=True)
@@ -197,10 +204,12 @@ def test_adam_runs_fused_on_cuda_and_multi_tensor_elsewhere():
 
 def test_compile_switch():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert compile_enabled("auto", cuda) and not compile_enabled("auto", cpu)
-    assert compile_enabled("on", cpu) and not compile_enabled("off", cuda)
+    # auto: CUDA, and steps x 0.023 s saved > 60 s of compilation, i.e. from 2609 steps on
+    assert compile_enabled("auto", cuda, 2609) and not compile_enabled("auto", cuda, 2608)
+    assert not compile_enabled("auto", cuda, 1500) and not compile_enabled("auto", cpu, 100_000)
+    assert compile_enabled("on", cpu, 1) and not compile_enabled("off", cuda, 100_000)
     with pytest.raises(ConfigError, match="train.compile"):
-        compile_enabled("yes", cpu)
+        compile_enabled("yes", cpu, 10)
     assert load_config(None, ["train.compile=true"], check_paths=False).train.compile == "on"  # the old bool
     assert load_config(None, [], check_paths=False).train.compile == "auto"
     with pytest.raises(ConfigError, match=r"train.compile = 'fast': use auto, on or off"):

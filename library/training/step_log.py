@@ -55,7 +55,7 @@ class FigureSums:
 class StepEntry:
     phase: int
     step: int  # steps done in the phase after this one (1-based)
-    lr: float  # the embeddings' learning rate this step used
+    lr: float  # the scheduler's first learning rate after this step (what TensorBoard logs as "lr")
     figures: dict[str, float]
 
 

@@ -371,7 +371,8 @@ class MagiCaptureTrainer:
             if state.get("grad_scaler") and self.acc.scaler is not None:  # fp16: the loss scale it had reached
                 self.acc.scaler.load_state_dict(state["grad_scaler"])
         optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
-        self.unet_forward = compile_unet(self.unet) if compile_enabled(self.cfg.train.compile, self.device) else self.unet
+        compiled = compile_enabled(self.cfg.train.compile, self.device, pcfg.steps)
+        self.unet_forward = compile_unet(self.unet) if compiled else self.unet
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
     def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> FigureSums:
@@ -448,9 +449,8 @@ class MagiCaptureTrainer:
         with self.clock.stage(f"phase{phase}"), StopAfterStep() as stop:
             try:
                 for step in bar:
-                    lr = optimizer.param_groups[0]["lr"]
-                    steps.add(phase, step + 1, lr, self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg,
-                                                                       optimizer, scheduler, params))
+                    figures = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
+                    steps.add(phase, step + 1, scheduler.get_last_lr()[0], figures)  # the LR TensorBoard has always shown
                     done = step + 1
                     if done == start_step + 1:
                         self.clock.mark_first_step(f"phase{phase}")
