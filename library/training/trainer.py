@@ -455,10 +455,9 @@ class MagiCaptureTrainer:
                     if done == start_step + 1:
                         self.clock.mark_first_step(f"phase{phase}")
                     self.clock.steps[f"phase{phase}"] = self.clock.steps.get(f"phase{phase}", 0) + 1
-                    if self.acc.num_processes > 1:
-                        self.stop_requested(stop)  # every process must agree before deciding to read the figures
-                    event = bool(stop.requested) or self.preview_tag(phase, done, pcfg) is not None
-                    if not logs_due(self.cfg, phase, done, pcfg.steps, event):
+                    # one decision per step that every process shares (an all-reduce with several): whether to stop
+                    stopping = self.stop_requested(stop)
+                    if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or self.preview_tag(phase, done, pcfg) is not None):
                         continue
                     entries = steps.take()
                     for entry in entries:
@@ -474,7 +473,7 @@ class MagiCaptureTrainer:
                             if self.cfg.logging.tensorboard:
                                 self.acc.log(scores, step=offset + done)
                     self.record_steps(entries, pcfg, scores)
-                    if self.stop_requested(stop):
+                    if stopping:
                         break
                     if self.acc.is_main_process:
                         if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
