@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from library.config import load_config  # noqa: E402
 from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
 from library.models.tiny import build_components, write_prepared  # noqa: E402
+from library.training.speed import compile_unet  # noqa: E402
 
 
 def make_trainer(args, root: Path):
@@ -61,7 +62,11 @@ def time_variant(trainer, phase_state: tuple, name: str, batch: int, accum: int,
         trainer.unet.train()
     else:
         trainer.unet.disable_gradient_checkpointing()
-    trainer.unet_forward = torch.compile(trainer.unet) if switches.get("compile") else trainer.unet
+    trainer.unet_forward = compile_unet(trainer.unet) if switches.get("compile") else trainer.unet
+    layout = torch.channels_last if switches.get("channels_last") else torch.contiguous_format
+    trainer.unet.to(memory_format=layout), trainer.vae.to(memory_format=layout)
+    # the trainer reads its figures every logging.every steps; reading them every step is the old behaviour
+    read = (lambda figures: figures.packed()[1].tolist()) if switches.get("sync_every_step") else (lambda figures: None)
     pcfg = dataclasses.replace(cfg.phase2, batch_size=batch, grad_accum=accum)
     _, optimizer, scheduler, sampler, params = phase_state
     draws = [sampler.draw(batch) for _ in range(warmup + steps)]
@@ -69,16 +74,19 @@ def time_variant(trainer, phase_state: tuple, name: str, batch: int, accum: int,
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup):
-        trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params)
     sync()
     start = time.perf_counter()
+    for i in range(warmup):
+        read(trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params))
+    sync()
+    warmup_s = time.perf_counter() - start  # with compile: the compilation
+    start = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params)
+        read(trainer.optimizer_step(draws[i], i, 2, pcfg, optimizer, scheduler, params))
     sync()
     ms = (time.perf_counter() - start) / steps * 1000
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"variant": name, "batch": batch, "micro_batches": accum, "ms_per_step": ms,
+    return {"variant": name, "batch": batch, "micro_batches": accum, "ms_per_step": ms, "warmup_s": warmup_s,
             "samples_per_s": batch / ms * 1000, "peak_gib": peak, **switches}
 
 

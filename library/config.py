@@ -139,7 +139,8 @@ class TrainConfig:
     # keep the VAE in fp32 under fp16 (kohya's no_half_vae); under fp16 an SDXL VAE whose config says
     # force_upcast (the original SDXL VAE does, the fp16-fix VAE does not) runs in fp32 anyway
     vae_fp32: bool = False
-    compile: bool = False
+    compile: str = "auto"  # torch.compile the UNet: auto (on CUDA only) | on | off (library/training/speed.py)
+    channels_last: bool = False  # NHWC weights for the UNet and VAE; same values, another memory order
 
 
 @dataclass
@@ -245,6 +246,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         raise ConfigError(f"{origin}: unknown key '{section}.{key}'{_closest(key, list(hints))}")
+    if (section, key) == ("train", "compile") and isinstance(value, bool):  # it was a bool before "auto"
+        value = "on" if value else "off"
     setattr(obj, key, _coerce(value, hints[key], f"{origin}: {section}.{key}"))
 
 
@@ -285,6 +288,8 @@ def validate(cfg: Config, origin: str) -> None:
                           f"or 0 for the model's own")
     if cfg.data.captions not in ("template", "sidecar"):
         raise ConfigError(f"{origin}: data.captions = {cfg.data.captions!r}: use template or sidecar")
+    if cfg.train.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"{origin}: train.compile = {cfg.train.compile!r}: use auto, on or off")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
     if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):

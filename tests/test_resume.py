@@ -106,6 +106,8 @@ def assert_nothing_partial(out: Path) -> list[str]:
             assert tensors(path), path
         elif path.name == "effective_config.toml":
             tomllib.loads(path.read_text())
+        elif path.name == "timings.json":  # seconds per stage (library/training/timing.py)
+            assert set(json.loads(path.read_text())) >= {"seconds", "steps"}
         elif path.name == "loss_history.jsonl":
             for line in path.read_text().splitlines():
                 json.loads(line)
@@ -197,7 +199,7 @@ def test_killed_at_every_kind_of_point_and_resumed_ends_equal_to_an_uninterrupte
     names = assert_nothing_partial(out)
     assert names == assert_nothing_partial(reference_out) == [
         "checkpoint-p2-000002", "checkpoint-p2-000003", "effective_config.toml", "loss_history.jsonl",
-        "magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors", "progress.png"]
+        "magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors", "progress.png", "timings.json"]
     for name in [*sorted(OUTPUT_FILES), "checkpoint-p2-000003/trainable.safetensors"]:
         got, want = tensors(out / name), tensors(reference_out / name)
         assert got.keys() == want.keys(), name

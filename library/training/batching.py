@@ -13,7 +13,7 @@ import torch
 
 from library.training.data import CachedSet, Sample
 
-__all__ = ["prompt_rows", "sample_tensors", "token_positions"]
+__all__ = ["prompt_rows", "sample_tensors", "to_device", "token_positions"]
 
 
 def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: CachedSet, id_tasks: Sequence[str],
@@ -88,3 +88,11 @@ def token_positions(ids: torch.Tensor, first_ids: Sequence[int]) -> torch.Tensor
         found = hit.any(1)
         pos[found, k] = hit[found].float().argmax(1)
     return pos
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor bound for CUDA goes through pinned memory without blocking, since a
+    plain ``.to("cuda")`` of pageable memory waits for every kernel already queued (a sync per tensor)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -192,9 +192,11 @@ class CachedSet:
         return self.latents.shape[0]
 
     def to(self, device: torch.device) -> "CachedSet":
-        """What every step indexes moves to `device` once; the full-size images stay in host memory."""
+        """What every step indexes moves to `device` once; the full-size images stay in host memory, and so do
+        `has_face` and `landmarks`: a step decides on the host which samples take the identity term and
+        where its face window lies, and reading them off the GPU would stall it once per step."""
         moved = {name: getattr(self, name).to(device) for name in
-                 ("latents", "recon_masks", "region_masks", "face_masks", "landmarks", "has_face", "time_ids")
+                 ("latents", "recon_masks", "region_masks", "face_masks", "time_ids")
                  if getattr(self, name) is not None}
         return dataclasses.replace(self, **moved)
 

@@ -42,30 +42,48 @@ class IdentityTerm:
         self.encoder, self.source, self.vae, self.cfg, self.device = encoder, source, vae, cfg, device
         self.alphas_cumprod = alphas_cumprod
         with torch.no_grad():
-            faces = source.has_face
-            emb = encoder(source.images[faces.cpu()].to(device), source.landmarks[faces])
+            faces = source.has_face.cpu()
+            emb = encoder(source.images[faces].to(device), source.landmarks[faces].to(device))
             self.source_embeddings = torch.zeros(len(source), emb.shape[-1], device=device)
             self.source_embeddings[faces] = emb.float()
 
+    def plan(self, batch: dict) -> dict:
+        """Which samples of a batch take the term, and where their face windows lie, from the batch's *host*
+        tensors (before they move to the device), so that the step never waits on the GPU to decide:
+        ``valid`` [B] bool (a task of ``loss.id_tasks``, a face in the image and in its identity target,
+        t < T'), ``idx`` [n] their indices, ``corner`` [n, 2] (and as a list, ``corner_xy``) / ``side`` the
+        latent windows (see :func:`face_window`; None without ``loss.id_decode_window``)."""
+        valid = batch["id_task"] & batch["face_ok"] & (batch["timesteps"] < self.cfg.id_max_timestep)
+        valid &= self.source.has_face.cpu()[batch["id_source"]]
+        idx = valid.nonzero().squeeze(1)
+        corner = side = xy = None
+        if self.cfg.id_decode_window and self.cfg.id_face != "detector" and len(idx):
+            corner, side = face_window(batch["face_landmarks"][idx], batch["latents"].shape[-1])
+            xy = corner.tolist()
+        return {"valid": valid, "idx": idx, "corner": corner, "side": side, "corner_xy": xy}
+
     def __call__(self, batch: dict, noisy: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7 on the samples of ``loss.id_tasks`` whose image has a face, whose identity target has one,
-        and whose t < T'. noisy, pred [B, 4, h, w]; returns (loss [B], 0 where not applied; applied [B] bool)."""
+        and whose t < T'. noisy, pred [B, 4, h, w]; returns (loss [B], 0 where not applied; applied [B] bool).
+        ``batch["id_plan"]`` (:meth:`plan`, made by the trainer on the host) says which samples; without it the
+        plan is made here from the batch, at the cost of reading it back from the device."""
         b = noisy.shape[0]
-        valid = batch["id_task"] & batch["face_ok"] & (batch["timesteps"] < self.cfg.id_max_timestep)
-        valid &= self.source.has_face[batch["id_source"]]
+        plan = batch.get("id_plan") or self.plan({k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)})
+        valid = plan["valid"].to(self.device, non_blocking=True)
         out = torch.zeros(b, device=self.device)
-        if not valid.any():
+        host_idx = plan["idx"]
+        if not len(host_idx):
             return out, valid
-        idx = valid.nonzero().squeeze(1)
+        idx = host_idx.to(self.device, non_blocking=True)
         a_t = self.alphas_cumprod[batch["timesteps"][idx]]
         x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
         landmarks = batch["face_landmarks"][idx]
         if self.cfg.id_face == "detector":
             return self._by_detector(x0, idx, valid, batch, out)
-        if self.cfg.id_decode_window:
-            corner, side = face_window(landmarks, x0.shape[-1])
-            x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
-            landmarks = landmarks - corner.float()[:, None, :] * 8
+        if plan["corner"] is not None:
+            corner, side = plan["corner"], plan["side"]
+            x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(plan["corner_xy"])])
+            landmarks = landmarks - corner.to(landmarks.device, non_blocking=True).float()[:, None, :] * 8
         return self._loss_at(self.decode(x0), landmarks, idx, batch, out), valid
 
     def _loss_at(self, image, landmarks, idx, batch, out) -> torch.Tensor:

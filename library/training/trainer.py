@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 from library.training import checkpoint as ckpt
 from library.training.attention import AttentionMapStore, install_attention_capture
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
-from library.training.batching import prompt_rows, sample_tensors, token_positions
+from library.training.batching import prompt_rows, sample_tensors, to_device, token_positions
 from library.config import Config, ConfigError, PhaseConfig, save_config
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
 from library.training.interrupt import StopAfterStep, TrainingInterrupted
+from library.training.speed import compile_enabled, compile_unet, use_channels_last
+from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, non_finite_message
+from library.training.timing import StageClock
 from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
 from library.training.lora import add_text_encoder_lora, add_unet_lora
 from library.training.losses import combine_losses, masked_reconstruction_loss, multi_token_refocus_loss
@@ -70,6 +73,9 @@ class MagiCaptureTrainer:
         self.weight_dtype = DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
         rank_seed = cfg.train.seed + 1000 * self.acc.process_index
         self.gen = torch.Generator().manual_seed(rank_seed)
+        self.clock = StageClock()  # seconds per stage, written to timings.json at the end of run()
+        load = self.clock.stage("load")
+        load.__enter__()  # the load stage ends once the models sit on the device (below)
 
         if parts is None:  # benchmarks hand over models built in memory
             parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline,
@@ -88,6 +94,8 @@ class MagiCaptureTrainer:
         upcast = self.family.upcast_vae and getattr(self.vae.config, "force_upcast", False)
         if cfg.train.vae_fp32 or (upcast and self.weight_dtype == torch.float16):
             self.vae.to(torch.float32)
+        if cfg.train.channels_last:
+            use_channels_last(self.unet), use_channels_last(self.vae)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
         tok = cfg.tokens
@@ -99,17 +107,19 @@ class MagiCaptureTrainer:
         # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
         self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        load.__exit__(None, None, None)
 
-        with self.acc.main_process_first():
+        with self.clock.stage("cache"), self.acc.main_process_first():
             # both folders are read and checked before the VAE encodes anything
             source_items = self._load("source", cfg.data.source_dir, tok.source)
             reference_items = self._load("reference", cfg.data.reference_dir, tok.reference)
             self.source = self._cache(source_items).to(self.device)
             self.reference = self._cache(reference_items).to(self.device)
         # the previews' likeness against the source faces, embedded once from the prepared folder's PNGs
-        self.scoring = PreviewScoring(cfg.loss.identity_weights, cfg.data.source_dir,
-                                      [it.name for it in source_items], self.print, cfg.evaluation.clip,
-                                      cfg.data.reference_dir)
+        with self.clock.stage("cache"):
+            self.scoring = PreviewScoring(cfg.loss.identity_weights, cfg.data.source_dir,
+                                          [it.name for it in source_items], self.print, cfg.evaluation.clip,
+                                          cfg.data.reference_dir)
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -126,11 +136,12 @@ class MagiCaptureTrainer:
         if cfg.loss.identity_weights and cfg.loss.id_weight > 0:
             from library.models.identity import IdentityEncoder
 
-            try:
-                encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
-            except (ValueError, FileNotFoundError) as err:
-                raise ConfigError(f"loss.identity_weights: {err}") from None
-            self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device)
+            with self.clock.stage("cache"):  # the source faces' embeddings
+                try:
+                    encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+                except (ValueError, FileNotFoundError) as err:
+                    raise ConfigError(f"loss.identity_weights: {err}") from None
+                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device)
         elif cfg.loss.id_weight > 0:
             self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
         self.lora_added = False
@@ -268,7 +279,9 @@ class MagiCaptureTrainer:
         batch["positions"] = self.token_positions(batch["input_ids"])
         batch["noise"] = torch.randn(batch["latents"].shape, generator=self.gen)
         batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (len(samples),), generator=self.gen)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        plan = self.id_term.plan(batch) if self.id_term is not None else None  # from host tensors: no sync
+        moved = {k: to_device(v, self.device) for k, v in batch.items() if k != "positions"}
+        return moved | {"positions": batch["positions"], "id_plan": plan}
 
     def compute_loss(self, batch: dict, phase: int) -> dict[str, torch.Tensor]:
         """Eq. 4-8 on one micro-batch -> {"loss": the total to backpropagate, then detached figures}.
@@ -368,7 +381,9 @@ class MagiCaptureTrainer:
         if self.acc.is_main_process:
             from library.training.outputs import export_outputs
 
-            result = export_outputs(self)
+            with self.clock.stage("export"):
+                result = export_outputs(self)
+            self.clock.write(self.out_dir / "timings.json")
             report_progress(self.cfg, self.print)
             lora = {"UNet": self.unet} if self.lora_added else {}
             for i, encoder in enumerate(self.text_encoders if self.lora_added else ()):
@@ -414,37 +429,22 @@ class MagiCaptureTrainer:
             if state.get("grad_scaler") and self.acc.scaler is not None:  # fp16: the loss scale it had reached
                 self.acc.scaler.load_state_dict(state["grad_scaler"])
         optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
-        self.unet_forward = torch.compile(self.unet) if self.cfg.train.compile else self.unet
+        compiled = compile_enabled(self.cfg.train.compile, self.device, pcfg.steps)
+        self.unet_forward = compile_unet(self.unet) if compiled else self.unet
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
-    def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> dict[str, float]:
-        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the logged figures:
-        loss terms averaged over micro-batches, per-token attention figures averaged over the samples
-        that hold the token."""
+    def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> FigureSums:
+        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the figures to log, still
+        on the device (:class:`FigureSums`: loss terms averaged over micro-batches, per-token attention figures
+        averaged over the samples that hold the token). Nothing here waits for the device: a non-finite loss
+        is caught when the figures are read (:meth:`record_steps`), before any checkpoint is written."""
         micro = len(samples) // pcfg.grad_accum
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
+        figures = FigureSums()
         for m in range(pcfg.grad_accum):
             batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
             losses = self.compute_loss(batch, phase)
-            # one host sync per micro-batch: every figure comes back in one transfer
-            values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-            if not math.isfinite(values["loss"]):
-                last = ckpt.list_checkpoints(self.out_dir)
-                kept = last[-1].path.name if last else "none yet"
-                bad = ", ".join(k for k, v in values.items() if k != "loss" and not math.isfinite(v)) or "total"
-                raise TrainingStopped(
-                    f"loss became {values['loss']} ({bad} term) at phase {phase} step {step}; last good "
-                    f"checkpoint: {kept}. Lower the learning rate, or use bf16 instead of fp16."
-                )
             self.acc.backward(losses["loss"] / pcfg.grad_accum)
-            for k, v in values.items():
-                if k.startswith("_count/"):
-                    continue
-                n = values.get("_count/" + k.split("/", 1)[1], 0.0) if k.startswith(("inside/", "outside/")) else 1.0
-                if n > 0:
-                    sums[k] = sums.get(k, 0.0) + v * n
-                    weights[k] = weights.get(k, 0.0) + n
+            figures.add(losses)
         if self.acc.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -461,12 +461,40 @@ class MagiCaptureTrainer:
                 vectors = get_token_embedding(encoder).new_vectors
                 with torch.no_grad():
                     vectors.copy_(pull_norms(vectors, target, min(1.0, tok.norm_rate * lr_embeddings)))
-        return {k: sums[k] / weights[k] for k in sums}
+        return figures
+
+    def check_finite(self, entry: StepEntry) -> None:
+        """Stop (one line naming the term and the last good checkpoint) if a step's loss was not finite."""
+        if not math.isfinite(entry.figures["loss"]):
+            last = ckpt.list_checkpoints(self.out_dir)
+            raise TrainingStopped(non_finite_message(entry, last[-1].path.name if last else "none yet"))
+
+    def record_steps(self, entries: list[StepEntry], pcfg: PhaseConfig, scores: dict[str, float]) -> None:
+        """History, loss_history.jsonl, the log line, TensorBoard and the collapse guard for steps read back
+        from the device, in order; `scores` (the previews' likeness) go into the last step's entry."""
+        if entries:
+            entries[-1].figures |= scores
+        for entry in entries:
+            phase, done, logs = entry.phase, entry.step, entry.figures
+            offset = self.cfg.phase1.steps if phase == 2 else 0
+            self.history.append({"phase": phase, "step": done, **logs})
+            if self.acc.is_main_process:
+                with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(self.history[-1]) + "\n")
+            every = self.cfg.logging.print_every
+            if every and (done % every == 0 or done == pcfg.steps):
+                self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
+            if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
+                self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items() if not k.startswith("eval/")}
+                             | {"lr": entry.lr}, step=offset + done)
+            if self.guard is not None:
+                self.check_attention(logs, phase, done)
 
     def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
         from library.training.previews import write_previews
 
-        pcfg, optimizer, scheduler, sampler, params = self.setup_phase(phase, state, trainable)
+        with self.clock.stage("setup"):  # LoRA, optimiser, compile wrapper
+            pcfg, optimizer, scheduler, sampler, params = self.setup_phase(phase, state, trainable)
         self.guard = None
         if phase == 2 and self.cfg.loss.attn_weight > 0:
             self.guard = AttentionCollapseGuard(list(self.token_words()), self.cfg.loss.attn_collapse_ratio)
@@ -476,43 +504,46 @@ class MagiCaptureTrainer:
         bar = tqdm(range(start_step, pcfg.steps), initial=start_step, total=pcfg.steps, desc=f"phase {phase}",
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         done = start_step
-        with StopAfterStep() as stop:
+        steps = StepLog()
+        with self.clock.stage(f"phase{phase}"), StopAfterStep() as stop:
             try:
                 for step in bar:
-                    logs = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
+                    figures = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
+                    steps.add(phase, step + 1, scheduler.get_last_lr()[0], figures)  # the LR TensorBoard has always shown
                     done = step + 1
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if "/" not in k})
+                    if done == start_step + 1:
+                        self.clock.mark_first_step(f"phase{phase}")
+                    self.clock.steps[f"phase{phase}"] = self.clock.steps.get(f"phase{phase}", 0) + 1
+                    # one decision per step that every process shares (an all-reduce with several): whether to stop
+                    stopping = self.stop_requested(stop)
+                    if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or self.preview_tag(phase, done, pcfg) is not None):
+                        continue
+                    entries = steps.take()
+                    for entry in entries:
+                        self.check_finite(entry)  # before a preview or a checkpoint is made of broken weights
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in entries[-1].figures.items() if "/" not in k})
                     tag = self.preview_tag(phase, done, pcfg)
+                    scores = {}
                     if tag and self.acc.is_main_process and not stop.requested:
-                        # before the history line: the scores go into the entry of this step
-                        scores = self.scoring(write_previews(self, tag))
-                        logs |= scores
+                        with self.clock.stage("previews"):
+                            scores = self.scoring(write_previews(self, tag))
                         if scores:
                             self.print(f"phase {phase} step {done}/{pcfg.steps}: samples {self.scoring.describe(scores)}")
                             if self.cfg.logging.tensorboard:
                                 self.acc.log(scores, step=offset + done)
-                    self.history.append({"phase": phase, "step": done, **logs})
-                    if self.acc.is_main_process:
-                        with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
-                            f.write(json.dumps(self.history[-1]) + "\n")
-                    every = self.cfg.logging.print_every
-                    if every and (done % every == 0 or done == pcfg.steps):
-                        self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
-                    if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
-                        self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items() if not k.startswith("eval/")}
-                                     | {"lr": scheduler.get_last_lr()[0]}, step=offset + done)
-                    if self.guard is not None:
-                        self.check_attention(logs, phase, done)
-                    if self.stop_requested(stop):
+                    self.record_steps(entries, pcfg, scores)
+                    if stopping:
                         break
                     if self.acc.is_main_process:
                         if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
-                            self.save(phase, done, optimizer, scheduler, sampler)
+                            with self.clock.stage("checkpoints"):
+                                self.save(phase, done, optimizer, scheduler, sampler)
                         every = self.cfg.output.save_lora_every
                         if phase == 2 and every and done % every == 0 and done < pcfg.steps:
                             from library.training.outputs import export_outputs
 
-                            export_outputs(self, step=done)  # the last step's are the final files
+                            with self.clock.stage("export"):
+                                export_outputs(self, step=done)  # the last step's are the final files
             except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
@@ -524,7 +555,8 @@ class MagiCaptureTrainer:
             finally:
                 bar.close()
             if self.acc.is_main_process:
-                path = self.save(phase, done, optimizer, scheduler, sampler)
+                with self.clock.stage("checkpoints"):
+                    path = self.save(phase, done, optimizer, scheduler, sampler)
             if stop.requested:
                 saved = f"saved {path}" if self.acc.is_main_process else "saved a checkpoint"
                 raise TrainingInterrupted(
