@@ -18,6 +18,11 @@ from collections.abc import Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class TrainingStopped(RuntimeError):
+    """Training ended early (a non-finite loss, an attention collapse with action "stop", a checkpoint that
+    does not fit); the message says what happened and what was kept."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal; the message says what was saved and how to continue."""
 

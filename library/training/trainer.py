@@ -24,16 +24,17 @@ from tqdm.auto import tqdm
 from library.training import checkpoint as ckpt
 from library.training.attention import AttentionMapStore, install_attention_capture
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
-from library.training.batching import prompt_rows, sample_tensors, to_device, token_positions
+from library.training.batching import sample_tensors, to_device
 from library.config import Config, ConfigError, PhaseConfig, save_config
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
-from library.training.interrupt import StopAfterStep, TrainingInterrupted
+from library.training.interrupt import StopAfterStep, TrainingInterrupted, TrainingStopped
+from library.training.prompting import PromptsMixin
+from library.training.trainables import TrainablesMixin
 from library.training.speed import compile_enabled, compile_unet, use_channels_last
 from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, non_finite_message
 from library.training.timing import StageClock
 from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
-from library.training.lora import add_text_encoder_lora, add_unet_lora
 from library.training.losses import combine_losses, masked_reconstruction_loss, multi_token_refocus_loss
 from library.models.loading import DTYPES, StableDiffusionParts, load_stable_diffusion
 from library.training.optim import build_lr_scheduler, build_optimizer, load_training_state
@@ -46,11 +47,7 @@ from library.training.training_scores import PreviewScoring, report_progress
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """Training ended early (NaN loss); the message says what happened and what was kept."""
-
-
-class MagiCaptureTrainer:
+class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
     """Both phases on one model of any :class:`~library.models.family.ModelFamily`; the family answers
     every difference (text encoders, prompt encoding, added conditioning, resolution, capture layers).
 
@@ -155,15 +152,6 @@ class MagiCaptureTrainer:
         """attention.layers, or the family's capture layers when that list is empty."""
         return tuple(self.cfg.attention.layers) or self.family.capture_layers
 
-    def encoder_suffix(self, index: int) -> str:
-        """"" for the first text encoder, "_2" for text_encoder_2: what its checkpoint and log names carry."""
-        return self.family.text_encoders[index][len("text_encoder"):]
-
-    def embedding_key(self, index: int) -> str:
-        """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
-        SD 1.x checkpoints always had it), token_embedding_2.new_vectors (text_encoder_2's)."""
-        return f"token_embedding{self.encoder_suffix(index)}.new_vectors"
-
     def print(self, message: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(message)
@@ -192,82 +180,7 @@ class MagiCaptureTrainer:
             cached.captions = []
         return cached
 
-    def add_lora(self) -> None:
-        if self.lora_added:
-            return
-        lcfg = self.cfg.lora
-        torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
-        add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
-        if lcfg.text_encoder:
-            for encoder in self.text_encoders:
-                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha)
-        for name, p in self.named_trainables(phase=2).items():
-            if "lora_" in name:
-                p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
-        self.lora_added = True
-
-    def named_trainables(self, phase: int) -> dict[str, torch.nn.Parameter]:
-        """What trains in `phase`, by checkpoint name: each encoder's new rows (:meth:`embedding_key`),
-        then in phase 2 the LoRA weights as ``unet.<name>``, ``text_encoder.<name>``, ``text_encoder_2.<name>``."""
-        params = {self.embedding_key(i): get_token_embedding(te).new_vectors for i, te in enumerate(self.text_encoders)}
-        if phase == 2:
-            models = [("unet.", self.unet)] + [(f"{n}.", te) for n, te in zip(self.family.text_encoders, self.text_encoders)]
-            for prefix, model in models:
-                for name, p in model.named_parameters():
-                    if "lora_" in name:
-                        params[prefix + name] = p
-        return params
-
-    def param_groups(self, phase: int, pcfg: PhaseConfig) -> list[dict]:
-        named = self.named_trainables(phase)
-        groups = [{"params": [named.pop(self.embedding_key(i)) for i in range(len(self.text_encoders))],
-                   "lr": pcfg.lr_embeddings}]
-        unet = [p for n, p in named.items() if n.startswith("unet.")]
-        te = [p for n, p in named.items() if not n.startswith("unet.")]
-        if unet:
-            groups.append({"params": unet, "lr": pcfg.lr_unet})
-        if te:
-            groups.append({"params": te, "lr": pcfg.lr_text_encoder})
-        return groups
-
     # ---------------------------------------------------------------- one step
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """[77] the first tokenizer's ids of `prompt` (where the tokens' positions are read)."""
-        return self.encoder_ids(prompt)[0]
-
-    def encoder_ids(self, prompt: str) -> torch.Tensor:
-        """[E, 77] the ids of `prompt` in each tokenizer, family order (cached per prompt)."""
-        if prompt not in self._prompt_cache:
-            self._prompt_cache[prompt] = torch.stack(
-                [prompt_input_ids(tk, prompt, self.vector_counts()) for tk in self.tokenizers])
-        return self._prompt_cache[prompt]
-
-    def prompt_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """:func:`library.training.batching.prompt_rows` of `prompts` with this trainer's ids."""
-        return prompt_rows(prompts, self.encoder_ids)
-
-    def encode_prompts(self, unique_input_ids: torch.Tensor, prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden [B, 77, D], pooled [B, Dg] or None) of :meth:`prompt_batch`'s ids: the family's
-        encoding (:meth:`~library.models.family.ModelFamily.encode_prompt`) of the distinct prompts (each once), indexed
-        back to the samples (gradients of repeated rows add up in the shared encoding)."""
-        hidden, pooled = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
-        return hidden[prompt_index], (pooled[prompt_index] if pooled is not None else None)
-
-    def unet_call(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
-                  time_ids: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction [B, 4, h, w], with the family's added conditioning (SDXL: pooled text
-        embedding and the size / crop ids)."""
-        return self.unet_forward(noisy, timesteps, hidden,
-                                 added_cond_kwargs=self.family.added_cond_kwargs(pooled, time_ids)).sample
-
-    def vector_counts(self) -> dict[str, int]:
-        """Token word -> its number of vectors (tokens.vectors), as expand_prompt takes it."""
-        return {self.cfg.tokens.source: self.cfg.tokens.vectors, self.cfg.tokens.reference: self.cfg.tokens.vectors}
-
-    def token_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, 2] position of the first vector of [V1] and [V2] in each prompt (-1 where absent)."""
-        return token_positions(ids, [self.token_ids[w][0] for w in self.token_words()])
-
     def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig) -> dict[str, torch.Tensor]:
         """The tensors of one micro-batch on the device: :func:`library.training.batching.sample_tensors` (the
         first-half weight while ``phase_step < steps / 2``), the prompts' ``input_ids`` and the tokens'
@@ -336,9 +249,6 @@ class MagiCaptureTrainer:
         self.store.clear()
         return losses | figures
 
-    def token_words(self) -> tuple[str, str]:
-        return self.cfg.tokens.source, self.cfg.tokens.reference
-
     # ---------------------------------------------------------------- the loop
     def run(self, resume: str | ResumePoint | None = None) -> Path | None:
         """Both phases (or what is left of them after `resume`), then the export; returns the LoRA's path.
@@ -402,19 +312,7 @@ class MagiCaptureTrainer:
         for p in named.values():
             p.requires_grad_(True)
         if trainable is not None:
-            # a checkpoint without config.toml (older versions) is only checked here
-            missing, extra = set(named) - set(trainable), set(trainable) - set(named)
-            if missing or extra:
-                raise TrainingStopped(f"checkpoint does not match this config: {len(missing)} tensors missing, "
-                                      f"{len(extra)} unexpected, e.g. {sorted(missing or extra)[0]}")
-            wrong = [n for n, p in named.items() if tuple(p.shape) != tuple(trainable[n].shape)]
-            if wrong:
-                n = wrong[0]
-                raise TrainingStopped(f"checkpoint does not match this config: {n} is {tuple(trainable[n].shape)} "
-                                      f"there and {tuple(named[n].shape)} here (tokens.vectors or lora.rank changed?)")
-            with torch.no_grad():
-                for name, p in named.items():
-                    p.copy_(trainable[name].to(p.device, p.dtype))
+            self.load_trainables(named, trainable)
         optimizer = build_optimizer(self.cfg.optimizer, self.param_groups(phase, pcfg))
         scheduler = build_lr_scheduler(pcfg, optimizer)
         sampler = TaskSampler(

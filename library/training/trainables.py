@@ -1,0 +1,90 @@
+"""What trains, by checkpoint name: each text encoder's new token rows, then (phase 2) the LoRA weights.
+
+A mixin of :class:`~library.training.trainer.MagiCaptureTrainer` (it reads the trainer's ``cfg``,
+``family``, ``unet``, ``text_encoders`` and ``lora_added``), kept apart so that the trainer module holds
+the loop. Checkpoint names: ``token_embedding.new_vectors`` (the first encoder's rows, as SD 1.x
+checkpoints always had them), ``token_embedding_2.new_vectors`` (text_encoder_2's), ``unet.<param>``,
+``text_encoder.<param>``, ``text_encoder_2.<param>`` for LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from library.config import PhaseConfig
+from library.training.interrupt import TrainingStopped
+from library.training.lora import add_text_encoder_lora, add_unet_lora
+from library.training.tokens import get_token_embedding
+
+
+class TrainablesMixin:
+    """Adding LoRA, naming the trainable tensors, their optimiser groups and their restore from a checkpoint."""
+
+    def encoder_suffix(self, index: int) -> str:
+        """"" for the first text encoder, "_2" for text_encoder_2: what its checkpoint and log names carry."""
+        return self.family.text_encoders[index][len("text_encoder"):]
+
+    def embedding_key(self, index: int) -> str:
+        """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
+        SD 1.x checkpoints always had it), token_embedding_2.new_vectors (text_encoder_2's)."""
+        return f"token_embedding{self.encoder_suffix(index)}.new_vectors"
+
+    def add_lora(self) -> None:
+        """LoRA (lora.rank, lora.alpha, lora.targets) on the UNet and, with lora.text_encoder, on every text
+        encoder; the init is drawn from train.seed. Its weights train in fp32. Once per run."""
+        if self.lora_added:
+            return
+        lcfg = self.cfg.lora
+        torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
+        add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
+        if lcfg.text_encoder:
+            for encoder in self.text_encoders:
+                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha)
+        for name, p in self.named_trainables(phase=2).items():
+            if "lora_" in name:
+                p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
+        self.lora_added = True
+
+    def named_trainables(self, phase: int) -> dict[str, torch.nn.Parameter]:
+        """What trains in `phase`, by checkpoint name: each encoder's new rows (:meth:`embedding_key`),
+        then in phase 2 the LoRA weights as ``unet.<name>``, ``text_encoder.<name>``, ``text_encoder_2.<name>``."""
+        params = {self.embedding_key(i): get_token_embedding(te).new_vectors for i, te in enumerate(self.text_encoders)}
+        if phase == 2:
+            models = [("unet.", self.unet)] + [(f"{n}.", te) for n, te in zip(self.family.text_encoders, self.text_encoders)]
+            for prefix, model in models:
+                for name, p in model.named_parameters():
+                    if "lora_" in name:
+                        params[prefix + name] = p
+        return params
+
+    def param_groups(self, phase: int, pcfg: PhaseConfig) -> list[dict]:
+        """Optimiser groups: the embedding rows (lr_embeddings), the UNet's LoRA (lr_unet), the text encoders'
+        LoRA (lr_text_encoder); empty groups left out."""
+        named = self.named_trainables(phase)
+        groups = [{"params": [named.pop(self.embedding_key(i)) for i in range(len(self.text_encoders))],
+                   "lr": pcfg.lr_embeddings}]
+        unet = [p for n, p in named.items() if n.startswith("unet.")]
+        te = [p for n, p in named.items() if not n.startswith("unet.")]
+        if unet:
+            groups.append({"params": unet, "lr": pcfg.lr_unet})
+        if te:
+            groups.append({"params": te, "lr": pcfg.lr_text_encoder})
+        return groups
+
+
+    def load_trainables(self, named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's trainable tensors into `named` (:meth:`named_trainables`); TrainingStopped
+        naming the first tensor that is missing, unexpected or of another shape."""
+        # a checkpoint without config.toml (older versions) is only checked here
+        missing, extra = set(named) - set(trainable), set(trainable) - set(named)
+        if missing or extra:
+            raise TrainingStopped(f"checkpoint does not match this config: {len(missing)} tensors missing, "
+                                  f"{len(extra)} unexpected, e.g. {sorted(missing or extra)[0]}")
+        wrong = [n for n, p in named.items() if tuple(p.shape) != tuple(trainable[n].shape)]
+        if wrong:
+            n = wrong[0]
+            raise TrainingStopped(f"checkpoint does not match this config: {n} is {tuple(trainable[n].shape)} "
+                                  f"there and {tuple(named[n].shape)} here (tokens.vectors or lora.rank changed?)")
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(trainable[name].to(p.device, p.dtype))
