@@ -46,6 +46,8 @@ class ModelFamily:
         ``output_blocks`` paths for SDXL).
     base_model_version: kohya's ``ss_base_model_version``; architecture: ``modelspec.architecture``
         before "/lora".
+    preset: the training config in ``configs/`` a new run of this family starts from (the web page's
+        default preset once the base model is identified).
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModelFamily:
     unet_key_style: str
     base_model_version: str
     architecture: str
+    preset: str
 
 
 SD1 = ModelFamily(
@@ -93,6 +96,7 @@ SD1 = ModelFamily(
     unet_key_style="diffusers",
     base_model_version="sd_v1",
     architecture="stable-diffusion-v1",
+    preset="magicapture_sd15.toml",
 )
 
 SDXL = ModelFamily(
@@ -123,6 +127,7 @@ SDXL = ModelFamily(
     unet_key_style="sgm",
     base_model_version="sdxl_base_v1-0",
     architecture="stable-diffusion-xl-v1-base",
+    preset="magicapture_sdxl.toml",
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}
