@@ -1,4 +1,4 @@
-"""The local web page: `python app.py [--host 127.0.0.1] [--port 7860] [--data-dir data/app] [--output-dir out/app]`.
+"""The local web page: `python app.py [--host 127.0.0.1] [--port 7860] [--data-dir data] [--output-dir out]`.
 
 Photos, training and results in a browser (see docs/app.md). It listens on 127.0.0.1 only unless --host
 says otherwise; paths typed into the page must lie in the data, output or models folders.
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--data-dir", default="data/app", help="photos and prepared folders (default data/app)")
-    p.add_argument("--output-dir", default="out/app", help="training runs, one folder each (default out/app)")
+    p.add_argument("--data-dir", default="data", help="photos, prepared folders, the demo model (default data)")
+    p.add_argument("--output-dir", default="out", help="training runs, one folder each (default out)")
     p.add_argument("--models-dir", default="models", help="base models and identity networks, read only (default models)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
