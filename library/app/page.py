@@ -253,8 +253,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 tok_ref = gr.Textbox(label="Style token", value="mcv2", elem_id="tok_ref")
                 id_weights = gr.Textbox(label="Identity network (ArcFace .onnx/.pth)", elem_id="id_weights")
             compose_btn = gr.Button("Compose config", elem_id="compose")
-            toml_box = gr.Code(label="Config (TOML; what Start runs)", language=None, interactive=True,
-                               elem_id="toml", lines=12)
+            toml_box = gr.Textbox(label="Config (TOML; what Start runs; editable)", lines=14, max_lines=30,
+                                  elem_id="toml")
             with gr.Row():
                 start_btn = gr.Button("Start", variant="primary", elem_id="start")
                 stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
@@ -270,7 +270,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 attention = gr.Gallery(label="Attention", columns=2, height=220, elem_id="attention")
             log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="log_tail")
             timer = gr.Timer(POLL_SECONDS)
-        with gr.Tab("Results", id="results"):
+        with gr.Tab("Results", id="results") as results_tab:
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt (empty: the composed prompt)", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
@@ -318,6 +318,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])
         name.change(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
+        results_tab.select(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
         eval_btn.click(do_evaluate, [name], [eval_md, res_status])
         def on_load(n):
             try:
