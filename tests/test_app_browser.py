@@ -137,7 +137,7 @@ def test_the_whole_page(app):
 
         # exclude the first photo: its files leave the folder the trainer reads
         gallery.locator("img").first.click()
-        assert _value(page, "item_info").startswith(stems[0])
+        _wait_value(page, "item_info", "^" + re.escape(stems[0]), 30)
         page.click("#exclude")
         _wait_value(page, "photo_status", "excluded from training", 30)
         assert (prepared / "excluded" / f"{stems[0]}.json").is_file() and not (prepared / f"{stems[0]}.json").exists()
