@@ -146,6 +146,9 @@ def test_the_whole_page(app):
         gallery.locator("img").first.click()  # excluded photos are listed last
         _wait_value(page, "item_info", stems[1], 30)
         before = (prepared / f"{stems[1]}.mask.png").read_bytes()
+        brush = page.locator("#mask_editor button[aria-label*='rush' i], #mask_editor button[title*='rush' i]")
+        if brush.count():
+            brush.first.click()
         canvas = page.locator("#mask_editor canvas").first
         canvas.wait_for()
         box = canvas.bounding_box()

@@ -103,7 +103,10 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         if not sel:
             raise ValueError("select a photo first")
         folder = ws.item_folder(sel["kind"], sel["stem"])
-        layers = (edited or {}).get("layers") or []
+        edited = edited or {}
+        layers = [x for x in edited.get("layers") or [] if x is not None]
+        if not layers and edited.get("background") is not None and edited.get("composite") is not None:
+            layers = [photos.strokes(edited["background"], edited["composite"])]  # editor without layers
         if not layers:
             raise ValueError("paint on the photo first (white: trains, black: does not)")
         path = ws.save_mask(sel["kind"], sel["stem"], photos.mask_from_editor(folder / f"{sel['stem']}.mask.png", layers))
@@ -131,10 +134,11 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
     def _check(text: str, out: Path) -> None:
         from library.config import load_config
+        from library.files.atomic import write_text
 
-        tmp = out / ".app_check.toml"
+        tmp = out / ".app_check.toml"  # load_config reads a file; the run's own copy is written on Start
         out.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
+        write_text(tmp, text)
         try:
             cfg = load_config(tmp)
         finally:

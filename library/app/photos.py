@@ -98,6 +98,15 @@ def mask_from_editor(mask_path: Path, layers: list) -> bytes:
     return encode_png(mask)
 
 
+def strokes(background: Image.Image, composite: Image.Image) -> np.ndarray:
+    """What was painted, as an RGBA layer [H, W, 4]: the composite's pixels where it differs from the
+    background (alpha 255), transparent elsewhere."""
+    bg = np.asarray(background.convert("RGB"), np.int16)
+    comp = np.asarray(composite.convert("RGB").resize(background.size), np.int16)
+    painted = np.abs(comp - bg).max(axis=2) > 8  # JPEG-free PNG round trip: any real stroke differs far more
+    return np.dstack([comp.astype(np.uint8), (painted * 255).astype(np.uint8)])
+
+
 def summary_lines(log: dict) -> str:
     """Markdown list of the skipped files (and why) and folder-wide notes, from the prepared folder's log."""
     rows = [f"- skipped **{one_line(n)}**: {one_line(r)}" for n, r in log.get("skipped", [])]
@@ -106,4 +115,4 @@ def summary_lines(log: dict) -> str:
 
 
 __all__ = ["PrepareError", "add_uploads", "item_caption", "mask_from_editor", "overlay", "prepare_kind",
-           "summary_lines"]
+           "strokes", "summary_lines"]
