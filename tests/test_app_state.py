@@ -231,3 +231,15 @@ def test_usage_lines_name_the_files_and_prompts():
     assert "a photo of a embedding:mcv1 person in the style of embedding:mcv2" in text
     assert "a photo of a <mcv1> person in the style of <mcv2>" in text
     assert "`models/loras/`" in text and "`models/Lora/`" in text
+
+
+def test_strokes_are_where_the_composite_differs_from_the_background():
+    from library.app.photos import strokes
+
+    bg = np.full((2, 3, 3), 100, np.uint8)
+    comp = bg.copy()
+    comp[0, 2] = (255, 255, 255)  # a white stroke
+    comp[1, 0] = (104, 100, 100)  # within 8 levels: not a stroke
+    layer = strokes(Image.fromarray(bg), Image.fromarray(comp))
+    assert layer[..., 3].tolist() == [[0, 0, 255], [0, 0, 0]]
+    assert layer[0, 2, :3].tolist() == [255, 255, 255]
