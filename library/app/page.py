@@ -104,7 +104,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             raise ValueError("select a photo first")
         folder = ws.item_folder(sel["kind"], sel["stem"])
         edited = edited or {}
-        layers = [x for x in edited.get("layers") or [] if x is not None and x.getextrema()[3][1] > 0]
+        layers = [x for x in edited.get("layers") or [] if x is not None and x.convert("RGBA").getextrema()[3][1] > 0]
         if not layers and edited.get("background") is not None and edited.get("composite") is not None:
             layers = [photos.strokes(edited["background"], edited["composite"])]  # editor without layers
         if not layers:
