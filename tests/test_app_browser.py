@@ -146,21 +146,28 @@ def test_the_whole_page(app):
         gallery.locator("img").first.click()  # excluded photos are listed last
         _wait_value(page, "item_info", stems[1], 30)
         before = (prepared / f"{stems[1]}.mask.png").read_bytes()
-        brush = page.locator("#mask_editor button[aria-label*='rush' i], #mask_editor button[title*='rush' i]")
-        if brush.count():
-            brush.first.click()
-        canvas = page.locator("#mask_editor canvas").first
-        canvas.wait_for()
+        editor = page.locator("#mask_editor")
+        editor.scroll_into_view_if_needed()
+        editor.get_by_role("button", name="Brush", exact=True).first.click()  # the first colour: white
+        canvas = editor.locator("canvas").first
         box = canvas.bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+        page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
         page.mouse.down()
-        for k in range(1, 11):
-            page.mouse.move(box["x"] + box["width"] * (0.1 + 0.08 * k), box["y"] + box["height"] * (0.1 + 0.03 * k))
+        for k in range(1, 15):
+            page.mouse.move(box["x"] + box["width"] * (0.2 + 0.04 * k), box["y"] + box["height"] * (0.3 + 0.02 * k),
+                            steps=3)
         page.mouse.up()
         page.click("#save_mask")
         _wait_value(page, "photo_status", "mask saved", 30)
         assert (prepared / f"{stems[1]}.mask.png").read_bytes() != before
         assert (prepared / "original_masks" / f"{stems[1]}.mask.png").read_bytes() == before
+        page.reload()  # nothing lives only in the browser: the galleries come back from the folders
+        gallery = page.locator("#src_gallery")
+        deadline = time.time() + 60
+        while gallery.locator("img").count() != len(stems) and time.time() < deadline:
+            time.sleep(0.5)
+        assert gallery.locator("img").count() == len(stems)
+        assert "(EXCLUDED)" in gallery.inner_text() and "mask edited" in gallery.inner_text()
         _shot(page, "app_photos.png")
 
         # -------------------------------------------------------------- train

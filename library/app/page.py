@@ -106,7 +106,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         edited = edited or {}
         layers = [x for x in edited.get("layers") or [] if x is not None and x.convert("RGBA").getextrema()[3][1] > 0]
         if not layers and edited.get("background") is not None and edited.get("composite") is not None:
-            layers = [photos.strokes(edited["background"], edited["composite"])]  # editor without layers
+            painted = photos.strokes(edited["background"], edited["composite"])  # an editor without layers
+            layers = [painted] if painted[..., 3].any() else []
         if not layers:
             raise ValueError("paint on the photo first (white: trains, black: does not)")
         path = ws.save_mask(sel["kind"], sel["stem"], photos.mask_from_editor(folder / f"{sel['stem']}.mask.png", layers))
@@ -235,7 +236,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             with gr.Row():
                 editor = gr.ImageEditor(label="Correct the mask: white paints 'trains', black 'does not'",
                                         type="pil", brush=gr.Brush(colors=["#ffffff", "#000000"], color_mode="fixed"),
-                                        eraser=False, layers=False, elem_id="mask_editor", height=360)
+                                        layers=False, interactive=True, elem_id="mask_editor", height=360)
                 with gr.Column():
                     item_info = gr.Textbox(label="Selected photo", lines=6, interactive=False, elem_id="item_info")
                     caption = gr.Textbox(label="Caption", elem_id="caption")
