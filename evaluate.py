@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _face_mask_finder():
     """face_mask(rgb) -> bool mask (True = face) from the project's face masks, or None without a face."""
-    from library.faces.analyzer import FaceAnalyzer, quiet_native_stderr
+    from library.faces import FaceAnalyzer, quiet_native_stderr
 
     analyzer = None
 
@@ -85,6 +85,7 @@ def sweep_main(args) -> int:
     """--sweep: the runs of this shard, then the table of every run finished so far."""
     from library.evaluation.sweep import SweepError, read_sweep, run_one, shard, write_table
     from library.files.messages import one_line
+    from library.files.text import read_text_file
 
     try:
         if args.generated or args.source or args.reference or args.overrides:
@@ -103,7 +104,7 @@ def sweep_main(args) -> int:
     except KeyboardInterrupt:
         return 130
     paths = write_table(sweep)
-    print(paths[2].read_text(encoding="utf-8"), end="")
+    print(read_text_file(paths[2]), end="")
     print(f"wrote {', '.join(p.name for p in paths)} to {sweep.out}"
           + (f"; {failed} run{'s' if failed != 1 else ''} failed" if failed else ""))
     return 1 if failed else 0

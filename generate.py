@@ -1,6 +1,6 @@
 """Sample with the trained files: `python generate.py --config configs/x.toml [--prompt ...] [section.key=value ...]`.
 
-Loads the base model of the config's [model], the two embeddings and the LoRA that training wrote to
+Loads the base model of the config's [model] (SD 1.x or SDXL, read from the model), the two embeddings and the LoRA that training wrote to
 [output].dir, samples (Euler ancestral, 50 steps, CFG 7, LoRA 0.6 UNet / 0.9 text encoder by default),
 and writes PNGs with A1111 "parameters" text; optionally upscales and restores faces.
 """
@@ -42,11 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"classifier-free guidance scale (default {DEFAULT_CFG:g})")
     p.add_argument("--lora-scale", type=float, default=DEFAULT_LORA_SCALE, help=f"LoRA multiplier on the UNet (default {DEFAULT_LORA_SCALE})")
-    p.add_argument("--te-scale", type=float, default=DEFAULT_TE_SCALE, help=f"LoRA multiplier on the text encoder (default {DEFAULT_TE_SCALE})")
+    p.add_argument("--te-scale", type=float, default=DEFAULT_TE_SCALE, help=f"LoRA multiplier on the text encoder(s) (default {DEFAULT_TE_SCALE})")
     p.add_argument("--no-lora", action="store_true", help="embeddings only: do not load the LoRA")
     p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {', '.join(scheduler_names())} (default {DEFAULT_SCHEDULER})")
-    p.add_argument("--width", type=int, help="default: data.resolution")
-    p.add_argument("--height", type=int, help="default: data.resolution")
+    p.add_argument("--width", type=int, help="default: data.resolution if the config sets it, else the model's (512 SD 1.x, 1024 SDXL)")
+    p.add_argument("--height", type=int, help="default: as --width")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet pass (default 1)")
     p.add_argument("--upscale", type=float, help="post-processing size factor (default: 1, or the --sr-weights model's)")
     p.add_argument("--sr-weights", help="a Real-ESRGAN .pth for --upscale (default: LANCZOS resize)")

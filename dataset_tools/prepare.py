@@ -277,7 +277,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     message) for bad arguments or unusable folders; a bad image never raises, it lands in
     `Summary.skipped` with the reason.
     """
-    from library.faces.analyzer import FaceAnalyzer, quiet_native_stderr
+    from library.faces import FaceAnalyzer, quiet_native_stderr
 
     if kind not in KINDS:
         raise PrepareError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")

@@ -1,4 +1,4 @@
-"""The training configuration: TOML sections as dataclasses whose defaults are METHOD.md's.
+"""The training configuration: TOML sections as dataclasses whose defaults are docs/method.md's.
 
 Unknown keys, wrong types and missing paths are `ConfigError`s whose one-line message names the key,
 the file and (for a typo) the closest valid key. Overrides from the command line use the same dotted
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     pretrained: str = ""  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
-    config_dir: str = ""  # component configs + tokenizer for single files; default configs/sd15
+    config_dir: str = ""  # component configs + tokenizers for single files; default the family's (configs/sd15, configs/sdxl)
     offline: bool = True  # never reach the hub unless this is false
     # a VAE file (.safetensors, original or diffusers layout) or diffusers VAE folder that replaces the
     # checkpoint's; required when the checkpoint ships without one
@@ -47,7 +47,7 @@ class DataConfig:
     reference_dir: str = ""
     resolution: int = 512
     flip: bool = True  # cache horizontally flipped latents too
-    captions: str = "template"  # "template": METHOD.md's template lists; "sidecar": NAME.txt
+    captions: str = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
     min_images: int = 3  # fewer gives a warning (the paper uses 4-6)
 
 
@@ -213,7 +213,7 @@ _TASKS = ("source", "reference", "composed")
 
 
 def composed_prompt(source: str, reference: str) -> str:
-    """METHOD.md's composed prompt: what previews, generate.py and the LoRA's metadata default to."""
+    """docs/method.md's composed prompt: what previews, generate.py and the LoRA's metadata default to."""
     return f"a photo of a {source} person in the style of {reference}"
 
 
@@ -306,7 +306,7 @@ def validate(cfg: Config, origin: str) -> None:
     if cfg.attention.backend not in ("sdpa", "xformers"):
         raise ConfigError(f"{origin}: attention.backend must be sdpa or xformers")
     if not cfg.model.pretrained:
-        raise ConfigError(f"{origin}: model.pretrained is empty: give a diffusers folder or an SD 1.x .safetensors")
+        raise ConfigError(f"{origin}: model.pretrained is empty: give a diffusers folder or an SD 1.x or SDXL .safetensors")
     for key, value in (("data.source_dir", cfg.data.source_dir), ("data.reference_dir", cfg.data.reference_dir)):
         if not value:
             raise ConfigError(f"{origin}: {key} is empty: point it at a folder made by dataset_tools.prepare")

@@ -42,6 +42,17 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     return save_model(tmp_path_factory.mktemp("model") / "tiny_sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, SGM-layout single .safetensors) of the tiny SDXL model, written by the command line
+    `python -m library.models.tiny DEST --sdxl`."""
+    from library.models.tiny import main
+
+    dest = tmp_path_factory.mktemp("model") / "tiny_sdxl"
+    assert main([str(dest), "--sdxl"]) == 0
+    return dest, dest.with_suffix(".safetensors")
+
+
 @pytest.fixture
 def prepared_data(tmp_path) -> tuple[Path, Path]:
     return (write_prepared(tmp_path / "source", "source", "mcv1", seed=1),

@@ -102,7 +102,7 @@ def far_from_box(mask: np.ndarray, box, factor: float = 1.6) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def analyzer():
-    from library.faces.analyzer import FaceAnalyzer, quiet_native_stderr
+    from library.faces import FaceAnalyzer, quiet_native_stderr
 
     with quiet_native_stderr():
         fa = FaceAnalyzer()

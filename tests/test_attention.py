@@ -1,4 +1,4 @@
-"""library/training/attention.py: capture of the special tokens' cross-attention maps (METHOD.md eq. 8, traps)."""
+"""library/training/attention.py: capture of the special tokens' cross-attention maps (docs/method.md eq. 8, traps)."""
 from __future__ import annotations
 
 import copy

@@ -478,12 +478,15 @@ def test_metadata(tmp_path):
     assert meta_back == meta and set(tensors) == set(sd)
     assert export.safetensors_file_hash(path) == meta["sshs_model_hash"]
 
-    # bundled embeddings (A1111 only): the hash is recomputed for the tensors written
+    # bundled embeddings (A1111, ComfyUI): kohya's name "bundle_emb.<token>.string_to_param.*" (ComfyUI's
+    # sd1_clip.py looks for exactly this; A1111 takes a bundle's one tensor); the hash is recomputed
     bundled = tmp_path / "bundled.safetensors"
     export.save_lora(bundled, sd, meta, bundle_embeddings={SUBJECT: torch.randn(2, 32), STYLE: torch.randn(32)})
     tensors, meta_b = export.load_lora(bundled)
-    assert tensors[f"bundle_emb.{SUBJECT}.emb_params"].shape == (2, 32)
-    assert tensors[f"bundle_emb.{STYLE}.emb_params"].shape == (1, 32)
+    assert sorted(k for k in tensors if k.startswith("bundle_emb.")) == [
+        f"bundle_emb.{SUBJECT}.string_to_param.*", f"bundle_emb.{STYLE}.string_to_param.*"]
+    assert tensors[f"bundle_emb.{SUBJECT}.string_to_param.*"].shape == (2, 32)
+    assert tensors[f"bundle_emb.{STYLE}.string_to_param.*"].shape == (1, 32)
     assert meta_b["sshs_model_hash"] == export.safetensors_file_hash(bundled) != meta["sshs_model_hash"]
     fresh = build_components(seed=0)
     assert export.apply_kohya_lora(fresh["unet"], fresh["text_encoder"], tensors) == len(export.lora_module_names(sd))
@@ -577,3 +580,18 @@ def test_trained_files_reproduce_the_trained_model(tiny_model, prepared_data, tm
     torch.testing.assert_close(out_unet, trained_unet, rtol=0, atol=1e-5)
     # and the LoRA is not a no-op: the UNet without it answers differently to the same conditioning
     assert (base_unet - trained_unet).abs().max() > 1e-4
+
+
+def test_sd1_bundles_old_and_new_names_are_read(tmp_path):
+    """generate.py reads kohya's bundle name ("string_to_param.*", written now) and this project's old one."""
+    from safetensors.torch import save_file
+
+    from library.generation.trained_files import _bundled_tokens, read_embedding
+
+    new, old = torch.randn(2, 32), torch.randn(1, 32)
+    path = tmp_path / "run.safetensors"
+    save_file({"bundle_emb.mcv1.string_to_param.*": new, "bundle_emb.mcv2.emb_params": old,
+               "bundle_emb.mcv3.clip_l": old.clone()}, str(path))  # mcv3: half an SDXL bundle, not an embedding
+    assert _bundled_tokens(path) == {"mcv1", "mcv2"}
+    assert torch.equal(read_embedding("mcv1", None, path)["emb_params"], new)
+    assert torch.equal(read_embedding("mcv2", None, path)["emb_params"], old)

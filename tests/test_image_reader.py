@@ -11,7 +11,6 @@ Transparency is composited on white everywhere (the documented choice), masks in
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -246,27 +245,6 @@ def test_training_masks_in_any_storage(storage, tmp_path):
     path, levels = _masks(src)[storage]
     (item,) = load_prepared_folder(_prepared_folder(tmp_path, None, path), "reference", S)
     np.testing.assert_array_equal(item.mask, levels.astype(np.float32) / 255.0)
-
-
-# ----------------------------------------------------------------------------------- one reader only
-
-
-def test_no_other_code_opens_image_files():
-    """Every image file the project reads goes through library/files/images.py."""
-    offenders = []
-    for folder in ("library", "dataset_tools"):
-        for py in sorted((ROOT / folder).rglob("*.py")):
-            if py == ROOT / "library" / "files" / "images.py":
-                continue
-            for n, line in enumerate(py.read_text("utf-8").splitlines(), 1):
-                if re.search(r"Image\.open\(|cv2\.imread\(|imageio\.|ImageFile\.Parser", line):
-                    offenders.append(f"{py.relative_to(ROOT)}:{n}: {line.strip()}")
-    for py in sorted(ROOT.glob("*.py")):  # the entry points
-        for n, line in enumerate(py.read_text("utf-8").splitlines(), 1):
-            if re.search(r"Image\.open\(|cv2\.imread\(", line):
-                offenders.append(f"{py.name}:{n}: {line.strip()}")
-    assert offenders == []
-
 
 
 # ------------------------------------------------------------------------------ decompression bombs

@@ -2,7 +2,7 @@
 line before any work; model.vae replaces (or supplies) the checkpoint's VAE.
 
 Every other kind is derived here from the tiny SD 1.x model (library/models/tiny.py): keys renamed to SDXL's
-or SD 2.x's text encoders, a 9- or 8-channel conv_in, a component's keys dropped, a v-prediction
+(an SDXL without its second text encoder) or SD 2.x's text encoders, a 9- or 8-channel conv_in, a component's keys dropped, a v-prediction
 scheduler config, A1111's sidecar .yaml, a LoRA or a VAE given as the model. Each refusal is asserted as
 the exact line `train_magicapture.main` prints, with exit code 2, no output folder, no latents cached and
 no pipeline built.
@@ -20,20 +20,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.models.loading import ModelLoadError, load_stable_diffusion
-from library.models.tiny import TINY_VAE, _sd15_config, vae_to_original
+from library.models.sgm_keys import vae_to_original
+from library.models.tiny import TINY_VAE, _sd15_config
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safetensors"
-ONLY_SD1 = f"this trainer supports SD 1.x only: {USE_SD1}"
+ONLY_SD1 = ("this trainer supports SD 1.x and SDXL only: use an SD 1.x or SDXL text-to-image model such as "
+            "v1-5-pruned-emaonly.safetensors or sd_xl_base_1.0.safetensors")
 NOT_V = f"this trainer trains epsilon-prediction models only: {USE_SD1} (not a v-prediction fine-tune)"
 NOT_INPAINT = ("training needs a text-to-image model (4-channel conv_in): use the model it was made from, "
                "e.g. v1-5-pruned-emaonly.safetensors")
 INCOMPLETE = "use a full checkpoint (UNet, VAE and text encoder), e.g. v1-5-pruned-emaonly.safetensors"
 NEEDS_VAE = ("an SD 1.x model without a VAE; set model.vae to a VAE file or folder, "
              "e.g. vae-ft-mse-840000-ema-pruned.safetensors")
-SDXL = f"this trainer supports SD 1.x only (SDXL support is planned): {USE_SD1}"
+INCOMPLETE_XL = "use a full checkpoint (UNet, VAE and both text encoders), e.g. sd_xl_base_1.0.safetensors"
+NO_G = f"no second text encoder; {INCOMPLETE_XL}"  # SD 1.x keys renamed: CLIP-L only
+NO_G_FOLDER = f"no second text encoder and no second tokenizer; {INCOMPLETE_XL}"
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,7 @@ def _run(capsys, tmp_path: Path, prepared_data, pretrained: Path, *extra: str, c
 @pytest.fixture
 def no_work(monkeypatch):
     """Building a pipeline or caching latents fails the test: a refusal must come before either."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     import library.training.trainer
 
@@ -96,8 +100,9 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the model was refused")
 
     monkeypatch.setattr(library.training.trainer, "cache_set", forbidden)
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", forbidden)
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", forbidden)
+    for pipeline in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(pipeline, "from_single_file", forbidden)
+        monkeypatch.setattr(pipeline, "from_pretrained", forbidden)
 
 
 def _single_file_cases(state: dict, d: Path) -> list[tuple[Path, str]]:
@@ -112,8 +117,8 @@ def _single_file_cases(state: dict, d: Path) -> list[tuple[Path, str]]:
     inpaint_ckpt = d / "inpaint.pt"
     torch.save({**state, CONV_IN: torch.zeros(conv.shape[0], 9, 3, 3)}, inpaint_ckpt)
     return [
-        (_write(d / "sdxl.safetensors", sdxl), f"an SDXL model (conditioner.embedders.* keys); {SDXL}"),
-        (sdxl_ckpt, f"an SDXL model (conditioner.embedders.* keys); {SDXL}"),
+        (_write(d / "sdxl.safetensors", sdxl), f"an incomplete SDXL model (conditioner.embedders.* keys): {NO_G}"),
+        (sdxl_ckpt, f"an incomplete SDXL model (conditioner.embedders.* keys): {NO_G}"),
         (_write(d / "sd2.safetensors", _renamed(state, "cond_stage_model.transformer.", "cond_stage_model.model.")),
          f"an SD 2.x model (OpenCLIP ViT-H text encoder: cond_stage_model.model.* keys); {ONLY_SD1}"),
         (_write(d / "inpaint.safetensors", {**state, CONV_IN: torch.zeros(conv.shape[0], 9, 3, 3)}),
@@ -156,9 +161,9 @@ def _folder_cases(folder: Path, d: Path) -> list[tuple[Path, str]]:
         (_derived_folder(folder, d / "vpred", edit={"scheduler/scheduler_config.json": {"prediction_type": "v_prediction"}}),
          f'an SD 1.x v-prediction model (scheduler prediction_type = "v_prediction"); {NOT_V}'),
         (_derived_folder(folder, d / "sdxl", edit={"model_index.json": xl_index}),
-         f"an SDXL model (StableDiffusionXLPipeline with text_encoder_2); {SDXL}"),
+         f"an incomplete SDXL model (StableDiffusionXLPipeline with text_encoder_2): {NO_G_FOLDER}"),
         (_derived_folder(folder, d / "sdxl_unet", edit={"unet/config.json": {"addition_embed_type": "text_time"}}),
-         f"an SDXL model (UNet addition_embed_type text_time); {SDXL}"),
+         f"an incomplete SDXL model (UNet addition_embed_type text_time): {NO_G_FOLDER}"),
         (_derived_folder(folder, d / "sd2", edit={"unet/config.json": {"cross_attention_dim": 1024},
                                                    "scheduler/scheduler_config.json": {"prediction_type": "v_prediction"}}),
          f'an SD 2.x v-prediction model (cross-attention dim 1024; scheduler prediction_type = "v_prediction"); {ONLY_SD1}'),
@@ -190,7 +195,7 @@ def test_diffusers_folders_of_other_kinds_are_refused_in_one_line_before_any_wor
     plain = models / "plain"
     plain.mkdir()
     cases.append((plain, "not a diffusers model folder (no model_index.json or unet/ inside); "
-                         "give a diffusers folder or an SD 1.x .safetensors file"))
+                         "give a diffusers folder or an SD 1.x or SDXL .safetensors file"))
     for i, (path, message) in enumerate(cases):
         rc, errors, err, out = _run(capsys, tmp_path / str(i), prepared_data, path)
         assert (rc, errors) == (2, [f"error: {path}: {message}"]), path.name
@@ -354,30 +359,49 @@ def test_metadata_records_the_identified_base_model(tiny_model):
         build_metadata(**common, base_model_version="sd_v3")
 
 
-def test_a_hub_id_is_identified_from_its_configs_before_its_weights(tiny_model, tmp_path, monkeypatch):
-    """With model.offline = false only the configs are fetched first; an SDXL repository is refused before
-    any weights are downloaded, an SD 1.x one goes on to the full download."""
+def test_a_hub_id_is_identified_from_its_configs_before_its_weights(tiny_model, tiny_sdxl_model, tmp_path, monkeypatch):
+    """With model.offline = false only the configs are fetched first; an incomplete SDXL repository is refused
+    before any weights are downloaded, an SD 1.x one and a complete SDXL one go on to the full download."""
     import huggingface_hub
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sdxl = _derived_folder(tiny_model[0], tmp_path / "sdxl", edit={"model_index.json": {
         "_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}})
     for f in sdxl.glob("*/*.safetensors"):
         f.unlink()  # what allow_patterns leaves: configs only
+    complete_xl = _derived_folder(tiny_sdxl_model[0], tmp_path / "complete_xl")
+    for f in complete_xl.glob("*/*.safetensors"):
+        f.unlink()
     fetched = []
 
     def configs_only(repo_id, allow_patterns=None, **kwargs):
         fetched.append((repo_id, allow_patterns))
-        return str(sdxl if "xl" in repo_id else tiny_model[0])
+        return str({"someone/sd-xl": sdxl, "someone/sdxl-base": complete_xl}.get(repo_id, tiny_model[0]))
 
     def full_download(*args, **kwargs):
         raise RuntimeError("full download")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", configs_only)
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", full_download)
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", full_download)
     with pytest.raises(ModelLoadError) as info:
         load_stable_diffusion("someone/sd-xl", offline=False)
-    assert str(info.value) == f"someone/sd-xl: an SDXL model (StableDiffusionXLPipeline with text_encoder_2); {SDXL}"
+    assert str(info.value) == f"someone/sd-xl: an incomplete SDXL model (StableDiffusionXLPipeline with text_encoder_2): {NO_G_FOLDER}"
     assert fetched[0][1] and all(p.endswith(".json") for p in fetched[0][1] if "vocab" not in p)
     with pytest.raises(RuntimeError, match="full download"):
         load_stable_diffusion("someone/sd15", offline=False)
+    with pytest.raises(RuntimeError, match="full download"):
+        load_stable_diffusion("someone/sdxl-base", offline=False)
+
+
+def test_a_complete_sdxl_model_loads_in_every_form(tiny_sdxl_model, tmp_path):
+    """What was refused as "planned" loads now: the SDXL folder, its SGM single file, and that file with an
+    A1111 sidecar .yaml that says eps (Pony / Illustrious files are this kind)."""
+    folder, single = tiny_sdxl_model
+    sidecar = _write(tmp_path / "pony.safetensors", load_file(str(single)))
+    sidecar.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    for path, config_dir in ((folder, None), (single, folder), (sidecar, folder)):
+        parts = load_stable_diffusion(str(path), config_dir=config_dir)
+        assert (parts.kind.family, parts.kind.prediction, parts.kind.in_channels, parts.kind.missing) == ("sdxl", "epsilon", 4, ())
+        assert parts.family.name == "sdxl" and parts.kind.base_model_version == "sdxl_base_v1-0"
+        assert parts.text_encoder_2 is not None and parts.tokenizer_2 is not None

@@ -22,6 +22,7 @@ from PIL import Image
 from skimage import data
 
 from library import postprocess as pp
+from library.faces import detect_face_landmarks
 from library.postprocess import __main__ as postprocess_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def face256() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def landmarks256(face256) -> list[np.ndarray]:
-    return pp.detect_face_landmarks(np.asarray(face256))
+    return detect_face_landmarks(np.asarray(face256))
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -255,7 +255,7 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
     """loss.id_face = detector (the released code): no face on x0_hat -> sample skipped; a face -> its landmarks."""
     import numpy as np
 
-    import library.postprocess.face_restore as face_restore
+    import library.faces as faces
     from library.training.data import Sample
 
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0", 'loss.id_face="detector"')
@@ -276,7 +276,7 @@ def test_identity_by_detector_skips_faceless_and_uses_found_faces(tiny_model, pr
         seen.append(rgb.shape)
         return [np.array([[20, 25], [44, 25], [32, 36], [22, 46], [42, 46]], np.float32)] if len(seen) == 1 else []
 
-    monkeypatch.setattr(face_restore, "detect_face_landmarks", one_face_on_first)
+    monkeypatch.setattr(faces, "detect_face_landmarks", one_face_on_first)
     ident, valid = trainer.id_term(batch, noisy, pred)
     assert valid.tolist() == [True, False] and seen == [(64, 64, 3), (64, 64, 3)]
     assert ident[0] > 0 and ident[1] == 0

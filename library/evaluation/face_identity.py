@@ -14,6 +14,14 @@ HOG alone fires on textures (the patch on the astronaut's suit, in a mirrored JP
 box is confirmed by dlib's CNN detector (`mmod_human_face_detector.dat`) on a 120 px crop around it
 (~0.14 s per face on one CPU core; on the whole 512 px photo the CNN costs 1.6 s, against 20 ms for HOG).
 
+Why dlib's detector here and not the project's face finder (`library.faces`): this detector is part of
+the identity *network*, not a second face finder. dlib's 5-point shape predictor was trained on boxes of
+dlib's own detector, and its ResNet descriptor aligns itself with that shape, so the embeddings and the
+same-person threshold (0.6, measured above) hold only for faces boxed by dlib's detector; a mediapipe
+box has another size and centre and shifts every descriptor. The ArcFace network uses the same boxes so
+that "face found" and "same person" shares mean the same thing whichever network is chosen, and takes its
+alignment landmarks from the project's face finder (`library.faces.detect_face_landmarks`).
+
 **dlib** (`face_recognition_models`' `dlib_face_recognition_resnet_model_v1.dat`, 128-d): dlib's 5-point
 shape predictor gives the eye corners and the base of the nose; `compute_face_descriptor` aligns with them
 itself. dlib's own rule is "same person when the euclidean distance of the raw descriptors is under 0.6";
@@ -26,7 +34,7 @@ Measured on real photos: the astronaut against its mirror, crop, half-size and b
 **ArcFace** (insightface's `w600k_r50.onnx` / `glintr100.onnx` or an arcface_torch `.pth`, through
 `library.models.identity.IdentityEncoder.from_file`): the face is aligned to ArcFace's 112 px template with 5
 landmarks that must include the mouth corners, which dlib's 5-point model does not give; they come from
-mediapipe's face mesh (`library.postprocess.face_restore.detect_face_landmarks`), matched to each dlib box by its
+mediapipe's face mesh (`library.faces.detect_face_landmarks`), matched to each dlib box by its
 nose; a box the mesh does not match gets its mouth corners from the template (eyes and nose fitted to
 it, `FoundFace.landmarks_source` says which). Same person: cosine > 0.3 (`ARCFACE_COSINE_THRESHOLD`, a
 common choice for w600k_r50; pass `threshold=` to change it).
@@ -301,7 +309,7 @@ class ArcFaceIdentity(IdentityNetwork):
         self.threshold = float(threshold)
 
     def _mesh_points(self, rgb: np.ndarray, found) -> tuple[list[np.ndarray], list[str]]:
-        from library.postprocess.face_restore import detect_face_landmarks
+        from library.faces import detect_face_landmarks
 
         meshes = detect_face_landmarks(rgb)
         points, sources, used = [], [], set()

@@ -3,30 +3,46 @@
 LoRA (kohya ``networks.lora`` format, read by A1111, ComfyUI, Forge, InvokeAI and diffusers):
     ``<module>.lora_down.weight`` [r, in] (1x1 conv: [r, in, 1, 1]), ``<module>.lora_up.weight`` [out, r]
     (1x1 conv: [out, r, 1, 1]), ``<module>.alpha`` 0-dim; the weight delta is ``alpha / r * up @ down``.
-    ``<module>`` = ``lora_unet_`` + the diffusers UNet module path with "." -> "_", or ``lora_te_`` +
-    ``text_model_`` + the CLIP text-encoder module path. The ``text_model`` level is written whatever the
-    installed transformers says (transformers 5 dropped it from CLIPTextModel; every frontend, and kohya
-    on transformers 4, expect it), and the SD 1.x prefix is ``lora_te_`` (diffusers' SDXL-style
-    ``lora_te1_`` is not used).
+    ``<module>`` = ``lora_unet_`` + the UNet module path, or a text encoder's prefix + ``text_model_`` +
+    its module path, with "." -> "_". What differs per family comes from :class:`ModelFamily`:
 
-Embeddings (A1111 format): ``<token>.safetensors`` holding one tensor ``emb_params`` [n, dim]; or the legacy
-``.pt`` pickle ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor}, "name", "step",
-"sd_checkpoint", "sd_checkpoint_name"}``. A1111 names an embedding after its file name.
+    * UNet paths (``unet_key_style``): SD 1.x keeps diffusers' paths (``lora_unet_down_blocks_2_...``);
+      SDXL uses the original (SGM) paths kohya trains SDXL on (``lora_unet_input_blocks_4_1_...``,
+      ``lora_unet_middle_block_1_...``, ``lora_unet_output_blocks_0_1_...``; :mod:`library.models.sgm_keys`).
+    * text-encoder prefixes (``kohya_te_prefixes``): ``lora_te_`` for SD 1.x's CLIP-L; ``lora_te1_``
+      (CLIP-L) and ``lora_te2_`` (OpenCLIP-G) for SDXL. kohya loads OpenCLIP-G as transformers'
+      ``CLIPTextModelWithProjection``, so both SDXL encoders use transformers' module names
+      (``lora_te2_text_model_encoder_layers_0_self_attn_q_proj``).
+
+    The ``text_model`` level is written whatever the installed transformers says (transformers 5 dropped
+    it from CLIPTextModel; every frontend, and kohya on transformers 4, expect it), and the SD 1.x prefix
+    is ``lora_te_`` (diffusers' SDXL-style ``lora_te1_`` is read, never written, for SD 1.x).
+
+Embeddings (A1111 format; :mod:`library.export.embeddings`, re-exported here): one file per token,
+``emb_params`` for SD 1.x, ``clip_l`` + ``clip_g`` for SDXL.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from library.files.atomic import write_atomic
-from library.files.weights import load_pickled_weights, open_safetensors
+from library.files.weights import open_safetensors
+from library.models.family import SD1, ModelFamily
+from library.models.sgm_keys import sgm_unet_module_path
+from library.export.embeddings import (  # re-exported: the embeddings are part of the format
+    BUNDLE_PREFIX,
+    bundle_tensors,
+    load_embedding,
+    load_embedding_vectors,
+    save_embedding,
+)
 from library.export.metadata import (  # re-exported: the metadata is part of the file format
     build_metadata,
     default_composed_prompt,
@@ -35,24 +51,21 @@ from library.export.metadata import (  # re-exported: the metadata is part of th
     safetensors_file_hash,
 )
 
-# Listed so the metadata re-exports above count as used (pyflakes) and `import *` gets the whole format.
+# Listed so the re-exports above count as used (pyflakes) and `import *` gets the whole format.
 __all__ = [
     "BUNDLE_PREFIX", "DEFAULT_ADAPTER", "TE_PREFIX", "UNET_PREFIX",
-    "apply_kohya_lora", "kohya_module_name", "load_embedding", "load_lora", "lora_module_names",
-    "lora_state_dict", "save_embedding", "save_lora",
+    "apply_kohya_lora", "kohya_module_name", "load_lora", "lora_module_names",
+    "lora_state_dict", "save_lora",
+    # from library.export.embeddings
+    "load_embedding", "load_embedding_vectors", "save_embedding",
     # from library.export.metadata
     "build_metadata", "default_composed_prompt", "file_sha256", "precalculate_safetensors_hashes",
     "safetensors_file_hash",
 ]
 
 UNET_PREFIX = "lora_unet"
-TE_PREFIX = "lora_te"
-BUNDLE_PREFIX = "bundle_emb."
+TE_PREFIX = SD1.kohya_te_prefixes[0]
 DEFAULT_ADAPTER = "default"
-
-
-# A1111 writes this fixed token id into every legacy .pt embedding (the id of "*").
-_A1111_STAR_TOKEN = 265
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,30 +84,53 @@ def _clean_module_path(module_path: str) -> str:
     return path
 
 
-def _normalise_prefix(prefix: str) -> str:
+def _normalise_prefix(prefix: str, family: ModelFamily) -> str:
     p = prefix.rstrip("_")
-    if p in ("lora_te1", "te1"):
-        raise ValueError("SD 1.x LoRAs use the prefix 'lora_te_', not diffusers' SDXL-style 'lora_te1_'")
-    aliases = {"unet": UNET_PREFIX, "te": TE_PREFIX, "text_encoder": TE_PREFIX}
+    aliases = {"unet": UNET_PREFIX}
+    if len(family.kohya_te_prefixes) == 1:
+        aliases.update({"te": family.kohya_te_prefixes[0], "text_encoder": family.kohya_te_prefixes[0]})
     p = aliases.get(p, p)
-    if p not in (UNET_PREFIX, TE_PREFIX):
-        raise ValueError(f"unknown kohya prefix {prefix!r}; expected 'lora_unet_' or 'lora_te_'")
+    valid = (UNET_PREFIX, *family.kohya_te_prefixes)
+    if p not in valid:
+        raise ValueError(f"{family.label} LoRAs use the prefixes {', '.join(v + '_' for v in valid)}, not {prefix!r}")
     return p
 
 
-def kohya_module_name(prefix: str, module_path: str) -> str:
-    """kohya's module name: ``lora_unet_`` / ``lora_te_text_model_`` + the module path with "." -> "_".
+def kohya_module_name(prefix: str, module_path: str, family: ModelFamily = SD1, unet_config: Any = None) -> str:
+    """kohya's module name: the prefix + the module path with "." -> "_" (see the module docstring).
+
+    `prefix`: ``lora_unet`` or one of ``family.kohya_te_prefixes`` (trailing "_" optional). For a family
+    with SGM UNet names, `unet_config` (``unet.config``) gives the block layout. ValueError for a prefix
+    the family does not use or a UNet path with no original-layout place.
 
     >>> kohya_module_name("lora_unet_", "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k")
     'lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_k'
     >>> kohya_module_name("lora_te_", "encoder.layers.0.self_attn.q_proj")
     'lora_te_text_model_encoder_layers_0_self_attn_q_proj'
     """
-    p = _normalise_prefix(prefix)
+    p = _normalise_prefix(prefix, family)
     path = _clean_module_path(module_path)
-    if p == TE_PREFIX and not path.startswith("text_model."):
+    if p == UNET_PREFIX:
+        if family.unet_key_style == "sgm":
+            if unet_config is None:
+                raise ValueError(f"{family.label} UNet LoRA names need the UNet config (its block layout)")
+            path = sgm_unet_module_path(path, unet_config)
+    elif not path.startswith("text_model."):
         path = "text_model." + path  # transformers 5 CLIPTextModel has no text_model level; frontends expect it
     return f"{p}_{path.replace('.', '_')}"
+
+
+def _text_encoder_slots(
+    text_encoders: nn.Module | Sequence[nn.Module | None] | None, family: ModelFamily
+) -> list[tuple[str, nn.Module]]:
+    """(kohya prefix, module) per given text encoder, in family order; a bare module is the first one."""
+    if text_encoders is None:
+        return []
+    if isinstance(text_encoders, nn.Module):
+        text_encoders = (text_encoders,)
+    if len(text_encoders) > len(family.kohya_te_prefixes):
+        raise ValueError(f"{family.label} has {len(family.kohya_te_prefixes)} text encoder(s), got {len(text_encoders)}")
+    return [(p, m) for p, m in zip(family.kohya_te_prefixes, text_encoders) if m is not None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,15 +163,22 @@ def _export_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def lora_state_dict(
     unet: nn.Module | None,
-    text_encoder: nn.Module | None,
+    text_encoders: nn.Module | Sequence[nn.Module | None] | None = None,
+    family: ModelFamily = SD1,
     dtype: torch.dtype = torch.float16,
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> dict[str, torch.Tensor]:
-    """kohya-format tensors of the peft LoRA layers (`adapter_name`) of the UNet and the text encoder."""
+    """kohya-format tensors of the peft LoRA layers (`adapter_name`) of the UNet and the text encoders.
+
+    `text_encoders`: in family order (``(CLIP-L, OpenCLIP-G)`` for SDXL; None entries are skipped; a bare
+    module is the first encoder, as SD 1.x callers pass it). Names follow `family` (module docstring).
+    Raises ValueError when nothing is found or two layers map to one name, NotImplementedError for LoRA
+    kinds kohya's format cannot hold (DoRA, LoRA bias, other base layers).
+    """
     out: dict[str, torch.Tensor] = {}
-    for prefix, model in ((UNET_PREFIX, unet), (TE_PREFIX, text_encoder)):
-        if model is None:
-            continue
+    models = ([(UNET_PREFIX, unet)] if unet is not None else []) + _text_encoder_slots(text_encoders, family)
+    for prefix, model in models:
+        config = getattr(model, "config", None)
         for path, layer in _peft_layers(model, adapter_name):
             if layer.use_dora.get(adapter_name, False):
                 raise NotImplementedError(f"{path}: DoRA layers have no kohya LoRA equivalent here")
@@ -149,7 +192,7 @@ def lora_state_dict(
                     raise ValueError(f"{path}: conv LoRA with weights {tuple(down.shape)}, {tuple(up.shape)}")
             elif not isinstance(base, nn.Linear):
                 raise NotImplementedError(f"{path}: LoRA on {type(base).__name__} is not exported")
-            name = kohya_module_name(prefix, path)
+            name = kohya_module_name(prefix, path, family, config)
             if name + ".lora_down.weight" in out:
                 raise ValueError(f"two LoRA layers map to the kohya name {name}")
             out[name + ".lora_down.weight"] = _export_tensor(down, dtype)
@@ -173,20 +216,21 @@ def save_lora(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None,
-    bundle_embeddings: Mapping[str, torch.Tensor] | None = None,
+    bundle_embeddings: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]] | None = None,
+    family: ModelFamily = SD1,
 ) -> None:
-    """Write the LoRA (.safetensors with metadata) atomically; optionally bundle embeddings (A1111 only).
+    """Write the LoRA (.safetensors with metadata) atomically; optionally bundle embeddings.
 
-    The sshs_* hashes are recomputed over the tensors actually written (bundled embeddings included), so
-    they always match the file.
+    `bundle_embeddings`: token -> vectors ([n, dim] for SD 1.x, or ``{embedding key: [n, dim]}``), written
+    as ``bundle_emb.<token>.<key>`` with ``family.bundle_embedding_keys`` (A1111 and ComfyUI read them;
+    diffusers' kohya loader refuses such a file). The sshs_* hashes are recomputed over the tensors
+    actually written (bundled embeddings included), so they always match the file.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    for token, vec in (bundle_embeddings or {}).items():
-        vec = vec.detach().to("cpu")
-        tensors[f"{BUNDLE_PREFIX}{token}.emb_params"] = (vec[None] if vec.ndim == 1 else vec).contiguous()
+    tensors.update(bundle_tensors(bundle_embeddings or {}, family))
     meta = {str(k): v for k, v in (metadata or {}).items()}
     bad = [k for k, v in meta.items() if not isinstance(v, str)]
     if bad:
@@ -204,144 +248,77 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def save_embedding(
-    path: str | os.PathLike,
-    token: str,
-    vectors: torch.Tensor,
-    legacy_pt: bool = False,
-    step: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write one embedding, atomically; returns the file written.
-
-    `path` is the file (or a folder, where ``<token>.safetensors`` / ``<token>.pt`` is written). A1111 names
-    an embedding after its file, so a file stem other than the token gets a warning.
-    """
-    path = Path(path)
-    suffix = ".pt" if legacy_pt else ".safetensors"
-    if path.is_dir():
-        path = path / f"{token}{suffix}"
-    if path.stem != token:
-        warnings.warn(f"A1111 will call this embedding {path.stem!r}, not {token!r}", stacklevel=2)
-    vec = vectors.detach().to(device="cpu", dtype=dtype)
-    if vec.ndim == 1:
-        vec = vec[None]
-    if vec.ndim != 2:
-        raise ValueError(f"embedding vectors must be [n, dim], got {tuple(vectors.shape)}")
-    vec = vec.clone().contiguous()
-    if legacy_pt:
-        data = {
-            "string_to_token": {"*": _A1111_STAR_TOKEN},
-            "string_to_param": {"*": vec},
-            "name": token,
-            "step": int(step),
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-        }
-        return write_atomic(path, lambda tmp: torch.save(data, str(tmp)))
-    from safetensors.torch import save_file
-
-    meta = {"name": token, "step": str(int(step)), "vectors": str(vec.shape[0]), "dim": str(vec.shape[1])}
-    return write_atomic(path, lambda tmp: save_file({"emb_params": vec}, str(tmp), metadata=meta))
-
-
-def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
-    """(name, vectors [n, dim]) of an A1111 / kohya / diffusers embedding file (.safetensors, .pt, .bin).
-
-    Pickled files are read as plain tensors only. Raises ValueError (one line naming the file; a
-    WeightsFileError for a file that cannot be read safely) when the file holds no embedding.
-    """
-    path = Path(path)
-    name = path.stem
-    if path.suffix == ".safetensors":
-        with open_safetensors(path) as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            if "emb_params" in keys:
-                key = "emb_params"
-            elif "string_to_param.*" in keys:
-                key = "string_to_param.*"
-            elif len(keys) == 1:
-                key = keys[0]
-                name = meta.get("name", key)
-            else:
-                raise ValueError(f"{path.name}: not an embedding (tensors {keys})")
-            vec = f.get_tensor(key)
-        name = meta.get("name", name)
-    else:
-        data = load_pickled_weights(path)
-        if isinstance(data, torch.Tensor):
-            vec = data
-        elif isinstance(data, dict) and "string_to_param" in data:
-            vec = data["string_to_param"]["*"]
-            name = data.get("name") or name
-        elif isinstance(data, dict) and "emb_params" in data:
-            vec = data["emb_params"]
-        elif isinstance(data, dict) and len(data) == 1:
-            name, vec = next(iter(data.items()))
-        else:
-            raise ValueError(f"{path.name}: not an embedding")
-    if not isinstance(vec, torch.Tensor) or not vec.is_floating_point() or vec.ndim not in (1, 2):
-        raise ValueError(f"{path.name}: not an embedding (expected float vectors [n, dim])")
-    if vec.ndim == 1:
-        vec = vec[None]
-    return str(name), vec
-
-
 # --------------------------------------------------------------------------------------------------
 # the inverse: merge a kohya LoRA into plain modules
 
 
-def _merge_targets(model: nn.Module, prefix: str) -> dict[str, nn.Module]:
+def _merge_targets(model: nn.Module, prefix: str, family: ModelFamily) -> dict[str, nn.Module]:
     targets: dict[str, nn.Module] = {}
+    config = getattr(model, "config", None)
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         if any(p.startswith("lora_") for p in path.split(".")):
             continue
-        targets[kohya_module_name(prefix, path)] = module
+        try:
+            targets[kohya_module_name(prefix, path, family, config)] = module
+        except ValueError:  # a module kohya's layout has no name for: no LoRA can address it
+            continue
     return targets
+
+
+def _other_family_hint(names: list[str], family: ModelFamily) -> str:
+    """" (a LoRA for SDXL?)" when the names use a text-encoder prefix only another family has."""
+    from library.models.family import FAMILIES
+
+    for other in FAMILIES.values():
+        own = [p for p in other.kohya_te_prefixes if p not in family.kohya_te_prefixes]
+        if other != family and any(n.startswith(p + "_") for n in names for p in own):
+            return f" (a LoRA for {other.label}?)"
+    return ""
 
 
 def apply_kohya_lora(
     unet: nn.Module | None,
-    text_encoder: nn.Module | None,
+    text_encoders: nn.Module | Sequence[nn.Module | None] | None,
     state_dict: Mapping[str, torch.Tensor],
     unet_scale: float = 1.0,
     te_scale: float = 1.0,
+    family: ModelFamily = SD1,
 ) -> int:
     """Merge a kohya LoRA into the weights: W += scale * alpha / r * up @ down. Returns modules patched.
 
-    Module names are matched exactly (``lora_te1_`` is read as ``lora_te_``); a key that matches no module,
-    a missing up/down, or a shape that does not fit raises ValueError (one line) before any weight
-    changes. ``bundle_emb.*`` tensors are embeddings, not modules, and are skipped.
+    `text_encoders` as for :func:`lora_state_dict` (family order; a bare module is the first). Module
+    names are matched exactly under `family`'s naming (for a one-encoder family ``lora_te1_`` is read as
+    its ``lora_te_``); a key that matches no module (a LoRA for the other family, say), a missing
+    up/down, or a shape that does not fit raises ValueError (one line) before any weight changes.
+    ``bundle_emb.*`` tensors are embeddings, not modules, and are skipped.
     """
+    one_te = family.kohya_te_prefixes[0] if len(family.kohya_te_prefixes) == 1 else None
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if key.startswith(BUNDLE_PREFIX):
             continue
         name, _, part = key.partition(".")
-        if name.startswith("lora_te1_"):
-            name = "lora_te_" + name[len("lora_te1_") :]
+        if one_te and name.startswith("lora_te1_"):  # diffusers' name for the only text encoder
+            name = f"{one_te}_{name[len('lora_te1_') :]}"
         if part not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise ValueError(f"unsupported LoRA tensor {key!r} (only lora_down / lora_up / alpha)")
         groups.setdefault(name, {})[part] = value
 
-    unet_targets = _merge_targets(unet, UNET_PREFIX) if unet is not None else {}
-    te_targets = _merge_targets(text_encoder, TE_PREFIX) if text_encoder is not None else {}
+    targets: dict[str, tuple[nn.Module, float]] = {}
+    if unet is not None:
+        targets.update({n: (m, unet_scale) for n, m in _merge_targets(unet, UNET_PREFIX, family).items()})
+    for prefix, model in _text_encoder_slots(text_encoders, family):
+        targets.update({n: (m, te_scale) for n, m in _merge_targets(model, prefix, family).items()})
 
     plan = []
     missing = []
     for name, parts in groups.items():
-        if name.startswith(UNET_PREFIX + "_"):
-            module, scale = unet_targets.get(name), unet_scale
-        elif name.startswith(TE_PREFIX + "_"):
-            module, scale = te_targets.get(name), te_scale
-        else:
-            module, scale = None, 0.0
-        if module is None:
+        if name not in targets:
             missing.append(name)
             continue
+        module, scale = targets[name]
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{name}: needs both lora_down.weight and lora_up.weight")
         down = parts["lora_down.weight"].float()
@@ -355,7 +332,8 @@ def apply_kohya_lora(
         plan.append((module, delta.reshape(w.shape) * (scale * alpha / r)))
     if missing:
         # ValueError, not KeyError: str(KeyError) wraps the message in quotes
-        raise ValueError(f"{len(missing)} LoRA modules match no module of the model: {sorted(missing)[:5]}")
+        raise ValueError(f"{len(missing)} LoRA modules match no module of this {family.label} model"
+                         f"{_other_family_hint(missing, family)}: {sorted(missing)[:5]}")
     with torch.no_grad():
         for module, delta in plan:
             module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))

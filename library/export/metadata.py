@@ -25,10 +25,13 @@ from typing import Any, Mapping
 import torch
 
 from library import config
+from library.models.family import FAMILIES, SD1, ModelFamily
 
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-# kohya's ss_base_model_version -> modelspec architecture (kohya's sai_model_spec names); SD 2.x 768 is "-v"
-_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+# kohya's ss_base_model_version -> the family (architecture, default resolution); SD 2.x is identified
+# but not trained: its modelspec architecture (kohya's sai_model_spec name; 768 v-prediction is "-v") here
+_FAMILY_OF_VERSION: dict[str, ModelFamily] = {f.base_model_version: f for f in FAMILIES.values()}
+_OTHER_ARCHITECTURES = {"sd_v2": "stable-diffusion-v2-512"}
 
 # --------------------------------------------------------------------------------------------------
 # hashes (kohya train_util)
@@ -117,20 +120,20 @@ def _to_str(value: Any) -> str:
     return str(value)  # None -> "None", as kohya writes unset settings
 
 
-def _resolution(value: Any) -> tuple[int, int]:
+def _resolution(value: Any, default: int) -> tuple[int, int]:
     if value is None:
-        return (512, 512)
+        return (default, default)
     if isinstance(value, (int, float)):
         return (int(value), int(value))
     if isinstance(value, str):
         nums = [int(x) for x in re.findall(r"\d+", value)]
-        return (nums[0], nums[-1]) if nums else (512, 512)
+        return (nums[0], nums[-1]) if nums else (default, default)
     w, h = list(value)[:2]
     return (int(w), int(h))
 
 
 def default_composed_prompt(tokens: Mapping[str, str]) -> str:
-    """The composed prompt of METHOD.md from the token words (roles "source" and "reference")."""
+    """The composed prompt of docs/method.md from the token words (roles "source" and "reference")."""
     src, ref = tokens.get("source"), tokens.get("reference")
     if src and ref:
         return config.composed_prompt(src, ref)
@@ -178,20 +181,24 @@ def build_metadata(
     `training` holds the run's settings: learning_rate, unet_lr, text_encoder_lr, max_train_steps (or
     steps), seed, resolution (int, "512x512" or (w, h)), mixed_precision, network_args (dict), and any other
     key, written as ``ss_<key>`` (without max_train_steps, ss_max_train_steps is phase1_steps +
-    phase2_steps when given). `composed_prompt` (or ``training["composed_prompt"]``; default METHOD.md's
+    phase2_steps when given). `composed_prompt` (or ``training["composed_prompt"]``; default docs/method.md's
     composed template) is the training comment and the trigger phrase. `tag_frequency` maps token word -> count (default 1 each). `date`
     (ISO 8601) defaults to now, UTC. `base_model_version` (kohya's: sd_v1, sd_v2, sdxl_base_v1-0) and
     `v_parameterization` are what the base model was identified as (ss_base_model_version, ss_v2,
-    ss_v_parameterization, modelspec.architecture, modelspec.prediction_type); `vae_name` / `vae_hash`
+    ss_v_parameterization, modelspec.architecture, modelspec.prediction_type); the family of that
+    version (:class:`ModelFamily`: ``architecture``, ``resolution``) gives modelspec.architecture and the
+    resolution when `training` has none ("(1024, 1024)" / "1024x1024" for SDXL); `vae_name` / `vae_hash`
     (sha256 of the file) name a VAE that replaced the checkpoint's (ss_vae_name, ss_new_vae_hash).
     """
-    if base_model_version not in _ARCHITECTURES:
-        raise ValueError(f"unknown base_model_version {base_model_version!r}; one of {', '.join(_ARCHITECTURES)}")
-    architecture = _ARCHITECTURES[base_model_version]
+    known = [*_FAMILY_OF_VERSION, *_OTHER_ARCHITECTURES]
+    if base_model_version not in known:
+        raise ValueError(f"unknown base_model_version {base_model_version!r}; one of {', '.join(known)}")
+    family = _FAMILY_OF_VERSION.get(base_model_version, SD1)
+    architecture = _OTHER_ARCHITECTURES.get(base_model_version, family.architecture)
     if base_model_version == "sd_v2" and v_parameterization:
         architecture = "stable-diffusion-v2-768-v"
     training = dict(training)
-    res = _resolution(training.pop("resolution", None))
+    res = _resolution(training.pop("resolution", None), family.resolution)
     prompt = composed_prompt or training.pop("composed_prompt", None) or default_composed_prompt(tokens)
     training.pop("composed_prompt", None)
     if not any(k in training for k in ("max_train_steps", "steps")):

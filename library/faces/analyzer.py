@@ -35,9 +35,7 @@ the detected box (`face_masks.parse_region`).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from dataclasses import dataclass, field
 
 import cv2
@@ -107,38 +105,6 @@ class FaceAnalysis:
         if self.face is None or not self.face.confirmed or self.angle is None:
             return 0
         return quarter_turn(self.angle)
-
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """Silence the C++ logging mediapipe/TFLite print on fd 2; yields a stream on the real stderr.
-
-    Python code that wants to talk to the user during the block writes to the yielded stream.
-    """
-    try:
-        sys.stderr.flush()
-    except Exception:
-        pass
-    try:
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield sys.stderr
-        return
-    stream = None
-    try:
-        os.dup2(devnull, 2)
-        stream = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")
-        yield stream
-    finally:
-        try:
-            if stream is not None:
-                stream.flush()
-                stream.close()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
 
 
 def square_crop(rgb: np.ndarray, cx: float, cy: float, side: float, out: int) -> tuple[np.ndarray, float, float, float]:
@@ -223,10 +189,12 @@ class FaceAnalyzer:
             faces.append(DetectedFace(box, float(d.score[0]), kps.reshape(-1, 2)))
         return faces
 
-    def detect(self, rgb: np.ndarray) -> tuple[list[DetectedFace], str | None]:
-        """Short-range model; full-range when it finds nothing; then full-range on overlapping tiles
-        (faces under ~5% of the frame, e.g. a full-body portrait). Largest face first."""
-        for name, faces in self._stages(rgb, tiles=True):
+    def detect(self, rgb: np.ndarray, tiles: bool = True) -> tuple[list[DetectedFace], str | None]:
+        """Faces of an RGB image [H, W, 3] uint8 and the detector that found them ("short_range" /
+        "full_range"; None with no face), largest face first: the short-range model; the full-range
+        one when it finds nothing; then, with `tiles`, the full-range model on overlapping tiles (faces
+        under ~5% of the frame, e.g. a full-body portrait; a tile's face counts only when confirmed)."""
+        for name, faces in self._stages(rgb, tiles=tiles):
             if faces:
                 return faces, name
         return [], None

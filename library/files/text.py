@@ -74,3 +74,26 @@ def read_text_file(path: str | os.PathLike) -> str:
     except OSError as err:
         raise TextFileError(f"{path}: cannot be read ({err.strerror or err}); check that it is a readable file") from None
     return decode_text(data, path)
+
+
+def read_json_lines(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """(line, parsed value) for each line of a JSON-lines file (the trainer's ``loss_history.jsonl``) that
+    parses; a line that does not (a run killed in mid-write cuts one short) is passed over.
+
+    Read leniently, unlike :func:`read_text_file`: the file is the project's own, and a kill can cut a
+    line inside a multi-byte character, so undecodable bytes are replaced rather than refused.
+    Missing file: [].
+    """
+    import json
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return out

@@ -1,6 +1,6 @@
 """Sampling with the trained files: base model + the two embeddings + the LoRA, then optional post-processing.
 
-What `generate()` does (METHOD.md, "Inference and post-processing"; released: Euler ancestral, 50 steps,
+What `generate()` does (docs/method.md, "Inference and post-processing"; released: Euler ancestral, 50 steps,
 CFG 7, LoRA 0.6 on the UNet and 0.9 on the text encoder):
 
 1. checks everything a user can get wrong *before* loading anything heavy: the sampler name, the size,
@@ -10,6 +10,7 @@ CFG 7, LoRA 0.6 on the UNet and 0.9 on the text encoder):
 3. adds each token to the tokenizer (``word``, ``word_1``, ... for multi-vector embeddings, the rule of
    training and of diffusers' textual inversion loader) and writes the saved vectors into new rows of the
    token-embedding table;
+   (SDXL: into both tokenizers and text encoders, ``clip_l`` and ``clip_g``);
 4. merges the kohya LoRA into the weights with ``export.apply_kohya_lora`` and the two scales
    (W += scale * alpha / r * up @ down, in fp32, before any cast to fp16). Merging rather than diffusers'
    ``load_lora_weights``: no peft layers at sampling time (no per-step overhead), the per-component scales
@@ -41,6 +42,7 @@ import torch
 from PIL import Image
 
 from library.config import ConfigError
+from library.models.family import SD1, ModelFamily
 from library.generation.options import (
     DEFAULT_CFG,
     DEFAULT_FIDELITY,
@@ -50,6 +52,7 @@ from library.generation.options import (
     RESTORERS,
     GenerationError,
     PostProcessing,
+    default_side,
     one_line,
     resolve_device,
     resolve_precision,
@@ -99,7 +102,7 @@ __all__ = [
 class GenerationModel:
     """A loaded pipeline and what the "parameters" text needs to describe it; reusable across generate()."""
 
-    pipe: object  # diffusers StableDiffusionPipeline
+    pipe: object  # the family's diffusers pipeline (StableDiffusionPipeline / StableDiffusionXLPipeline)
     model_name: str
     token_ids: dict[str, list[int]]  # token word -> tokenizer ids (word, word_1, ...)
     lora_name: str | None
@@ -111,6 +114,7 @@ class GenerationModel:
     dtype: torch.dtype = torch.float32
     scheduler_config: dict = field(default_factory=dict)  # the model's own; each sampler is built from it
     scheduler: str = DEFAULT_SCHEDULER
+    family: ModelFamily = SD1  # what the base model was identified as (default size, names)
 
     def set_scheduler(self, name: str) -> None:
         """Switch the sampler (schedulers hold no weights: cheap, no reload)."""
@@ -128,7 +132,12 @@ def load_model(
     device: str | torch.device | None = "auto",
     precision: str | None = "auto",
 ) -> GenerationModel:
-    """The pipeline with the tokens added and the LoRA merged (fp32 merge, then cast and move)."""
+    """The pipeline with the tokens added and the LoRA merged (fp32 merge, then cast and move).
+
+    The base model's family (SD 1.x or SDXL, read from the model) picks the pipeline class, the
+    embedding tensors each text encoder gets and the LoRA's names. GenerationError / ModelLoadError (one
+    line) for files that do not fit the model.
+    """
     from library.export.kohya import apply_kohya_lora, load_lora
     from library.models.loading import ModelLoadError, load_stable_diffusion
 
@@ -143,8 +152,9 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load model.pretrained = '{cfg.model.pretrained}': {one_line(err)}") from None
 
-    vectors = {w: read_embedding(w, p, trained.lora) for w, p in trained.embeddings.items()}
-    token_ids = add_embeddings(parts.tokenizer, parts.text_encoder, vectors)
+    family = parts.family
+    vectors = {w: read_embedding(w, p, trained.lora, family) for w, p in trained.embeddings.items()}
+    token_ids = add_embeddings(parts.tokenizers, parts.text_encoders, vectors, family)
 
     lora_name = None
     patched = 0
@@ -155,7 +165,8 @@ def load_model(
         except Exception as err:
             raise GenerationError(f"{trained.lora}: not a readable LoRA ({one_line(err)})") from None
         try:
-            patched = apply_kohya_lora(parts.unet, parts.text_encoder, state, unet_scale=lora_scale, te_scale=te_scale)
+            patched = apply_kohya_lora(parts.unet, parts.text_encoders, state, unet_scale=lora_scale,
+                                       te_scale=te_scale, family=family)
         except ValueError as err:  # names, shapes or tensors that do not fit: nothing was merged
             raise GenerationError(
                 f"{trained.lora} does not fit model.pretrained = '{cfg.model.pretrained}': {one_line(err)}"
@@ -163,22 +174,21 @@ def load_model(
     # hashed after the merge: a LoRA that does not fit fails before its file is read a second time
     hashes = a1111_hashes(trained.lora, trained.embeddings)
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     scheduler_config = scheduler_base_config(cfg, parts)
-    pipe = StableDiffusionPipeline(
+    text_parts = {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
+    pipe = getattr(diffusers, family.pipeline_class)(
         vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
         unet=parts.unet,
         scheduler=make_scheduler(scheduler, scheduler_config),
-        safety_checker=None,
         feature_extractor=None,
-        requires_safety_checker=False,
+        **text_parts,
+        **dict(family.pipeline_kwargs),
     )
     pipe.to(dev)
     if dtype != torch.float32:  # merged in fp32 above; cast once, after the merge
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for part in (pipe.unet, pipe.vae, *parts.text_encoders):
             part.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return GenerationModel(
@@ -194,6 +204,7 @@ def load_model(
         dtype=dtype,
         scheduler_config=scheduler_config,
         scheduler=scheduler,
+        family=family,
     )
 
 
@@ -249,6 +260,11 @@ def _check_config(cfg) -> None:
         raise ConfigError(f"{origin}: tokens.source and tokens.reference must differ")
 
 
+def _check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise GenerationError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
 def generate(
     cfg,
     prompt: str | None = None,
@@ -282,7 +298,8 @@ def generate(
 
     Files: ``<out_dir>/NNNNN-SEED.png`` (NNNNN continues the folder's numbering), ``grid-NNNNN.png`` (when
     n > 1 and `grid`), and with post-processing the samples before it in ``raw/``. `out_dir` defaults to
-    ``<output.dir>/generated``; `width`/`height` to ``data.resolution``; `seed` to a random one (also for
+    ``<output.dir>/generated``; `width`/`height` to ``data.resolution`` when the config sets it, else the
+    model family's (512 SD 1.x, 1024 SDXL; :func:`default_side`); `seed` to a random one (also for
     -1, as in A1111); `upscale` to 1 (or the Real-ESRGAN model's factor when `sr_weights` is given);
     `restore` to codeformer when `restore_weights` is given, else none.
 
@@ -296,10 +313,7 @@ def generate(
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     _check_config(cfg)
     sampler = check_scheduler(scheduler)
-    width = int(width or cfg.data.resolution)
-    height = int(height or cfg.data.resolution)
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise GenerationError(f"width and height must be positive multiples of 8, got {width}x{height}")
+    _check_size(width or 8, height or 8)  # the defaults come from the model, once it is loaded
     if n < 1 or steps < 1 or batch_size < 1:
         raise GenerationError("n, steps and batch size must be at least 1")
     if seed is None or seed == -1:
@@ -328,6 +342,9 @@ def generate(
     else:
         model.set_scheduler(scheduler)
     pipe = model.pipe
+    width = int(width or default_side(cfg, model.family))
+    height = int(height or default_side(cfg, model.family))
+    _check_size(width, height)
 
     shown_prompt = prompt
     if model.lora_name:

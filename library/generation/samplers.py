@@ -74,15 +74,13 @@ def check_scheduler(name: str) -> Sampler:
 
 def scheduler_base_config(cfg, parts) -> dict:
     """The model's own scheduler config (steps_offset and friends), over the training DDPM's betas."""
-    from library.models.loading import CONFIG_DIR
-
     config = dict(parts.noise_scheduler.config)
     pretrained = Path(cfg.model.pretrained)
     candidates = []
     if pretrained.is_dir():
         candidates.append(pretrained / "scheduler" / "scheduler_config.json")
     else:
-        candidates.append(Path(cfg.model.config_dir or CONFIG_DIR) / "scheduler" / "scheduler_config.json")
+        candidates.append(Path(cfg.model.config_dir or parts.family.config_dir) / "scheduler" / "scheduler_config.json")
     for path in candidates:
         if path.is_file():
             try:

@@ -1,22 +1,28 @@
 """The files training wrote (library/training/outputs.py), found and read for sampling.
 
 ``<output.dir>/<output.name>.safetensors`` is the kohya LoRA and ``<output.dir>/<token>.safetensors`` (or
-a legacy ``.pt``) each token's embedding; a LoRA may also bundle the embeddings (``bundle_emb.*``). Each
-token becomes tokenizer words (``word``, ``word_1``, ... for multi-vector embeddings, the rule of training
-and of diffusers' textual inversion loader) whose new rows in the token-embedding table hold the saved
-vectors. A missing or unreadable file is a one-line GenerationError that says how to make it.
+a legacy ``.pt``) each token's embedding; a LoRA may also bundle the embeddings (``bundle_emb.*``, the
+names of :mod:`library.export.embeddings`, old ``.emb_params`` bundles included). Each token becomes
+tokenizer words (``word``, ``word_1``, ... for multi-vector embeddings, the rule of training and of
+diffusers' textual inversion loader) whose new rows in each text encoder's token-embedding table hold the
+saved vectors (SDXL: ``clip_l`` in CLIP-L's, ``clip_g`` in OpenCLIP-G's; the two tokenizers share one
+vocabulary, so a word gets the same ids in both). A missing or unreadable file, or one made for the other
+model family, is a one-line GenerationError that says what to do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
 from library import config
+from library.export.embeddings import bundle_tensor_names, bundled_tokens
 from library.files.weights import WeightsFileError, open_safetensors
 from library.generation.options import GenerationError, one_line
+from library.models.family import FAMILIES, SD1, ModelFamily
 
 
 @dataclass
@@ -28,18 +34,18 @@ class TrainedFiles:
 
 
 def composed_prompt(cfg) -> str:
-    """METHOD.md's composed prompt, the default: "a photo of a {source} person in the style of {reference}"."""
+    """docs/method.md's composed prompt, the default: "a photo of a {source} person in the style of {reference}"."""
     return config.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
 
 
 def _bundled_tokens(lora: Path) -> set[str]:
-    """Token words whose embedding the LoRA carries (``bundle_emb.<word>.emb_params``, kohya's bundling)."""
+    """Token words whose embedding the LoRA carries whole, for any family (read once the model is known)."""
     try:
         with open_safetensors(lora) as f:
             keys = list(f.keys())
     except (WeightsFileError, OSError) as err:
         raise GenerationError(f"{err} (the trained LoRA)") from None
-    return {k.split(".")[1] for k in keys if k.startswith("bundle_emb.") and k.endswith(".emb_params")}
+    return set().union(*(bundled_tokens(keys, family) for family in FAMILIES.values()))
 
 
 def find_trained_files(cfg, use_lora: bool = True) -> TrainedFiles:
@@ -81,30 +87,65 @@ def _config_name(cfg) -> str:
     return src if src and not src.startswith("<") else "CONFIG.toml"
 
 
-def read_embedding(word: str, path: Path | None, lora: Path | None) -> torch.Tensor:
-    """Token `word`'s vectors (n x width) from its file, or from the LoRA when `path` is None (bundled)."""
-    from library.export.kohya import load_embedding
+def read_embedding(word: str, path: Path | None, lora: Path | None, family: ModelFamily = SD1) -> dict[str, torch.Tensor]:
+    """Token `word`'s vectors ``{embedding key: [n, width]}`` (``family.embedding_keys``) from its file, or
+    from the LoRA when `path` is None (bundled). GenerationError (one line) for a file that cannot be read
+    or holds the other family's embedding."""
+    from library.export.embeddings import as_vectors, load_embedding_vectors
 
     if path is None:  # bundled in the LoRA
         try:
             with open_safetensors(lora) as f:
-                vec = f.get_tensor(f"bundle_emb.{word}.emb_params")
+                present = set(f.keys())
+                vectors = {}
+                for key, names in bundle_tensor_names(word, family).items():
+                    name = next((n for n in names if n in present), None)
+                    if name is None:
+                        raise GenerationError(f"{lora}: bundles no {family.label} embedding for '{word}' (no {names[0]})")
+                    vectors[key] = f.get_tensor(name)
         except (WeightsFileError, OSError) as err:
             raise GenerationError(f"{err} (the trained LoRA)") from None
-        return vec[None] if vec.ndim == 1 else vec
+        try:
+            return as_vectors(vectors, family)
+        except ValueError as err:
+            raise GenerationError(f"{lora}: {err}") from None
     try:
-        _, vec = load_embedding(path)
+        _, vectors = load_embedding_vectors(path, family)
     except WeightsFileError as err:  # already one line naming the file
         raise GenerationError(str(err)) from None
+    except ValueError as err:  # not an embedding, or the other family's: named by its full path here
+        msg = one_line(err).removeprefix(f"{path.name}: ")
+        raise GenerationError(f"{path}: {msg}") from None
     except Exception as err:
         raise GenerationError(f"{path}: not a readable embedding ({one_line(err)})") from None
-    return vec
+    return vectors
 
 
-def add_embeddings(tokenizer, text_encoder, vectors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """Add each word (word, word_1, ... for n vectors) to the tokenizer and its vectors as new table rows."""
+def add_embeddings(
+    tokenizers: Sequence,
+    text_encoders: Sequence[torch.nn.Module],
+    vectors: Mapping[str, Mapping[str, torch.Tensor]],
+    family: ModelFamily = SD1,
+) -> dict[str, list[int]]:
+    """Add each word (word, word_1, ... for n vectors) to every tokenizer and its vectors as new rows of the
+    matching text encoder's table; returns word -> ids (the same in every tokenizer).
+
+    `tokenizers` / `text_encoders`: in family order; `vectors`: word -> ``{embedding key: [n, width]}``.
+    GenerationError (one line) for a width that does not fit, a word already in the vocabulary, or
+    tokenizers that give a word different ids.
+    """
     from library.models.prompts import token_words
 
+    ids: dict[str, list[int]] = {}
+    for key, tokenizer, text_encoder in zip(family.embedding_keys, tokenizers, text_encoders):
+        got = _add_to_one(tokenizer, text_encoder, {w: v[key] for w, v in vectors.items()}, key, token_words)
+        if ids and got != ids:
+            raise GenerationError(f"the tokenizers gave the trained tokens different ids ({ids} and {got})")
+        ids = got
+    return ids
+
+
+def _add_to_one(tokenizer, text_encoder, vectors: dict[str, torch.Tensor], key: str, token_words) -> dict[str, list[int]]:
     emb = text_encoder.get_input_embeddings()
     dim = emb.weight.shape[1]
     entries: dict[str, list[str]] = {}
@@ -112,7 +153,7 @@ def add_embeddings(tokenizer, text_encoder, vectors: dict[str, torch.Tensor]) ->
     for word, vec in vectors.items():
         if vec.ndim != 2 or vec.shape[1] != dim:
             raise GenerationError(
-                f"embedding '{word}' has shape {tuple(vec.shape)} but this model's text encoder has width {dim}: "
+                f"embedding '{word}' ({key}) has shape {tuple(vec.shape)} but this model's text encoder has width {dim}: "
                 "trained on another base model?"
             )
         entries[word] = token_words(word, vec.shape[0])

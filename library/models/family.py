@@ -40,12 +40,20 @@ class ModelFamily:
     embedding_keys: the tensor names of one A1111 embedding file, per text encoder ("emb_params" for SD
         1.x: A1111 writes ``string_to_param["*"]`` in .pt and ``emb_params`` in .safetensors; "clip_l",
         "clip_g" for SDXL, what A1111, Forge, ComfyUI and InvokeAI read).
+    bundle_embedding_keys: the tensor-name ends of an embedding bundled in a LoRA
+        (``bundle_emb.<token>.<key>``), per text encoder, names both A1111 and ComfyUI read:
+        "string_to_param.*" for SD 1.x (kohya's), "clip_l", "clip_g" for SDXL.
     capture_layers: default cross-attention modules attention refocusing records (full module paths).
     unet_key_style: how the LoRA exporter names UNet modules: "diffusers" (kohya keeps diffusers' paths
         for SD 1.x) or "sgm" (kohya uses the original ``input_blocks`` / ``middle_block`` /
         ``output_blocks`` paths for SDXL).
     base_model_version: kohya's ``ss_base_model_version``; architecture: ``modelspec.architecture``
         before "/lora".
+    checkpoint_text_prefixes: the key prefix of each text encoder in a single-file checkpoint, in
+        ``text_encoders`` order (what makes such a file complete).
+    example_checkpoint / example_vae: the file names refusals suggest (the family's reference checkpoint
+        and a VAE file for it); complete_parts: what a complete checkpoint holds, for the refusal of an
+        incomplete one.
     preset: the training config in ``configs/`` a new run of this family starts from (the web page's
         default preset once the base model is identified).
     """
@@ -66,6 +74,11 @@ class ModelFamily:
     unet_key_style: str
     base_model_version: str
     architecture: str
+    checkpoint_text_prefixes: tuple[str, ...]
+    example_checkpoint: str
+    example_vae: str
+    complete_parts: str
+    bundle_embedding_keys: tuple[str, ...]
     preset: str
 
 
@@ -96,6 +109,11 @@ SD1 = ModelFamily(
     unet_key_style="diffusers",
     base_model_version="sd_v1",
     architecture="stable-diffusion-v1",
+    checkpoint_text_prefixes=("cond_stage_model.transformer.",),
+    example_checkpoint="v1-5-pruned-emaonly.safetensors",
+    example_vae="vae-ft-mse-840000-ema-pruned.safetensors",
+    complete_parts="UNet, VAE and text encoder",
+    bundle_embedding_keys=("string_to_param.*",),
     preset="magicapture_sd15.toml",
 )
 
@@ -127,6 +145,12 @@ SDXL = ModelFamily(
     unet_key_style="sgm",
     base_model_version="sdxl_base_v1-0",
     architecture="stable-diffusion-xl-v1-base",
+    # CLIP-L in transformers' naming, OpenCLIP-G in open_clip's (library/models/sgm_keys.py)
+    checkpoint_text_prefixes=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+    example_checkpoint="sd_xl_base_1.0.safetensors",
+    example_vae="sdxl_vae.safetensors",
+    complete_parts="UNet, VAE and both text encoders",
+    bundle_embedding_keys=("clip_l", "clip_g"),
     preset="magicapture_sdxl.toml",
 )
 

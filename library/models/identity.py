@@ -1,4 +1,4 @@
-"""Frozen ArcFace networks and differentiable ArcFace face alignment (METHOD.md, eq. 7).
+"""Frozen ArcFace networks and differentiable ArcFace face alignment (docs/method.md, eq. 7).
 
 Channel order and range: every network returned here takes **RGB** images in **[-1, 1]**, [B, 3, 112, 112]
 (the VAE's output range). That is what arcface_torch's ``.pth`` backbones were trained on

@@ -5,7 +5,7 @@ Single files are identified from their keys and shapes (the safetensors header, 
 `.ckpt` yields under `torch.load(weights_only=True)`) and from A1111's sidecar `NAME.yaml`; diffusers
 folders from `model_index.json` and the component configs. Nothing here allocates a network, so a
 model the trainer cannot use is refused in one line before any weights are converted or latents cached.
-Only SD 1.x with epsilon prediction trains (SDXL comes in a later issue).
+Complete SD 1.x and SDXL base models with epsilon prediction train; everything else is refused.
 """
 
 from __future__ import annotations
@@ -17,15 +17,21 @@ from typing import Mapping
 
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, open_safetensors
+from library.models.family import FAMILIES
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 SD2_OPENCLIP = "cond_stage_model.model."  # SD 2.x's OpenCLIP ViT-H
 SDXL_EMBEDDERS = "conditioner.embedders."  # SDXL's two text encoders (the refiner has one)
-SD1_CLIP = "cond_stage_model.transformer."
+SDXL_REFINER_TEXT = "conditioner.embedders.0.model."  # the refiner's one text encoder (OpenCLIP-G)
 # what the user should give instead, said once
 USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safetensors"
+USE_SUPPORTED = ("use an SD 1.x or SDXL text-to-image model such as v1-5-pruned-emaonly.safetensors "
+                 "or sd_xl_base_1.0.safetensors")
+# what ModelKind.missing calls a pipeline component
+PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder",
+              "tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "scheduler"}
 
 
 class ModelLoadError(ValueError):
@@ -39,7 +45,8 @@ class ModelKind:
     family: "sd1" | "sd2" | "sdxl" | "other" (a model but not a Stable Diffusion UNet: `found` says what)
     prediction: "epsilon" | "v_prediction" | "sample" (what the UNet predicts)
     in_channels: the UNet's conv_in input channels (4 text-to-image, 9 inpainting, 8 InstructPix2Pix)
-    missing: components absent from the checkpoint, in ("UNet", "VAE", "text encoder", "tokenizer", "scheduler")
+    missing: components absent from the checkpoint, from PART_NAMES' values ("UNet", "VAE", "text encoder",
+        "second text encoder", ...)
     evidence: what the family and prediction were read from, for the messages
     found, advice: for family "other", what the path is instead (e.g. "a LoRA (lora_* keys), not a base
     model") and what to give instead
@@ -165,7 +172,9 @@ def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str 
     if not unet and not text:
         return _not_a_model(keys)
     context = next((s[1] for k, s in shapes.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and len(s) == 2), None)
-    if has(SDXL_EMBEDDERS):
+    if has(SDXL_REFINER_TEXT):
+        family, evidence = "sdxl", f"a refiner: one text encoder, {SDXL_REFINER_TEXT}*"
+    elif has(SDXL_EMBEDDERS):
         family, evidence = "sdxl", "conditioner.embedders.* keys"
     elif has(SD2_OPENCLIP):
         family, evidence = "sd2", "OpenCLIP ViT-H text encoder: cond_stage_model.model.* keys"
@@ -182,7 +191,15 @@ def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str 
         prediction, evidence = "v_prediction", "; ".join(filter(None, [evidence, "a v_pred key"]))
     conv_in = shapes.get(CONV_IN)
     in_channels = int(conv_in[1]) if conv_in is not None and len(conv_in) == 4 else 4
-    missing = tuple(name for name, ok in (("UNet", unet), ("VAE", has(VAE_PREFIX)), ("text encoder", text)) if not ok)
+    parts = [("UNet", unet), ("VAE", has(VAE_PREFIX))]
+    if has(SDXL_REFINER_TEXT):  # the refiner's one encoder is OpenCLIP-G: what it lacks is the base's CLIP-L
+        parts.append(("CLIP-L text encoder", False))
+    elif family in FAMILIES:  # each of the family's text encoders under its own prefix
+        names = [PART_NAMES[name] for name in FAMILIES[family].text_encoders]
+        parts += [(name, has(prefix)) for name, prefix in zip(names, FAMILIES[family].checkpoint_text_prefixes)]
+    else:
+        parts.append(("text encoder", text))
+    missing = tuple(name for name, ok in parts if not ok)
     return ModelKind(family=family, prediction=prediction, in_channels=in_channels, missing=missing, evidence=evidence)
 
 
@@ -207,9 +224,10 @@ def _has_weights(folder: Path) -> bool:
 def identify_configs(model_index: dict, configs: Mapping[str, dict | None], check_weights: Path | None = None) -> ModelKind:
     """A diffusers pipeline's kind from `model_index.json` and its components' configs.
 
-    `configs` maps "unet", "vae", "text_encoder", "tokenizer", "scheduler" to the component's config dict
-    (None where the component has none). With `check_weights` (the folder), a component whose subfolder
-    holds no weight file counts as missing.
+    `configs` maps "unet", "vae", "text_encoder", "tokenizer", "scheduler" (and SDXL's "text_encoder_2",
+    "tokenizer_2") to the component's config dict (None where the component has none); which of them a
+    complete model needs is the family's (:mod:`library.models.family`). With `check_weights` (the
+    folder), a component whose subfolder holds no weight file counts as missing.
     """
     cls = str(model_index.get("_class_name", ""))
     listed = {k for k, v in model_index.items() if isinstance(v, list) and len(v) == 2 and v[0] and v[1]}
@@ -232,10 +250,12 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
     if prediction != "epsilon":
         evidence = "; ".join(filter(None, [evidence, f'scheduler prediction_type = "{prediction}"']))
     missing = []
-    for part, name in (("unet", "UNet"), ("vae", "VAE"), ("text_encoder", "text encoder"), ("tokenizer", "tokenizer"), ("scheduler", "scheduler")):
-        weighted = part in ("unet", "vae", "text_encoder")
+    own = FAMILIES[family] if family in FAMILIES else FAMILIES["sd1"]
+    wanted = ("unet", "vae", *own.text_encoders, *own.tokenizers, "scheduler")
+    for part in wanted:
+        weighted = part in ("unet", "vae", *own.text_encoders)
         if configs.get(part) is None or (weighted and check_weights is not None and not _has_weights(check_weights / part)):
-            missing.append(name)
+            missing.append(PART_NAMES[part])
     return ModelKind(family=family, prediction=prediction, in_channels=int(unet.get("in_channels", 4)),
                      missing=tuple(missing), evidence=evidence)
 
@@ -243,14 +263,14 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
 def read_folder_configs(folder: Path) -> tuple[dict, dict[str, dict | None]]:
     """(model_index.json, {component: config dict or None}) of a diffusers folder, through read_json."""
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-             "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+    names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json",
+             "tokenizer": "tokenizer_config.json", "tokenizer_2": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
     configs: dict[str, dict | None] = {}
     for part, name in names.items():
         path = folder / part / name
         if path.is_file():
             configs[part] = read_json(path)
-        elif part == "tokenizer" and (folder / part / "vocab.json").is_file():
+        elif part.startswith("tokenizer") and (folder / part / "vocab.json").is_file():
             configs[part] = {}
         else:
             configs[part] = None
@@ -264,7 +284,7 @@ def identify_folder(folder: Path, check_weights: bool = True) -> ModelKind:
             return ModelKind(family="other", found="a VAE folder, not a full model",
                              advice="give it as model.vae, and a full SD 1.x model as model.pretrained")
         raise ModelLoadError(f"{folder}: not a diffusers model folder (no model_index.json or unet/ inside); "
-                             "give a diffusers folder or an SD 1.x .safetensors file")
+                             "give a diffusers folder or an SD 1.x or SDXL .safetensors file")
     index, configs = read_folder_configs(folder)
     return identify_configs(index, configs, folder if check_weights else None)
 
@@ -274,27 +294,28 @@ def identify_folder(folder: Path, check_weights: bool = True) -> ModelKind:
 
 
 def check_trainable(kind: ModelKind, where: str, vae_given: bool = False) -> None:
-    """Refuse, in one line naming `where`, anything but a complete SD 1.x epsilon text-to-image model.
+    """Refuse, in one line naming `where`, anything but a complete SD 1.x or SDXL epsilon text-to-image model.
 
     A missing VAE is accepted when `vae_given` (model.vae replaces it). Raises ModelLoadError.
     """
     what = kind.describe()
     if kind.family == "other":
         raise ModelLoadError(f"{where}: {what}; {kind.advice}")
-    if kind.family == "sdxl":
-        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x only (SDXL support is planned): {USE_SD1}")
-    if kind.family != "sd1":
-        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x only: {USE_SD1}")
+    if kind.family not in FAMILIES:
+        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x and SDXL only: {USE_SUPPORTED}")
+    family = FAMILIES[kind.family]
+    label, example = family.label, family.example_checkpoint
     if kind.in_channels != 4:
         raise ModelLoadError(f"{where}: {what}; training needs a text-to-image model (4-channel conv_in): "
-                             "use the model it was made from, e.g. v1-5-pruned-emaonly.safetensors")
+                             f"use the model it was made from, e.g. {example}")
     if kind.prediction != "epsilon":
         raise ModelLoadError(f"{where}: {what}; this trainer trains epsilon-prediction models only: "
-                             f"{USE_SD1} (not a v-prediction fine-tune)")
+                             f"use an {label} text-to-image model such as {example} (not a v-prediction fine-tune)")
     fatal = [m for m in kind.missing if m != "VAE"]
     if fatal:
-        raise ModelLoadError(f"{where}: an incomplete SD 1.x model: no {' and no '.join(fatal)}; "
-                             "use a full checkpoint (UNet, VAE and text encoder), e.g. v1-5-pruned-emaonly.safetensors")
+        found = f" ({kind.evidence})" if kind.evidence else ""
+        raise ModelLoadError(f"{where}: an incomplete {label} model{found}: no {' and no '.join(fatal)}; "
+                             f"use a full checkpoint ({family.complete_parts}), e.g. {example}")
     if "VAE" in kind.missing and not vae_given:
-        raise ModelLoadError(f"{where}: an SD 1.x model without a VAE; "
-                             "set model.vae to a VAE file or folder, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+        raise ModelLoadError(f"{where}: an {label} model without a VAE; "
+                             f"set model.vae to a VAE file or folder, e.g. {family.example_vae}")

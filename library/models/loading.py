@@ -125,10 +125,11 @@ def _vae_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return convert_ldm_vae_checkpoint(state, config)
 
 
-def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32, family: ModelFamily = SD1) -> torch.nn.Module:
     """model.vae: an AutoencoderKL from a diffusers VAE folder (`config.json` inside, or a pipeline's `vae/`),
     or from one weights file in the original or the diffusers layout, shaped by `config_source` (a folder
-    with the base model's VAE config.json). Every weight must fit (strict): ModelLoadError otherwise."""
+    with the base model's VAE config.json; SD 1.x and SDXL VAEs share the layout, not the config). Every
+    weight must fit (strict): ModelLoadError naming the base model's `family` otherwise."""
     from diffusers import AutoencoderKL
 
     path = Path(vae)
@@ -156,8 +157,8 @@ def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32) 
     if missing or wrong:
         bad = missing or wrong
         raise ModelLoadError(
-            f"{where}: not an SD 1.x VAE for this model ({len(missing)} weights missing, {len(wrong)} of another shape, "
-            f"e.g. {bad[0]}); give the VAE file of an SD 1.x model, e.g. vae-ft-mse-840000-ema-pruned.safetensors"
+            f"{where}: not an {family.label} VAE for this model ({len(missing)} weights missing, {len(wrong)} of another shape, "
+            f"e.g. {bad[0]}); give the VAE file of an {family.label} model, e.g. {family.example_vae}"
         )
     model.load_state_dict({k: state[k] for k in want})
     return model.to(dtype)
@@ -225,12 +226,17 @@ def load_stable_diffusion(
     dtype: torch.dtype = torch.float32,
     vae: str = "",
 ) -> StableDiffusionParts:
-    """SD 1.x from a diffusers folder, one original-layout checkpoint (config_dir: the component configs and
-    tokenizer for it, default configs/sd15) or a hub id (only with offline false).
+    """SD 1.x or SDXL from a diffusers folder, one original-layout checkpoint or a hub id (only with offline false).
 
-    The path is identified first (:mod:`library.models.kind`): anything but a complete SD 1.x epsilon
-    text-to-image model is refused with a one-line ModelLoadError before any network is built. `vae`
-    (model.vae) replaces the checkpoint's VAE, and is required when the checkpoint has none.
+    The path is identified first (:mod:`library.models.kind`): anything but a complete SD 1.x or SDXL
+    epsilon text-to-image model is refused with a one-line ModelLoadError before any network is built.
+    The family comes from the model itself. A single file (CompVis layout for SD 1.x, SGM layout for SDXL:
+    ``model.diffusion_model.*``, ``conditioner.embedders.0/1.*``, ``first_stage_model.*``) is built by
+    diffusers' ``from_single_file`` with `config_dir`'s component configs and tokenizers (default: the
+    family's ``config_dir``, configs/sd15 or configs/sdxl), offline. `vae` (model.vae) replaces the
+    checkpoint's VAE, and is required when the checkpoint has none. The returned parts carry the
+    family; SDXL's have ``text_encoder_2`` / ``tokenizer_2``; ``noise_scheduler`` is a DDPMScheduler with
+    the model's own betas (for SDXL: scaled_linear 0.00085-0.012 over 1000 steps, epsilon).
     """
     import diffusers
 
@@ -241,7 +247,7 @@ def load_stable_diffusion(
         kind, state = identify(path)
     elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
         raise ModelLoadError(
-            f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x .safetensors file"
+            f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x or SDXL .safetensors file"
         )
     elif offline:
         raise ModelLoadError(
@@ -256,7 +262,7 @@ def load_stable_diffusion(
     config_dir = Path(config_dir) if config_dir else family.config_dir
     components = {}
     if vae:
-        components["vae"] = load_vae(vae, _vae_config_source(path, config_dir) if path.is_dir() else config_dir / "vae", dtype)
+        components["vae"] = load_vae(vae, _vae_config_source(path, config_dir) if path.is_dir() else config_dir / "vae", dtype, family)
     common = dict(dtype=dtype, **dict(family.pipeline_kwargs), **components)
     if path.is_dir():
         try:
@@ -278,7 +284,12 @@ def load_stable_diffusion(
                 source = str(Path(scratch) / (path.stem + ".safetensors"))
                 save_file({k: v.contiguous() for k, v in state.items()}, source)
                 del state
-            pipe = pipeline_class.from_single_file(source, config=str(config_dir), local_files_only=True, **common)
+            try:
+                pipe = pipeline_class.from_single_file(source, config=str(config_dir), local_files_only=True, **common)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                # e.g. weights of other shapes than config_dir's configs (a model.config_dir of another model)
+                raise ModelLoadError(f"{path}: cannot load it with the configs in {config_dir}: {one_line(err, 200).rstrip('.')}; "
+                                     "set model.config_dir to a diffusers folder whose configs fit this model") from None
     else:
         pipe = pipeline_class.from_pretrained(pretrained, **common)
     return StableDiffusionParts(

@@ -5,9 +5,10 @@ down_blocks 0-2 and up_blocks 1-3, the same module names) and the real 49408-tok
 every code path that depends on names or shapes (LoRA targets, 16x16 attention capture, kohya key names,
 single-file conversion) runs on it exactly as on SD 1.5, but at a few MB.
 
-`python -m library.models.tiny DEST [--sd15]` writes the model as a diffusers folder (DEST/) and as one
-original-layout checkpoint (DEST.safetensors); `--sd15` gives full-size SD 1.5 shapes with random weights
-(what the benchmarks time).
+`python -m library.models.tiny DEST [--sd15 | --full-size] [--sdxl]` writes the model as a diffusers folder
+(DEST/) and as one original-layout checkpoint (DEST.safetensors); `--sd15` / `--full-size` give full-size
+SD 1.5 shapes with random weights (what the benchmarks time); `--sdxl` writes the tiny SDXL model of
+library/models/tiny_sdxl.py instead (with `--full-size`, SDXL 1.0's shapes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from library.files.atomic import atomic_folder, write_atomic
 from library.files.text import read_text_file
 from library.models.family import SD1
+from library.models.sgm_keys import clip_to_sgm, unet_to_sgm, vae_to_original
 
 CONFIG_DIR = SD1.config_dir
 
@@ -74,106 +76,18 @@ def build_components(sd15_size: bool = False, seed: int = 0) -> dict:
 
 
 # --- diffusers -> original (CompVis / A1111) key layout -------------------------------------------
-# The mapping is SD 1.x's fixed block layout (two resnets per down block, three per up block), the
-# inverse of what diffusers' single-file loader does; the tests prove it by loading the file back.
+# The inverse of what diffusers' single-file loader does; the tests prove it by loading the file back.
 
 
-def _unet_prefix_map() -> list[tuple[str, str]]:
-    pairs = []
-    for i in range(4):
-        for j in range(2):
-            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0."))
-            if i < 3:
-                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1."))
-        for j in range(3):
-            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0."))
-            if i > 0:
-                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1."))
-        if i < 3:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * (i + 1)}.0.op."))
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}."))
-    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
-    for j in range(2):
-        pairs.append((f"mid_block.resnets.{j}.", f"middle_block.{2 * j}."))
-    return pairs
-
-
-_UNET_WHOLE = {
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
-}
-_RESNET_PARTS = [
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-]
-
-
-def unet_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefixes = _unet_prefix_map()
-    out = {}
-    for key, value in state.items():
-        new = key
-        for hf, sd in _UNET_WHOLE.items():
-            if new.startswith(hf):
-                new = sd + new[len(hf) :]
-        if "resnets" in new:
-            for hf, sd in _RESNET_PARTS:
-                new = new.replace(hf, sd)
-        for hf, sd in prefixes:
-            if new.startswith(hf):
-                new = sd + new[len(hf) :]
-                break
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def vae_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefixes = []
-    for i in range(4):
-        for j in range(2):
-            prefixes.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."))
-        if i < 3:
-            prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
-            prefixes.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample."))
-        for j in range(3):
-            prefixes.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}."))
-    for part in ("encoder", "decoder"):
-        for j in range(2):
-            prefixes.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
-        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
-        prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out."))
-    attn_parts = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
-    out = {}
-    for key, value in state.items():
-        new = key
-        for hf, sd in prefixes:
-            if new.startswith(hf):
-                new = sd + new[len(hf) :]
-                break
-        new = new.replace("conv_shortcut", "nin_shortcut")
-        if ".mid.attn_1." in new:
-            for hf, sd in attn_parts:
-                new = new.replace("attn_1." + hf, "attn_1." + sd)
-            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
-                value = value[:, :, None, None]  # the original VAE uses 1x1 convolutions there
-        out["first_stage_model." + new] = value
-    return out
+def unet_to_original(state: dict[str, torch.Tensor], unet_config: dict | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers UNet state dict under ``model.diffusion_model.`` in the original block numbering;
+    `unet_config` gives the block layout (default: SD 1.5's, which the tiny SD 1.x model shares)."""
+    return unet_to_sgm(state, unet_config or _sd15_config("unet"))
 
 
 def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        # transformers 5 dropped the `text_model.` level; checkpoints on disk keep it.
-        key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    return out
+    """A CLIPTextModel state dict under SD 1.x's ``cond_stage_model.transformer.``."""
+    return clip_to_sgm(state, "cond_stage_model.transformer.")
 
 
 def save_single_file(components: dict, path: Path) -> None:
@@ -252,11 +166,19 @@ def write_prepared(folder: Path, kind: str, token: str, n: int = 3, size: int = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=Path, help="output folder (the single file is DEST.safetensors)")
-    parser.add_argument("--sd15", action="store_true", help="full SD 1.5 shapes (random weights)")
+    parser.add_argument("--sdxl", action="store_true", help="an SDXL model (single file in the SGM layout)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="real shapes with random weights: SD 1.5's, or SDXL 1.0's with --sdxl (for benchmarks)")
+    parser.add_argument("--sd15", action="store_true", help="the same as --full-size without --sdxl")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arcface", type=Path, help="also write a random-weight ArcFace .pth here")
     args = parser.parse_args(argv)
-    folder, single = save_model(args.dest, sd15_size=args.sd15, seed=args.seed)
+    if args.sdxl:
+        from library.models.tiny_sdxl import save_sdxl_model
+
+        folder, single = save_sdxl_model(args.dest, full_size=args.full_size, seed=args.seed)
+    else:
+        folder, single = save_model(args.dest, sd15_size=args.sd15 or args.full_size, seed=args.seed)
     print(f"wrote {folder}/ and {single}")
     if args.arcface:
         print(f"wrote {save_random_arcface(args.arcface)}")

@@ -7,6 +7,10 @@ encoders (CLIP-L ``CLIPTextModel`` and OpenCLIP-G ``CLIPTextModelWithProjection`
 are concatenated for cross-attention, both with the real 49408-token vocabulary, and the second
 tokenizer padding with "!" as SDXL's does. Everything else comes from the real SDXL 1.0 configs in
 ``configs/sdxl/``; ``full_size=True`` keeps them whole (2.57 B UNet parameters, what benchmarks time).
+
+:func:`save_sdxl_model` writes it as a diffusers folder and as one file in the original SGM layout (what
+``sd_xl_base_1.0.safetensors`` and A1111 / ComfyUI checkpoints hold); ``python -m library.models.tiny
+DEST --sdxl [--full-size]`` does so from the command line.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 
 import torch
 
-from library.files.atomic import atomic_folder
+from safetensors.torch import save_file
+
+from library.files.atomic import atomic_folder, write_atomic
 from library.files.text import read_text_file
 from library.models.family import SDXL
+from library.models.sgm_keys import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_original
 
 CONFIG_DIR = SDXL.config_dir
 
@@ -72,13 +79,29 @@ def build_sdxl_components(full_size: bool = False, seed: int = 0) -> dict:
     )
 
 
-def save_sdxl_folder(dest: Path, full_size: bool = False, seed: int = 0) -> Path:
-    """Write the model as a diffusers ``StableDiffusionXLPipeline`` folder at `dest` (atomically)."""
+def sdxl_to_sgm(components: dict) -> dict[str, torch.Tensor]:
+    """The components' weights as one state dict in the original SGM layout of ``sd_xl_base_1.0.safetensors``:
+    ``model.diffusion_model.*`` (UNet), ``conditioner.embedders.0.transformer.*`` (CLIP-L),
+    ``conditioner.embedders.1.model.*`` (OpenCLIP-G) and ``first_stage_model.*`` (VAE); contiguous tensors."""
+    unet = components["unet"]
+    state = unet_to_sgm(unet.state_dict(), unet.config)
+    state.update(clip_to_sgm(components["text_encoder"].state_dict(), CLIP_L_PREFIX))
+    state.update(open_clip_to_sgm(components["text_encoder_2"].state_dict(), OPEN_CLIP_PREFIX))
+    state.update(vae_to_original(components["vae"].state_dict()))
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_sdxl_model(dest: Path, full_size: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """Write the model as a diffusers ``StableDiffusionXLPipeline`` folder `dest` and as one SGM-layout file
+    `dest.safetensors` (both atomically); returns both paths."""
     from diffusers import StableDiffusionXLPipeline
 
     dest = Path(dest)
-    pipe = StableDiffusionXLPipeline(**build_sdxl_components(full_size=full_size, seed=seed))
+    components = build_sdxl_components(full_size=full_size, seed=seed)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(dest) as tmp_dir:
-        pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    return dest
+        StableDiffusionXLPipeline(**components).save_pretrained(tmp_dir, safe_serialization=True)
+    single = dest.with_suffix(".safetensors")
+    state = sdxl_to_sgm(components)
+    write_atomic(single, lambda tmp: save_file(state, str(tmp)))
+    return dest, single

@@ -1,20 +1,21 @@
-"""Super-resolution and face restoration through spandrel (METHOD.md, "Inference and post-processing").
+"""Super-resolution and face restoration through spandrel (docs/method.md, "Inference and post-processing").
 
 The chain is: upscale the whole image (Real-ESRGAN from the user's .pth, or a LANCZOS resize), then
 restore every face on the upscaled image (CodeFormer or GFPGAN from the user's .pth) and paste it back
 with a soft mask. Released defaults: CodeFormer, fidelity 0.5, x2, Real-ESRGAN off.
 
 Weights are only ever read through spandrel's loader (a restricted unpickler that admits tensors and
-ordered dicts only, or safetensors). Nothing here downloads anything: faces are found with mediapipe's
-bundled models (or landmarks the caller already has), and the FFHQ alignment / paste-back that
-facexlib's FaceRestoreHelper does is reimplemented (library.postprocess.face_restore) because its constructor
-always downloads a RetinaFace and a ParseNet model.
+ordered dicts only, or safetensors). Nothing here downloads anything: faces are found by the project's
+face finder (`library.faces.detect_face_landmarks`, mediapipe's bundled models) or given by the caller,
+and the FFHQ alignment / paste-back that facexlib's FaceRestoreHelper does is reimplemented
+(library.postprocess.face_restore) because its constructor always downloads a RetinaFace and a ParseNet
+model.
 
     python -m library.postprocess IN OUT --upscale 2 --restore codeformer --weights codeformer.pth
 
-Layout: this module loads weights and runs the chain; library.postprocess.face_restore finds, aligns, restores and
-pastes back faces; library/postprocess/__main__.py is the command line (it imports this module;
-nothing here imports it). The face names are re-exported here: import everything from this module.
+Layout: this module loads weights and runs the chain; library.postprocess.face_restore aligns, restores and
+pastes back faces (found by library.faces); library/postprocess/__main__.py is the command line (it
+imports this module; nothing here imports it). The restoration names are re-exported here: import them from this module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 from library.postprocess import face_restore as _face
+from library.faces import detect_face_landmarks
 from library.files.weights import WeightsFileError, load_pickled_weights
 from library.postprocess.face_restore import (
     _FACE_EXPECTED,
@@ -41,7 +43,6 @@ from library.postprocess.face_restore import (
     _arch_id,
     _merge_alpha,
     _split_alpha,
-    detect_face_landmarks,
     restore_faces,
 )
 
@@ -49,7 +50,6 @@ __all__ = [
     "DEFAULT_FIDELITY",
     "DEFAULT_UPSCALE",
     "FFHQ_TEMPLATE_512",
-    "detect_face_landmarks",
     "load_face_restorer",
     "load_upscaler",
     "postprocess",

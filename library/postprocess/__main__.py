@@ -17,7 +17,6 @@ from typing import Sequence
 
 from PIL import Image
 
-from library.postprocess import face_restore
 from library.postprocess.face_restore import DEFAULT_FIDELITY, _arch_id
 from library.files.atomic import write_atomic
 from library.files.images import read_image
@@ -126,8 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    # mediapipe's C++ logging would break the progress bar; library users keep seeing it (their choice)
-    face_restore._QUIET_NATIVE_LOGS = True
     written = failed = faces = no_face = 0
     bar = tqdm(jobs, unit="img", desc=prog, disable=len(jobs) < 2, file=sys.stderr)
     for src, dst in bar:

@@ -1,6 +1,6 @@
 """Capture the special tokens' cross-attention maps in SD 1.x's 16x16 cross-attention layers.
 
-The attention refocusing loss (METHOD.md, eq. 8) needs the cross-attention *probabilities* of the
+The attention refocusing loss (docs/method.md, eq. 8) needs the cross-attention *probabilities* of the
 special tokens ([V1], [V2]) in the 16x16 layers of SD 1.5: ``down_blocks.2.attentions.{0,1}`` and
 ``up_blocks.1.attentions.{0,1,2}`` (``transformer_blocks.0.attn2``), 5 layers x 8 heads. The fused
 kernels (PyTorch SDPA, xformers) return no probabilities, so :class:`CaptureCrossAttnProcessor` keeps
@@ -27,7 +27,7 @@ the LoRA weights of ``to_q`` / ``to_k``. Do NOT switch to reentrant checkpointin
 (``use_reentrant=True``, e.g. through ``enable_gradient_checkpointing(gradient_checkpointing_func=...)``
 or by setting ``module._gradient_checkpointing_func``): reentrant checkpointing runs the forward under
 ``no_grad``, so the maps come out with no graph and the refocusing loss silently gives the LoRA no
-gradient (the trap METHOD.md describes). To pass a custom function, keep ``use_reentrant=False``::
+gradient (the trap docs/method.md describes). To pass a custom function, keep ``use_reentrant=False``::
 
     unet.enable_gradient_checkpointing(
         gradient_checkpointing_func=lambda m, *a: torch.utils.checkpoint.checkpoint(m.__call__, *a, use_reentrant=False))

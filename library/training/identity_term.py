@@ -85,7 +85,7 @@ class IdentityTerm:
 
     def _by_detector(self, x0, idx, valid, batch, out):
         """The released code's way: find the face on a detached decode of x0_hat; skip samples without one."""
-        from library.postprocess.face_restore import detect_face_landmarks
+        from library.faces import detect_face_landmarks
 
         image = self.decode(x0)
         pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -4,7 +4,7 @@ The layers are plain peft `LoraLayer`s (adapter "default"); `library.export.kohy
 format. Targets are given to peft as *full* module names (exact matches), so a preset selects exactly the
 modules it names and nothing that merely ends the same way.
 
-Presets (METHOD.md, phase 2):
+Presets (docs/method.md, phase 2):
 - ``cross_attn`` (paper): ``attn2.to_q / to_k / to_v / to_out.0`` of every transformer block of the UNet.
 - ``attn_geglu`` (released code): ``to_q / to_k / to_v / to_out.0`` of ``attn1`` and ``attn2``, plus
   ``ff.net.0.proj`` (the GEGLU projection).
@@ -12,11 +12,14 @@ Presets (METHOD.md, phase 2):
   UNet's ``Transformer2DModel`` blocks (``proj_in``, ``proj_out``, attn1/attn2 q/k/v/out.0, ``ff.net.0.proj``,
   ``ff.net.2``).
 
-Text encoder (released code): the ``self_attn`` q/k/v/out projections of every CLIP encoder layer.
+Text encoders (released code): the ``self_attn`` q/k/v/out projections of every CLIP encoder layer; the same
+transformers module names in SD 1.x's CLIP-L and in both SDXL encoders (CLIP-L, and OpenCLIP-G as
+``CLIPTextModelWithProjection``), so one call per encoder covers SDXL. The presets select by the
+diffusers module names inside ``Transformer2DModel`` blocks, which SD 1.x and SDXL UNets share.
 
 Note on versions: transformers 5.24's own ``add_adapter`` refuses peft < 0.22 (the newest peft on the index is
 0.21.2), so the text encoder gets its adapter from ``peft.inject_adapter_in_model`` directly; the UNet goes
-through diffusers' ``add_adapter`` as DESIGN.md says.
+through diffusers' ``add_adapter`` as docs/design.md says.
 
 Both ``add_*`` functions leave only the LoRA parameters with ``requires_grad=True`` in the model they touch
 (peft freezes every other parameter). Code that also trains something else in that model (the token
@@ -90,7 +93,7 @@ def unet_lora_target_modules(unet: nn.Module, preset: str) -> list[str]:
             if _wanted(rel, preset, module):
                 names.append(f"{tname}.{rel}")
     if not names:
-        raise ValueError(f"preset {preset!r} selected no module: is this an SD 1.x UNet with transformer blocks?")
+        raise ValueError(f"preset {preset!r} selected no module: is this a Stable Diffusion UNet with transformer blocks?")
     return names
 
 

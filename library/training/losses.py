@@ -1,4 +1,4 @@
-"""MagiCapture's losses as pure functions of tensors (METHOD.md, "Losses"). No model code here.
+"""MagiCapture's losses as pure functions of tensors (docs/method.md, "The losses"). No model code here.
 
 Every loss returns one value per sample ([B]) so that the trainer can put the source, reference and
 composed tasks into one batch and weight each sample; :func:`combine_losses` does the weighting.

@@ -1,4 +1,9 @@
-"""The end of a run: the kohya LoRA, one A1111 embedding per token, and a note of what to load where."""
+"""The end of a run: the kohya LoRA, one A1111 embedding per token, and a note of what to load where.
+
+The family of the trained model (``trainer.family``) decides the names: kohya's SD 1.x or SDXL LoRA
+names (``lora_te_`` / ``lora_te1_`` + ``lora_te2_``, diffusers or SGM UNet paths) and the embedding's
+tensors (``emb_params`` / ``clip_l`` + ``clip_g``, one per text encoder in ``trainer.text_encoders``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 from library.config import composed_prompt
 from library.export.kohya import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
 from library.files.atomic import remove_tree, stale_temporaries
+from library.models.family import SD1
 from library.models.loading import DTYPES
 from library.training.tokens import token_vectors
 
@@ -59,18 +65,28 @@ def export_outputs(trainer, step: int | None = None) -> Path:
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
     paths = output_paths(cfg, step)
-    vectors = {word: token_vectors(trainer.text_encoder, trainer.token_ids[word]) for word in tokens.values()}
-    for word, vec in vectors.items():
+    # trainers before SDXL support had one text encoder and no family
+    family = getattr(trainer, "family", SD1)
+    encoders = tuple(getattr(trainer, "text_encoders", (trainer.text_encoder,)))
+    vectors = {
+        word: {key: token_vectors(encoder, trainer.token_ids[word]) for key, encoder in zip(family.embedding_keys, encoders)}
+        for word in tokens.values()
+    }
+    # A1111's legacy .pt holds one text encoder's vectors: only one-encoder families have it
+    write_pt = cfg.output.embeddings_pt and len(family.embedding_keys) == 1
+    if cfg.output.embeddings_pt and not write_pt:
+        trainer.print(f"note: output.embeddings_pt is ignored: {family.label} embeddings exist as .safetensors only")
+    for word, vecs in vectors.items():
         with warnings.catch_warnings():
             if step is not None:  # named by step on purpose; the best-step message says to rename it
                 warnings.filterwarnings("ignore", message="A1111 will call this embedding")
-            save_embedding(paths[word], word, vec.to(dtype))
-            if cfg.output.embeddings_pt:
+            save_embedding(paths[word], word, {k: v.to(dtype) for k, v in vecs.items()})
+            if write_pt:
                 done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
-                save_embedding(paths[f"{word}.pt"], word, vec, legacy_pt=True, step=done)
+                save_embedding(paths[f"{word}.pt"], word, vecs, legacy_pt=True, step=done)
     lora_path = paths["lora"]
     if trainer.lora_added:
-        state = lora_state_dict(trainer.unet, trainer.text_encoder if cfg.lora.text_encoder else None, dtype=dtype)
+        state = lora_state_dict(trainer.unet, encoders if cfg.lora.text_encoder else None, family, dtype=dtype)
         pretrained, vae = Path(cfg.model.pretrained), Path(cfg.model.vae) if cfg.model.vae else None
         metadata = build_metadata(
             output_name=cfg.output.name,
@@ -100,8 +116,10 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             },
             state_dict=state,
         )
-        bundle = {w: v.to(dtype) for w, v in vectors.items()} if cfg.output.bundle_embeddings else None
-        save_lora(lora_path, state, metadata, bundle_embeddings=bundle)
+        bundle = None
+        if cfg.output.bundle_embeddings:
+            bundle = {w: {k: v.to(dtype) for k, v in vecs.items()} for w, vecs in vectors.items()}
+        save_lora(lora_path, state, metadata, bundle_embeddings=bundle, family=family)
     if step is not None:
         return lora_path
     trainer.print(

@@ -5,10 +5,10 @@ Read from ``loss_history.jsonl`` (not the trainer's memory) so a resumed run plo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from library.files.atomic import atomic_path
+from library.files.text import read_json_lines
 
 LOSS_KEYS = ("loss", "mask", "attn", "id")  # the terms the progress bar shows
 FIGURE_INCHES, DPI = (10.0, 6.0), 100  # -> a 1000 x 600 px PNG
@@ -17,18 +17,8 @@ FIGURE_INCHES, DPI = (10.0, 6.0), 100  # -> a 1000 x 600 px PNG
 def read_history(path: str | Path) -> list[dict]:
     """The entries of a ``loss_history.jsonl``; a line that does not parse (a run killed mid-write) is
     passed over. Missing file: []."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and "phase" in entry and "step" in entry:
-            entries.append(entry)
-    return entries
+    return [entry for _, entry in read_json_lines(path)
+            if isinstance(entry, dict) and "phase" in entry and "step" in entry]
 
 
 def plot_progress(history: list[dict], path: str | Path, phase1_steps: int) -> Path:

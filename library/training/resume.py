@@ -19,6 +19,7 @@ import torch
 from library.training import checkpoint as ckpt
 from library.config import Config, ConfigError
 from library.files.atomic import write_text
+from library.files.text import read_json_lines
 
 # How a key may differ between a checkpoint's config.toml and the run that resumes it:
 FIXED = "fixed"  # never: the checkpoint's tensors, optimiser or random streams were made under the old value
@@ -173,9 +174,8 @@ def rewind_history(path: Path, phase: int, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line, entry in read_json_lines(path):
         try:
-            entry = json.loads(line)
             if (int(entry["phase"]), int(entry["step"])) <= (phase, step):
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):

@@ -3,7 +3,7 @@
 Phase 1 learns the [V1]/[V2] embeddings alone (source and reference tasks); phase 2 adds LoRA to the UNet
 and the text encoder and the composed task, with attention refocusing and the identity loss. All the
 tasks of one optimiser step go through the UNet in one batched pass with per-sample masks and weights
-(an SD step at batch 1 is bound by kernel launches, see DESIGN.md).
+(an SD step at batch 1 is bound by kernel launches, see docs/design.md).
 
 Only the small trainable tensors are synchronised across processes (an all-reduce of their gradients),
 so the frozen networks never need a DDP wrapper and LoRA can be added between the phases.
