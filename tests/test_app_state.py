@@ -243,3 +243,19 @@ def test_strokes_are_where_the_composite_differs_from_the_background():
     layer = strokes(Image.fromarray(bg), Image.fromarray(comp))
     assert layer[..., 3].tolist() == [[0, 0, 255], [0, 0, 0]]
     assert layer[0, 2, :3].tolist() == [255, 255, 255]
+
+
+def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path):
+    sb, data, out, _ = roots
+    for d in ("src", "ref", "model"):
+        (data / d).mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    ok = (f'[model]\npretrained = "{data / "model"}"\n[data]\nsource_dir = "{data / "src"}"\n'
+          f'reference_dir = "{data / "ref"}"\n[output]\ndir = "{out / "run"}"\n')
+    training_runs.check_config(ok, out / "run", sb)  # inside: accepted
+    assert not (out / "run" / ".app_check.toml").exists()
+    with pytest.raises(PathRefused, match=rf"^{outside}: outside the folders this page may read"):
+        training_runs.check_config(ok.replace(str(data / "model"), str(outside)), out / "run", sb)
+    with pytest.raises(PathRefused, match="may write"):
+        training_runs.check_config(ok.replace(str(out / "run"), str(outside)), out / "run", sb)

@@ -133,24 +133,10 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
         return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
 
-    def _check(text: str, out: Path) -> None:
-        from library.config import load_config
-        from library.files.atomic import write_text
-
-        tmp = out / ".app_check.toml"  # load_config reads a file; the run's own copy is written on Start
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(tmp, text)
-        try:
-            cfg = load_config(tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-        for p in (cfg.model.pretrained, cfg.data.source_dir, cfg.data.reference_dir, cfg.output.dir):
-            sandbox.resolve(p, write=p == cfg.output.dir)
-
     @_guard(1)
     def start(name, text, resume=False):
         out = run_dir(name)
-        _check(text, out)
+        training_runs.check_config(text, out, sandbox)
         pid = training_runs.start_run(text, out, resume=resume)
         return f"{'resumed' if resume else 'started'} training (process {pid}) in {out}"
 

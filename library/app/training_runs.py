@@ -70,6 +70,27 @@ def read_lock(out_dir: Path) -> dict | None:
     return None
 
 
+def check_config(config_text: str, out_dir: Path, sandbox) -> None:
+    """Refuse, before anything starts, a TOML that library.config refuses (ConfigError, one line) or that
+    names a path outside the page's folders (`sandbox`: library.app.state.Sandbox; PathRefused). Relative
+    paths count from the repository root, where the trainer runs."""
+    from library.config import load_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check = out_dir / ".app_check.toml"  # load_config reads a file; the run's own copy is written by start_run
+    write_text(check, config_text)
+    try:
+        cfg = load_config(check)
+    finally:
+        check.unlink(missing_ok=True)
+    reads = (cfg.model.pretrained, cfg.model.vae, cfg.model.config_dir, cfg.data.source_dir,
+             cfg.data.reference_dir, cfg.loss.identity_weights, cfg.evaluation.clip, cfg.evaluation.aesthetic)
+    for p in (x for x in reads if x):
+        sandbox.resolve(p, base=ROOT)
+    sandbox.resolve(cfg.output.dir, write=True, base=ROOT)
+
+
 def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str = sys.executable) -> int:
     """Write `config_text` to OUT/app_config.toml and start ``train_magicapture.py --config it
     --output_dir OUT [--resume]``; returns the process id. RunRefused (one line) when a live run holds
