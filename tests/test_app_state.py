@@ -259,3 +259,17 @@ def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_pa
         training_runs.check_config(ok.replace(str(data / "model"), str(outside)), out / "run", sb)
     with pytest.raises(PathRefused, match="may write"):
         training_runs.check_config(ok.replace(str(out / "run"), str(outside)), out / "run", sb)
+
+
+def test_details_list_every_photo_warning_and_skip():
+    from library.app.photos import details_markdown
+
+    items = [{"stem": "a", "excluded": False, "mask_edited": True, "warnings": ["small face", "rotated 90"]},
+             {"stem": "b", "excluded": True, "warnings": []}]
+    log = {"skipped": [["c.jpg", "no face found"]], "warnings": [["", "only 2 usable image(s)"]]}
+    assert details_markdown("source", items, log) == (
+        "**source**: 2 photo(s), 1 training\n\n"
+        "- `a` (trains, mask edited): small face; rotated 90\n"
+        "- `b` (excluded): no warnings\n"
+        "- skipped `c.jpg`: no face found\n"
+        "- note: only 2 usable image(s)\n")

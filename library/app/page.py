@@ -55,7 +55,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
 
     def photo_views():
-        notes = "\n".join(f"**{k}**\n{photos.summary_lines(ws.prepare_log(k)) or '- no notes'}" for k in KINDS)
+        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k)) for k in KINDS)
         return gallery_items("source"), gallery_items("reference"), notes
 
     @_guard(4)

@@ -107,12 +107,20 @@ def strokes(background: Image.Image, composite: Image.Image) -> np.ndarray:
     return np.dstack([comp.astype(np.uint8), (painted * 255).astype(np.uint8)])
 
 
-def summary_lines(log: dict) -> str:
-    """Markdown list of the skipped files (and why) and folder-wide notes, from the prepared folder's log."""
-    rows = [f"- skipped **{one_line(n)}**: {one_line(r)}" for n, r in log.get("skipped", [])]
-    rows += [f"- {one_line(m)}" for _, m in log.get("warnings", [])]
-    return "\n".join(rows) if rows else ""
+def details_markdown(kind: str, items: list[dict], log: dict) -> str:
+    """Markdown for one kind: every prepared photo with its state and every warning, then the files the
+    last prepare run skipped (and why) and its folder-wide notes (`log`: Workspace.prepare_log)."""
+    rows = [f"**{kind}**: {len(items)} photo(s), {sum(not r.get('excluded') for r in items)} training", ""]
+    for r in items:
+        state = "excluded" if r.get("excluded") else "trains"
+        if r.get("mask_edited"):
+            state += ", mask edited"
+        warns = "; ".join(one_line(w) for w in r.get("warnings") or []) or "no warnings"
+        rows.append(f"- `{one_line(r['stem'])}` ({state}): {warns}")
+    rows += [f"- skipped `{one_line(n)}`: {one_line(why)}" for n, why in log.get("skipped", [])]
+    rows += [f"- note: {one_line(m)}" for _, m in log.get("warnings", [])]
+    return "\n".join(rows) + "\n"
 
 
 __all__ = ["PrepareError", "add_uploads", "item_caption", "mask_from_editor", "overlay", "prepare_kind",
-           "strokes", "summary_lines"]
+           "strokes", "details_markdown"]
