@@ -211,6 +211,9 @@ def test_compose_writes_the_settings_and_keeps_the_presets_comments():
                    "data": {"source_dir": "/d/s", "reference_dir": "/d/r"}, "phase2": {"steps": 3},
                    "tokens": {"source": "mcv1", "reference": "mcv2"}, "loss": {"identity_weights": "/d/a.pth"},
                    "output": {"dir": "/o/run", "name": "run"}}
+    s.identity_weights = ""  # left empty: the preset's value stays
+    kept = tomllib.loads(presets.compose(preset + "[loss]\nidentity_weights = \"d/a.pth\"\n", s))
+    assert kept["loss"] == {"identity_weights": "d/a.pth"}
 
 
 def test_presets_follow_the_family():

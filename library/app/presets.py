@@ -64,7 +64,8 @@ class Settings:
 def compose(preset_text: str, s: Settings) -> str:
     """The preset's TOML with the page's settings written into their keys (model.pretrained,
     data.source_dir / reference_dir, phase1.steps, phase2.steps, tokens.source / reference,
-    loss.identity_weights, output.dir / name); the preset's comments and other keys are kept.
+    loss.identity_weights, output.dir / name); a setting left "" keeps the preset's value, and the
+    preset's comments and other keys are kept.
     ValueError (one line) when the preset is not valid TOML."""
     try:
         doc = tomlkit.parse(preset_text)
@@ -83,6 +84,8 @@ def compose(preset_text: str, s: Settings) -> str:
         ("output", "name"): s.output_name,
     }
     for (section, key), value in values.items():
+        if value == "":
+            continue  # left empty on the page: the preset's value stays (e.g. the demo's identity network)
         if section not in doc:
             doc[section] = tomlkit.table()
         doc[section][key] = value
