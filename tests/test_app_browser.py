@@ -146,6 +146,7 @@ def test_the_whole_page(app):
         page.click("#exclude")
         _wait_value(page, "photo_status", "excluded from training", 30)
         assert (prepared / "excluded" / f"{stems[0]}.json").is_file() and not (prepared / f"{stems[0]}.json").exists()
+        assert f"{stems[0]} (excluded)" in page.locator("#photo_notes").inner_text()
 
         # paint on the next photo's mask with the white brush and save it
         gallery.locator("img").first.click()  # excluded photos are listed last

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
 LOSS_TERMS = ("loss", "mask", "attn", "id")  # the trainer's loss_history.jsonl keys worth a chart
 SCORE_PREFIX = "eval/"
+SCORES = ("csim", "face_found", "same_person", "style")  # library/training/training_scores.py's eval/* keys
+SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
 def _guard(n_outputs: int):
@@ -80,25 +82,24 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         editor = {"background": img, "layers": [], "composite": img}
         return {"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec)
 
-    @_guard(4)
+    @_guard(5)
     def toggle_exclude(sel):
         if not sel:
             raise ValueError("select a photo first")
         rec = next(r for r in ws.items(sel["kind"]) if r["stem"] == sel["stem"])
         ws.set_excluded(sel["kind"], sel["stem"], not rec["excluded"])
-        src, ref, _ = photo_views()
-        return src, ref, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
+        src, ref, details = photo_views()
+        return src, ref, details, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
             f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
 
-    @_guard(3)
+    @_guard(4)
     def save_caption(sel, text):
         if not sel:
             raise ValueError("select a photo first")
         ws.set_caption(sel["kind"], sel["stem"], text)
-        src, ref, _ = photo_views()
-        return src, ref, f"{sel['stem']}: caption saved"
+        return (*photo_views(), f"{sel['stem']}: caption saved")
 
-    @_guard(3)
+    @_guard(4)
     def save_mask(sel, edited):
         if not sel:
             raise ValueError("select a photo first")
@@ -111,8 +112,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         if not layers:
             raise ValueError("paint on the photo first (white: trains, black: does not)")
         path = ws.save_mask(sel["kind"], sel["stem"], photos.mask_from_editor(folder / f"{sel['stem']}.mask.png", layers))
-        src, ref, _ = photo_views()
-        return src, ref, f"{sel['stem']}: mask saved to {path.name} (the original is in original_masks/)"
+        return (*photo_views(), f"{sel['stem']}: mask saved to {path.name} (the original is in original_masks/)"
 
     # ---------------------------------------------------------------- train
     def model_changed(path):
@@ -163,8 +163,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             rows += [{"step": x, "value": float(rec[k]), "term": k} for k in LOSS_TERMS if k in rec]
             scores += [{"step": x, "value": float(v), "score": k[len(SCORE_PREFIX):]}
                        for k, v in rec.items() if k.startswith(SCORE_PREFIX)]
-        losses = pd.DataFrame(rows or [{"step": 0, "value": 0.0, "term": "loss"}])
-        score_df = pd.DataFrame(scores or [{"step": 0, "value": 0.0, "score": "csim"}])
+        losses = pd.DataFrame(rows) if rows else None
+        score_df = pd.DataFrame(scores) if scores else None
         return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
                 [str(p) for p in st.attention[-2:]], st.log_tail)
 
@@ -253,9 +253,11 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             train_status = gr.Textbox(label="Status", interactive=False, elem_id="train_status")
             progress_line = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
             with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot")
+                # a fixed colour per series: the chart keeps the series it first drew otherwise
+                loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot",
+                                        color_map=dict(zip(LOSS_TERMS, SERIES_COLOURS)))
                 score_plot = gr.LinePlot(x="step", y="value", color="score", label="Identity score (samples)",
-                                         elem_id="score_plot")
+                                         elem_id="score_plot", color_map=dict(zip(SCORES, SERIES_COLOURS)))
             with gr.Row():
                 samples = gr.Gallery(label="Latest samples", columns=4, height=220, elem_id="samples")
                 attention = gr.Gallery(label="Attention", columns=2, height=220, elem_id="attention")
@@ -294,9 +296,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
         src_gallery.select(select_source, None, [selection, editor, caption, item_info])
         ref_gallery.select(select_reference, None, [selection, editor, caption, item_info])
-        excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, item_info, photo_status])
-        cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, photo_status])
-        mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, photo_status])
+        excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
+        cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
+        mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
         compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],
