@@ -112,7 +112,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         if not layers:
             raise ValueError("paint on the photo first (white: trains, black: does not)")
         path = ws.save_mask(sel["kind"], sel["stem"], photos.mask_from_editor(folder / f"{sel['stem']}.mask.png", layers))
-        return (*photo_views(), f"{sel['stem']}: mask saved to {path.name} (the original is in original_masks/)"
+        return (*photo_views(), f"{sel['stem']}: mask saved to {path.name} (the original is in original_masks/)")
 
     # ---------------------------------------------------------------- train
     def model_changed(path):
