@@ -213,7 +213,7 @@ def test_the_whole_page(app):
         while not (out / "t1" / "t1.safetensors").is_file() or (out / "t1" / "app_run.lock").exists():
             assert time.time() < deadline, _value(page, "log_tail")
             time.sleep(2)
-        _wait_value(page, "progress", r"stopped: phase 2 step 4/4", 30)
+        _wait_value(page, "progress", r"finished: phase 2 step 4/4", 30)
         page.locator("#samples img").first.wait_for(timeout=30_000)
         _shot(page, "app_train.png", "#progress")
 

@@ -185,6 +185,7 @@ def test_status_from_the_output_folder_and_time_left(tmp_path):
     st = training_runs.run_status(out, (10, 20))
     assert (st.running, st.phase, st.step, st.seconds_left) == (False, 2, 3, None)
     assert st.describe() == "stopped: phase 2 step 3/20"
+    assert training_runs.run_status(out, (10, 3)).describe() == "finished: phase 2 step 3/3"
     # a page run resumed at phase 1 step 4, started 50 s ago: 13 - 4 = 9 steps in 50 s, 30 - 13 = 17 left
     (out / training_runs.LOCK).write_text(json.dumps({"pid": os.getpid(), "started": 1000.0, "since": [1, 4]}))
     st = training_runs.run_status(out, (10, 20), now=1050.0)

@@ -166,6 +166,8 @@ class RunStatus:
         if not self.history:
             return state
         steps = self.total[self.phase - 1] if self.phase in (1, 2) and any(self.total) else 0
+        if not self.running and self.phase == 2 and steps and self.step >= steps:
+            state = "finished"
         line = f"{state}: phase {self.phase} step {self.step}" + (f"/{steps}" if steps else "")
         if self.running and self.seconds_left is not None:
             line += f", about {format_seconds(self.seconds_left)} left"
