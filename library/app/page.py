@@ -160,11 +160,12 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         rows, scores = [], []
         for rec in st.history:
             x = training_runs.overall_step(int(rec.get("phase", 1)), int(rec["step"]), cfg_total)
-            rows += [{"step": x, "value": float(rec[k]), "term": k} for k in LOSS_TERMS if k in rec]
-            scores += [{"step": x, "value": float(v), "score": k[len(SCORE_PREFIX):]}
-                       for k, v in rec.items() if k.startswith(SCORE_PREFIX)]
+            # every series from the first point (a gap where a record lacks it): the chart keeps the series
+            # of its first drawing, so a term that starts in phase 2 would never show otherwise
+            rows += [{"step": x, "value": float(rec.get(k, "nan")), "term": k} for k in LOSS_TERMS]
+            scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
         losses = pd.DataFrame(rows) if rows else None
-        score_df = pd.DataFrame(scores) if scores else None
+        score_df = pd.DataFrame(scores) if any(r["value"] == r["value"] for r in scores) else None  # NaN != NaN
         return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
                 [str(p) for p in st.attention[-2:]], st.log_tail)
 
@@ -253,7 +254,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             train_status = gr.Textbox(label="Status", interactive=False, elem_id="train_status")
             progress_line = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
             with gr.Row():
-                # a fixed colour per series: the chart keeps the series it first drew otherwise
+                # a fixed colour per series, whichever terms a run logs
                 loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot",
                                         color_map=dict(zip(LOSS_TERMS, SERIES_COLOURS)))
                 score_plot = gr.LinePlot(x="step", y="value", color="score", label="Identity score (samples)",
