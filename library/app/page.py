@@ -163,7 +163,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             # every series from the first point (a gap where a record lacks it): the chart keeps the series
             # of its first drawing, so a term that starts in phase 2 would never show otherwise
             rows += [{"step": x, "value": float(rec.get(k, "nan")), "term": k} for k in LOSS_TERMS]
-            scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
+            if any(key.startswith(SCORE_PREFIX) for key in rec):  # scores come on sampling steps only
+                scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
         losses = pd.DataFrame(rows) if rows else None
         score_df = pd.DataFrame(scores) if any(r["value"] == r["value"] for r in scores) else None  # NaN != NaN
         return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
