@@ -45,7 +45,7 @@ class ModelConfig:
 class DataConfig:
     source_dir: str = ""
     reference_dir: str = ""
-    resolution: int = 512
+    resolution: int = 0  # training side, pixels; 0: the model family's (512 SD 1.x, 1024 SDXL)
     flip: bool = True  # cache horizontally flipped latents too
     captions: str = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
     min_images: int = 3  # fewer gives a warning (the paper uses 4-6)
@@ -116,15 +116,9 @@ class LossConfig:
 
 @dataclass
 class AttentionConfig:
-    layers: list[str] = field(
-        default_factory=lambda: [
-            "down_blocks.2.attentions.0",
-            "down_blocks.2.attentions.1",
-            "up_blocks.1.attentions.0",
-            "up_blocks.1.attentions.1",
-            "up_blocks.1.attentions.2",
-        ]
-    )
+    # empty: the model family's (ModelFamily.capture_layers: SD 1.x's five 16x16 layers, SDXL's 32x32 ones);
+    # else transformer models ("down_blocks.2.attentions.0": its first block's attn2) or full attn2 paths
+    layers: list[str] = field(default_factory=list)
     backend: str = "sdpa"  # sdpa | xformers
 
 
@@ -142,7 +136,9 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
-    vae_fp32: bool = False  # keep the VAE in fp32 under fp16 (kohya's no_half_vae)
+    # keep the VAE in fp32 under fp16 (kohya's no_half_vae); under fp16 an SDXL VAE whose config says
+    # force_upcast (the original SDXL VAE does, the fp16-fix VAE does not) runs in fp32 anyway
+    vae_fp32: bool = False
     compile: bool = False
 
 
@@ -284,6 +280,9 @@ def validate(cfg: Config, origin: str) -> None:
         word = getattr(cfg.tokens, name)
         if not word or not word.replace("_", "").isalnum() or " " in word:
             raise ConfigError(f"{origin}: tokens.{name} = {word!r}: use one made-up word such as mcv1")
+    if cfg.data.resolution < 0 or cfg.data.resolution % 8:
+        raise ConfigError(f"{origin}: data.resolution = {cfg.data.resolution}: use a multiple of 8 (e.g. 512 or 1024), "
+                          f"or 0 for the model's own")
     if cfg.data.captions not in ("template", "sidecar"):
         raise ConfigError(f"{origin}: data.captions = {cfg.data.captions!r}: use template or sidecar")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):

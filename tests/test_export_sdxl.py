@@ -297,9 +297,11 @@ def test_default_size_comes_from_the_family():
     from library.generation.options import default_side
     from library.models.family import SD1
 
-    assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=512)), SDXL) == 1024
-    assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=512)), SD1) == 512
+    # data.resolution = 0 (the default) means the family's side; a set one is what training used
+    assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=0)), SDXL) == 1024
+    assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=0)), SD1) == 512
     assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=768)), SDXL) == 768
+    assert default_side(SimpleNamespace(data=SimpleNamespace(resolution=512)), SDXL) == 512
 
 
 def test_an_sdxl_lora_does_not_fit_an_sd1_model(exported):

@@ -253,9 +253,9 @@ REFUSED = [  # (override, the change as the one-line error lists it), for a chec
     ("phase2.steps=1", "phase2.steps 3 -> 1 (the checkpoint is at step 2)"),
     ('phase2.tasks=["source", "reference"]',
      'phase2.tasks ["source", "reference", "composed"] -> ["source", "reference"] (the phase\'s task cursor runs over this list)'),
-    ('attention.layers=["down_blocks.2.attentions.0"]', 'attention.layers ["down_blocks.2.attentions.0", '
-     '"down_blocks.2.attentions.1", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"] '
-     '-> ["down_blocks.2.attentions.0"] (the layers phase 2\'s refocusing and its collapse guard measure)'),
+    # the default is empty: the model family's layers (SD 1.x's five 16x16 ones)
+    ('attention.layers=["down_blocks.2.attentions.0"]', 'attention.layers [] -> ["down_blocks.2.attentions.0"] '
+     '(the layers phase 2\'s refocusing and its collapse guard measure)'),
 ]
 
 

@@ -39,14 +39,8 @@ _RESTORER_ARCH = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN"}
 
 def default_side(cfg, family) -> int:
     """The image side, pixels, when no width / height is given: ``data.resolution`` when the config sets one
-    other than its built-in default (what training used), else the model family's (512 SD 1.x, 1024 SDXL)."""
-    from dataclasses import fields
-
-    from library.config import DataConfig
-
-    builtin = next(f.default for f in fields(DataConfig) if f.name == "resolution")
-    side = cfg.data.resolution
-    return int(family.resolution if not side or side == builtin else side)
+    (what training used), else (0, the default) the model family's (512 SD 1.x, 1024 SDXL)."""
+    return int(cfg.data.resolution or family.resolution)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -44,6 +44,9 @@ class ModelFamily:
         (``bundle_emb.<token>.<key>``), per text encoder, names both A1111 and ComfyUI read:
         "string_to_param.*" for SD 1.x (kohya's), "clip_l", "clip_g" for SDXL.
     capture_layers: default cross-attention modules attention refocusing records (full module paths).
+    upcast_vae: whether the VAE config's ``force_upcast`` is obeyed (the VAE runs in fp32 under fp16):
+        ``StableDiffusionXLPipeline`` obeys it (SDXL's VAE overflows in fp16), SD 1.x's pipeline does not
+        (diffusers' AutoencoderKL defaults it to true, so SD 1.x configs say it without meaning it).
     unet_key_style: how the LoRA exporter names UNet modules: "diffusers" (kohya keeps diffusers' paths
         for SD 1.x) or "sgm" (kohya uses the original ``input_blocks`` / ``middle_block`` /
         ``output_blocks`` paths for SDXL).
@@ -71,6 +74,7 @@ class ModelFamily:
     kohya_te_prefixes: tuple[str, ...]
     embedding_keys: tuple[str, ...]
     capture_layers: tuple[str, ...]
+    upcast_vae: bool
     unet_key_style: str
     base_model_version: str
     architecture: str
@@ -80,6 +84,39 @@ class ModelFamily:
     complete_parts: str
     bundle_embedding_keys: tuple[str, ...]
     preset: str
+
+    def encode_prompt(self, text_encoders, input_ids) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+        """Prompt ids -> what conditions the UNet: (hidden [B, 77, sum of the encoders' widths], pooled
+        [B, projection_dim] or None).
+
+        `text_encoders` and `input_ids` ([B, 77] int64 per encoder) are in :attr:`text_encoders` order.
+        Each encoder gives hidden state :attr:`hidden_layer` (-1: ``last_hidden_state``, after CLIP's final
+        layer norm, as SD 1.x; -2: ``hidden_states[-2]``, the penultimate layer without it, as SDXL and
+        diffusers' ``StableDiffusionXLPipeline.encode_prompt``); they are concatenated along the width.
+        With :attr:`pooled`, the pooled embedding is the last encoder's projected ``text_embeds``
+        (OpenCLIP-G's, as ``StableDiffusionXLPipeline`` takes it). ValueError if the counts differ.
+        """
+        import torch
+
+        if len(text_encoders) != len(self.text_encoders) or len(input_ids) != len(self.text_encoders):
+            raise ValueError(f"{self.label} encodes with {len(self.text_encoders)} text encoders; got "
+                             f"{len(text_encoders)} encoders and {len(input_ids)} id tensors")
+        hidden, pooled = [], None
+        for encoder, ids in zip(text_encoders, input_ids):
+            out = encoder(ids, output_hidden_states=self.hidden_layer != -1)
+            hidden.append(out[0] if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer])
+        if self.pooled:  # `out` is the last encoder's (CLIPTextModelWithProjection)
+            pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def added_cond_kwargs(self, pooled, time_ids) -> dict | None:
+        """The UNet's ``added_cond_kwargs``: ``{"text_embeds": pooled [B, Dg], "time_ids": [B, 6]}`` when
+        the family is conditioned on them (SDXL's ``addition_embed_type = "text_time"``), else None.
+        time_ids: (original height, original width, crop top, crop left, target height, target width)
+        per sample, pixels (see :func:`library.training.data.sdxl_time_ids`)."""
+        if not self.pooled:
+            return None
+        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
 
 SD1 = ModelFamily(
@@ -106,6 +143,7 @@ SD1 = ModelFamily(
             "up_blocks.1.attentions.2",
         )
     ),
+    upcast_vae=False,
     unet_key_style="diffusers",
     base_model_version="sd_v1",
     architecture="stable-diffusion-v1",
@@ -131,7 +169,7 @@ SDXL = ModelFamily(
     kohya_te_prefixes=("lora_te1", "lora_te2"),
     embedding_keys=("clip_l", "clip_g"),
     # the lowest-resolution cross-attention (32x32 at 1024 px), first transformer block of each
-    # attention, as for SD 1.x; the trainer's measurement for this choice is in the README
+    # attention, as for SD 1.x; the measurement behind this choice is in docs/sdxl.md ("Training SDXL")
     capture_layers=tuple(
         f"{block}.transformer_blocks.0.attn2"
         for block in (
@@ -142,6 +180,7 @@ SDXL = ModelFamily(
             "up_blocks.0.attentions.2",
         )
     ),
+    upcast_vae=True,
     unet_key_style="sgm",
     base_model_version="sdxl_base_v1-0",
     architecture="stable-diffusion-xl-v1-base",

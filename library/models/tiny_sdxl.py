@@ -105,3 +105,18 @@ def save_sdxl_model(dest: Path, full_size: bool = False, seed: int = 0) -> tuple
     state = sdxl_to_sgm(components)
     write_atomic(single, lambda tmp: save_file(state, str(tmp)))
     return dest, single
+
+
+def build_sdxl_parts(full_size: bool = False, seed: int = 0):
+    """The model as :class:`~library.models.loading.StableDiffusionParts` (what the trainer takes as
+    ``parts=``), built in memory: no file, no model-kind check. The training noise scheduler is a DDPM
+    with SDXL's betas, as the loader makes it."""
+    from library.models.kind import ModelKind
+    from library.models.loading import StableDiffusionParts, _ddpm_from
+
+    c = build_sdxl_components(full_size=full_size, seed=seed)
+    return StableDiffusionParts(
+        unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+        noise_scheduler=_ddpm_from(dict(c["scheduler"].config)), name="tiny_sdxl" if not full_size else "sdxl",
+        kind=ModelKind(family="sdxl"), family=SDXL, text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"],
+    )

@@ -1,4 +1,5 @@
-"""Capture the special tokens' cross-attention maps in SD 1.x's 16x16 cross-attention layers.
+"""Capture the special tokens' cross-attention maps in the lowest-resolution cross-attention layers
+(SD 1.x's 16x16 at 512 px, SDXL's 32x32 at 1024 px: ``ModelFamily.capture_layers``).
 
 The attention refocusing loss (docs/method.md, eq. 8) needs the cross-attention *probabilities* of the
 special tokens ([V1], [V2]) in the 16x16 layers of SD 1.5: ``down_blocks.2.attentions.{0,1}`` and
@@ -54,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
+from library.models.family import SD1
+
 __all__ = [
     "DEFAULT_CAPTURE_LAYERS",
     "AttentionMapStore",
@@ -63,20 +66,18 @@ __all__ = [
     "capture_module_name",
 ]
 
-DEFAULT_CAPTURE_LAYERS: tuple[str, ...] = (
-    "down_blocks.2.attentions.0",
-    "down_blocks.2.attentions.1",
-    "up_blocks.1.attentions.0",
-    "up_blocks.1.attentions.1",
-    "up_blocks.1.attentions.2",
-)
+# SD 1.x's; the trainer takes its model family's (ModelFamily.capture_layers) unless attention.layers names some
+DEFAULT_CAPTURE_LAYERS: tuple[str, ...] = SD1.capture_layers
 
 _BACKENDS = ("sdpa", "xformers")
 
 
 def capture_module_name(layer: str) -> str:
-    """``down_blocks.2.attentions.0`` -> ``down_blocks.2.attentions.0.transformer_blocks.0.attn2``."""
-    return f"{layer}.transformer_blocks.0.attn2"
+    """The cross-attention module a capture layer names: a transformer model (``down_blocks.2.attentions.0``)
+    means its first block's (``down_blocks.2.attentions.0.transformer_blocks.0.attn2``); a full module path
+    ending in ``.attn2`` (what ModelFamily.capture_layers holds, and the only way to name the other
+    transformer blocks of SDXL's deeper attentions) is taken as it is."""
+    return layer if layer.endswith(".attn2") else f"{layer}.transformer_blocks.0.attn2"
 
 
 def _in_backward() -> bool:
@@ -378,7 +379,7 @@ def install_attention_capture(
     layers: Sequence[str] = DEFAULT_CAPTURE_LAYERS,
     backend: str = "sdpa",
 ) -> list[str]:
-    """Put :class:`CaptureCrossAttnProcessor` on ``{layer}.transformer_blocks.0.attn2`` of each layer
+    """Put :class:`CaptureCrossAttnProcessor` on each layer's module (:func:`capture_module_name`)
     and AttnProcessor2_0 (``backend="sdpa"``) or XFormersAttnProcessor (``"xformers"``) on every other
     attention of ``unet``. Registers the layer order on ``store``; returns the capture module names.
     Works before or after peft LoRA layers are injected (the processor calls ``attn.to_q`` etc.)."""

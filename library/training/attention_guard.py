@@ -104,11 +104,12 @@ class AttentionCollapseGuard:
 
 def format_figures(logs: dict[str, float], words: tuple[str, str]) -> str:
     """One log line: the loss terms, then per token its raw attention inside its region, the share
-    outside it, and its embedding norm (those present in `logs`)."""
+    outside it, and its embedding norm ("norm 2": in SDXL's text_encoder_2), those present in `logs`."""
     parts = [f"{k} {v:.4g}" for k, v in logs.items() if "/" not in k]
     for w in words:
         token = [f"{label} {logs[f'{key}/{w}']:.3g}" for key, label in
-                 (("inside", "inside"), ("outside", "outside share"), ("norm", "norm")) if f"{key}/{w}" in logs]
+                 (("inside", "inside"), ("outside", "outside share"), ("norm", "norm"), ("norm_2", "norm 2"))
+                 if f"{key}/{w}" in logs]
         if token:
             parts.append(f"{w}: " + ", ".join(token))
     return " | ".join(parts)

@@ -7,13 +7,13 @@ the noise and the timesteps.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from library.training.data import CachedSet, Sample
 
-__all__ = ["sample_tensors", "token_positions"]
+__all__ = ["prompt_rows", "sample_tensors", "token_positions"]
 
 
 def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: CachedSet, id_tasks: Sequence[str],
@@ -28,14 +28,17 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
       released code's x2 in the first half of a phase);
     - ``id_task`` [B] bool (the task is in `id_tasks`), ``face_landmarks`` [B, 5, 2] pixels and
       ``face_ok`` [B] bool (where the sample's image has its face), ``id_source`` [B] (the source image
-      whose embedding is the identity target).
+      whose embedding is the identity target);
+    - ``time_ids`` [B, 6]: the image's SDXL size / crop ids (:func:`library.training.data.sdxl_time_ids`;
+      a flipped copy has its own).
     """
-    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok = [], [], [], [], [], [], []
+    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok, time_ids = [], [], [], [], [], [], [], []
     for s in samples:
         data = source if s.task == "source" else reference
         latents.append(data.latents[s.index])
         recon.append(data.recon_masks[s.index])
         landmarks.append(data.landmarks[s.index])
+        time_ids.append(data.time_ids[s.index])
         face_ok.append(data.has_face[s.index])
         empty = torch.zeros_like(data.region_masks[s.index])
         if s.task == "source":
@@ -58,7 +61,22 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
         "face_landmarks": torch.stack(landmarks),
         "face_ok": torch.stack(face_ok),
         "id_source": torch.tensor([s.id_source for s in samples]),
+        "time_ids": torch.stack(time_ids),
     }
+
+
+def prompt_rows(prompts: Sequence[str], encoder_ids: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ids of a batch's prompts with each distinct prompt once. `encoder_ids(prompt)` -> [E, L] ids in
+    each of the E tokenizers. Returns ``input_ids`` [B, L] (first tokenizer, per sample: where the tokens'
+    positions are read), ``unique_input_ids`` [E, U, L] (the U distinct prompts, first-seen order) and
+    ``prompt_index`` [B] (sample -> its row in U). The tasks' templates repeat within a batch, and the text
+    encoders then run U < B rows.
+    """
+    unique = list(dict.fromkeys(prompts))
+    rows = {p: encoder_ids(p) for p in unique}
+    return {"input_ids": torch.stack([rows[p][0] for p in prompts]),
+            "unique_input_ids": torch.stack([rows[p] for p in unique], 1),
+            "prompt_index": torch.tensor([unique.index(p) for p in prompts])}
 
 
 def token_positions(ids: torch.Tensor, first_ids: Sequence[int]) -> torch.Tensor:

@@ -109,7 +109,8 @@ def export_outputs(trainer, step: int | None = None) -> Path:
                 "text_encoder_lr": cfg.phase2.lr_text_encoder,
                 "embedding_lr": cfg.phase2.lr_embeddings,
                 "seed": cfg.train.seed,
-                "resolution": cfg.data.resolution,
+                # data.resolution 0 means the family's side; the trainer knows which it used
+                "resolution": getattr(trainer, "resolution", None) or cfg.data.resolution or None,
                 "mixed_precision": cfg.train.mixed_precision,
                 "optimizer": cfg.optimizer.name,
                 "composed_prompt": prompt,

@@ -27,16 +27,21 @@ def composed_prompt(cfg) -> str:
 
 @torch.no_grad()
 def sample_images(trainer, prompt: str, n: int, steps: int, cfg_scale: float, seed: int) -> list[Image.Image]:
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    """`n` images of `prompt` from the family's pipeline (StableDiffusionPipeline / StableDiffusionXLPipeline)
+    built around the trainer's own modules (LoRA and new token rows included), Euler ancestral, at the
+    training resolution."""
+    import diffusers
 
-    scheduler = EulerAncestralDiscreteScheduler.from_config(trainer.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=trainer.vae, text_encoder=trainer.text_encoder, tokenizer=trainer.tokenizer, unet=trainer.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    family = trainer.family
+    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(trainer.noise_scheduler.config)
+    modules = dict(zip(family.text_encoders, trainer.text_encoders)) | dict(zip(family.tokenizers, trainer.tokenizers))
+    pipe = getattr(diffusers, family.pipeline_class)(
+        vae=trainer.vae, unet=trainer.unet, scheduler=scheduler, feature_extractor=None, **modules,
+        **dict(family.pipeline_kwargs),
     )
     pipe.set_progress_bar_config(disable=True)
     trainer.store.clear()
-    res = trainer.cfg.data.resolution
+    res = trainer.resolution
     generator = torch.Generator("cpu").manual_seed(seed)
     with trainer.acc.autocast():
         out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg_scale,
@@ -63,16 +68,16 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     n = min(count, len(ref) // (2 if trainer.cfg.data.flip else 1))
     idx = torch.arange(n)
     prompt = composed_prompt(trainer.cfg)
-    ids = trainer.prompt_ids(prompt).expand(n, -1)
+    ids = trainer.prompt_batch([prompt] * n)
     gen = torch.Generator().manual_seed(0)
     latents = ref.latents[idx].to(trainer.device)
     noise = torch.randn(latents.shape, generator=gen).to(trainer.device)
     t = torch.full((n,), ATTENTION_TIMESTEP, dtype=torch.long)
     noisy = trainer.noise_scheduler.add_noise(latents, noise, t).to(trainer.weight_dtype)
-    trainer.store.set_token_positions(trainer.token_positions(ids.cpu()))
+    trainer.store.set_token_positions(trainer.token_positions(ids["input_ids"]))
     with trainer.acc.autocast():
-        hidden = trainer.text_encoder(ids.to(trainer.device))[0]
-        trainer.unet(noisy, t.to(trainer.device), hidden)
+        hidden, pooled = trainer.encode_prompts(ids["unique_input_ids"].to(trainer.device), ids["prompt_index"].to(trainer.device))
+        trainer.unet_call(noisy, t.to(trainer.device), hidden, pooled, ref.time_ids[idx.to(ref.time_ids.device)])
     raw = trainer.store.maps().float()  # [n, 2, M, h, w]
     trainer.store.clear()
     size = latents.shape[-1]

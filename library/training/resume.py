@@ -64,6 +64,14 @@ RULES: dict[str, tuple[str, str]] = {
     "evaluation.*": (SAFE, "scores only"),
 }
 _PATH_KEYS = ("model.pretrained", "model.config_dir", "model.vae", "data.source_dir", "data.reference_dir")
+# Before SDXL, these keys' defaults were SD 1.x's values; now an empty value means "the model family's".
+# Only SD 1.x could be trained then (and model.pretrained is fixed), so a checkpoint that holds the old
+# default and a config that leaves the key empty mean the same thing.
+_FORMER_DEFAULTS = {
+    "data.resolution": (0, 512),
+    "attention.layers": ([], ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
+                              "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]),
+}
 
 
 def rule_for(key: str) -> tuple[str, str]:
@@ -107,6 +115,8 @@ def _normalise(values: dict) -> dict:
 
 def _same(key: str, old: object, new: object) -> bool:
     if old == new:
+        return True
+    if key in _FORMER_DEFAULTS and (old, new) in (_FORMER_DEFAULTS[key], _FORMER_DEFAULTS[key][::-1]):
         return True
     if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
         try:

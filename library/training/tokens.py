@@ -8,6 +8,8 @@ checkpoints only ever see the new vectors.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -127,3 +129,43 @@ def pull_norms(vectors: torch.Tensor, target: float, rate: float) -> torch.Tenso
     """
     norm = vectors.norm(dim=-1, keepdim=True)
     return vectors / norm.clamp_min(1e-12) * (norm + rate * (target - norm))
+
+
+def embedding_scale(text_encoder: nn.Module) -> tuple[float, float]:
+    """(mean row norm, element standard deviation) of the text encoder's ordinary token table (the
+    frozen rows, also after :func:`add_special_tokens` wrapped it).
+
+    What the trainer scales the norm target and the random init by for an encoder other than the
+    first: CLIP-L's table (SD 1.x, and SDXL's first encoder) has a mean row norm of about 0.39 (what
+    ``tokens.norm_target = 0.4`` is) and an element std of about 0.014; OpenCLIP-G's table is on its
+    own scale, so [V1] / [V2] in it are held to that table's scale, not CLIP-L's.
+    """
+    emb = _token_embedding_holder(text_encoder).token_embedding
+    table = (emb.base if isinstance(emb, TrainableTokenEmbedding) else emb).weight.detach().float()
+    return float(table.norm(dim=-1).mean()), float(table.std())
+
+
+def add_tokens_to_encoders(
+    tokenizers: Sequence, text_encoders: Sequence[nn.Module], words: list[str], init_words: list[str], vectors: int,
+    random_std: float, norm_target: float, generator: torch.Generator | None = None,
+) -> tuple[dict[str, list[int]], tuple[float, ...]]:
+    """:func:`add_special_tokens` on every (tokenizer, text encoder) pair, in the family's order
+    -> (word -> token ids, the norm target of each encoder's new rows).
+
+    Each encoder initialises its rows from the init word's tokens in its own table. The first encoder
+    (CLIP-L in both families) takes `random_std` and `norm_target` as they are; any other one scales them
+    by its table's element std and mean row norm over the first encoder's (:func:`embedding_scale`), so
+    OpenCLIP-G's rows start and stay on OpenCLIP-G's scale. Random rows are drawn from `generator` in
+    encoder order. The ids must be the same in every tokenizer (SDXL's two share CLIP's vocabulary: one
+    prompt spelling, one token position for attention refocusing); ValueError otherwise.
+    """
+    scales = [embedding_scale(te) for te in text_encoders]
+    ids, targets = None, []
+    for tokenizer, encoder, (norm, std) in zip(tokenizers, text_encoders, scales):
+        got = add_special_tokens(tokenizer, encoder, words, init_words, vectors, random_std * std / scales[0][1], generator)
+        if ids is not None and got != ids:
+            raise ValueError(f"the special tokens got ids {got} in one tokenizer and {ids} in another; "
+                             f"the model's tokenizers must share one vocabulary")
+        ids = got
+        targets.append(norm_target * norm / scales[0][0])
+    return ids, tuple(targets)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from library.training import checkpoint as ckpt
 from library.training.attention import AttentionMapStore, install_attention_capture
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
-from library.training.batching import sample_tensors, token_positions
+from library.training.batching import prompt_rows, sample_tensors, token_positions
 from library.config import Config, ConfigError, PhaseConfig, save_config
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
@@ -37,7 +37,7 @@ from library.training.optim import build_lr_scheduler, build_optimizer, load_tra
 from library.training.precision import settle_precision
 from library.training.resume import ResumePoint, prepare_resume, rewind_history
 from library.models.prompts import prompt_input_ids
-from library.training.tokens import add_special_tokens, get_token_embedding, norm_regulariser, pull_norms, token_vectors
+from library.training.tokens import add_tokens_to_encoders, get_token_embedding, norm_regulariser, pull_norms, token_vectors
 from library.training.training_scores import PreviewScoring, report_progress
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,14 @@ class TrainingStopped(RuntimeError):
 
 
 class MagiCaptureTrainer:
+    """Both phases on one model of any :class:`~library.models.family.ModelFamily`; the family answers
+    every difference (text encoders, prompt encoding, added conditioning, resolution, capture layers).
+
+    What the exporter reads: ``family``, ``text_encoders`` / ``tokenizers`` (family order; ``text_encoder``
+    / ``tokenizer`` are the first), ``token_ids`` (word -> ids, the same in every tokenizer), ``unet``,
+    ``lora_added``, ``resolution`` (``data.resolution``, or the family's when that is 0).
+    """
+
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, parts: StableDiffusionParts | None = None):
         self.cfg = cfg
         if accelerator is None:  # before anything is loaded: a precision that cannot run fails or falls back here
@@ -67,26 +75,27 @@ class MagiCaptureTrainer:
             parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline,
                                           vae=cfg.model.vae)
         self.model_name, self.model_kind, self.vae_name = parts.name, parts.kind, parts.vae_name
-        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
-        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
-        for model in (self.unet, self.vae, self.text_encoder):
+        self.family = parts.family
+        self.unet, self.vae, self.noise_scheduler = parts.unet, parts.vae, parts.noise_scheduler
+        self.text_encoders, self.tokenizers = parts.text_encoders, parts.tokenizers
+        self.text_encoder, self.tokenizer = self.text_encoders[0], self.tokenizers[0]
+        self.resolution = cfg.data.resolution or self.family.resolution  # 0: the family's (512 / 1024)
+        for model in (self.unet, self.vae, *self.text_encoders):
             model.requires_grad_(False)
             model.to(self.device, self.weight_dtype)
-        if cfg.train.vae_fp32:  # kohya's no_half_vae: the VAE in fp32 when fp16 overflows in it
+        # kohya's no_half_vae; SDXL's VAE overflows in fp16 and says so (config.force_upcast, which
+        # StableDiffusionXLPipeline honours and SD 1.x's pipeline ignores: the family says which)
+        upcast = self.family.upcast_vae and getattr(self.vae.config, "force_upcast", False)
+        if cfg.train.vae_fp32 or (upcast and self.weight_dtype == torch.float16):
             self.vae.to(torch.float32)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
         tok = cfg.tokens
-        self.token_ids = add_special_tokens(
-            self.tokenizer,
-            self.text_encoder,
-            [tok.source, tok.reference],
-            [tok.source_init, tok.reference_init],
-            tok.vectors,
-            tok.reference_init_std,
-            self.gen,
-        )
-        get_token_embedding(self.text_encoder).to(self.device)
+        self.token_ids, self.norm_targets = add_tokens_to_encoders(
+            self.tokenizers, self.text_encoders, [tok.source, tok.reference], [tok.source_init, tok.reference_init],
+            tok.vectors, tok.reference_init_std, tok.norm_target, self.gen)
+        for encoder in self.text_encoders:
+            get_token_embedding(encoder).to(self.device)
         # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
         self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -106,7 +115,7 @@ class MagiCaptureTrainer:
 
         self.store = AttentionMapStore()
         try:
-            install_attention_capture(self.unet, self.store, cfg.attention.layers, cfg.attention.backend)
+            install_attention_capture(self.unet, self.store, self.capture_layers, cfg.attention.backend)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"[attention] {err}") from None
         if cfg.train.gradient_checkpointing:
@@ -130,6 +139,20 @@ class MagiCaptureTrainer:
         self.guard: AttentionCollapseGuard | None = None  # phase 2's attention-collapse watch
 
     # ---------------------------------------------------------------- setup
+    @property
+    def capture_layers(self) -> tuple[str, ...]:
+        """attention.layers, or the family's capture layers when that list is empty."""
+        return tuple(self.cfg.attention.layers) or self.family.capture_layers
+
+    def encoder_suffix(self, index: int) -> str:
+        """"" for the first text encoder, "_2" for text_encoder_2: what its checkpoint and log names carry."""
+        return self.family.text_encoders[index][len("text_encoder"):]
+
+    def embedding_key(self, index: int) -> str:
+        """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
+        SD 1.x checkpoints always had it), token_embedding_2.new_vectors (text_encoder_2's)."""
+        return f"token_embedding{self.encoder_suffix(index)}.new_vectors"
+
     def print(self, message: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(message)
@@ -137,7 +160,7 @@ class MagiCaptureTrainer:
     def _load(self, kind: str, folder: str, token: str) -> list[PreparedImage]:
         """One prepared folder, with its warnings; with sidecar captions, checks they can train `token`."""
         sidecar = self.cfg.data.captions == "sidecar"
-        items = load_prepared_folder(folder, kind, self.cfg.data.resolution, captions=sidecar)
+        items = load_prepared_folder(folder, kind, self.resolution, captions=sidecar)
         if len(items) < self.cfg.data.min_images:
             self.print(f"warning: {folder} has {len(items)} {kind} images; the paper uses 4 to 6")
         if kind == "source" and not any(it.landmarks is not None for it in items):
@@ -165,16 +188,20 @@ class MagiCaptureTrainer:
         torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
         add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
         if lcfg.text_encoder:
-            add_text_encoder_lora(self.text_encoder, lcfg.rank, lcfg.alpha)
+            for encoder in self.text_encoders:
+                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha)
         for name, p in self.named_trainables(phase=2).items():
             if "lora_" in name:
                 p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
         self.lora_added = True
 
     def named_trainables(self, phase: int) -> dict[str, torch.nn.Parameter]:
-        params = {"token_embedding.new_vectors": get_token_embedding(self.text_encoder).new_vectors}
+        """What trains in `phase`, by checkpoint name: each encoder's new rows (:meth:`embedding_key`),
+        then in phase 2 the LoRA weights as ``unet.<name>``, ``text_encoder.<name>``, ``text_encoder_2.<name>``."""
+        params = {self.embedding_key(i): get_token_embedding(te).new_vectors for i, te in enumerate(self.text_encoders)}
         if phase == 2:
-            for prefix, model in (("unet.", self.unet), ("text_encoder.", self.text_encoder)):
+            models = [("unet.", self.unet)] + [(f"{n}.", te) for n, te in zip(self.family.text_encoders, self.text_encoders)]
+            for prefix, model in models:
                 for name, p in model.named_parameters():
                     if "lora_" in name:
                         params[prefix + name] = p
@@ -182,9 +209,10 @@ class MagiCaptureTrainer:
 
     def param_groups(self, phase: int, pcfg: PhaseConfig) -> list[dict]:
         named = self.named_trainables(phase)
-        groups = [{"params": [named.pop("token_embedding.new_vectors")], "lr": pcfg.lr_embeddings}]
+        groups = [{"params": [named.pop(self.embedding_key(i)) for i in range(len(self.text_encoders))],
+                   "lr": pcfg.lr_embeddings}]
         unet = [p for n, p in named.items() if n.startswith("unet.")]
-        te = [p for n, p in named.items() if n.startswith("text_encoder.")]
+        te = [p for n, p in named.items() if not n.startswith("unet.")]
         if unet:
             groups.append({"params": unet, "lr": pcfg.lr_unet})
         if te:
@@ -193,9 +221,33 @@ class MagiCaptureTrainer:
 
     # ---------------------------------------------------------------- one step
     def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """[77] the first tokenizer's ids of `prompt` (where the tokens' positions are read)."""
+        return self.encoder_ids(prompt)[0]
+
+    def encoder_ids(self, prompt: str) -> torch.Tensor:
+        """[E, 77] the ids of `prompt` in each tokenizer, family order (cached per prompt)."""
         if prompt not in self._prompt_cache:
-            self._prompt_cache[prompt] = prompt_input_ids(self.tokenizer, prompt, self.vector_counts())
+            self._prompt_cache[prompt] = torch.stack(
+                [prompt_input_ids(tk, prompt, self.vector_counts()) for tk in self.tokenizers])
         return self._prompt_cache[prompt]
+
+    def prompt_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """:func:`library.training.batching.prompt_rows` of `prompts` with this trainer's ids."""
+        return prompt_rows(prompts, self.encoder_ids)
+
+    def encode_prompts(self, unique_input_ids: torch.Tensor, prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden [B, 77, D], pooled [B, Dg] or None) of :meth:`prompt_batch`'s ids: the family's
+        encoding (:meth:`~library.models.family.ModelFamily.encode_prompt`) of the distinct prompts (each once), indexed
+        back to the samples (gradients of repeated rows add up in the shared encoding)."""
+        hidden, pooled = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
+        return hidden[prompt_index], (pooled[prompt_index] if pooled is not None else None)
+
+    def unet_call(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
+                  time_ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction [B, 4, h, w], with the family's added conditioning (SDXL: pooled text
+        embedding and the size / crop ids)."""
+        return self.unet_forward(noisy, timesteps, hidden,
+                                 added_cond_kwargs=self.family.added_cond_kwargs(pooled, time_ids)).sample
 
     def vector_counts(self) -> dict[str, int]:
         """Token word -> its number of vectors (tokens.vectors), as expand_prompt takes it."""
@@ -212,8 +264,8 @@ class MagiCaptureTrainer:
         late = phase_step >= pcfg.steps / 2
         batch = sample_tensors(samples, self.source, self.reference, self.cfg.loss.id_tasks,
                                1.0 if late else pcfg.first_half_weight)
-        ids = torch.stack([self.prompt_ids(s.prompt) for s in samples])
-        batch |= {"input_ids": ids, "positions": self.token_positions(ids)}
+        batch |= self.prompt_batch([s.prompt for s in samples])
+        batch["positions"] = self.token_positions(batch["input_ids"])
         batch["noise"] = torch.randn(batch["latents"].shape, generator=self.gen)
         batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (len(samples),), generator=self.gen)
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -234,8 +286,8 @@ class MagiCaptureTrainer:
         else:
             self.store.clear()
         with self.acc.autocast():
-            hidden = self.text_encoder(batch["input_ids"])[0]
-            pred = self.unet_forward(noisy, batch["timesteps"], hidden).sample
+            hidden, pooled = self.encode_prompts(batch["unique_input_ids"], batch["prompt_index"])
+            pred = self.unet_call(noisy, batch["timesteps"], hidden, pooled, batch["time_ids"])
         recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
         attn = attn_mask = None
         figures: dict[str, torch.Tensor] = {}
@@ -255,15 +307,19 @@ class MagiCaptureTrainer:
             recon, attn, ident, batch["recon_weights"], self.cfg.loss.attn_weight, self.cfg.loss.id_weight,
             attn_mask=attn_mask, id_mask=id_mask,
         )
-        vectors = get_token_embedding(self.text_encoder).new_vectors
-        if self.cfg.tokens.norm_pull == "penalty" and self.cfg.tokens.norm_weight > 0:
-            norm = norm_regulariser(vectors, self.cfg.tokens.norm_target)
-            losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * norm
-            losses["norm_penalty"] = norm.detach()
-        with torch.no_grad():
-            norms = vectors.float().norm(dim=-1).view(2, -1).mean(1)  # rows: [V1] vectors, then [V2]'s
-        for k, word in enumerate(self.token_words()):
-            losses[f"norm/{word}"] = norms[k]
+        use_penalty = self.cfg.tokens.norm_pull == "penalty" and self.cfg.tokens.norm_weight > 0
+        penalty = 0.0
+        for i, encoder in enumerate(self.text_encoders):
+            vectors = get_token_embedding(encoder).new_vectors
+            if use_penalty:  # each encoder's rows toward its own target (add_tokens_to_encoders)
+                penalty = penalty + norm_regulariser(vectors, self.norm_targets[i])
+            with torch.no_grad():
+                norms = vectors.float().norm(dim=-1).view(2, -1).mean(1)  # rows: [V1] vectors, then [V2]'s
+            for k, word in enumerate(self.token_words()):  # norm/<word>, then norm_2/<word> for text_encoder_2
+                losses[f"norm{self.encoder_suffix(i)}/{word}"] = norms[k]
+        if use_penalty:
+            losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * penalty
+            losses["norm_penalty"] = penalty.detach()
         self.store.clear()
         return losses | figures
 
@@ -314,7 +370,9 @@ class MagiCaptureTrainer:
 
             result = export_outputs(self)
             report_progress(self.cfg, self.print)
-            lora = {"UNet": self.unet, "text encoder": self.text_encoder} if self.lora_added else {}
+            lora = {"UNet": self.unet} if self.lora_added else {}
+            for i, encoder in enumerate(self.text_encoders if self.lora_added else ()):
+                lora["text encoder" + (f" {i + 1}" if i else "")] = encoder
             for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
                 self.print(line)
         self.acc.end_training()
@@ -399,9 +457,10 @@ class MagiCaptureTrainer:
         optimizer.zero_grad(set_to_none=True)
         tok = self.cfg.tokens
         if phase == 1 and tok.norm_pull == "renormalize":
-            vectors = get_token_embedding(self.text_encoder).new_vectors
-            with torch.no_grad():
-                vectors.copy_(pull_norms(vectors, tok.norm_target, min(1.0, tok.norm_rate * lr_embeddings)))
+            for encoder, target in zip(self.text_encoders, self.norm_targets):
+                vectors = get_token_embedding(encoder).new_vectors
+                with torch.no_grad():
+                    vectors.copy_(pull_norms(vectors, target, min(1.0, tok.norm_rate * lr_embeddings)))
         return {k: sums[k] / weights[k] for k in sums}
 
     def run_phase(self, phase: int, start_step: int, state: dict | None, trainable: dict | None) -> None:
