@@ -221,6 +221,7 @@ def test_presets_follow_the_family():
     offered = presets.available_presets()
     assert offered["paper (SD 1.5)"].name == "magicapture_sd15.toml"
     assert presets.preset_for_family("sd1") == "paper (SD 1.5)"
+    assert presets.preset_for_family("sdxl") == "SDXL"  # ModelFamily.preset: magicapture_sdxl.toml
     assert presets.preset_for_family("sd2") is None
 
 

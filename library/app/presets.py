@@ -17,6 +17,7 @@ PRESETS = {
     "paper (SD 1.5)": "magicapture_sd15.toml",
     "low VRAM (8 GB)": "low_vram.toml",
     "SDXL": "magicapture_sdxl.toml",
+    "SDXL, low VRAM": "low_vram_sdxl.toml",
     "demo (tiny model, CPU)": "demo.toml",
 }
 
