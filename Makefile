@@ -1,18 +1,21 @@
 # `make demo`: set up .venv and run the whole pipeline offline (tiny model, photos from installed packages).
 # `make test`: set up .venv and run the test suite (what CI runs).
+# `make app`: set up .venv and start the local web page on http://127.0.0.1:7860 (docs/app.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean app
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-app.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
+	# --no-deps: gradio caps pillow below the version requirements.txt pins (see requirements-app.txt)
+	$(BIN)/python -m pip install --no-deps -r requirements-app.txt
 	touch $(STAMP)
 
 demo: setup
@@ -26,6 +29,12 @@ demo: setup
 	# no --config: the demo's ArcFace is random, dlib's network is real; no CLIP or aesthetic weights here (skipped, one line each)
 	$(BIN)/python evaluate.py --generated out/demo/generated --source data/demo/source --reference data/demo/reference --out out/demo/evaluation
 	@echo "demo outputs: out/demo/ (LoRA, embeddings, samples/, attention/, logs/, generated/, evaluation/report.html)"
+
+app: setup
+	# the demo's tiny model and photos, so that a first try needs nothing else (kept when already there)
+	test -f data/tiny_sd/model_index.json || $(BIN)/python -m library.models.tiny data/tiny_sd --arcface data/arcface_random.pth
+	test -d data/demo_raw || $(BIN)/python -m dataset_tools.demo_photos data/demo_raw
+	$(BIN)/python app.py
 
 test: setup
 	bash scripts/run_tests.sh $(BIN)/python

@@ -57,6 +57,8 @@ class ModelFamily:
     example_checkpoint / example_vae: the file names refusals suggest (the family's reference checkpoint
         and a VAE file for it); complete_parts: what a complete checkpoint holds, for the refusal of an
         incomplete one.
+    preset: the training config in ``configs/`` a new run of this family starts from (the web page's
+        default preset once the base model is identified).
     """
 
     name: str
@@ -81,6 +83,7 @@ class ModelFamily:
     example_vae: str
     complete_parts: str
     bundle_embedding_keys: tuple[str, ...]
+    preset: str
 
     def encode_prompt(self, text_encoders, input_ids) -> tuple["torch.Tensor", "torch.Tensor | None"]:
         """Prompt ids -> what conditions the UNet: (hidden [B, 77, sum of the encoders' widths], pooled
@@ -149,6 +152,7 @@ SD1 = ModelFamily(
     example_vae="vae-ft-mse-840000-ema-pruned.safetensors",
     complete_parts="UNet, VAE and text encoder",
     bundle_embedding_keys=("string_to_param.*",),
+    preset="magicapture_sd15.toml",
 )
 
 SDXL = ModelFamily(
@@ -186,6 +190,7 @@ SDXL = ModelFamily(
     example_vae="sdxl_vae.safetensors",
     complete_parts="UNet, VAE and both text encoders",
     bundle_embedding_keys=("clip_l", "clip_g"),
+    preset="magicapture_sdxl.toml",
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}

@@ -1,0 +1,328 @@
+"""The page's layout (Gradio): Photos, Train, Results. Each handler reads the folders afresh (nothing lives
+only in the browser) and shows a failure as the one-line ``error: ...`` the command line prints."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from library.app import photos, presets, results, training_runs
+from library.app.state import KINDS, Sandbox, Workspace
+from library.files.messages import one_line
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 2.0
+LOSS_TERMS = ("loss", "mask", "attn", "id")  # the trainer's loss_history.jsonl keys worth a chart
+SCORE_PREFIX = "eval/"
+SCORES = ("csim", "face_found", "same_person", "style")  # library/training/training_scores.py's eval/* keys
+SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+
+
+def _guard(n_outputs: int):
+    """Run a handler; on any exception return gr.update() for every output but the last, which gets the
+    error's one line (never a traceback). The handler's last output must be the status text."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the page shows one line for every failure
+                log.debug("handler %s failed", fn.__name__, exc_info=True)
+                rest = [gr.update()] * (n_outputs - 1)
+                return (*rest, training_runs.error_line(exc)) if n_outputs > 1 else training_runs.error_line(exc)
+
+        return inner
+
+    return wrap
+
+
+def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
+    """The Blocks app for `data_dir` (photos) and `output_dir` (runs); every typed path goes through `sandbox`."""
+    ws = Workspace(data_dir)
+    output_dir = Path(output_dir).resolve()
+
+    def run_dir(name: str) -> Path:
+        name = (name or "").strip()
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"output name {one_line(name)!r}: use one folder name, e.g. magicapture")
+        return sandbox.resolve(output_dir / name, write=True)
+
+    # ---------------------------------------------------------------- photos
+    def gallery_items(kind: str) -> list[tuple]:
+        return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
+
+    def photo_views():
+        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k)) for k in KINDS)
+        return gallery_items("source"), gallery_items("reference"), notes
+
+    @_guard(4)
+    def prepare(src_files, ref_files, src_folder, ref_folder, progress=gr.Progress(track_tqdm=True)):
+        lines = []
+        for kind, files, folder in (("source", src_files, src_folder), ("reference", ref_files, ref_folder)):
+            if folder and folder.strip():
+                d = sandbox.resolve(folder)
+                files = [*(files or []), *sorted(str(p) for p in d.iterdir() if p.is_file())]
+            if files:
+                added, refused = photos.add_uploads(ws, kind, files)
+                lines += [f"refused {r}" for r in refused]
+            if any(ws.uploads(kind).glob("*")) if ws.uploads(kind).is_dir() else False:
+                progress(0, desc=f"prepare {kind}")
+                summary = photos.prepare_kind(ws, kind)
+                lines.append(summary.lines()[0])
+        return (*photo_views(), "\n".join(lines) or "no photos given")
+
+    def selected(kind: str, evt: gr.SelectData):
+        rec = ws.items(kind)[evt.index]
+        img = photos.overlay(Path(rec["folder"]), rec["stem"], rec)
+        editor = {"background": img, "layers": [], "composite": img}
+        return {"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec)
+
+    @_guard(5)
+    def toggle_exclude(sel):
+        if not sel:
+            raise ValueError("select a photo first")
+        rec = next(r for r in ws.items(sel["kind"]) if r["stem"] == sel["stem"])
+        ws.set_excluded(sel["kind"], sel["stem"], not rec["excluded"])
+        src, ref, details = photo_views()
+        return src, ref, details, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
+            f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
+
+    @_guard(4)
+    def save_caption(sel, text):
+        if not sel:
+            raise ValueError("select a photo first")
+        ws.set_caption(sel["kind"], sel["stem"], text)
+        return (*photo_views(), f"{sel['stem']}: caption saved")
+
+    @_guard(4)
+    def save_mask(sel, edited):
+        if not sel:
+            raise ValueError("select a photo first")
+        folder = ws.item_folder(sel["kind"], sel["stem"])
+        edited = edited or {}
+        layers = [x for x in edited.get("layers") or [] if x is not None and x.convert("RGBA").getextrema()[3][1] > 0]
+        if not layers and edited.get("background") is not None and edited.get("composite") is not None:
+            painted = photos.strokes(edited["background"], edited["composite"])  # an editor without layers
+            layers = [painted] if painted[..., 3].any() else []
+        if not layers:
+            raise ValueError("paint on the photo first (white: trains, black: does not)")
+        path = ws.save_mask(sel["kind"], sel["stem"], photos.mask_from_editor(folder / f"{sel['stem']}.mask.png", layers))
+        return (*photo_views(), f"{sel['stem']}: mask saved to {path.name} (the original is in original_masks/)")
+
+    # ---------------------------------------------------------------- train
+    def model_changed(path):
+        try:
+            p = sandbox.resolve(path)
+            family, text = presets.identify_model(p)
+        except Exception as exc:  # noqa: BLE001
+            return training_runs.error_line(exc), gr.update()
+        label = presets.preset_for_family(family)
+        return text, (gr.update(value=label) if label else gr.update())
+
+    @_guard(2)
+    def compose(model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights):
+        s = presets.Settings(
+            pretrained=str(sandbox.resolve(model)), source_dir=str(ws.prepared("source")),
+            reference_dir=str(ws.prepared("reference")), output_dir=str(run_dir(name)), output_name=name.strip(),
+            phase1_steps=int(steps1), phase2_steps=int(steps2), source_token=tok_src, reference_token=tok_ref,
+            identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
+        return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
+
+    @_guard(1)
+    def start(name, text, resume=False):
+        out = run_dir(name)
+        training_runs.check_config(text, out, sandbox)
+        pid = training_runs.start_run(text, out, resume=resume)
+        return f"{'resumed' if resume else 'started'} training (process {pid}) in {out}"
+
+    @_guard(1)
+    def stop(name):
+        pid = training_runs.stop_run(run_dir(name))
+        return f"asked process {pid} to stop: it saves a checkpoint after this step (Resume continues from it)"
+
+    def watch(name):
+        try:
+            out = run_dir(name)
+            cfg_total = (0, 0)
+            try:
+                cfg = results.run_config(out)
+                cfg_total = (cfg.phase1.steps, cfg.phase2.steps)
+            except Exception:  # noqa: BLE001 - no config yet: a run not started
+                pass
+            st = training_runs.run_status(out, cfg_total)
+        except Exception as exc:  # noqa: BLE001
+            return training_runs.error_line(exc), None, None, [], [], ""
+        rows, scores = [], []
+        for rec in st.history:
+            x = training_runs.overall_step(int(rec.get("phase", 1)), int(rec["step"]), cfg_total)
+            # every series from the first point (a gap where a record lacks it): the chart keeps the series
+            # of its first drawing, so a term that starts in phase 2 would never show otherwise
+            rows += [{"step": x, "value": float(rec.get(k, "nan")), "term": k} for k in LOSS_TERMS]
+            if any(key.startswith(SCORE_PREFIX) for key in rec):  # scores come on sampling steps only
+                scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
+        losses = pd.DataFrame(rows) if rows else None
+        score_df = pd.DataFrame(scores) if any(r["value"] == r["value"] for r in scores) else None  # NaN != NaN
+        return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
+                [str(p) for p in st.attention[-2:]], st.log_tail)
+
+    # ---------------------------------------------------------------- results
+    @_guard(3)
+    def do_generate(name, prompt, negative, weight, seed, steps, n, upscale, progress=gr.Progress(track_tqdm=True)):
+        out = run_dir(name)
+        paths = results.generate_images(out, prompt, negative, weight, int(seed), int(steps), int(n),
+                                        upscale=float(upscale) if upscale and float(upscale) > 1 else None)
+        return results.gallery(out), downloads(name)[0], f"wrote {len(paths)} image(s) to {out / 'generated'}"
+
+    def downloads(name):
+        try:
+            out = run_dir(name)
+            cfg = results.run_config(out)
+        except Exception as exc:  # noqa: BLE001
+            return None, None, None, training_runs.error_line(exc), ""
+        files = results.trained_files(cfg)
+        lora = files.get("lora")
+        embs = [str(files[w]) for w in (cfg.tokens.source, cfg.tokens.reference) if w in files]
+        prompt = results.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
+        return (str(lora) if lora else None, embs[0] if embs else None, embs[1] if len(embs) > 1 else None,
+                results.usage_lines(cfg), prompt)
+
+    @_guard(2)
+    def do_evaluate(name):
+        out = run_dir(name)
+        rc, tail = results.evaluate(out, ws.prepared("source"), ws.prepared("reference"))
+        summary = results.evaluation_summary(out)
+        if rc != 0:
+            raise RuntimeError(tail.splitlines()[-1] if tail else f"evaluate.py exited with status {rc}")
+        return summary, f"evaluation written to {out / 'evaluation'} (report.html)"
+
+    # ---------------------------------------------------------------- layout
+    with gr.Blocks(title="MagiCapture") as page:
+        gr.Markdown("# MagiCapture\nPhotos -> Train -> Results. Everything is kept in the data and output folders.")
+        selection = gr.State(None)
+        with gr.Tab("Photos", id="photos"):
+            with gr.Row():
+                src_files = gr.File(label="Source photos (the person)", file_count="multiple", file_types=["image"],
+                                    elem_id="src_files")
+                ref_files = gr.File(label="Reference photos (the style)", file_count="multiple", file_types=["image"],
+                                    elem_id="ref_files")
+            with gr.Row():
+                src_folder = gr.Textbox(label="or a folder of source photos", elem_id="src_folder")
+                ref_folder = gr.Textbox(label="or a folder of reference photos", elem_id="ref_folder")
+            prep_btn = gr.Button("Prepare photos", variant="primary", elem_id="prepare")
+            photo_status = gr.Textbox(label="Status", interactive=False, elem_id="photo_status")
+            with gr.Row():
+                src_gallery = gr.Gallery(label="Source (red: the mask that trains; blue: the face box)", columns=5,
+                                         height=300, elem_id="src_gallery", allow_preview=False)
+                ref_gallery = gr.Gallery(label="Reference", columns=5, height=300, elem_id="ref_gallery",
+                                         allow_preview=False)
+            notes = gr.Markdown(elem_id="photo_notes")
+            with gr.Row():
+                editor = gr.ImageEditor(label="Correct the mask: white paints 'trains', black 'does not'",
+                                        type="pil", brush=gr.Brush(colors=["#ffffff", "#000000"], color_mode="fixed"),
+                                        layers=False, interactive=True, elem_id="mask_editor", height=360)
+                with gr.Column():
+                    item_info = gr.Textbox(label="Selected photo", lines=6, interactive=False, elem_id="item_info")
+                    caption = gr.Textbox(label="Caption", elem_id="caption")
+                    with gr.Row():
+                        cap_btn = gr.Button("Save caption", elem_id="save_caption")
+                        excl_btn = gr.Button("Exclude / include", elem_id="exclude")
+                        mask_btn = gr.Button("Save mask", elem_id="save_mask")
+        with gr.Tab("Train", id="train"):
+            with gr.Row():
+                model = gr.Textbox(label="Base model (file or diffusers folder)", elem_id="model")
+                family = gr.Textbox(label="Detected", interactive=False, elem_id="family")
+                preset = gr.Dropdown(list(presets.available_presets()), label="Preset", elem_id="preset",
+                                     value=next(iter(presets.available_presets()), None))
+            with gr.Row():
+                name = gr.Textbox(label="Output name", value="magicapture", elem_id="output_name")
+                steps1 = gr.Number(label="Phase 1 steps", value=1200, precision=0, elem_id="steps1")
+                steps2 = gr.Number(label="Phase 2 steps", value=1500, precision=0, elem_id="steps2")
+                tok_src = gr.Textbox(label="Person token", value="mcv1", elem_id="tok_src")
+                tok_ref = gr.Textbox(label="Style token", value="mcv2", elem_id="tok_ref")
+                id_weights = gr.Textbox(label="Identity network (ArcFace .onnx/.pth)", elem_id="id_weights")
+            compose_btn = gr.Button("Compose config", elem_id="compose")
+            toml_box = gr.Textbox(label="Config (TOML; what Start runs; editable)", lines=14, max_lines=30,
+                                  elem_id="toml")
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
+                resume_btn = gr.Button("Resume", elem_id="resume")
+            train_status = gr.Textbox(label="Status", interactive=False, elem_id="train_status")
+            progress_line = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
+            with gr.Row():
+                # a fixed colour per series, whichever terms a run logs
+                loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot",
+                                        color_map=dict(zip(LOSS_TERMS, SERIES_COLOURS)))
+                score_plot = gr.LinePlot(x="step", y="value", color="score", label="Identity score (samples)",
+                                         elem_id="score_plot", color_map=dict(zip(SCORES, SERIES_COLOURS)))
+            with gr.Row():
+                samples = gr.Gallery(label="Latest samples", columns=4, height=220, elem_id="samples")
+                attention = gr.Gallery(label="Attention", columns=2, height=220, elem_id="attention")
+            log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="log_tail")
+            timer = gr.Timer(POLL_SECONDS)
+        with gr.Tab("Results", id="results") as results_tab:
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt (empty: the composed prompt)", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+            with gr.Row():
+                weight = gr.Slider(0, 1.5, value=results.DEFAULT_LORA_WEIGHT, step=0.05, label="LoRA weight")
+                seed = gr.Number(label="Seed", value=1, precision=0, elem_id="seed")
+                gen_steps = gr.Number(label="Steps", value=25, precision=0, elem_id="gen_steps")
+                n_images = gr.Number(label="Images", value=1, precision=0, elem_id="n_images")
+                upscale = gr.Number(label="Upscale (1 = off)", value=1, elem_id="upscale")
+            gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+            res_status = gr.Textbox(label="Status", interactive=False, elem_id="results_status")
+            res_gallery = gr.Gallery(label="Generated (settings in each caption)", columns=4, height=300,
+                                     elem_id="generated")
+            with gr.Row():
+                dl_lora = gr.DownloadButton("Download LoRA", elem_id="dl_lora")
+                dl_src = gr.DownloadButton("Download person embedding", elem_id="dl_src")
+                dl_ref = gr.DownloadButton("Download style embedding", elem_id="dl_ref")
+            usage = gr.Markdown(elem_id="usage")
+            eval_btn = gr.Button("Evaluate the generated images", elem_id="evaluate")
+            eval_md = gr.Markdown(elem_id="evaluation")
+
+        # events
+        prep_btn.click(prepare, [src_files, ref_files, src_folder, ref_folder],
+                       [src_gallery, ref_gallery, notes, photo_status])
+        def select_source(evt: gr.SelectData):
+            return selected("source", evt)
+
+        def select_reference(evt: gr.SelectData):
+            return selected("reference", evt)
+
+        src_gallery.select(select_source, None, [selection, editor, caption, item_info])
+        ref_gallery.select(select_reference, None, [selection, editor, caption, item_info])
+        excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
+        cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
+        mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
+        model.submit(model_changed, [model], [family, preset])
+        model.blur(model_changed, [model], [family, preset])
+        compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],
+                          [toml_box, train_status])
+        start_btn.click(start, [name, toml_box], [train_status])
+        resume_btn.click(functools.partial(start, resume=True), [name, toml_box], [train_status])
+        stop_btn.click(stop, [name], [train_status])
+        watch_outputs = [progress_line, loss_plot, score_plot, samples, attention, log_tail]
+        timer.tick(watch, [name], watch_outputs)
+        gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
+                      [res_gallery, dl_lora, res_status])
+        name.change(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
+        results_tab.select(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
+        eval_btn.click(do_evaluate, [name], [eval_md, res_status])
+        def on_load(n):
+            try:
+                generated = results.gallery(run_dir(n))
+            except Exception:  # noqa: BLE001 - a bad name shows its error in the other fields
+                generated = []
+            return (*photo_views(), *watch(n), generated, *downloads(n))
+
+        page.load(on_load, [name],
+                  [src_gallery, ref_gallery, notes, *watch_outputs, res_gallery, dl_lora, dl_src, dl_ref, usage,
+                   prompt])
+    return page

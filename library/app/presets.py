@@ -1,0 +1,101 @@
+"""The Train tab's settings: the presets in configs/, the base model's family, and the TOML the page shows
+(the preset with the few settings the page asks for written into it; comments kept)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomlkit
+
+from library.files.messages import one_line
+from library.files.text import read_text_file
+from library.models.family import CONFIGS, family_for
+
+# label -> file in configs/; a preset whose file is missing (another branch writes it) is not offered
+PRESETS = {
+    "paper (SD 1.5)": "magicapture_sd15.toml",
+    "low VRAM (8 GB)": "low_vram.toml",
+    "SDXL": "magicapture_sdxl.toml",
+    "SDXL, low VRAM": "low_vram_sdxl.toml",
+    "demo (tiny model, CPU)": "demo.toml",
+}
+
+
+def available_presets(configs: Path = CONFIGS) -> dict[str, Path]:
+    """The presets whose file exists, label -> path, in PRESETS order."""
+    return {label: configs / name for label, name in PRESETS.items() if (configs / name).is_file()}
+
+
+def preset_for_family(family: str, configs: Path = CONFIGS) -> str | None:
+    """The label of the preset a model of `family` ("sd1", "sdxl") starts from (ModelFamily.preset), or
+    None when the family has none or its file is missing."""
+    try:
+        name = family_for(family).preset
+    except ValueError:
+        return None
+    return next((label for label, path in available_presets(configs).items() if path.name == name), None)
+
+
+def identify_model(path: Path) -> tuple[str, str]:
+    """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers;
+    ModelLoadError (one line) when it is not a model."""
+    from library.models.loading import identify
+
+    kind, _ = identify(Path(path))
+    return kind.family, kind.describe()
+
+
+@dataclass
+class Settings:
+    """What the page asks for; each lands on one TOML key (see :func:`compose`)."""
+
+    pretrained: str
+    source_dir: str
+    reference_dir: str
+    output_dir: str
+    output_name: str
+    phase1_steps: int
+    phase2_steps: int
+    source_token: str = "mcv1"
+    reference_token: str = "mcv2"
+    identity_weights: str = ""
+
+
+def compose(preset_text: str, s: Settings) -> str:
+    """The preset's TOML with the page's settings written into their keys (model.pretrained,
+    data.source_dir / reference_dir, phase1.steps, phase2.steps, tokens.source / reference,
+    loss.identity_weights, output.dir / name); a setting left "" keeps the preset's value, and the
+    preset's comments and other keys are kept.
+    ValueError (one line) when the preset is not valid TOML."""
+    try:
+        doc = tomlkit.parse(preset_text)
+    except tomlkit.exceptions.ParseError as err:
+        raise ValueError(f"the preset is not valid TOML: {one_line(err)}") from None
+    values = {
+        ("model", "pretrained"): s.pretrained,
+        ("data", "source_dir"): s.source_dir,
+        ("data", "reference_dir"): s.reference_dir,
+        ("phase1", "steps"): int(s.phase1_steps),
+        ("phase2", "steps"): int(s.phase2_steps),
+        ("tokens", "source"): s.source_token,
+        ("tokens", "reference"): s.reference_token,
+        ("loss", "identity_weights"): s.identity_weights,
+        ("output", "dir"): s.output_dir,
+        ("output", "name"): s.output_name,
+    }
+    for (section, key), value in values.items():
+        if value == "":
+            continue  # left empty on the page: the preset's value stays (e.g. the demo's identity network)
+        if section not in doc:
+            doc[section] = tomlkit.table()
+        doc[section][key] = value
+    return tomlkit.dumps(doc)
+
+
+def read_preset(label: str, configs: Path = CONFIGS) -> str:
+    """The text of preset `label`; KeyError naming the labels on offer when there is no such preset."""
+    presets = available_presets(configs)
+    if label not in presets:
+        raise KeyError(f"no preset {label!r}; choose one of {', '.join(presets)}")
+    return read_text_file(presets[label])

@@ -1,0 +1,184 @@
+"""What the page knows lives in folders, not in the browser: the prepared photo folders under the data
+folder and the run folders under the output folder. A page reload, a second browser or a restarted
+``app.py`` reads the same state back.
+
+Layout (under ``--data-dir``)::
+
+    photos/<kind>/NAME.jpg        what was uploaded (kind: source or reference)
+    prepared/<kind>/NAME.png ...  dataset_tools.prepare's output (NAME.png, .mask.png, .txt, .json)
+    prepared/<kind>/excluded/     items the user took out of training (the trainer reads only the folder)
+    prepared/<kind>/original_masks/NAME.mask.png   the mask prepare made, kept before the first brush edit
+    prepared/<kind>/app_prepare.json               the last prepare run's skipped files and warnings
+
+Every path typed into the page goes through :class:`Sandbox`: it must resolve (symlinks followed) inside
+the data folder, the output folder or the models folder (read only), else :class:`PathRefused`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.files.atomic import write_bytes, write_text
+from library.files.messages import one_line
+from library.files.text import TextFileError, read_text_file
+
+KINDS = ("source", "reference")
+EXCLUDED = "excluded"
+ORIGINAL_MASKS = "original_masks"
+PREPARE_LOG = "app_prepare.json"
+ITEM_SUFFIXES = (".png", ".mask.png", ".txt", ".json")  # one prepared item = these four files of one stem
+
+
+class PathRefused(ValueError):
+    """A path typed into the page that lies outside the folders the page may use; one line."""
+
+
+class StateError(ValueError):
+    """A request the folders cannot satisfy (no such photo, an unreadable record); one line."""
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The folders the page may touch: `writable` (data, output) and `readable` (those plus models)."""
+
+    writable: tuple[Path, ...]
+    readable: tuple[Path, ...]
+
+    @classmethod
+    def make(cls, data_dir: str | os.PathLike, output_dir: str | os.PathLike,
+             models_dir: str | os.PathLike | None = None) -> Sandbox:
+        """Folders are created if missing (except `models_dir`) and kept as resolved absolute paths."""
+        roots = []
+        for d in (data_dir, output_dir):
+            p = Path(d)
+            p.mkdir(parents=True, exist_ok=True)
+            roots.append(p.resolve())
+        extra = (Path(models_dir).resolve(),) if models_dir else ()
+        return cls(writable=tuple(roots), readable=tuple(roots) + extra)
+
+    def resolve(self, path: str | os.PathLike, write: bool = False, base: Path | None = None) -> Path:
+        """`path` (relative ones are taken from `base`, default the current folder) as an absolute path
+        inside the allowed folders; PathRefused (one line naming the path and the folders) otherwise.
+        Symlinks are followed first, so a link inside pointing outside is refused too."""
+        text = str(path).strip()
+        if not text or "\x00" in text:
+            raise PathRefused(f"{one_line(text)!r}: not a path; give a file or folder inside {self._where(write)}")
+        p = Path(text).expanduser()
+        if not p.is_absolute():
+            p = (base or Path.cwd()) / p
+        real = p.resolve()
+        roots = self.writable if write else self.readable
+        if not any(real == r or r in real.parents for r in roots):
+            raise PathRefused(f"{one_line(text)}: outside the folders this page may {'write' if write else 'read'}; "
+                              f"give a path inside {self._where(write)}")
+        return real
+
+    def _where(self, write: bool) -> str:
+        return " or ".join(str(r) for r in (self.writable if write else self.readable))
+
+
+class Workspace:
+    """The data folder's photo state (see the module docstring); every method reads the folders afresh."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir).resolve()
+
+    def uploads(self, kind: str) -> Path:
+        """Folder of the uploaded photos of `kind` ("source" / "reference")."""
+        return self.data_dir / "photos" / _kind(kind)
+
+    def prepared(self, kind: str) -> Path:
+        """Folder dataset_tools.prepare writes for `kind`; what data.source_dir / reference_dir point at."""
+        return self.data_dir / "prepared" / _kind(kind)
+
+    def items(self, kind: str) -> list[dict]:
+        """Every prepared item of `kind`, included ones first then excluded, each its NAME.json record plus
+        "stem", "excluded" (bool), "caption" (NAME.txt, "" if absent), "mask_edited" (bool) and "folder"."""
+        out = []
+        for excluded, folder in ((False, self.prepared(kind)), (True, self.prepared(kind) / EXCLUDED)):
+            for meta_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                if meta_path.name == PREPARE_LOG or not meta_path.with_suffix(".png").is_file():
+                    continue
+                try:
+                    rec = json.loads(read_text_file(meta_path))
+                except (TextFileError, ValueError, OSError):
+                    continue  # prepare's own listing reports it; the page shows what it can read
+                if not isinstance(rec, dict):
+                    continue
+                stem = meta_path.stem
+                caption = folder / f"{stem}.txt"
+                rec.update(stem=stem, excluded=excluded, folder=str(folder),
+                           caption=read_text_file(caption).strip() if caption.is_file() else "",
+                           mask_edited=(self.prepared(kind) / ORIGINAL_MASKS / f"{stem}.mask.png").is_file())
+                out.append(rec)
+        return out
+
+    def item_folder(self, kind: str, stem: str) -> Path:
+        """The folder holding item `stem` now (prepared or its excluded/); StateError if neither."""
+        _stem(stem)
+        for folder in (self.prepared(kind), self.prepared(kind) / EXCLUDED):
+            if (folder / f"{stem}.json").is_file():
+                return folder
+        raise StateError(f"no prepared photo {stem!r} in {self.prepared(kind)}; prepare the photos again")
+
+    def set_excluded(self, kind: str, stem: str, excluded: bool) -> None:
+        """Move item `stem`'s four files into excluded/ (the trainer does not read subfolders) or back."""
+        src = self.item_folder(kind, stem)
+        dst = self.prepared(kind) / EXCLUDED if excluded else self.prepared(kind)
+        if src == dst:
+            return
+        dst.mkdir(parents=True, exist_ok=True)
+        # the record last (out) / first (back): a NAME.json means every file of NAME is complete
+        order = ITEM_SUFFIXES if excluded else tuple(reversed(ITEM_SUFFIXES))
+        for suffix in order:
+            f = src / f"{stem}{suffix}"
+            if f.is_file():
+                os.replace(f, dst / f.name)
+
+    def set_caption(self, kind: str, stem: str, caption: str) -> None:
+        """Write NAME.txt (one line; line breaks become spaces)."""
+        folder = self.item_folder(kind, stem)
+        write_text(folder / f"{stem}.txt", " ".join(caption.split()) + "\n")
+
+    def save_mask(self, kind: str, stem: str, png: bytes) -> Path:
+        """Replace NAME.mask.png with `png` (8-bit gray PNG bytes, same size as NAME.png); the mask prepare
+        made is copied to original_masks/ the first time. Returns the mask path."""
+        folder = self.item_folder(kind, stem)
+        mask = folder / f"{stem}.mask.png"
+        keep = self.prepared(kind) / ORIGINAL_MASKS / mask.name
+        if mask.is_file() and not keep.is_file():
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mask, keep)
+        write_bytes(mask, png)
+        return mask
+
+    def save_prepare_log(self, kind: str, skipped: list[tuple[str, str]], warnings: list[tuple[str, str]]) -> None:
+        """Keep what the last prepare run said about files that produced no item (and folder-wide notes),
+        so that a reload still shows why a photo is missing."""
+        doc = {"skipped": [list(s) for s in skipped], "warnings": [list(w) for w in warnings]}
+        self.prepared(kind).mkdir(parents=True, exist_ok=True)
+        write_text(self.prepared(kind) / PREPARE_LOG, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
+    def prepare_log(self, kind: str) -> dict:
+        """The last prepare run's {"skipped": [[file, reason]], "warnings": [[file or "", message]]}."""
+        try:
+            doc = json.loads(read_text_file(self.prepared(kind) / PREPARE_LOG))
+        except (FileNotFoundError, TextFileError, ValueError):
+            return {"skipped": [], "warnings": []}
+        return doc if isinstance(doc, dict) else {"skipped": [], "warnings": []}
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise StateError(f"kind must be source or reference, not {one_line(kind)!r}")
+    return kind
+
+
+def _stem(stem: str) -> str:
+    if not stem or "/" in stem or "\\" in stem or stem in (".", "..") or "\x00" in stem:
+        raise PathRefused(f"{one_line(stem)!r}: not a photo name")
+    return stem

@@ -1,0 +1,280 @@
+"""The web page's state handling (library/app): the path sandbox, photo state kept in the prepared folder
+(survives a reload), one training run per output folder, the mask brush, time left, the TOML the page
+composes and the lines that say how to load the files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.app import presets, training_runs
+from library.app.photos import mask_from_editor
+from library.app.state import PathRefused, Sandbox, StateError, Workspace
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def roots(tmp_path):
+    data, out, models = tmp_path / "data", tmp_path / "out", tmp_path / "models"
+    models.mkdir()
+    return Sandbox.make(data, out, models), data, out, models
+
+
+# ------------------------------------------------------------------------------------------------ sandbox
+
+def test_sandbox_accepts_paths_inside_and_refuses_escapes(roots, tmp_path):
+    sb, data, out, models = roots
+    assert sb.resolve(data / "photos" / "a.jpg") == (data / "photos" / "a.jpg").resolve()
+    assert sb.resolve("photos/a.jpg", base=data) == (data / "photos" / "a.jpg").resolve()
+    assert sb.resolve(models / "v1.safetensors") == (models / "v1.safetensors").resolve()
+    for bad in ("/etc/passwd", str(data / ".." / "elsewhere"), "../../etc/passwd", "", "a\x00b"):
+        with pytest.raises(PathRefused):
+            sb.resolve(bad, base=data)
+    # the models folder is read-only for the page
+    with pytest.raises(PathRefused, match="outside the folders this page may write"):
+        sb.resolve(models / "x.toml", write=True)
+    # a symlink inside the data folder that points outside it is followed, then refused
+    (tmp_path / "secret").write_text("x")
+    os.symlink(tmp_path / "secret", data / "link")
+    with pytest.raises(PathRefused):
+        sb.resolve(data / "link")
+
+
+def test_path_refused_is_one_line(roots):
+    sb, *_ = roots
+    with pytest.raises(PathRefused) as err:
+        sb.resolve("/etc/pass\nwd")
+    assert "\n" not in str(err.value) and str(err.value).startswith("/etc/pass / wd: outside")
+
+
+# ------------------------------------------------------------------------------------------------ photos
+
+def _item(folder: Path, stem: str, mask: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.png").write_bytes(_png(np.zeros(mask.shape + (3,), np.uint8)))
+    (folder / f"{stem}.mask.png").write_bytes(_png(mask))
+    (folder / f"{stem}.txt").write_text("a photo of a mcv1 person\n")
+    (folder / f"{stem}.json").write_text(json.dumps({"image": f"{stem}.png", "kind": "source",
+                                                     "warnings": ["small face"], "face_box": [1, 1, 3, 3]}))
+
+
+def test_exclude_caption_and_mask_survive_a_reload(roots):
+    sb, data, *_ = roots
+    ws = Workspace(data)
+    prepared = ws.prepared("source")
+    _item(prepared, "a", np.zeros((4, 4), np.uint8))
+    _item(prepared, "b", np.full((4, 4), 255, np.uint8))
+
+    ws.set_excluded("source", "b", True)
+    ws.set_caption("source", "a", "a photo of\na mcv1 person  smiling")
+    new_mask = _png(np.full((4, 4), 255, np.uint8))
+    ws.save_mask("source", "a", new_mask)
+
+    again = Workspace(data)  # a reload: a new object reading the same folders
+    items = {r["stem"]: r for r in again.items("source")}
+    assert [(r["stem"], r["excluded"]) for r in again.items("source")] == [("a", False), ("b", True)]
+    assert items["a"]["caption"] == "a photo of a mcv1 person smiling"
+    assert items["a"]["mask_edited"] is True and items["b"]["mask_edited"] is False
+    assert items["a"]["warnings"] == ["small face"]
+    # excluded: all four files of b left the folder the trainer reads; the edited mask replaced a's
+    assert sorted(p.name for p in prepared.glob("b*")) == []
+    assert sorted(p.name for p in (prepared / "excluded").iterdir()) == ["b.json", "b.mask.png", "b.png", "b.txt"]
+    assert (prepared / "a.mask.png").read_bytes() == new_mask
+    orig = np.asarray(Image.open(prepared / "original_masks" / "a.mask.png"))
+    assert orig.max() == 0  # the mask prepare made, kept
+
+    again.set_excluded("source", "b", False)
+    assert sorted(p.name for p in prepared.glob("b*")) == ["b.json", "b.mask.png", "b.png", "b.txt"]
+    with pytest.raises(StateError):
+        again.set_caption("source", "zzz", "x")
+    with pytest.raises(PathRefused):
+        again.set_caption("source", "../a", "x")
+
+
+def test_prepare_log_round_trip(roots):
+    _, data, *_ = roots
+    ws = Workspace(data)
+    assert ws.prepare_log("reference") == {"skipped": [], "warnings": []}
+    ws.save_prepare_log("reference", [("x.jpg", "no face found")], [("", "only 1 usable image(s)")])
+    assert Workspace(data).prepare_log("reference") == {"skipped": [["x.jpg", "no face found"]],
+                                                        "warnings": [["", "only 1 usable image(s)"]]}
+
+
+def test_brush_layers_set_and_clear_mask_pixels(tmp_path):
+    mask = np.zeros((3, 4), np.uint8)
+    mask[2, 3] = 255
+    (tmp_path / "m.png").write_bytes(_png(mask))
+    layer = np.zeros((3, 4, 4), np.uint8)
+    layer[0, 1] = (255, 255, 255, 255)  # white stroke: trains
+    layer[2, 3] = (0, 0, 0, 200)  # black stroke: does not train
+    layer[1, 1] = (250, 250, 250, 0)  # transparent: untouched
+    layer[1, 2] = (140, 130, 120, 10)  # light gray (mean 130 >= 128), faint but painted: trains
+    out = np.asarray(Image.open(io.BytesIO(mask_from_editor(tmp_path / "m.png", [layer]))))
+    expected = np.zeros((3, 4), np.uint8)
+    expected[0, 1] = 255
+    expected[1, 2] = 255
+    assert out.tolist() == expected.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """Stands in for the interpreter: ignores train_magicapture.py and sleeps until SIGTERM."""
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/sh\necho started \"$@\"\nexec sleep 30\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python):
+    out = tmp_path / "run"
+    pid = training_runs.start_run("[model]\n", out, python=fake_python)
+    try:
+        lock = json.loads((out / training_runs.LOCK).read_text())
+        assert lock["pid"] == pid and lock["since"] == [1, 0]
+        assert (out / training_runs.CONFIG).read_text() == "[model]\n"
+        with pytest.raises(training_runs.RunRefused, match=rf"process {pid}\) is already using this output folder"):
+            training_runs.start_run("[model]\n", out, python=fake_python)
+        assert training_runs.run_status(out).running is True
+    finally:
+        assert training_runs.stop_run(out) == pid
+    deadline = time.time() + 10
+    while (out / training_runs.LOCK).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (out / training_runs.LOCK).exists()
+    assert training_runs.read_lock(out) is None
+    with pytest.raises(training_runs.RunRefused, match="no training run from this page"):
+        training_runs.stop_run(out)
+    log = (out / training_runs.LOG).read_text()
+    assert log.startswith("started ") and log.split()[-4:] == ["--config", str(out / "app_config.toml"),
+                                                                "--output_dir", str(out)]
+
+
+def test_stale_lock_of_a_dead_process_is_removed(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / training_runs.LOCK).write_text(json.dumps({"pid": proc.pid, "started": 0}))
+    assert training_runs.read_lock(out) is None
+    assert not (out / training_runs.LOCK).exists()
+
+
+def test_status_from_the_output_folder_and_time_left(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"phase": 1, "step": s, "loss": 1.0} for s in (1, 2)] + [{"phase": 2, "step": 3, "loss": 0.5}]
+    (out / "loss_history.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"phase\": 2, \"st")
+    # a command-line run: no lock, not running, no time estimate
+    st = training_runs.run_status(out, (10, 20))
+    assert (st.running, st.phase, st.step, st.seconds_left) == (False, 2, 3, None)
+    assert st.describe() == "stopped: phase 2 step 3/20"
+    assert training_runs.run_status(out, (10, 3)).describe() == "finished: phase 2 step 3/3"
+    # a page run resumed at phase 1 step 4, started 50 s ago: 13 - 4 = 9 steps in 50 s, 30 - 13 = 17 left
+    (out / training_runs.LOCK).write_text(json.dumps({"pid": os.getpid(), "started": 1000.0, "since": [1, 4]}))
+    st = training_runs.run_status(out, (10, 20), now=1050.0)
+    assert st.seconds_left == pytest.approx(17 * 50 / 9)
+    assert st.describe() == "running: phase 2 step 3/20, about 1 min 34 s left"
+
+
+def test_format_seconds():
+    assert [training_runs.format_seconds(s) for s in (4.4, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+def test_compose_writes_the_settings_and_keeps_the_presets_comments():
+    preset = "# the paper's run\n[model]\npretrained = \"models/x.safetensors\"  # a file\n\n[phase1]\nsteps = 1200\n"
+    s = presets.Settings(pretrained="/d/tiny", source_dir="/d/s", reference_dir="/d/r", output_dir="/o/run",
+                         output_name="run", phase1_steps=2, phase2_steps=3, identity_weights="/d/a.pth")
+    text = presets.compose(preset, s)
+    assert text.startswith("# the paper's run\n[model]\npretrained = \"/d/tiny\"  # a file\n")
+    import tomllib
+
+    doc = tomllib.loads(text)
+    assert doc == {"model": {"pretrained": "/d/tiny"}, "phase1": {"steps": 2},
+                   "data": {"source_dir": "/d/s", "reference_dir": "/d/r"}, "phase2": {"steps": 3},
+                   "tokens": {"source": "mcv1", "reference": "mcv2"}, "loss": {"identity_weights": "/d/a.pth"},
+                   "output": {"dir": "/o/run", "name": "run"}}
+    s.identity_weights = ""  # left empty: the preset's value stays
+    kept = tomllib.loads(presets.compose(preset + "[loss]\nidentity_weights = \"d/a.pth\"\n", s))
+    assert kept["loss"] == {"identity_weights": "d/a.pth"}
+
+
+def test_presets_follow_the_family():
+    offered = presets.available_presets()
+    assert offered["paper (SD 1.5)"].name == "magicapture_sd15.toml"
+    assert presets.preset_for_family("sd1") == "paper (SD 1.5)"
+    assert presets.preset_for_family("sdxl") == "SDXL"  # ModelFamily.preset: magicapture_sdxl.toml
+    assert presets.preset_for_family("sd2") is None
+
+
+def test_usage_lines_name_the_files_and_prompts():
+    from library.app.results import usage_lines
+    from library.config import Config
+
+    cfg = Config()
+    cfg.output.name = "me"
+    text = usage_lines(cfg)
+    assert "a photo of a mcv1 person in the style of mcv2 <lora:me:0.6>" in text
+    assert "a photo of a embedding:mcv1 person in the style of embedding:mcv2" in text
+    assert "a photo of a <mcv1> person in the style of <mcv2>" in text
+    assert "`models/loras/`" in text and "`models/Lora/`" in text
+
+
+def test_strokes_are_where_the_composite_differs_from_the_background():
+    from library.app.photos import strokes
+
+    bg = np.full((2, 3, 3), 100, np.uint8)
+    comp = bg.copy()
+    comp[0, 2] = (255, 255, 255)  # a white stroke
+    comp[1, 0] = (104, 100, 100)  # within 8 levels: not a stroke
+    layer = strokes(Image.fromarray(bg), Image.fromarray(comp))
+    assert layer[..., 3].tolist() == [[0, 0, 255], [0, 0, 0]]
+    assert layer[0, 2, :3].tolist() == [255, 255, 255]
+
+
+def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path):
+    sb, data, out, _ = roots
+    for d in ("src", "ref", "model"):
+        (data / d).mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    ok = (f'[model]\npretrained = "{data / "model"}"\n[data]\nsource_dir = "{data / "src"}"\n'
+          f'reference_dir = "{data / "ref"}"\n[output]\ndir = "{out / "run"}"\n')
+    training_runs.check_config(ok, out / "run", sb)  # inside: accepted
+    assert not (out / "run" / ".app_check.toml").exists()
+    with pytest.raises(PathRefused, match=rf"^{outside}: outside the folders this page may read"):
+        training_runs.check_config(ok.replace(str(data / "model"), str(outside)), out / "run", sb)
+    with pytest.raises(PathRefused, match="may write"):
+        training_runs.check_config(ok.replace(str(out / "run"), str(outside)), out / "run", sb)
+
+
+def test_details_list_every_photo_warning_and_skip():
+    from library.app.photos import details_markdown
+
+    items = [{"stem": "a", "excluded": False, "mask_edited": True, "warnings": ["small face", "rotated 90"]},
+             {"stem": "b", "excluded": True, "warnings": []}]
+    log = {"skipped": [["c.jpg", "no face found"]], "warnings": [["", "only 2 usable image(s)"]]}
+    assert details_markdown("source", items, log) == (
+        "**source**: 2 photo(s), 1 training\n\n"
+        "- `a` (trains, mask edited): small face; rotated 90\n"
+        "- `b` (excluded): no warnings\n"
+        "- skipped `c.jpg`: no face found\n"
+        "- note: only 2 usable image(s)\n")
