@@ -110,23 +110,41 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
-def make_inputs(work: Path, tiny: bool) -> dict[str, str]:
-    """Model (single file), random ArcFace and the prepared demo photos under `work`, each written once."""
-    from library.models.tiny import build_components, save_model, save_random_arcface, save_single_file
+def _write_full_size(family: str, single: Path) -> None:
+    """Random full-size weights of `family` as one original-layout file (SD 1.5 or SDXL 1.0 shapes)."""
+    from safetensors.torch import save_file
+
+    from library.files.atomic import write_atomic
+    from library.models.tiny import build_components, save_single_file
+    from library.models.tiny_sdxl import build_sdxl_components, sdxl_to_sgm
+
+    t = time.perf_counter()
+    if family == "sdxl":
+        state = sdxl_to_sgm(build_sdxl_components(full_size=True))
+        write_atomic(single, lambda tmp: save_file(state, str(tmp)))
+    else:
+        save_single_file(build_components(sd15_size=True), single)
+    print(f"wrote {single} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def make_inputs(work: Path, tiny: bool, family: str = "sd1") -> dict[str, str]:
+    """Model (single file of `family`: "sd1" or "sdxl"), random ArcFace and the prepared demo photos under
+    `work`, each written once."""
+    from library.models.tiny import save_model, save_random_arcface
+    from library.models.tiny_sdxl import save_sdxl_model
 
     work.mkdir(parents=True, exist_ok=True)
     inputs = {"arcface": str(work / ("arcface_random.pth" if tiny else "arcface_r50_random.pth"))}
+    name = {"sd1": "sd15", "sdxl": "sdxl"}[family]
     if tiny:  # a single file of the tiny model needs its own component configs: the folder beside it
-        folder, single = work / "tiny_sd", work / "tiny_sd.safetensors"
+        folder, single = work / f"tiny_{name}", work / f"tiny_{name}.safetensors"
         if not single.is_file():
-            save_model(folder)
+            (save_sdxl_model if family == "sdxl" else save_model)(folder)
         inputs |= {"model": str(single), "config_dir": str(folder)}
     else:
-        single = work / "random_sd15.safetensors"
+        single = work / f"random_{name}.safetensors"
         if not single.is_file():
-            t = time.perf_counter()
-            save_single_file(build_components(sd15_size=True), single)
-            print(f"wrote {single} ({time.perf_counter() - t:.0f} s)", flush=True)
+            _write_full_size(family, single)
         inputs |= {"model": str(single), "config_dir": ""}
     if not Path(inputs["arcface"]).is_file():
         if tiny:
@@ -317,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "magicapture_sd15.toml")
     parser.add_argument("--work", type=Path, default=Path("out/paper_schedule"), help="model, photos and runs go here")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (relative numbers only)")
+    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                        help="random weights of this family (give its config too, e.g. configs/magicapture_sdxl.toml)")
     parser.add_argument("--tiny-resolution", type=int, default=64, help="training resolution with --tiny")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="fraction of each phase's steps to run (projected)")
     parser.add_argument("--plain", action="store_true", help="also time the plain loop (same process)")
@@ -329,9 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.steps_scale <= 1:
         parser.error("--steps-scale must be in (0, 1]")
+    if args.family == "sdxl" and (args.plain or args.levers):
+        parser.error("--plain and --levers time bench_train.py's SD 1.5 harness; run them without --family sdxl")
     args.work = args.work.resolve()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
-    report = {"device": device, "model": "tiny (CPU, relative only)" if args.tiny else "SD 1.5-shaped, random weights",
+    shape = {"sd1": "SD 1.5", "sdxl": "SDXL 1.0"}[args.family]
+    report = {"device": device, "model": f"tiny {shape}-shaped (CPU, relative only)" if args.tiny else f"{shape}-shaped, random weights",
               "torch": torch.__version__}
     def save() -> None:  # after every part, so that a run stopped by a time limit keeps what it measured
         if args.json:
@@ -339,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
 
     if not args.skip_schedule:
-        inputs = make_inputs(args.work, args.tiny)
+        inputs = make_inputs(args.work, args.tiny, args.family)
         report["schedule"] = run_schedule(args, inputs)
         save()
         gc.collect()

@@ -92,6 +92,26 @@ def test_two_step_dry_run_writes_every_stage(tmp_path):
     assert s["rates"]["phase2"]["samples_per_s"] == pytest.approx(4 * 3 / timings["seconds"]["phase2"])
 
 
+def test_sdxl_dry_run_trains_the_sdxl_single_file(tmp_path):
+    """--family sdxl: the same public path on an SDXL single file (the tiny one here; SDXL 1.0 shapes on a GPU)."""
+    report_path = tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, "bench/paper_schedule.py", "--tiny", "--family", "sdxl", "--config", "configs/magicapture_sdxl.toml",
+         "--tiny-resolution", "64", "--steps-scale", "0.002", "--work", str(tmp_path / "work"), "--json", str(report_path),
+         "sample.every=0", "logging.tensorboard=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "tiny SDXL 1.0-shaped (CPU, relative only)"
+    out = tmp_path / "work" / "out_magicapture_sdxl"
+    assert json.loads((out / "timings.json").read_text())["steps"] == {"phase1": 2, "phase2": 3}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "magicapture_sdxl.safetensors"), framework="pt") as f:  # kohya's SDXL text-encoder prefixes
+        assert {k.split("_text_model")[0] for k in f.keys() if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+
+
 # ------------------------------------------------------------------ the step path
 @pytest.fixture
 def phase2_trainer(tiny_model, prepared_data, tmp_path):
