@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from dataset_tools.images import ImageLoadError, encode_png, is_image_name, load_image
 from dataset_tools.prepare import PrepareError, Summary, prepare_folder
 from library.app.state import Workspace
+from library.files.images import read_image
 from library.files.messages import one_line
 
 TINT = np.array([255, 60, 60], np.float32)  # the mask's colour over the photo (red: trains)
@@ -59,8 +60,8 @@ def prepare_kind(ws: Workspace, kind: str, identity_weights: str | None = None) 
 
 def overlay(folder: Path, stem: str, rec: dict) -> Image.Image:
     """NAME.png with its mask tinted red (what trains) and the face box drawn; RGB, the photo's size."""
-    rgb = np.asarray(Image.open(folder / f"{stem}.png").convert("RGB"), np.float32)
-    mask = np.asarray(Image.open(folder / f"{stem}.mask.png").convert("L"), np.float32)[..., None] / 255.0
+    rgb = np.asarray(read_image(folder / f"{stem}.png").image, np.float32)
+    mask = np.asarray(read_image(folder / f"{stem}.mask.png", mode="L").image, np.float32)[..., None] / 255.0
     if mask.shape[:2] != rgb.shape[:2]:
         mask = np.zeros(rgb.shape[:2] + (1,), np.float32)
     out = rgb * (1 - TINT_ALPHA * mask) + TINT * (TINT_ALPHA * mask)
@@ -84,7 +85,7 @@ def mask_from_editor(mask_path: Path, layers: list) -> bytes:
     """The new mask: the current NAME.mask.png with each brush layer applied where it was painted
     (alpha > 0): a light stroke (gray >= 128) marks "trains" (255), a dark stroke "does not train" (0).
     `layers`: RGBA arrays [H, W, 4] or PIL images the size of the mask. Returns 8-bit gray PNG bytes."""
-    mask = np.asarray(Image.open(mask_path).convert("L"), np.uint8).copy()
+    mask = np.asarray(read_image(mask_path, mode="L").image, np.uint8).copy()
     for layer in layers or []:
         arr = np.asarray(layer.convert("RGBA") if isinstance(layer, Image.Image) else layer)
         if arr.ndim != 3 or arr.shape[2] != 4:

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from PIL import Image
 
 from library.config import Config, composed_prompt, load_config
+from library.files.images import png_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 
@@ -77,12 +77,7 @@ def gallery(out_dir: Path) -> list[tuple[str, str]]:
     folder = Path(out_dir) / "generated"
     items = []
     for p in sorted(folder.glob("[0-9]*.png"), reverse=True):
-        try:
-            with Image.open(p) as im:
-                text = im.info.get("parameters", "")
-        except OSError:
-            continue
-        items.append((str(p), str(text)))
+        items.append((str(p), png_text(p)))
     return items
 
 

@@ -246,3 +246,13 @@ def read_image(
                 pass
         im.fp = None
     return result
+
+
+def png_text(path: str | os.PathLike, key: str = "parameters") -> str:
+    """A PNG's text chunk `key` (A1111 and generate.py write the generation settings as "parameters");
+    "" when the file has none or cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return str(im.info.get(key, "") or "")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return ""
