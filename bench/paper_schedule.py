@@ -112,16 +112,12 @@ def _run(cmd: list[str]) -> None:
 
 def _write_full_size(family: str, single: Path) -> None:
     """Random full-size weights of `family` as one original-layout file (SD 1.5 or SDXL 1.0 shapes)."""
-    from safetensors.torch import save_file
-
-    from library.files.atomic import write_atomic
     from library.models.tiny import build_components, save_single_file
-    from library.models.tiny_sdxl import build_sdxl_components, sdxl_to_sgm
+    from library.models.tiny_sdxl import build_sdxl_components, save_sdxl_single_file
 
     t = time.perf_counter()
     if family == "sdxl":
-        state = sdxl_to_sgm(build_sdxl_components(full_size=True))
-        write_atomic(single, lambda tmp: save_file(state, str(tmp)))
+        save_sdxl_single_file(build_sdxl_components(full_size=True), single)
     else:
         save_single_file(build_components(sd15_size=True), single)
     print(f"wrote {single} ({time.perf_counter() - t:.0f} s)", flush=True)

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from library.models.loading import ModelLoadError, load_stable_diffusion
 from library.models.sgm_keys import vae_to_original
-from library.models.tiny import TINY_VAE, _sd15_config
+from library.models.family import SD1
+from library.models.tiny import TINY_VAE
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +253,7 @@ def _other_vae(seed: int = 5):
     """An AutoencoderKL of the tiny model's shape with different weights."""
     from diffusers import AutoencoderKL
 
-    cfg = {k: v for k, v in _sd15_config("vae").items() if not k.startswith("_")} | TINY_VAE
+    cfg = {k: v for k, v in SD1.component_config("vae").items() if not k.startswith("_")} | TINY_VAE
     torch.manual_seed(seed)
     return AutoencoderKL(**cfg)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from library.models.family import SDXL
 from library.models.loading import ModelLoadError, load_stable_diffusion
 from library.models.sgm_keys import diffusers_unet_module_path, sgm_unet_module_path
-from library.models.tiny_sdxl import TINY_TEXT_G, TINY_TEXT_L, sdxl_config
+from library.models.tiny_sdxl import TINY_TEXT_G, TINY_TEXT_L
 
 INCOMPLETE = "use a full checkpoint (UNet, VAE and both text encoders), e.g. sd_xl_base_1.0.safetensors"
 
@@ -186,7 +186,7 @@ KOHYA_SDXL = [
 
 
 def test_sgm_unet_module_path_on_sdxl_gives_kohyas_names():
-    config = sdxl_config("unet")  # configs/sdxl/unet: SDXL 1.0's numbers
+    config = SDXL.component_config("unet")  # configs/sdxl/unet: SDXL 1.0's numbers
     for kohya, path in KOHYA_SDXL:
         sgm = sgm_unet_module_path(path, config)
         assert "lora_unet_" + sgm.replace(".", "_") == kohya, path
@@ -199,9 +199,9 @@ def test_sgm_unet_module_path_on_sdxl_gives_kohyas_names():
 
 
 def test_sgm_unet_module_path_on_sd15_numbers_four_levels():
-    from library.models.tiny import _sd15_config
+    from library.models.family import SD1
 
-    config = _sd15_config("unet")
+    config = SD1.component_config("unet")
     pairs = {"down_blocks.2.attentions.0": "input_blocks.7.1", "down_blocks.0.attentions.1": "input_blocks.2.1",
              "up_blocks.1.attentions.0": "output_blocks.3.1", "up_blocks.3.attentions.2": "output_blocks.11.1",
              "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv", "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
@@ -288,7 +288,7 @@ def test_model_vae_for_sdxl_is_shaped_by_the_sdxl_config(tiny_sdxl_model, loaded
 
     folder, single = tiny_sdxl_model
     torch.manual_seed(7)
-    vae = AutoencoderKL(**(sdxl_config("vae") | TINY_VAE))
+    vae = AutoencoderKL(**(SDXL.component_config("vae") | TINY_VAE))
     path = _write(tmp_path / "my_sdxl_vae.safetensors", vae_to_original(vae.state_dict()))
     parts = load_stable_diffusion(str(single), config_dir=folder, vae=str(path))
     got = parts.vae.state_dict()

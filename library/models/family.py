@@ -16,8 +16,11 @@ What a family says:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from library.files.text import read_text_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -84,6 +87,14 @@ class ModelFamily:
     complete_parts: str
     bundle_embedding_keys: tuple[str, ...]
     preset: str
+
+    def component_config(self, component: str) -> dict:
+        """One component's shipped config (``config_dir/<component>/config.json``, or the scheduler's
+        ``scheduler_config.json``) as constructor keyword arguments: diffusers' ``_*`` bookkeeping keys and
+        transformers' ``architectures`` / ``torch_dtype`` dropped. TextFileError for an unreadable file."""
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        raw = json.loads(read_text_file(self.config_dir / component / name))
+        return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
     def encode_prompt(self, text_encoders, input_ids) -> tuple["torch.Tensor", "torch.Tensor | None"]:
         """Prompt ids -> what conditions the UNet: (hidden [B, 77, sum of the encoders' widths], pooled
@@ -194,6 +205,7 @@ SDXL = ModelFamily(
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}
+
 
 
 def family_for(name: str) -> ModelFamily:

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 
 from library.files.atomic import atomic_folder, write_atomic
-from library.files.text import read_text_file
 from library.models.family import SD1
 from library.models.sgm_keys import clip_to_sgm, unet_to_sgm, vae_to_original
 
@@ -41,19 +40,12 @@ TINY_TEXT = dict(
 )
 
 
-def _sd15_config(component: str) -> dict:
-    name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return json.loads(read_text_file(CONFIG_DIR / component / name))
-
-
 def build_components(sd15_size: bool = False, seed: int = 0) -> dict:
     """UNet, VAE, text encoder, tokenizer and DDPM scheduler with random weights from a fixed seed."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet_cfg = {k: v for k, v in _sd15_config("unet").items() if not k.startswith("_")}
-    vae_cfg = {k: v for k, v in _sd15_config("vae").items() if not k.startswith("_")}
-    text_cfg = {k: v for k, v in _sd15_config("text_encoder").items() if k not in ("architectures",)}
+    unet_cfg, vae_cfg, text_cfg = (SD1.component_config(c) for c in ("unet", "vae", "text_encoder"))
     if not sd15_size:
         unet_cfg.update(TINY_UNET)
         vae_cfg.update(TINY_VAE)
@@ -63,7 +55,7 @@ def build_components(sd15_size: bool = False, seed: int = 0) -> dict:
     vae = AutoencoderKL(**vae_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     tokenizer = CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer")
-    sched_cfg = {k: v for k, v in _sd15_config("scheduler").items() if not k.startswith("_")}
+    sched_cfg = SD1.component_config("scheduler")
     scheduler = DDPMScheduler(
         num_train_timesteps=sched_cfg["num_train_timesteps"],
         beta_start=sched_cfg["beta_start"],
@@ -82,7 +74,7 @@ def build_components(sd15_size: bool = False, seed: int = 0) -> dict:
 def unet_to_original(state: dict[str, torch.Tensor], unet_config: dict | None = None) -> dict[str, torch.Tensor]:
     """A diffusers UNet state dict under ``model.diffusion_model.`` in the original block numbering;
     `unet_config` gives the block layout (default: SD 1.5's, which the tiny SD 1.x model shares)."""
-    return unet_to_sgm(state, unet_config or _sd15_config("unet"))
+    return unet_to_sgm(state, unet_config or SD1.component_config("unet"))
 
 
 def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ DEST --sdxl [--full-size]`` does so from the command line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ import torch
 from safetensors.torch import save_file
 
 from library.files.atomic import atomic_folder, write_atomic
-from library.files.text import read_text_file
 from library.models.family import SDXL
 from library.models.sgm_keys import CLIP_L_PREFIX, OPEN_CLIP_PREFIX, clip_to_sgm, open_clip_to_sgm, unet_to_sgm, vae_to_original
 
@@ -47,21 +45,13 @@ TINY_UNET = dict(
 TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], layers_per_block=2, norm_num_groups=8, sample_size=256)
 
 
-def sdxl_config(component: str) -> dict:
-    """One component's config from configs/sdxl (keys starting with '_' and 'architectures' dropped)."""
-    name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    raw = json.loads(read_text_file(CONFIG_DIR / component / name))
-    return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
-
-
 def build_sdxl_components(full_size: bool = False, seed: int = 0) -> dict:
     """unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler with random weights
     from a fixed seed: the keyword arguments of ``StableDiffusionXLPipeline``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    unet_cfg, vae_cfg = sdxl_config("unet"), sdxl_config("vae")
-    text_l, text_g = sdxl_config("text_encoder"), sdxl_config("text_encoder_2")
+    unet_cfg, vae_cfg, text_l, text_g = (SDXL.component_config(c) for c in ("unet", "vae", "text_encoder", "text_encoder_2"))
     if not full_size:
         unet_cfg.update(TINY_UNET)
         vae_cfg.update(TINY_VAE)
@@ -75,7 +65,7 @@ def build_sdxl_components(full_size: bool = False, seed: int = 0) -> dict:
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_g)),
         tokenizer=CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer_2"),
-        scheduler=EulerDiscreteScheduler.from_config(sdxl_config("scheduler")),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL.component_config("scheduler")),
     )
 
 
@@ -91,6 +81,12 @@ def sdxl_to_sgm(components: dict) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
+def save_sdxl_single_file(components: dict, path: Path) -> None:
+    """Write the components as one SGM-layout ``.safetensors`` (:func:`sdxl_to_sgm`), atomically."""
+    state = sdxl_to_sgm(components)
+    write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+
+
 def save_sdxl_model(dest: Path, full_size: bool = False, seed: int = 0) -> tuple[Path, Path]:
     """Write the model as a diffusers ``StableDiffusionXLPipeline`` folder `dest` and as one SGM-layout file
     `dest.safetensors` (both atomically); returns both paths."""
@@ -102,8 +98,7 @@ def save_sdxl_model(dest: Path, full_size: bool = False, seed: int = 0) -> tuple
     with atomic_folder(dest) as tmp_dir:
         StableDiffusionXLPipeline(**components).save_pretrained(tmp_dir, safe_serialization=True)
     single = dest.with_suffix(".safetensors")
-    state = sdxl_to_sgm(components)
-    write_atomic(single, lambda tmp: save_file(state, str(tmp)))
+    save_sdxl_single_file(components, single)
     return dest, single
 
 
