@@ -343,6 +343,7 @@ def test_export_outputs_writes_the_sdxl_files(trained, tmp_path, monkeypatch):
     said = []
     trainer = SimpleNamespace(
         cfg=cfg, family=SDXL, unet=c["unet"], text_encoder=c["text_encoder"], text_encoders=(c["text_encoder"], c["text_encoder_2"]),
+        resolution=cfg.data.resolution,
         token_ids=ids, lora_added=True, model_name="sd_xl_base_1.0.safetensors", vae_name=None, print=said.append,
         model_kind=SimpleNamespace(base_model_version="sdxl_base_v1-0", v_parameterization=False),
     )

@@ -62,8 +62,11 @@ class ModelKind:
 
     @property
     def base_model_version(self) -> str:
-        """kohya's ss_base_model_version."""
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(self.family, self.family)
+        """kohya's ss_base_model_version: the trained families' from :data:`~library.models.family.FAMILIES`;
+        "sd_v2" for SD 2.x, which is identified but not trained."""
+        if self.family in FAMILIES:
+            return FAMILIES[self.family].base_model_version
+        return {"sd2": "sd_v2"}.get(self.family, self.family)
 
     @property
     def v_parameterization(self) -> bool:

@@ -14,7 +14,6 @@ from pathlib import Path
 from library.config import composed_prompt
 from library.export.kohya import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
 from library.files.atomic import remove_tree, stale_temporaries
-from library.models.family import SD1
 from library.models.loading import DTYPES
 from library.training.tokens import token_vectors
 
@@ -65,9 +64,7 @@ def export_outputs(trainer, step: int | None = None) -> Path:
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
     paths = output_paths(cfg, step)
-    # trainers before SDXL support had one text encoder and no family
-    family = getattr(trainer, "family", SD1)
-    encoders = tuple(getattr(trainer, "text_encoders", (trainer.text_encoder,)))
+    family, encoders = trainer.family, trainer.text_encoders
     vectors = {
         word: {key: token_vectors(encoder, trainer.token_ids[word]) for key, encoder in zip(family.embedding_keys, encoders)}
         for word in tokens.values()
@@ -97,7 +94,7 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             tokens=tokens,
             base_model_name=trainer.model_name,
             base_model_hash=file_sha256(pretrained) if pretrained.is_file() else None,
-            base_model_version=trainer.model_kind.base_model_version,
+            base_model_version=family.base_model_version,
             v_parameterization=trainer.model_kind.v_parameterization,
             vae_name=trainer.vae_name,
             vae_hash=file_sha256(vae) if vae is not None and vae.is_file() else None,
@@ -109,8 +106,7 @@ def export_outputs(trainer, step: int | None = None) -> Path:
                 "text_encoder_lr": cfg.phase2.lr_text_encoder,
                 "embedding_lr": cfg.phase2.lr_embeddings,
                 "seed": cfg.train.seed,
-                # data.resolution 0 means the family's side; the trainer knows which it used
-                "resolution": getattr(trainer, "resolution", None) or cfg.data.resolution or None,
+                "resolution": trainer.resolution,  # data.resolution, or the family's side when it is 0
                 "mixed_precision": cfg.train.mixed_precision,
                 "optimizer": cfg.optimizer.name,
                 "composed_prompt": prompt,
