@@ -32,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     from library.training.interrupt import terminate_as_interrupt
     from library.models.loading import ModelLoadError
     from library.training.trainer import TrainingStopped
+    from library.training.run_lock import OutputFolderBusy
+    from library.files.atomic import OutputWriteError
 
     try:
         with terminate_as_interrupt():
             return _train(args)
-    except (ConfigError, DatasetError, ModelLoadError, CheckpointError, TextFileError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelLoadError, CheckpointError, TextFileError, FileNotFoundError,
+            OutputFolderBusy, OutputWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept
@@ -50,25 +53,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from accelerate import PartialState
 
-    from library.config import load_config
+    from library.config import load_config, resolve_path
+    from library.training.preflight import check_run_inputs
     from library.training.resume import prepare_resume
+    from library.training.run_lock import hold_output_folder
     from library.training.trainer import MagiCaptureTrainer
 
     cfg = load_config(args.config, list(args.overrides))
     if args.output_dir:
-        cfg.output.dir = args.output_dir
+        cfg.output.dir = resolve_path(args.output_dir)
     if args.max_steps is not None:
         cfg.phase1.steps = min(cfg.phase1.steps, args.max_steps)
         cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
-    point = None
-    if args.resume is not None:  # checked before the models load and before anything is written
-        point = prepare_resume(cfg, args.resume)
-        if PartialState().is_main_process:
-            for note in point.notes:
-                print(note)
-    MagiCaptureTrainer(cfg).run(resume=point)
+    check_run_inputs(cfg)  # names, model and weights files, prepared folders: before anything loads
+    main_process = PartialState().is_main_process
+    with hold_output_folder(cfg.output.dir) if main_process else nullcontext():
+        point = None
+        if args.resume is not None:  # checked before the models load and before anything is written
+            point = prepare_resume(cfg, args.resume)
+            if main_process:
+                for note in point.notes:
+                    print(note)
+        MagiCaptureTrainer(cfg).run(resume=point)
     return 0
 
 

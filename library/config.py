@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from library.files.text import TextFileError, read_text_file
 from library.files.messages import one_line
 
 
+PATH = {"path": True}  # a key that names a file or folder: resolved to an absolute path when the config loads
+# what an output name may not hold: path separators, what Windows refuses in a file name, control characters
+_NAME_FORBIDDEN = set('/\\:*?"<>|') | {chr(c) for c in range(32)} | {chr(127)}
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that says what to change."""
 
@@ -33,18 +39,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    pretrained: str = ""  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
-    config_dir: str = ""  # component configs + tokenizers for single files; default the family's (configs/sd15, configs/sdxl)
+    pretrained: str = field(default="", metadata=PATH)  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
+    config_dir: str = field(default="", metadata=PATH)  # component configs + tokenizers for single files; default the family's (configs/sd15, configs/sdxl)
     offline: bool = True  # never reach the hub unless this is false
     # a VAE file (.safetensors, original or diffusers layout) or diffusers VAE folder that replaces the
     # checkpoint's; required when the checkpoint ships without one
-    vae: str = ""
+    vae: str = field(default="", metadata=PATH)
 
 
 @dataclass
 class DataConfig:
-    source_dir: str = ""
-    reference_dir: str = ""
+    source_dir: str = field(default="", metadata=PATH)
+    reference_dir: str = field(default="", metadata=PATH)
     resolution: int = 0  # training side, pixels; 0: the model family's (512 SD 1.x, 1024 SDXL)
     flip: bool = True  # cache horizontally flipped latents too
     captions: str = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
@@ -109,7 +115,7 @@ class LossConfig:
     id_weight: float = 0.25
     id_max_timestep: int = 800
     id_tasks: list[str] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
-    identity_weights: str = ""  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
+    identity_weights: str = field(default="", metadata=PATH)  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
     id_decode_window: bool = True  # decode only the latent window around the face
     id_face: str = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
 
@@ -145,7 +151,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "out/magicapture"
+    dir: str = field(default="out/magicapture", metadata=PATH)
     name: str = "magicapture"
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -176,8 +182,8 @@ class LoggingConfig:
 
 @dataclass
 class EvaluationConfig:
-    clip: str = ""  # CLIP ViT-L/14 folder (transformers layout) for the style and aesthetic scores; empty: skipped
-    aesthetic: str = ""  # LAION improved aesthetic predictor .pth (sac+logos+ava1-l14-linearMSE.pth); empty: skipped
+    clip: str = field(default="", metadata=PATH)  # CLIP ViT-L/14 folder (transformers layout) for the style and aesthetic scores; empty: skipped
+    aesthetic: str = field(default="", metadata=PATH)  # LAION improved aesthetic predictor .pth (sac+logos+ava1-l14-linearMSE.pth); empty: skipped
 
 
 @dataclass
@@ -263,6 +269,62 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def path_keys() -> list[str]:
+    """The dotted names of the keys that name a file or folder (``model.pretrained``, ``data.source_dir``,
+    ``output.dir``, ...): the fields marked ``PATH``."""
+    sections = typing.get_type_hints(Config)
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config) if not section.metadata.get("internal")
+            for f in dataclasses.fields(sections[section.name]) if f.metadata.get("path")]
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    """'runwayml/stable-diffusion-v1-5': an `owner/name` that is not on disk and not written as a path."""
+    return (not Path(value).expanduser().exists() and value.count("/") == 1 and not Path(value).suffix
+            and not value.startswith((".", "/", "~")))
+
+
+def resolve_path(value: str) -> str:
+    """A path key's value as an absolute path: ``~`` expanded, relative to the working directory (the rule of
+    kohya's scripts), ``..`` folded, links kept. Empty stays empty."""
+    return os.path.abspath(os.path.expanduser(value)) if value else value
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Make every path key of `cfg` absolute (:func:`resolve_path`) in place, so that what the run records
+    (effective_config.toml, each checkpoint's config.toml) reads the same from any working directory.
+    A model.pretrained that is a hub id (``owner/name``, not on disk) is left as it is."""
+    for dotted in path_keys():
+        section, key = dotted.split(".")
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if dotted == "model.pretrained" and _looks_like_hub_id(value):
+            continue
+        setattr(obj, key, resolve_path(value))
+
+
+def _check_output_name(name: str, origin: str) -> None:
+    """output.name becomes file names (NAME.safetensors, NAME-step00000500.safetensors): one plain name."""
+    bad = sorted({c for c in name if c in _NAME_FORBIDDEN})
+    if not name.strip():
+        raise ConfigError(f"{origin}: output.name is empty: give the LoRA a name, e.g. my_portrait "
+                          f"(it becomes my_portrait.safetensors)")
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ConfigError(f"{origin}: output.name = {name!r} holds {shown}: a file name, not a path; put the folder "
+                          f"in output.dir and a plain name here, e.g. my_portrait")
+    if name.startswith(".") or name != name.strip() or name.endswith("."):
+        raise ConfigError(f"{origin}: output.name = {name!r}: a name may not start with a dot (a hidden file) or start "
+                          f"or end with a space or a dot; use e.g. my_portrait")
+    if len(name.encode("utf-8")) > 200:
+        raise ConfigError(f"{origin}: output.name is {len(name.encode('utf-8'))} bytes long: file systems allow 255 "
+                          f"with the step suffix and extension; use a shorter name")
+
+
+_ESCAPE_ERRORS = ("Invalid hex value", "Unescaped '\\'", "escape")
+WINDOWS_PATH_HINT = ("a backslash inside double quotes starts an escape in TOML: write Windows paths in single "
+                     "quotes ('C:\\Users\\me\\model.safetensors') or with forward slashes (\"C:/Users/me/model.safetensors\")")
+
+
 def validate(cfg: Config, origin: str) -> None:
     for phase_name in ("phase1", "phase2"):
         phase = getattr(cfg, phase_name)
@@ -277,6 +339,12 @@ def validate(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: output.save_lora_every = {cfg.output.save_lora_every}: use 0 (off) or a step count")
     if "composed" in cfg.phase1.tasks:
         raise ConfigError(f"{origin}: phase1.tasks: the composed task needs the LoRA phase (phase2) only")
+    _check_output_name(cfg.output.name, origin)
+    for dotted in path_keys():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if any(c in value for c in "\t\n\r\b\f\v"):  # "C:\temp" in double quotes is C:<tab>emp
+            raise ConfigError(f"{origin}: {dotted} = {value!r} holds a control character; {WINDOWS_PATH_HINT}")
     if cfg.tokens.source == cfg.tokens.reference:
         raise ConfigError(f"{origin}: tokens.source and tokens.reference must differ")
     for name in ("source", "reference"):
@@ -323,7 +391,13 @@ def validate(cfg: Config, origin: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Read a TOML file (relative paths inside it are relative to the working directory, as kohya's)."""
+    """Read a TOML file and `overrides` (``section.key=value``) into a Config.
+
+    Relative paths (in the file or the overrides) are relative to the working directory, as in kohya's
+    scripts, and are made absolute here (:func:`resolve_paths`): the Config, and everything a run writes
+    from it, holds absolute paths. With `check_paths`, :func:`validate` also checks that the input
+    folders and files exist. Raises ConfigError (one line naming the file and the key).
+    """
     cfg = Config()
     origin = str(path) if path else "<defaults>"
     if path is not None:
@@ -334,7 +408,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
         except TextFileError as err:
             raise ConfigError(str(err)) from None
         except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+            hint = f"; {WINDOWS_PATH_HINT}" if any(e in str(err) for e in _ESCAPE_ERRORS) else ""
+            raise ConfigError(f"{path}: not valid TOML: {err}{hint}") from None
         except RecursionError:  # tomllib parses nested arrays and inline tables recursively
             raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
         for section, values in data.items():
@@ -346,6 +421,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
         section, key, value = _parse_override(text)
         _apply(cfg, section, key, value, "command line")
     cfg.source_file = origin
+    resolve_paths(cfg)
     if check_paths:
         validate(cfg, origin)
     return cfg

@@ -12,8 +12,9 @@ production code has none):
 - ``kill:P:S``: SIGKILL right after phase P's step S has been computed (before anything saves it)
 - ``term:P:S`` / ``int:P:S``: SIGTERM / SIGINT to itself during phase P's step S
 - ``int2:P:S``: SIGINT twice during phase P's step S (Ctrl-C pressed again: stop at once)
-- ``write:TEXT``: when a file whose path contains TEXT is written (safetensors' `save_file` or
-  `torch.save`), leave half of it on disk, then SIGKILL: a kill in the middle of a write
+- ``write:TEXT``: when a file whose path contains TEXT is written (the one writer's `write_bytes`, which
+  every safetensors, torch and text output goes through), leave half of it on disk, then SIGKILL: a
+  kill in the middle of a write
 - ``term-at-load``: SIGTERM while the base model loads, before any training
 """
 
@@ -28,10 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _die_half_written(path: str) -> None:
-    os.truncate(path, os.path.getsize(path) // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def install_hook(hook: str) -> None:
@@ -55,25 +52,18 @@ def install_hook(hook: str) -> None:
 
         MagiCaptureTrainer.optimizer_step = optimizer_step
     elif kind == "write":
-        import safetensors.torch
-        import torch
+        import library.files.atomic as atomic
 
-        real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
+        real_write_bytes = atomic.write_bytes
 
-        def save_file(tensors, filename, *args, **kwargs):
-            real_save_file(tensors, filename, *args, **kwargs)
-            if arg in str(filename):
-                _die_half_written(str(filename))
+        def write_bytes(path, data):  # every output's bytes pass here (write_safetensors, write_torch, write_text)
+            if arg not in str(path):
+                return real_write_bytes(path, data)
+            with atomic.atomic_path(path) as tmp:  # the temporary the real writer would fill, half filled
+                tmp.write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
 
-        def torch_save(obj, f, *args, **kwargs):
-            real_torch_save(obj, f, *args, **kwargs)
-            if isinstance(f, (str, os.PathLike)) and arg in str(f):
-                _die_half_written(str(f))
-
-        safetensors.torch.save_file, torch.save = save_file, torch_save
-        for module in list(sys.modules.values()):  # modules that imported the name before the hook
-            if getattr(module, "__name__", "").startswith("library.") and getattr(module, "save_file", None) is real_save_file:
-                module.save_file = save_file
+        atomic.write_bytes = write_bytes
     elif kind == "term-at-load":
         import library.training.trainer
 

@@ -64,7 +64,8 @@ def test_missing_paths_and_bad_values(tmp_path):
 def test_overrides_and_effective_config_roundtrip(tmp_path):
     path = write(tmp_path, "")
     cfg = load_config(path, ["phase2.steps=7", "output.dir=out/x", "loss.attn_weight=0", "train.mixed_precision=bf16"])
-    assert (cfg.phase2.steps, cfg.output.dir, cfg.loss.attn_weight) == (7, "out/x", 0.0)
+    # a relative path is relative to the working directory, and held (and recorded) absolute
+    assert (cfg.phase2.steps, cfg.output.dir, cfg.loss.attn_weight) == (7, str(Path.cwd() / "out" / "x"), 0.0)
     save_config(cfg, tmp_path / "eff.toml")
     again = load_config(tmp_path / "eff.toml")
     assert again.to_dict() == cfg.to_dict()

@@ -493,7 +493,9 @@ def test_metadata(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    import safetensors.torch
+    import errno
+
+    from library.files.atomic import OutputWriteError
 
     path = tmp_path / "run.safetensors"
     sd = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.ones(3, 2),
@@ -501,13 +503,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     export.save_lora(path, sd, {"ss_network_module": "networks.lora"})
     before = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+    real_write_bytes = Path.write_bytes
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError):
+    def disk_full(self, data):  # half the file reaches the disk, then the disk is full
+        real_write_bytes(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OutputWriteError, match=f"^cannot write run.safetensors in {tmp_path}: No space left on device; "):
         export.save_lora(path, {k: v * 2 for k, v in sd.items()}, {"ss_network_module": "networks.lora"})
+    monkeypatch.undo()
     assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
     with pytest.raises(TypeError):
         export.save_lora(tmp_path / "bad.safetensors", sd, {"ss_network_dim": 4})

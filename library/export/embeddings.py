@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from library.files.atomic import write_atomic
+from library.files.atomic import write_safetensors, write_torch
 from library.files.weights import load_pickled_weights, open_safetensors
 from library.models.family import FAMILIES, SD1, ModelFamily
 
@@ -100,13 +100,12 @@ def save_embedding(
             "sd_checkpoint": None,
             "sd_checkpoint_name": None,
         }
-        return write_atomic(path, lambda tmp: torch.save(data, str(tmp)))
-    from safetensors.torch import save_file
+        return write_torch(path, data)
 
     first = next(iter(vecs.values()))
     meta = {"name": token, "step": str(int(step)), "vectors": str(first.shape[0]),
             "dim": ",".join(str(v.shape[1]) for v in vecs.values())}
-    return write_atomic(path, lambda tmp: save_file(vecs, str(tmp), metadata=meta))
+    return write_safetensors(path, vecs, meta)
 
 
 def _file_vectors(path: Path) -> tuple[str, dict[str, torch.Tensor] | torch.Tensor]:

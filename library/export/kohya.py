@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from library.files.atomic import write_atomic
+from library.files.atomic import write_safetensors
 from library.files.weights import open_safetensors
 from library.models.family import SD1, ModelFamily
 from library.models.sgm_keys import sgm_unet_module_path
@@ -226,7 +226,6 @@ def save_lora(
     diffusers' kohya loader refuses such a file). The sshs_* hashes are recomputed over the tensors
     actually written (bundled embeddings included), so they always match the file.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -237,7 +236,7 @@ def save_lora(
         raise TypeError(f"metadata values must be strings: {bad}")
     if meta:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = precalculate_safetensors_hashes(tensors, meta)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta or None))
+    write_safetensors(path, tensors, meta or None)
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

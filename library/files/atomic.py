@@ -13,6 +13,8 @@ another user (a Docker container, a shared server) could not read the outputs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import re
 import shutil
@@ -21,9 +23,45 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 __all__ = [
-    "atomic_folder", "atomic_path", "current_umask", "file_mode", "folder_mode", "write_atomic", "write_bytes",
-    "write_text",
+    "OutputWriteError", "append_text", "atomic_folder", "atomic_path", "current_umask", "ensure_folder", "file_mode",
+    "folder_mode", "write_atomic", "write_bytes", "write_safetensors", "write_text", "write_torch",
 ]
+
+# what to do about a failed write, by errno; the rest get the system's own words only
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free some space on that disk, or set output.dir to a folder on another disk",
+    errno.EDQUOT: "your disk quota is used up: free some space, or set output.dir to a folder on another disk",
+    errno.EFBIG: "the file is larger than this file system allows; set output.dir to a folder on another disk",
+    errno.EROFS: "that disk is mounted read-only; set output.dir to a folder you can write to",
+    errno.EACCES: "you may not write there; set output.dir to a folder you can write to",
+    errno.EPERM: "you may not write there; set output.dir to a folder you can write to",
+    errno.EIO: "the disk reported an input/output error; check it, or set output.dir to another disk",
+}
+
+
+class OutputWriteError(OSError):
+    """A file or folder could not be written (no space, read-only, quota, permissions); str() is one line
+    naming the folder, what was being written and what to do. Nothing half-written is left under the name.
+    Keeps the cause's errno, so ``except OSError`` still catches it."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError, what: str = ""):
+        path = Path(path)
+        code = cause.errno or 0
+        self.reason = getattr(cause, "reason", None) or cause.strerror or str(cause) or type(cause).__name__
+        advice = _WRITE_ADVICE.get(code, "check the disk and the folder's permissions")
+        self.path, self.what = path, what or path.name
+        self.message = f"cannot write {self.what} in {path.parent}: {self.reason}; {advice}"
+        super().__init__(code, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _write_failure(path: Path, err: BaseException, what: str = "") -> BaseException:
+    """`err` as an OutputWriteError about `path` when it is an OSError (already one: unchanged); else `err`."""
+    if isinstance(err, OutputWriteError) or not isinstance(err, OSError) or isinstance(err, FileNotFoundError):
+        return err
+    return OutputWriteError(path, err, what)
 
 
 def current_umask() -> int:
@@ -89,7 +127,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     prefix, suffix = _temporary_name(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    except OSError as err:
+        raise _write_failure(path, err) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -97,10 +138,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_file(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise
+        failure = _write_failure(path, err)
+        if failure is err:
+            raise
+        raise failure from None
     # The folder is not fsynced after the rename: that would only make the rename itself survive a power
     # cut (without it the old complete file may come back, which is fine), and it costs ~4 ms a file,
     # 20 ms per prepared photo.
@@ -122,6 +166,49 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` as UTF-8 (no BOM, newlines as given) to `path` atomically; returns `path`."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` ({name: torch tensor}) as a .safetensors file at `path`, atomically; returns `path`.
+
+    The file is serialised in memory first (``safetensors.torch.save``), so that a failed write is the
+    operating system's error (one line, :class:`OutputWriteError`) and not the serialiser's."""
+    from safetensors.torch import save
+
+    return write_bytes(path, save(tensors, metadata=metadata))
+
+
+def write_torch(path: str | os.PathLike, obj: object) -> Path:
+    """``torch.save(obj)`` to `path`, atomically; returns `path`. Serialised in memory first, for the same
+    reason as :func:`write_safetensors` (torch's zip writer reports a full disk as a RuntimeError)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getvalue())
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path`, creating it with an ordinary mode; a failed write is an
+    :class:`OutputWriteError`. Not atomic: for logs read line by line, where a cut-short last line is skipped."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise _write_failure(path, err) from None
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p`` with an ordinary mode; a folder that cannot be made is an :class:`OutputWriteError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputWriteError(path, OSError(errno.ENOTDIR, "a file of that name is in the way"), "the folder") from None
+    except OSError as err:
+        raise OutputWriteError(path, err, f"the folder {path.name}") from None
+    return path
 
 
 def _finish_tree(root: Path) -> None:
@@ -148,11 +235,15 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     fsynced before the rename. An existing `path` is replaced: it is moved aside first and removed only
     after the new folder is in place, so `path` is missing for two renames at most; if the second rename
     fails the old folder is put back. If the block raises, the temporary folder is removed and `path` is
-    left as it was. The parent folder must exist.
+    left as it was; an OSError propagates as an :class:`OutputWriteError` naming `path`. The parent
+    folder must exist.
     """
     path = Path(path)
     prefix, suffix = _temporary_name(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
+    except OSError as err:
+        raise _write_failure(path, err) from None
     aside: Path | None = None
     try:
         yield tmp
@@ -167,11 +258,18 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
                 os.replace(aside, path)
                 aside = None
             raise
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if aside is not None and path.exists():  # the move aside itself failed: drop its placeholder
             shutil.rmtree(aside, ignore_errors=True)
-        raise
+        if isinstance(err, OutputWriteError) and tmp in err.path.parents:  # a file inside: named in the final folder
+            inner = err.path.relative_to(tmp)
+            err = OutputWriteError(path / inner, err, f"{path.name}/{inner}")
+            raise err from None
+        failure = _write_failure(path, err)
+        if failure is err:
+            raise
+        raise failure from None
     _fsync_folder(path.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

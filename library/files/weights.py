@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from library.files.messages import one_line
 
-__all__ = ["WeightsFileError", "describe_load_error", "load_pickled_weights", "load_safetensors", "open_safetensors"]
+__all__ = ["WeightsFileError", "check_weights_file", "describe_load_error", "load_pickled_weights", "load_safetensors",
+           "non_finite_summary", "not_weights", "open_safetensors"]
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _UNSUPPORTED = re.compile(r"WeightsUnpickler error:\s*(\S.*?)\s*(?:\n|$)")
@@ -96,10 +97,13 @@ def load_pickled_weights(path: str | os.PathLike) -> Any:
         raise WeightsFileError(path, "not enough memory to read it") from None
     except Exception as err:  # noqa: BLE001 - every failure of a weights file is one line
         refused, why = _load_failure(err)
-        raise WeightsFileError(path, why, refused=refused) from None
+        raise WeightsFileError(path, not_weights(path) or why, refused=refused) from None
 
 
 def _safetensors_error(path: Path, err: BaseException) -> WeightsFileError:
+    instead = not_weights(path)
+    if instead:
+        return WeightsFileError(path, instead)
     text = one_line(err, 200).removeprefix("Error while deserializing header: ")
     return WeightsFileError(path, f"not a readable .safetensors file ({text})")
 
@@ -128,3 +132,110 @@ def load_safetensors(path: str | os.PathLike) -> dict:
     """Every tensor of a .safetensors file on the CPU, {name: tensor}; errors as `open_safetensors`."""
     with open_safetensors(path) as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# --------------------------------------------------------------------------------------------------
+# what a file is when it is not weights, and the cheap check a run makes of every weights file it needs
+
+_SNIFF_BYTES = 1024
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def not_weights(path: str | os.PathLike) -> str | None:
+    """What `path` is when its first bytes show it cannot be weights, as one line with the fix; None when
+    they could be.
+
+    Reads at most 1 KiB. Recognised: an empty file; a Git LFS pointer (a clone without ``git lfs pull``,
+    or a download of the pointer: ``version https://git-lfs.github.com/spec/v1``, ``oid``, ``size``); a web
+    page (a download that saved the site's HTML, e.g. a login or an error page); any other text file
+    (weights files are binary: safetensors start with a little-endian length, pickles with ``0x80``, torch
+    zips with ``PK``).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return None  # the caller's own reader says why it cannot be read
+    if not head:
+        return "an empty file (0 bytes); download it again"
+    if head.startswith(_LFS_POINTER):
+        size = re.search(rb"\nsize (\d+)", head)
+        real = f" of a {int(size.group(1)) / 2**30:.2f} GiB file" if size else ""
+        return (f"a Git LFS pointer{real} ({os.path.getsize(path)} bytes), not the weights; run `git lfs pull` "
+                f"in the repository it came from, or download the file itself")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:256]:
+        return ("a web page (HTML), not weights: the download saved a page (a login, an error or the model's "
+                "page) instead of the file; download the file itself (on Hugging Face the 'download' link, /resolve/)")
+    if text and all(32 <= b < 127 or b in b"\t\r\n" for b in head[:256]) and not head.startswith((b"PK", b"\x80")):
+        # a safetensors header length would need 8 printable bytes: a header of over 2**61 bytes
+        return f"a text file ({one_line(head[:40].decode('ascii'), 60)!r}...), not weights; download the file itself"
+    return None
+
+
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Check, cheaply, that a weights file could be read, before anything is built from it.
+
+    Reads the first KiB (:func:`not_weights`), and by suffix: a ``.safetensors`` header through
+    ``safe_open`` (its length against 100 MB and the file size, every tensor's byte range inside the
+    file: a truncated file fails here), a torch zip's central directory (a truncated ``.ckpt`` / ``.pt`` /
+    ``.pth`` / ``.bin`` fails here). No tensor data is read: memory stays at the header's size.
+    Raises FileNotFoundError for a missing file and WeightsFileError (one line naming the file) otherwise.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    instead = not_weights(path)
+    if instead:
+        raise WeightsFileError(path, instead)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        with open_safetensors(path):
+            pass
+    elif suffix in _PICKLE_SUFFIXES:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic.startswith(b"PK"):
+            try:
+                with zipfile.ZipFile(path) as archive:  # reads the central directory at the file's end only
+                    archive.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+                raise WeightsFileError(path, f"truncated or corrupt (its zip archive is incomplete: {one_line(err, 80)}); "
+                                             "download it again") from None
+        elif not magic.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
+            raise WeightsFileError(path, "not a PyTorch weights file (neither a zip archive nor a pickle); "
+                                         "download it again")
+
+
+def non_finite_summary(tensors: dict[str, Any]) -> str | None:
+    """None when every floating-point tensor in `tensors` (nested dicts and lists are searched, e.g. an
+    optimiser state) is finite; else one line such as ``23104 NaN and 0 infinite values in 12 tensors
+    (first: lora_unet_...)``."""
+    import torch
+
+    nan = inf = count = 0
+    first = ""
+
+    def visit(name: str, value: Any) -> None:
+        nonlocal nan, inf, count, first
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.numel():
+                bad_nan = int(torch.isnan(value).sum())
+                bad_inf = int(torch.isinf(value).sum())
+                if bad_nan or bad_inf:
+                    nan, inf, count = nan + bad_nan, inf + bad_inf, count + 1
+                    first = first or name
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{name}.{i}" if name else str(i), item)
+
+    visit("", tensors)
+    if not count:
+        return None
+    return f"{nan} NaN and {inf} infinite values in {count} tensor{'s' if count > 1 else ''} (first: {one_line(first, 120)})"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from library.files.text import TextFileError, read_text_file
-from library.files.weights import WeightsFileError, open_safetensors
+from library.files.weights import WeightsFileError, check_weights_file, open_safetensors
 from library.models.family import FAMILIES
 
 UNET_PREFIX = "model.diffusion_model."
@@ -220,8 +220,23 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 # diffusers folders
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what diffusers and transformers read from a component folder
+
+
 def _has_weights(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
+    """Whether a component folder holds a weights file, each one checked cheaply (check_weights_file):
+    a Git LFS pointer, a web page or a truncated file is a one-line ModelLoadError here, before any
+    component is built, not when diffusers reaches that component."""
+    if not folder.is_dir():
+        return False
+    files = [p for p in sorted(folder.iterdir()) if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    for file in files:
+        try:
+            check_weights_file(file)
+        except WeightsFileError as err:
+            raise ModelLoadError(str(err)) from None
+    return bool(files)
 
 
 def identify_configs(model_index: dict, configs: Mapping[str, dict | None], check_weights: Path | None = None) -> ModelKind:
@@ -290,6 +305,61 @@ def identify_folder(folder: Path, check_weights: bool = True) -> ModelKind:
                              "give a diffusers folder or an SD 1.x or SDXL .safetensors file")
     index, configs = read_folder_configs(folder)
     return identify_configs(index, configs, folder if check_weights else None)
+
+
+def local_model_path(pretrained: str, offline: bool) -> Path | None:
+    """model.pretrained as a local folder or single file, or None for a hub id (allowed when not `offline`).
+
+    Raises ModelLoadError (one line) for a path that does not exist or is not a model file, and for a hub
+    id while `offline`.
+    """
+    path = Path(pretrained)
+    if path.is_dir() or (path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()):
+        return path
+    if path.suffix or path.exists() or str(pretrained).startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x or SDXL .safetensors file"
+        )
+    if offline:
+        raise ModelLoadError(
+            f"'{pretrained}' looks like a hub id but model.offline is true; set model.offline = false "
+            "to download, or give a local folder or .safetensors file"
+        )
+    return None
+
+
+def check_model_files(pretrained: str, vae: str = "", offline: bool = True) -> ModelKind | None:
+    """The cheap check of the base model (and `vae`, model.vae) before anything is loaded: every weights
+    file it will read is checked (:func:`~library.files.weights.check_weights_file`: no Git LFS pointer,
+    web page, truncated file or lying header) and the model identified from its header or configs and
+    refused if it cannot train (:func:`check_trainable`). Returns its kind; None for a pickled checkpoint
+    (identified when it is read, the only way to see its keys) or a hub id.
+
+    Reads headers and the first KiB of each file only. Raises ModelLoadError, one line naming the file.
+    """
+    path = local_model_path(pretrained, offline)
+    kind = None
+    if path is not None and path.is_dir():
+        kind = identify_folder(path)
+    elif path is not None:
+        try:
+            check_weights_file(path)
+        except WeightsFileError as err:
+            raise ModelLoadError(str(err)) from None
+        if path.suffix.lower() == ".safetensors":
+            kind = identify_state(safetensors_shapes(path), sidecar_parameterization(path))
+    if kind is not None:
+        check_trainable(kind, str(pretrained), vae_given=bool(vae))
+    if vae:
+        vae_path = Path(vae)
+        if vae_path.is_dir():
+            _has_weights(vae_path if (vae_path / "config.json").is_file() else vae_path / "vae")
+        else:
+            try:
+                check_weights_file(vae_path)
+            except (WeightsFileError, FileNotFoundError) as err:
+                raise ModelLoadError(f"model.vae: {err}") from None
+    return kind
 
 
 # --------------------------------------------------------------------------------------------------

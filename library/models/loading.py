@@ -24,9 +24,11 @@ from library.models.kind import (  # ModelLoadError re-exported: callers catch i
     SD1_EPSILON,
     ModelKind,
     ModelLoadError,
+    SINGLE_FILE_SUFFIXES,
     check_trainable,
     identify_folder,
     identify_state,
+    local_model_path,
     read_json,
     safetensors_shapes,
     sidecar_parameterization,
@@ -34,7 +36,6 @@ from library.models.kind import (  # ModelLoadError re-exported: callers catch i
 
 __all__ = ["DTYPES", "ModelLoadError", "StableDiffusionParts", "load_stable_diffusion", "load_vae"]
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # config names -> torch
 
 
@@ -242,18 +243,10 @@ def load_stable_diffusion(
 
     path = Path(pretrained)
     state = None
-    is_file = path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
-    if path.is_dir() or is_file:
+    local = local_model_path(pretrained, offline)
+    is_file = local is not None and local.is_file()
+    if local is not None:
         kind, state = identify(path)
-    elif path.suffix or path.exists() or str(pretrained).startswith((".", "/")):
-        raise ModelLoadError(
-            f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x or SDXL .safetensors file"
-        )
-    elif offline:
-        raise ModelLoadError(
-            f"'{pretrained}' looks like a hub id but model.offline is true; set model.offline = false "
-            "to download, or give a local folder or .safetensors file"
-        )
     else:
         kind = _hub_kind(pretrained)
     check_trainable(kind, str(pretrained), vae_given=bool(vae))

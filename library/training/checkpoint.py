@@ -20,12 +20,11 @@ from pathlib import Path
 
 import toml
 import torch
-from safetensors.torch import save_file
-
-from library.files.atomic import atomic_folder, remove_tree, stale_temporaries
+from library.files.atomic import (atomic_folder, ensure_folder, remove_tree, stale_temporaries, write_safetensors,
+                                  write_text, write_torch)
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
-from library.files.weights import WeightsFileError, load_pickled_weights, load_safetensors
+from library.files.weights import WeightsFileError, load_pickled_weights, load_safetensors, non_finite_summary
 from library.export.metadata import file_sha256
 
 _NAME = re.compile(r"^checkpoint-p([12])-(\d{6})$")
@@ -35,6 +34,11 @@ STATE_KEYS = ("optimizer", "scheduler", "sampler", "generator")
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be resumed from; the message is one line naming the file."""
+
+
+class NonFiniteCheckpoint(CheckpointError):
+    """The tensors to be saved hold NaN or infinite values: nothing was written. The message is one line
+    (how many, in which tensor) without a file name; the caller says which checkpoint is the last good one."""
 
 
 @dataclass
@@ -64,23 +68,28 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoint-p{phase}-{step:06d}/` atomically; returns its path.
 
-    `config` (``Config.to_dict()``) is stored as config.toml for `--resume` to compare. Afterwards the
+    Only finite tensors are saved: a NaN or infinite value anywhere in `trainable` or `state` (the optimiser's
+    moments included) raises NonFiniteCheckpoint and writes nothing, so every checkpoint on disk can be
+    continued from. `config` (``Config.to_dict()``) is stored as config.toml for `--resume` to compare. Afterwards the
     `keep` newest checkpoints up to this one stay (0: all); checkpoints *after* this one are removed:
     they belong to a run that was resumed from an earlier point, and `--resume latest` must continue
     this one.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    broken = non_finite_summary({"trainable": trainable, "state": state})
+    if broken:
+        raise NonFiniteCheckpoint(f"phase {phase} step {step}: the trained tensors are no longer finite ({broken}); "
+                                  f"checkpoint-p{phase}-{step:06d} not written")
+    root = ensure_folder(root)
     final = root / f"checkpoint-p{phase}-{step:06d}"
     with atomic_folder(final) as tmp:  # ordinary modes, fsynced, an existing folder swapped out whole
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / TRAINABLE))
-        torch.save(state, tmp / STATE)
+        write_safetensors(tmp / TRAINABLE, {k: v.detach().contiguous().cpu() for k, v in trainable.items()})
+        write_torch(tmp / STATE, state)
         names = [TRAINABLE, STATE]
         if config is not None:
-            (tmp / CONFIG).write_text(toml.dumps(config), encoding="utf-8")
+            write_text(tmp / CONFIG, toml.dumps(config))
             names.append(CONFIG)
         files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in names}
-        (tmp / MANIFEST).write_text(json.dumps({"phase": phase, "step": step, "files": files}, indent=1), encoding="utf-8")
+        write_text(tmp / MANIFEST, json.dumps({"phase": phase, "step": step, "files": files}, indent=1))
     found = list_checkpoints(root)
     for later in (c for c in found if c.order > (phase, step)):
         shutil.rmtree(later.path, ignore_errors=True)
@@ -104,7 +113,7 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
     """(trainable tensors, state) of a checkpoint, after checking that it is whole.
 
     Raises CheckpointError naming the file when a file is missing, differs from the manifest (truncated,
-    overwritten), or does not load; checkpoints written before manifests existed are checked by loading.
+    overwritten), does not load, or holds NaN or infinite values; checkpoints written before manifests existed are checked by loading.
     """
     path = Path(info.path)
     if not path.is_dir():
@@ -135,7 +144,22 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
         raise CheckpointError(one_line(err)) from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path / STATE}: not a training state (needs {', '.join(STATE_KEYS)})")
+    broken = non_finite_summary({"trainable": trainable, "state": state})
+    if broken:  # written by a version that saved whatever it had
+        raise CheckpointError(f"{path}: holds {broken}; it cannot be continued")
     return trainable, state
+
+
+def last_good_checkpoint(root: Path) -> str:
+    """The name of the newest checkpoint in `root` that loads whole and finite, or "none yet"; for the
+    messages of a run that stops."""
+    for info in reversed(list_checkpoints(root)):
+        try:
+            load_checkpoint(info)
+        except CheckpointError:
+            continue
+        return info.path.name
+    return "none yet"
 
 
 def read_checkpoint_config(info: CheckpointInfo) -> dict | None:

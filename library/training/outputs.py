@@ -15,6 +15,8 @@ from library.config import composed_prompt
 from library.export.kohya import build_metadata, file_sha256, lora_state_dict, save_embedding, save_lora
 from library.files.atomic import remove_tree, stale_temporaries
 from library.models.loading import DTYPES
+from library.files.weights import non_finite_summary
+from library.training.checkpoint import NonFiniteCheckpoint
 from library.training.tokens import token_vectors
 
 
@@ -73,6 +75,14 @@ def export_outputs(trainer, step: int | None = None) -> Path:
     write_pt = cfg.output.embeddings_pt and len(family.embedding_keys) == 1
     if cfg.output.embeddings_pt and not write_pt:
         trainer.print(f"note: output.embeddings_pt is ignored: {family.label} embeddings exist as .safetensors only")
+    lora_path = paths["lora"]
+    state = None
+    if trainer.lora_added:
+        state = lora_state_dict(trainer.unet, encoders if cfg.lora.text_encoder else None, family, dtype=dtype)
+    broken = non_finite_summary({"embeddings": vectors, "LoRA": state or {}})
+    if broken:  # a file of NaNs must not replace a good one
+        raise NonFiniteCheckpoint(f"the trained tensors are no longer finite ({broken}); {lora_path.name} and the "
+                                  f"embeddings not written")
     for word, vecs in vectors.items():
         with warnings.catch_warnings():
             if step is not None:  # named by step on purpose; the best-step message says to rename it
@@ -81,9 +91,7 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             if write_pt:
                 done = cfg.phase1.steps + (cfg.phase2.steps if step is None else step)
                 save_embedding(paths[f"{word}.pt"], word, vecs, legacy_pt=True, step=done)
-    lora_path = paths["lora"]
-    if trainer.lora_added:
-        state = lora_state_dict(trainer.unet, encoders if cfg.lora.text_encoder else None, family, dtype=dtype)
+    if state is not None:
         pretrained, vae = Path(cfg.model.pretrained), Path(cfg.model.vae) if cfg.model.vae else None
         metadata = build_metadata(
             output_name=cfg.output.name,

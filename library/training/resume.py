@@ -17,7 +17,7 @@ import toml
 import torch
 
 from library.training import checkpoint as ckpt
-from library.config import Config, ConfigError
+from library.config import Config, ConfigError, path_keys, resolve_path
 from library.files.atomic import write_text
 from library.files.text import read_json_lines
 
@@ -63,7 +63,7 @@ RULES: dict[str, tuple[str, str]] = {
     "logging.*": (SAFE, "logs only"),
     "evaluation.*": (SAFE, "scores only"),
 }
-_PATH_KEYS = ("model.pretrained", "model.config_dir", "model.vae", "data.source_dir", "data.reference_dir")
+_PATH_KEYS = frozenset(path_keys())
 # Before SDXL, these keys' defaults were SD 1.x's values; now an empty value means "the model family's".
 # Only SD 1.x could be trained then (and model.pretrained is fixed), so a checkpoint that holds the old
 # default and a config that leaves the key empty mean the same thing.
@@ -119,8 +119,12 @@ def _same(key: str, old: object, new: object) -> bool:
     if key in _FORMER_DEFAULTS and (old, new) in (_FORMER_DEFAULTS[key], _FORMER_DEFAULTS[key][::-1]):
         return True
     if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old and new:
+        # checkpoints record absolute paths; one written before that holds the path as the user wrote it,
+        # relative to the folder that run started in, which is taken to be the one this run starts in
+        if resolve_path(old) == resolve_path(new):
+            return True
         try:
-            return os.path.samefile(old, new)  # the same folder written another way (relative, a link)
+            return os.path.samefile(old, new)  # the same folder written another way (a link)
         except OSError:
             return False
     return False

@@ -26,6 +26,7 @@ from library.training.attention import AttentionMapStore, install_attention_capt
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
 from library.training.batching import sample_tensors, to_device
 from library.config import Config, ConfigError, PhaseConfig, save_config
+from library.files.atomic import OutputWriteError, append_text, ensure_folder
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
 from library.training.interrupt import StopAfterStep, TrainingInterrupted, TrainingStopped
@@ -118,7 +119,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                                           [it.name for it in source_items], self.print, cfg.evaluation.clip,
                                           cfg.data.reference_dir)
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.out_dir)
 
         self.store = AttentionMapStore()
         try:
@@ -255,7 +256,17 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
         `resume`: ``--resume``'s value, or a ResumePoint the caller prepared (checked before the models
         load). The checkpoint and the config are checked before anything is written to the output folder.
+        A write that fails (no space, read-only) or tensors that are no longer finite stop the run with a
+        TrainingStopped naming the last good checkpoint; nothing half-written is left.
         """
+        try:
+            return self._run(resume)
+        except (OutputWriteError, ckpt.NonFiniteCheckpoint) as err:
+            then = ("lower the learning rate (or use bf16 instead of fp16), then continue with --resume latest"
+                    if isinstance(err, ckpt.NonFiniteCheckpoint) else "continue with --resume latest once it can write")
+            raise TrainingStopped(f"{err}; last good checkpoint: {ckpt.last_good_checkpoint(self.out_dir)}; {then}") from None
+
+    def _run(self, resume: str | ResumePoint | None) -> Path | None:
         from library.training.outputs import remove_stale_temporaries
 
         point = None
@@ -265,7 +276,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 for note in point.notes:
                     self.print(note)
         if self.acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.out_dir)
             ckpt.remove_stale_temporaries(self.out_dir)
             remove_stale_temporaries(self.cfg)
             earlier = ckpt.list_checkpoints(self.out_dir)
@@ -364,8 +375,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
     def check_finite(self, entry: StepEntry) -> None:
         """Stop (one line naming the term and the last good checkpoint) if a step's loss was not finite."""
         if not math.isfinite(entry.figures["loss"]):
-            last = ckpt.list_checkpoints(self.out_dir)
-            raise TrainingStopped(non_finite_message(entry, last[-1].path.name if last else "none yet"))
+            raise TrainingStopped(non_finite_message(entry, ckpt.last_good_checkpoint(self.out_dir)))
 
     def record_steps(self, entries: list[StepEntry], pcfg: PhaseConfig, scores: dict[str, float]) -> None:
         """History, loss_history.jsonl, the log line, TensorBoard and the collapse guard for steps read back
@@ -377,8 +387,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             offset = self.cfg.phase1.steps if phase == 2 else 0
             self.history.append({"phase": phase, "step": done, **logs})
             if self.acc.is_main_process:
-                with open(self.out_dir / "loss_history.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(self.history[-1]) + "\n")
+                append_text(self.out_dir / "loss_history.jsonl", json.dumps(self.history[-1]) + "\n")
             every = self.cfg.logging.print_every
             if every and (done % every == 0 or done == pcfg.steps):
                 self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
@@ -489,8 +498,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             inside, present = both[0] / both[1].clamp_min(1), both[1]
         tripped = self.guard.update({w: float(inside[k]) for k, w in enumerate(words) if present[k] > 0})
         for word in tripped:
-            last = ckpt.list_checkpoints(self.out_dir)
-            kept = last[-1].path.name if last else "none yet"
+            kept = ckpt.last_good_checkpoint(self.out_dir)
             what = f"at phase {phase} step {done}, {self.guard.describe(word)}"
             if self.cfg.loss.attn_collapse_action == "stop":
                 raise TrainingStopped(f"{what}; stopped (loss.attn_collapse_action = stop), last checkpoint: {kept}")
