@@ -53,10 +53,12 @@ def _train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from library.config import load_config
+    from library.training.data import check_prepared_sets
     from library.training.resume import prepare_resume
     from library.training.trainer import MagiCaptureTrainer
 
     cfg = load_config(args.config, list(args.overrides))
+    check_prepared_sets(cfg.data.source_dir, cfg.data.reference_dir)  # names and sidecars only: before any model
     if args.output_dir:
         cfg.output.dir = args.output_dir
     if args.max_steps is not None:
