@@ -162,22 +162,20 @@ def _train_args(out: Path, model: Path | str, source: Path, reference: Path, *ex
 
 
 @pytest.mark.parametrize("name, form", [("v1-5.ckpt", "zip"), ("v1-5.pt", "legacy"), ("v1-5.bin", "raw")])
-def test_base_model_pickle_is_refused_by_training(tmp_path, marker, capsys, name, form):
+def test_base_model_pickle_is_refused_by_training(tmp_path, prepared_data, marker, capsys, name, form):
     model = write_hostile_pickle(tmp_path / name, marker, form)
-    (tmp_path / "s").mkdir(), (tmp_path / "r").mkdir()
-    rc, err = _train(capsys, *_train_args(tmp_path / "out", model, tmp_path / "s", tmp_path / "r"))
+    rc, err = _train(capsys, *_train_args(tmp_path / "out", model, *prepared_data))
     assert rc == 2
     assert_one_clean_line(err, "error: ", name, "refused")
 
 
-def test_diffusers_folder_with_a_hostile_bin_is_refused(tiny_model, tmp_path, marker, capsys):
+def test_diffusers_folder_with_a_hostile_bin_is_refused(tiny_model, prepared_data, tmp_path, marker, capsys):
     import shutil
 
     folder = shutil.copytree(tiny_model[0], tmp_path / "sd_folder")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     write_hostile_pickle(folder / "unet" / "diffusion_pytorch_model.bin", marker)
-    (tmp_path / "s").mkdir(), (tmp_path / "r").mkdir()
-    rc, err = _train(capsys, *_train_args(tmp_path / "out", folder, tmp_path / "s", tmp_path / "r"))
+    rc, err = _train(capsys, *_train_args(tmp_path / "out", folder, *prepared_data))
     assert rc == 2
     assert_one_clean_line(err, "error: ", "diffusion_pytorch_model.bin", REFUSED)
 
@@ -328,12 +326,11 @@ def test_lying_safetensors_headers_are_refused_without_allocating_what_they_clai
 
 
 @pytest.mark.parametrize("lie", sorted(lying_safetensors("x")))
-def test_lying_safetensors_through_training_and_generate(tmp_path, capsys, lie):
+def test_lying_safetensors_through_training_and_generate(tmp_path, prepared_data, capsys, lie):
     """As the base model (training) and as the trained LoRA (generate.py): exit 2, one line."""
     model = tmp_path / "sd15.safetensors"
     model.write_bytes(lying_safetensors("model.diffusion_model.input_blocks.0.0.weight")[lie][0])
-    (tmp_path / "s").mkdir(), (tmp_path / "r").mkdir()
-    rc, err = _train(capsys, *_train_args(tmp_path / "out", model, tmp_path / "s", tmp_path / "r"))
+    rc, err = _train(capsys, *_train_args(tmp_path / "out", model, *prepared_data))
     assert rc == 2
     assert_one_clean_line(err, "error: ", "sd15.safetensors", "not a readable .safetensors file")
 

@@ -144,7 +144,8 @@ def test_cp1252_caption_stops_sidecar_mode_and_is_never_read_in_template_mode(
     assert train_magicapture.main([*args, "--max_steps", "1"]) == 0  # data.captions = "template"
     assert _error_lines(capsys.readouterr().err) == []
     assert (tmp_path / "out" / "mcv1.safetensors").is_file()
-    assert sorted(opened) == sorted(["img0.json", "img1.json", "img2.json"] * 2)  # sidecar JSONs only
+    # sidecar JSONs only, each set's read twice: by check_prepared_sets before the model loads, then by loading
+    assert sorted(opened) == sorted(["img0.json", "img1.json", "img2.json"] * 4)
 
 
 @pytest.mark.parametrize("encoding", ["utf-8 with BOM", "utf-16 LE with BOM", "utf-16 BE with BOM"])

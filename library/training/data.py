@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,12 @@ COMPOSED_TEMPLATES = [
 ]
 TEMPLATES = {"source": SOURCE_TEMPLATES, "reference": REFERENCE_TEMPLATES, "composed": COMPOSED_TEMPLATES}
 FLIP_ORDER = [1, 0, 2, 4, 3]  # a mirrored face swaps image-left and image-right landmarks
+KINDS = ("source", "reference")
+# what a user may have put in a data folder instead of prepared files (dataset_tools.images' list, which
+# training may not import)
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_UPSCALE = 2.0  # a square crop enlarged more than this trains visibly soft
+SHOWN = 3  # file names quoted in one line
 
 
 class DatasetError(ValueError):
@@ -120,16 +127,123 @@ def _read_sidecar(path: Path) -> str:
         raise DatasetError(str(err)) from None
 
 
+def _prepared_stems(folder: Path) -> tuple[list[str], int]:
+    """(stems with NAME.png, NAME.mask.png and NAME.json, number of other photos) of `folder`: names only."""
+    try:
+        names = {entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")}
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot be read ({err.strerror or err}); check its permissions") from None
+    stems = sorted(n[: -len(".png")] for n in names if n.endswith(".png") and not n.endswith(".mask.png"))
+    prepared = [s for s in stems if f"{s}.mask.png" in names and f"{s}.json" in names]
+    photos = sum(1 for n in names if n.lower().endswith(PHOTO_EXTENSIONS) and not n.endswith(".mask.png"))
+    return prepared, photos - len(prepared)
+
+
+def _sidecar_kinds(folder: Path, key: str, kind: str) -> dict[str, str | None]:
+    """NAME.json -> its "kind" (None when absent: sidecars of earlier versions) for every prepared photo of
+    `folder`; raises DatasetError when there is none or a sidecar is not text."""
+    stems, photos = _prepared_stems(folder)
+    if not stems:
+        what = f"{photos} photo(s) but no prepared files" if photos else "no prepared files"
+        raise DatasetError(
+            f"{key} = '{folder}': {what} (NAME.png + NAME.mask.png + NAME.json); run "
+            f"`python -m dataset_tools.prepare {kind} {folder} {folder}_prepared` and set {key} to the new folder"
+        )
+    kinds = {}
+    for stem in stems:
+        text = _read_sidecar(folder / f"{stem}.json")  # not text: a DatasetError, as loading would raise
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue  # not JSON: loading skips the photo with its own warning
+        found = record.get("kind") if isinstance(record, dict) else None
+        kinds[f"{stem}.json"] = found if found in KINDS else None
+    return kinds
+
+
+def check_prepared_sets(source_dir: str | os.PathLike, reference_dir: str | os.PathLike) -> None:
+    """Refuse photo sets that cannot mean what ``data.source_dir`` / ``data.reference_dir`` say, before any model
+    loads: reads only file names and the NAME.json sidecars (no image is decoded).
+
+    Raises DatasetError, one line naming the folder and the fix, for: a missing folder; one with no
+    prepared photo (NAME.png + NAME.mask.png + NAME.json); the same folder given as both (also through a
+    symlink or another spelling); sidecars whose ``"kind"`` is the other set's (both folders: "swapped").
+    Sidecars without ``"kind"`` (earlier versions) are accepted.
+    """
+    folders = {"source": Path(source_dir), "reference": Path(reference_dir)}
+    keys = {kind: f"data.{kind}_dir" for kind in KINDS}
+    for kind, folder in folders.items():
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise DatasetError(f"{keys[kind]} = '{folder}' {what}; point it at a folder made by "
+                               f"`python -m dataset_tools.prepare {kind} PHOTOS OUT`")
+    source, reference = folders.values()
+    if os.path.samefile(source, reference):
+        spelled = f"'{source}'" if str(source) == str(reference) else f"'{source}' and '{reference}'"
+        raise DatasetError(
+            f"data.source_dir and data.reference_dir are the same folder ({spelled}): the person's photos and "
+            "the style's photos are two sets; prepare each into its own folder with "
+            "`python -m dataset_tools.prepare source|reference PHOTOS OUT`"
+        )
+    kinds = {kind: _sidecar_kinds(folder, keys[kind], kind) for kind, folder in folders.items()}
+    other = {"source": "reference", "reference": "source"}
+    wrong = {kind: [name for name, said in kinds[kind].items() if said == other[kind]] for kind in KINDS}
+    if all(wrong[kind] and len(wrong[kind]) == len(kinds[kind]) for kind in KINDS):
+        raise DatasetError(
+            f"data.source_dir ('{source}') holds reference photos and data.reference_dir ('{reference}') source "
+            "photos (their NAME.json \"kind\"): the two folders are swapped; exchange the two settings"
+        )
+    for kind in KINDS:
+        if wrong[kind]:
+            names = ", ".join(wrong[kind][:SHOWN]) + (" ..." if len(wrong[kind]) > SHOWN else "")
+            fix = (f"set {keys[kind]} to a folder made by `python -m dataset_tools.prepare {kind} PHOTOS OUT`"
+                   if len(wrong[kind]) == len(kinds[kind]) else
+                   f"move those photos to the {other[kind]} set or delete their NAME.* files")
+            raise DatasetError(
+                f"{keys[kind]} = '{folders[kind]}': {len(wrong[kind])} of {len(kinds[kind])} prepared photos were "
+                f"prepared as {other[kind]} ({names}: \"kind\": \"{other[kind]}\"); {fix}"
+            )
+
+
+def _enlarged(side: int, resolution: int) -> bool:
+    return side * MAX_UPSCALE < resolution
+
+
+def crop_warnings(path: Path, kind: str, width: int, height: int, has_face: bool, resolution: int) -> list[str]:
+    """The lines a user sees about one photo's square crop (:func:`_square_crop_box`) at `resolution` pixels.
+
+    One line when the crop (side = the short side of the `width` x `height` prepared image, pixels) is
+    enlarged more than ``MAX_UPSCALE`` times, naming the size and the factor; one when the square keeps
+    less than two thirds of the image (a panorama or a full-length portrait), naming the kept fraction
+    (short side / long side) and what to do. Empty when neither applies.
+    """
+    side, long = min(width, height), max(width, height)
+    lines = []
+    if _enlarged(side, resolution):
+        lines.append(f"{path}: {width}x{height} photo is upscaled {resolution / side:.1f}x to {resolution} px and "
+                     f"will train soft; use a photo at least {resolution // 2} px on its short side")
+    if 3 * side < 2 * long:  # integers: a 3:2 photo (kept = 2/3 exactly) is not warned about
+        where = "around the face" if has_face else "from the centre"
+        lines.append(f"{path}: {width}x{height} photo; the square crop keeps {side / long:.2f} of it ({side}x{side} "
+                     f"px {where}); crop it yourself to the part that should train and prepare it again with "
+                     f"`python -m dataset_tools.prepare {kind} PHOTOS OUT`")
+    return lines
+
+
 def load_prepared_folder(folder: str | Path, kind: str, resolution: int, captions: bool = False) -> list[PreparedImage]:
     """Read NAME.png / NAME.mask.png / NAME.json (and NAME.txt if `captions`) written by dataset_tools.prepare.
 
     Captions are read only when asked for (``data.captions = "sidecar"``): a caption file that is not
     used must not be able to stop training. A missing or empty caption is ``""`` (the sampler then uses a
     template). Raises DatasetError when the folder holds no usable image or a sidecar is not UTF-8 /
-    UTF-16 text; images with missing, undecodable or mismatched files are skipped with a warning.
+    UTF-16 text; images with missing, undecodable or mismatched files are skipped with a warning. Each
+    photo's square crop keeps its face box (source and reference alike; the centre without one); a
+    crop enlarged more than 2x or keeping less than two thirds of the photo is warned about once
+    (:func:`crop_warnings`), with a count of the enlarged ones at the end.
     """
     folder = Path(folder)
     items = []
+    upscaled = 0
     for image_path in sorted(folder.glob("*.png")):
         if image_path.name.endswith(".mask.png"):
             continue
@@ -156,6 +270,9 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int, caption
         width, height = image.size  # before the crop: SDXL's "original size"
         left, top, side = _square_crop_box(width, height, center)
         crop = (left, top, left + side, top + side)
+        for line in crop_warnings(image_path, kind, width, height, box is not None, resolution):
+            log.warning("%s", line)
+        upscaled += _enlarged(side, resolution)
         image = image.crop(crop).resize((resolution, resolution), Image.LANCZOS)
         mask_arr = np.asarray(mask.crop(crop).resize((resolution, resolution), Image.NEAREST), np.float32) / 255.0
         landmarks = meta.get("landmarks")
@@ -170,6 +287,9 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int, caption
         raise DatasetError(
             f"{folder}: no prepared images; run `python -m dataset_tools.prepare {kind} PHOTOS {folder}` first"
         )
+    if upscaled:
+        log.warning("%s: %d of %d %s photos are upscaled more than %gx to %d px (named above)",
+                    folder, upscaled, len(items), kind, MAX_UPSCALE, resolution)
     return items
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from library.config import Config, ConfigError
 from library.files.weights import WeightsFileError, check_weights_file
 from library.models.kind import check_model_files
+from library.training.data import check_prepared_sets
 from library.training.outputs import output_paths
 
 __all__ = ["check_output_names", "check_run_inputs"]
@@ -62,9 +63,11 @@ def _check_weights(key: str, value: str) -> None:
 def check_run_inputs(cfg: Config) -> None:
     """Check what a training run reads and writes, cheaply, before anything loads (see the module).
 
-    Raises ConfigError (names, weights files of loss.identity_weights and [evaluation]) or
-    ModelLoadError (the base model and model.vae), each one line naming the file and the fix."""
+    Raises ConfigError (names, weights files of loss.identity_weights and [evaluation]), DatasetError
+    (the prepared folders: missing, unprepared, swapped, the same folder twice) or ModelLoadError (the
+    base model and model.vae), each one line naming the file and the fix."""
     check_output_names(cfg)
+    check_prepared_sets(cfg.data.source_dir, cfg.data.reference_dir)
     check_model_files(cfg.model.pretrained, cfg.model.vae, cfg.model.offline)
     for key, value in (("loss.identity_weights", cfg.loss.identity_weights), ("evaluation.clip", cfg.evaluation.clip),
                        ("evaluation.aesthetic", cfg.evaluation.aesthetic)):
