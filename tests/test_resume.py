@@ -371,7 +371,7 @@ DAMAGE = {  # name: (file, how, what the one line says after the file's path)
     "garbage state": ("state.pt", lambda p: p.write_bytes(b"not a checkpoint" * 10), "bytes, the manifest says"),
     "garbage manifest": ("manifest.json", lambda p: p.write_text("{"), "unreadable"),
     "truncated trainable, no manifest": ("trainable.safetensors", _without_manifest(_truncate),
-                                         "not a readable .safetensors file (incomplete metadata, file not fully covered)"),
+                                         "not a readable .safetensors file (truncated: it ends before the tensors its header lists"),
     "truncated state, no manifest": ("state.pt", _without_manifest(_truncate), "truncated or corrupt (its zip archive is incomplete)"),
     "garbage state, no manifest": ("state.pt", _without_manifest(lambda p: p.write_bytes(b"\x80\x04garbage")),
                                    "refused: not a plain-tensor pickle (Unsupported operand 103)"),

@@ -105,6 +105,17 @@ def _safetensors_error(path: Path, err: BaseException) -> WeightsFileError:
     if instead:
         return WeightsFileError(path, instead)
     text = one_line(err, 200).removeprefix("Error while deserializing header: ")
+    if "header too large" in text.lower():
+        try:
+            with open(path, "rb") as f:
+                claimed = int.from_bytes(f.read(8), "little")
+            text = f"its header claims {claimed / 2**20:,.0f} MiB, over the 100 MB a header may have"
+        except OSError:
+            pass
+        return WeightsFileError(path, f"not a readable .safetensors file ({text}): damaged, or not a .safetensors file")
+    if "not fully covered" in text or "incomplete" in text.lower():
+        return WeightsFileError(path, f"not a readable .safetensors file (truncated: it ends before the tensors its "
+                                      f"header lists, at {os.path.getsize(path):,} bytes); download it again")
     return WeightsFileError(path, f"not a readable .safetensors file ({text})")
 
 
