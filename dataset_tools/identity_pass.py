@@ -15,7 +15,7 @@ from dataset_tools.identity_check import MIN_PHOTOS, check_set, embed_faces
 from dataset_tools.images import load_image
 from dataset_tools.previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_preview
 from dataset_tools.images import encode_png as _encode_png
-from dataset_tools.records import json_bytes as _json_bytes, round_list as _round
+from dataset_tools.records import json_bytes as _json_bytes, round_list as _round, small_face_warning
 
 
 class IdentityWeightsError(ValueError):
@@ -98,5 +98,8 @@ def use_identity_face(analyzer, rec: dict, index: int, out_dir: Path, preview_di
     warns.append(f"{n} faces found; using the one most like the other photos ({box[2] - box[0]:.0f}x"
                  f"{box[3] - box[1]:.0f} px at {box[0]:.0f},{box[1]:.0f}){'' if largest else ', not the largest'}. "
                  "A group photo can teach the wrong person: crop it to one face")
+    small = small_face_warning(box, meta["width"], meta["height"])  # of the face used, dropped above with the rest
+    if small:
+        warns.append(small)
     meta["warnings"] = warns
     meta["face_choice"] = "identity"

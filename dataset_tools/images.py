@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 
-from library.files.images import IMAGE_EXTENSIONS, ImageLoadError, LoadedImage, read_image
+from library.files.images import IMAGE_EXTENSIONS, IMAGE_EXTENSIONS_TEXT, ImageLoadError, LoadedImage, read_image
 
 MIN_SHORT_SIDE = 64
 
-__all__ = ["IMAGE_EXTENSIONS", "MIN_SHORT_SIDE", "ImageLoadError", "LoadedImage", "encode_png", "is_image_name",
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_EXTENSIONS_TEXT", "MIN_SHORT_SIDE", "ImageLoadError", "LoadedImage", "encode_png", "is_image_name",
            "load_image"]
 
 

@@ -3,7 +3,7 @@
     python -m dataset_tools.prepare source    IN_DIR OUT_DIR [--token WORD] [--resolution 512] [--parser-weights PATH]
     python -m dataset_tools.prepare reference IN_DIR OUT_DIR [--token WORD] ...
 
-For every image in IN_DIR (jpg, jpeg, png, webp, bmp; not recursive) OUT_DIR gets, one stem per image:
+For every image in IN_DIR (jpg, jpeg, png, webp, bmp, heic, heif, avif; not recursive) OUT_DIR gets, one stem per image:
 NAME.png (RGB, EXIF-rotated, short side <= 2 x resolution), NAME.mask.png (8-bit, 255 = trains: the face
 for source, everything but the face for reference), NAME.txt (caption), NAME.json (face box, 5 ArcFace
 landmarks, score, mask coverage, rotation, face angle, warnings), preview/NAME.jpg and preview/contact.jpg.
@@ -28,8 +28,8 @@ import numpy as np
 from library.files.atomic import write_bytes
 from library.files.text import TextFileError, read_text_file
 
-from dataset_tools.records import json_bytes as _json_bytes, round_list as _round
-from dataset_tools.images import IMAGE_EXTENSIONS, ImageLoadError, encode_png, load_image
+from dataset_tools.records import json_bytes as _json_bytes, round_list as _round, small_face_warning
+from dataset_tools.images import IMAGE_EXTENSIONS, IMAGE_EXTENSIONS_TEXT, ImageLoadError, encode_png, load_image
 from dataset_tools.identity_pass import IdentityWeightsError, embed_one as _embed_one, identity_network as _identity_network, identity_pass as _identity_pass
 from dataset_tools.previews import THUMB, encode_jpg as _encode_jpg, fit as _fit, make_contact_sheet, make_preview
 
@@ -196,10 +196,9 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
             else:
                 warns.append(f"{len(fa.faces)} faces found; only {which} is masked out of the style region")
         mask = fa.face_mask if kind == "source" else 255 - fa.face_mask
-        if kind == "source":
-            side = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
-            if side < min(h, w) / 8:
-                warns.append(f"small face ({side:.0f} px in a {w}x{h} image): crop closer for more identity detail")
+        small = small_face_warning(face.box, w, h) if kind == "source" else None
+        if small:
+            warns.append(small)
     coverage = float(np.count_nonzero(mask)) / mask.size
     if coverage == 0.0:
         raise _Skip("the mask is empty (nothing would train)")
@@ -416,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "landmarks, previews).",
     )
     p.add_argument("kind", choices=KINDS, help="source: photos of the person; reference: photos of the style")
-    p.add_argument("in_dir", help="folder of photos (jpg, jpeg, png, webp, bmp; not searched recursively)")
+    p.add_argument("in_dir", help=f"folder of photos ({IMAGE_EXTENSIONS_TEXT}; not searched recursively)")
     p.add_argument("out_dir", help="output folder (created; must not be IN_DIR or inside it)")
     p.add_argument("--token", default=None,
                    help="special token word (default: mcv1 for source, mcv2 for reference)")

@@ -13,3 +13,12 @@ def json_bytes(meta: dict) -> bytes:
 
 def round_list(v, nd=2):
     return [round(float(x), nd) for x in v]
+
+
+def small_face_warning(box, width: int, height: int) -> str | None:
+    """The warning for a source photo whose chosen face (`box`: x0, y0, x1, y1 px) is under 1/8 of the
+    image's short side (`width` x `height` px), else None."""
+    side = max(box[2] - box[0], box[3] - box[1])
+    if side < min(width, height) / 8:
+        return f"small face ({side:.0f} px in a {width}x{height} image): crop closer for more identity detail"
+    return None

@@ -345,3 +345,24 @@ def test_real_photos_same_person_beats_every_other_person(tmp_path, capsys):
             assert 0.80 < s["csim"] < 0.90, (name, s["csim"])  # measured 0.82 to 0.89 (t1_group: its largest face)
     assert metrics["summary"]["face_found"]["mean"] == 1.0
     assert metrics["summary"]["same_person"]["mean"] == pytest.approx(1 / 6)
+
+
+def test_a_45px_face_is_found_and_scored(dlib_net):
+    """Issue 16, kind 7: evaluate scores a generated image whose face is 40-80 px (here 45 px in 1000 x 600,
+    beside a larger stranger: the image is scored on its largest face, so the stranger's CSIM; the small
+    face is found, and scored alone once the stranger is cropped off)."""
+    astro = Image.fromarray(_astronaut())
+    canvas = Image.new("RGB", (1000, 600), (120, 120, 120))
+    canvas.paste(Image.fromarray(_insightface_image("t1.jpg")).crop((633, 255, 963, 585)).resize((520, 520)), (20, 40))
+    canvas.paste(astro.crop((60, 0, 400, 340)).resize((170, 170), Image.Resampling.LANCZOS), (700, 200))
+    group = np.asarray(canvas)
+    src = [EvalImage(Path("s.png"), _astronaut())]
+    gen = [EvalImage(Path("group.png"), group), EvalImage(Path("small.png"), group[:, 600:].copy())]
+    lines: list[str] = []
+    ev = evaluate_images(gen, src, [], identity=dlib_net, note=lines.append)
+    both, alone = ev.images
+    assert lines == [] and ev.source_faces == 1
+    assert both.face_found is True and both.csim == pytest.approx(0.86, abs=0.02) and both.same_person is False
+    assert alone.face_found is True and alone.same_person is True
+    assert alone.csim == pytest.approx(0.99, abs=0.01)  # measured 0.990: her own face at 45 px
+    assert [round(v) for v in dlib_net.faces(group)[1].box] == pytest.approx([760, 242, 805, 287], abs=4)

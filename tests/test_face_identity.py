@@ -165,3 +165,23 @@ def test_missing_and_unknown_arcface_files(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(IdentityNetworkError, match=r"unsupported ArcFace file type '\.bin'"):
         load_identity_network(str(tmp_path / "w.bin"))
+
+
+def test_small_face_beside_a_larger_one_is_found(net, astronaut):
+    """Issue 16, kind 7: a 40-80 px face beside a larger one. The upsampled pass ran only when the first
+    found nothing, so a second, smaller face was never looked for (and never scored)."""
+    t1 = Image.fromarray(_insightface_image("t1.jpg"))
+    canvas = Image.new("RGB", (1000, 600), (120, 120, 120))
+    canvas.paste(t1.crop((633, 255, 963, 585)).resize((520, 520), Image.Resampling.LANCZOS), (20, 40))
+    # the astronaut at 1/2: her 88 px dlib box (179, 83)-(267, 171) becomes 44 px at (760, 242)
+    canvas.paste(Image.fromarray(astronaut).crop((60, 0, 400, 340)).resize((170, 170), Image.Resampling.LANCZOS),
+                 (700, 200))
+    faces = net.faces(np.asarray(canvas))
+    assert len(faces) == 2
+    big, small = faces
+    assert big.box == pytest.approx((174, 214, 354, 394), abs=3)  # the first pass's box, as before
+    assert small.box == pytest.approx((760, 242, 805, 287), abs=4)  # measured on the upsampled pass
+    own = net.faces(astronaut)[0].embedding
+    assert net.same_person(small.embedding, own) and not net.same_person(big.embedding, own)
+    assert net.similarity(small.embedding, own) == pytest.approx(0.99, abs=0.01)  # measured 0.990; stranger 0.86
+    assert net.similarity(big.embedding, own) == pytest.approx(0.86, abs=0.02)

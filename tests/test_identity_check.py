@@ -139,3 +139,44 @@ def test_no_identity_check(tmp_path):
     _save(tmp_path / "in", _variants())
     summary = prepare_folder("source", tmp_path / "in", tmp_path / "out", identity_check=False)
     assert summary.identity == "" and "identity_distance" not in _record(tmp_path / "out", "astro_full")
+
+
+def _group_1000x600(face_side: float) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Issue 16's group photo: 1000 x 600, a stranger's large face on the left (a man from insightface's
+    t1.jpg, ~190 px) and the astronaut on the right with a face of about `face_side` px. Returns the photo
+    and where the astronaut's face is (the face mesh's box of her face in skimage's photo, (178, 83, 273,
+    178), scaled and moved with her)."""
+    s = face_side / 95
+    canvas = Image.new("RGB", (1000, 600), (120, 120, 120))
+    canvas.paste(_t1().crop((633, 255, 963, 585)).resize((520, 520), Image.Resampling.LANCZOS), (20, 40))
+    canvas.paste(_astronaut().crop((60, 0, 400, 340)).resize((round(340 * s),) * 2, Image.Resampling.LANCZOS), (700, 200))
+    face = (700 + (178 - 60) * s, 200 + 83 * s, 700 + (273 - 60) * s, 200 + 178 * s)
+    return canvas, face
+
+
+def test_small_face_in_a_group_photo_is_chosen_by_identity(tmp_path):
+    """Issue 16, kind 7: the person's 70 px face in a 1000 x 600 photo beside a larger stranger. The finder
+    stopped at the first model that found a face (the stranger's), so the identity check never saw hers."""
+    photos = {k: v for k, v in _variants().items() if k != "astro_full"}  # 4 other photos of her
+    photos["group"], (fx0, fy0, fx1, fy1) = _group_1000x600(64)
+    _save(tmp_path / "in", photos)
+    out = tmp_path / "out"
+    summary = prepare_folder("source", tmp_path / "in", out)
+    rec = _record(out, "group")
+    assert (rec["width"], rec["height"]) == (1000, 600)
+    assert rec["num_faces"] == 2 and rec["face_choice"] == "identity"
+    x0, y0, x1, y1 = rec["face_box"]
+    # her face is (779, 256)-(843, 320) here (the full-range model's box on a tile is a little larger and
+    # higher: measured 68 px at (778, 246)); the stranger's (~190 px) is around (200..390, 210..400)
+    assert abs((x0 + x1) / 2 - (fx0 + fx1) / 2) <= 12 and abs((y0 + y1) / 2 - (fy0 + fy1) / 2) <= 14, rec["face_box"]
+    assert 60 <= x1 - x0 <= 85 and 60 <= y1 - y0 <= 85, rec["face_box"]
+    assert all(fx0 <= x <= fx1 and fy0 <= y <= fy1 for x, y in rec["landmarks"])
+    assert rec["different_person"] is False and rec["identity_distance"] <= 0.03
+    expected = (f"2 faces found; using the one most like the other photos ({x1 - x0:.0f}x{y1 - y0:.0f} px at "
+                f"{x0:.0f},{y0:.0f}), not the largest. A group photo can teach the wrong person: crop it to one face")
+    small = f"small face ({max(x1 - x0, y1 - y0):.0f} px in a 1000x600 image): crop closer for more identity detail"
+    assert rec["warnings"] == [expected, small]
+    assert ("group.jpg", expected) in summary.warnings and ("group.jpg", small) in summary.warnings
+    assert len([w for w in rec["warnings"] if w.startswith("small face")]) == 1
+    mask = np.asarray(Image.open(out / "group.mask.png"))
+    assert mask[:, :600].max() == 0 and mask[int(fy0):int(fy1), int(fx0):int(fx1)].mean() > 200  # her face trains

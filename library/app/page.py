@@ -12,6 +12,7 @@ import pandas as pd
 
 from library.app import photos, presets, results, training_runs
 from library.app.state import KINDS, Sandbox, Workspace
+from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,10 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         selection = gr.State(None)
         with gr.Tab("Photos", id="photos"):
             with gr.Row():
-                src_files = gr.File(label="Source photos (the person)", file_count="multiple", file_types=["image"],
-                                    elem_id="src_files")
-                ref_files = gr.File(label="Reference photos (the style)", file_count="multiple", file_types=["image"],
-                                    elem_id="ref_files")
+                src_files = gr.File(label="Source photos (the person)", file_count="multiple",
+                                    file_types=list(IMAGE_EXTENSIONS), elem_id="src_files")
+                ref_files = gr.File(label="Reference photos (the style)", file_count="multiple",
+                                    file_types=list(IMAGE_EXTENSIONS), elem_id="ref_files")
             with gr.Row():
                 src_folder = gr.Textbox(label="or a folder of source photos", elem_id="src_folder")
                 ref_folder = gr.Textbox(label="or a folder of reference photos", elem_id="ref_folder")

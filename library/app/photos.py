@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from dataset_tools.images import ImageLoadError, encode_png, is_image_name, load_image
 from dataset_tools.prepare import PrepareError, Summary, prepare_folder
 from library.app.state import Workspace
-from library.files.images import read_image
+from library.files.images import IMAGE_EXTENSIONS_TEXT, read_image
 from library.files.messages import one_line
 
 TINT = np.array([255, 60, 60], np.float32)  # the mask's colour over the photo (red: trains)
@@ -32,7 +32,7 @@ def add_uploads(ws: Workspace, kind: str, files: list[str | os.PathLike]) -> tup
         src = Path(f)
         name = Path(src.name).name  # a browser's file name, never a path
         if not is_image_name(name):
-            refused.append(f"{one_line(name)}: not a photo the dataset tools read (jpg, jpeg, png, webp, bmp)")
+            refused.append(f"{one_line(name)}: not a photo the dataset tools read ({IMAGE_EXTENSIONS_TEXT})")
             continue
         try:
             load_image(src, UPLOAD_MAX_SHORT)

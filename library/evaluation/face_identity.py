@@ -7,9 +7,11 @@
     net.same_person(faces[0].embedding, other)          # the network's own same-person rule
 
 Faces are found by dlib's HOG frontal-face detector (`get_frontal_face_detector`) for both networks: on
-the image as given and, when that finds nothing, once more on the image upsampled 2x (faces under ~80 px).
-Upsampling every image would find smaller faces in group photos but also fires on textures more often.
-HOG alone fires on textures (the patch on the astronaut's suit, in a mirrored JPEG copy, is a larger
+the image as given (its 80 px window: faces from ~80 px) and always once more on the image upsampled 2x
+(faces from ~40 px), whose boxes count only where the first pass found none (`_SAME_FACE_IOU`): a large
+face keeps the box the same-person threshold was measured on (the upsampled pyramid's scales differ, and
+so do its boxes by a few pixels), and a 40-80 px face beside a larger one is found too. The upsampled
+pass costs ~4x the first (1280 x 886: 80 -> 440 ms on one core). HOG alone fires on textures (the patch on the astronaut's suit, in a mirrored JPEG copy, is a larger
 "face" than hers), and its score does not separate them (0.05 there, 0.21 for a real face in t1.jpg): each
 box is confirmed by dlib's CNN detector (`mmod_human_face_detector.dat`) on a 120 px crop around it
 (~0.14 s per face on one CPU core; on the whole 512 px photo the CNN costs 1.6 s, against 20 ms for HOG).
@@ -53,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from library.faces.geometry import box_iou
 from library.files.messages import one_line
 
 __all__ = ["ARCFACE_COSINE_THRESHOLD", "DLIB_COSINE_THRESHOLD", "FoundFace", "IdentityNetwork",
@@ -67,7 +70,8 @@ ARCFACE_COSINE_THRESHOLD = 0.3
 # this module for dlib does not import torch)
 _TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                       [70.7299, 92.2041]], np.float64)
-_UPSCALE_WHEN_NONE = 1  # HOG pyramid upsamplings tried when the image as given shows no face
+_SMALL_FACE_UPSAMPLE = 1  # HOG pyramid upsamplings of the second pass: faces from ~40 px
+_SAME_FACE_IOU = 0.3  # an upsampled-pass box overlapping a first-pass box this much is that face
 _DETECT_MAX_SIDE = 1600  # detection runs on a copy no bigger than this (HOG cost grows with pixels)
 _CONFIRM_CROP = 120  # side of the crop the CNN detector confirms a HOG box on (faces of ~75 px there)
 _CONFIRM_SPAN = 1.6  # that crop's side over the HOG box's side
@@ -193,13 +197,12 @@ class IdentityNetwork:
 
             img = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         found: list = []
-        for upsample in range(0, _UPSCALE_WHEN_NONE + 1):
+        for upsample in (0, _SMALL_FACE_UPSAMPLE):
             rects, scores, _ = self._detector.run(img, upsample, 0.0)
-            found = [((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale), float(s))
+            boxes = [((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale), float(s))
                      for r, s in zip(rects, scores)]
-            found = [f for f in found if self._confirmed(rgb, f[0])]
-            if found:
-                break
+            found += [f for f in boxes if all(box_iou(f[0], g[0]) < _SAME_FACE_IOU for g in found)
+                      and self._confirmed(rgb, f[0])]
         return found
 
     def _confirmed(self, rgb: np.ndarray, box) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from library.files.images import IMAGE_EXTENSIONS, ImageLoadError, read_image
+from library.files.images import IMAGE_EXTENSIONS, IMAGE_EXTENSIONS_TEXT, ImageLoadError, read_image
 
 MAX_SHORT_SIDE = 1024  # larger photos are shrunk on reading: every metric looks at 224 px or a face crop
 
@@ -49,7 +49,7 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
         and not p.name.startswith(".") and not _is_grid(p.stem)
     )
     if not files:
-        raise FolderError(f"{folder}: no images (jpg, jpeg, png, webp, bmp) ; give a folder of photos or a prepared folder")
+        raise FolderError(f"{folder}: no images ({IMAGE_EXTENSIONS_TEXT}) ; give a folder of photos or a prepared folder")
     return files
 
 

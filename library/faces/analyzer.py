@@ -1,11 +1,18 @@
 """Face detection, landmarks, orientation and face masks on mediapipe's legacy solutions (models ship in
 the wheel).
 
-One `FaceAnalyzer` per run: it builds the detectors and the face mesh once. `analyze(rgb)` finds the
-faces (short-range model first, then full-range, then full-range on tiles, until one yields a face the
-mesh confirms), picks one, runs the face mesh on square crops around it (so small faces in big photos
-get the mesh's full resolution), and returns the box, the 5 ArcFace landmarks and a binary face mask
-(255 = face) in the image's pixels.
+One `FaceAnalyzer` per run: it builds the detectors and the face mesh once. `analyze(rgb)` finds every
+face (`find`: the short-range and the full-range model on the whole image, then the full-range model on
+TILE px tiles for faces of SMALL_FACE px and up), picks one, runs the face mesh on square crops around it
+(so small faces in big photos get the mesh's full resolution), and returns the box, the 5 ArcFace
+landmarks and a binary face mask (255 = face) in the image's pixels.
+
+Why every stage runs: the models see a 192 px (full-range) or 128 px (short-range) copy of what they are
+given, and find a face from about 1/10 of that view. On a whole 1000 x 600 photo that is ~100 px, so a
+70 px face beside a larger one was never looked for once the larger one was found. Tiles of TILE px bring
+a 40 px face to 1/8 of the view. Cost (measured): the short-range model ~2 ms, the full-range one ~5 ms
+per view, so a 1024 px photo's 16 tiles add ~80 ms; a tile's face that the whole image already gave is
+dropped before the mesh runs on it.
 
 Which face: the largest one the face mesh *confirms*. The mesh fits a face to whatever it is given (a
 cartoon, a blurred face, an upside-down face it draws upright), so one fit proves little. A face is
@@ -42,6 +49,7 @@ import cv2
 import numpy as np
 
 from library.faces.geometry import (
+    box_iou,
     face_angle,
     fits_agree,
     landmark_order_problem,
@@ -58,6 +66,9 @@ from library.faces.masks import ellipse_mask, oval_mask, oval_polygon, parsed_ma
 MESH_CROP = 256  # side of the square crop fed to the face mesh
 MESH_CROP_FACTORS = (2.0, 1.6, 3.0)  # crop side / face box side, tried in turn
 DETECT_MAX_SIDE = 512  # detection runs on a copy no bigger than this (its models see 128 / 192 px)
+SMALL_FACE = 40  # px: the smallest face looked for (on tiles)
+TILE = 352  # tile side for small faces: a SMALL_FACE face is 1/9 of the full-range model's view there
+TILE_OVERLAP = 96  # px tiles share at least: a face the whole image's view is too coarse for fits in one
 MIN_SCORE = 0.5
 MAX_CONFIRM = 4  # faces tried, largest first, in search of one the face mesh confirms
 MESH_TURNS = (0, 1, 3, 2)  # np.rot90 turns of the crop fed to the mesh, in the order tried
@@ -73,6 +84,7 @@ class DetectedFace:
     mesh: np.ndarray | None = None  # [468, 2] face-mesh points once `checked`
     confirmed: bool = False  # two face-mesh fits on differently rotated crops agree
     checked: bool = False  # the mesh has been run on this face (mesh None then means: no fit)
+    detector: str = "full_range"  # the model that found it: "short_range" | "full_range"
 
     @property
     def area(self) -> float:
@@ -84,7 +96,7 @@ class FaceAnalysis:
     """What `FaceAnalyzer.analyze` found in one image; every coordinate is in `image` when `rotation` is set."""
 
     faces: list[DetectedFace]  # the chosen face first, then the others largest first
-    detector: str | None  # "short_range" | "full_range" | None
+    detector: str | None  # the chosen face's model: "short_range" | "full_range" | None
     landmarks: np.ndarray | None = None  # [5, 2] insightface order, pixels
     mesh: np.ndarray | None = None  # [468, 2] pixels
     face_mask: np.ndarray | None = None  # [H, W] uint8, 255 = face of the chosen face
@@ -133,12 +145,23 @@ def square_crop(rgb: np.ndarray, cx: float, cy: float, side: float, out: int) ->
     return canvas, float(x0), float(y0), scale
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def tile_origins(length: int, tile: int = TILE, overlap: int = TILE_OVERLAP) -> list[int]:
+    """Start positions (px) of tiles of side `tile` covering 0..`length`, evenly spread, neighbours sharing
+    at least `overlap` px; [0] when one tile (or the whole length, when shorter) covers it."""
+    if length <= tile:
+        return [0]
+    n = max(2, int(np.ceil((length - overlap) / (tile - overlap))))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def _same_face(a: DetectedFace, b: DetectedFace) -> bool:
+    """Two boxes of one face: overlapping, or one's centre inside the other (a tile that shows part of
+    a large face finds a smaller box inside it)."""
+    if box_iou(a.box, b.box) >= 0.3:
+        return True
+    small, big = (a, b) if a.area <= b.area else (b, a)
+    cx, cy = (small.box[0] + small.box[2]) / 2, (small.box[1] + small.box[3]) / 2
+    return big.box[0] <= cx <= big.box[2] and big.box[1] <= cy <= big.box[3]
 
 
 class FaceAnalyzer:
@@ -186,58 +209,49 @@ class FaceAnalyzer:
             if box[2] - box[0] < 2 or box[3] - box[1] < 2:
                 continue
             kps = np.array([(ox + k.x * sx, oy + k.y * sy) for k in d.location_data.relative_keypoints], np.float64)
-            faces.append(DetectedFace(box, float(d.score[0]), kps.reshape(-1, 2)))
+            faces.append(DetectedFace(box, float(d.score[0]), kps.reshape(-1, 2),
+                                      detector="short_range" if det is self._short else "full_range"))
         return faces
 
     def detect(self, rgb: np.ndarray, tiles: bool = True) -> tuple[list[DetectedFace], str | None]:
-        """Faces of an RGB image [H, W, 3] uint8 and the detector that found them ("short_range" /
-        "full_range"; None with no face), largest face first: the short-range model; the full-range
-        one when it finds nothing; then, with `tiles`, the full-range model on overlapping tiles (faces
-        under ~5% of the frame, e.g. a full-body portrait; a tile's face counts only when confirmed)."""
-        for name, faces in self._stages(rgb, tiles=tiles):
-            if faces:
-                return faces, name
-        return [], None
+        """Every face of an RGB image [H, W, 3] uint8, largest first, and the model that found the largest
+        ("short_range" / "full_range"; None with no face). See `find`."""
+        faces = self.find(rgb, tiles=tiles)
+        return faces, (faces[0].detector if faces else None)
 
-    def _stages(self, rgb: np.ndarray, tiles: bool):
-        """(detector name, faces largest first) for each way of finding faces, cheapest first: the
-        short-range model, the full-range model (both on a copy no bigger than DETECT_MAX_SIDE), then
-        with `tiles` the full-range model on overlapping half-size windows, whose faces count only when
-        the face mesh confirms them (textures fool it there: star fields, foliage)."""
+    def find(self, rgb: np.ndarray, tiles: bool = True, thorough: bool = True) -> list[DetectedFace]:
+        """Every face of an RGB image [H, W, 3] uint8, each once, largest first: the short-range and the
+        full-range model on a copy no bigger than DETECT_MAX_SIDE, then, with `tiles` and an image larger
+        than one tile, the full-range model on overlapping TILE px tiles (faces from SMALL_FACE px). A
+        tile's face counts only when it is new (`_same_face`) and the face mesh confirms it (`check` with
+        `thorough`): on tiles the model also fires on textures (star fields, foliage)."""
         h, w = rgb.shape[:2]
         s = min(1.0, DETECT_MAX_SIDE / max(h, w))
         small = rgb if s >= 1.0 else cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        for name, det in (("short_range", self._short), ("full_range", self._full)):
-            yield name, sorted(self._run(det, small, 0.0, 0.0, w, h, w, h), key=lambda f: f.area, reverse=True)
-        if tiles:
-            yield "full_range", [f for f in self._detect_tiled(rgb) if self.check(rgb, f).confirmed]
+        pool: list[DetectedFace] = []
+        for det in (self._short, self._full):
+            for f in sorted(self._run(det, small, 0.0, 0.0, w, h, w, h), key=lambda f: f.area, reverse=True):
+                if not any(_same_face(f, p) for p in pool):
+                    pool.append(f)
+        if tiles and max(h, w) > TILE:
+            for f in self._detect_tiled(rgb):
+                if not any(_same_face(f, p) for p in pool) and self.check(rgb, f, thorough).confirmed:
+                    pool.append(f)
+        return sorted(pool, key=lambda f: f.area, reverse=True)
 
     def _detect_tiled(self, rgb: np.ndarray) -> list[DetectedFace]:
+        """The full-range model on TILE px tiles (`tile_origins`), each overlap group's best-scoring box."""
         h, w = rgb.shape[:2]
-        tile = min(h, w) // 2
-        if tile < 128:
-            return []
-        step = tile // 2
-        xs = list(range(0, w - tile + 1, step))
-        ys = list(range(0, h - tile + 1, step))
-        if xs[-1] != w - tile:
-            xs.append(w - tile)
-        if ys[-1] != h - tile:
-            ys.append(h - tile)
+        tw, th = min(TILE, w), min(TILE, h)
         found: list[DetectedFace] = []
-        for y in ys:
-            for x in xs:
-                crop = rgb[y:y + tile, x:x + tile]
-                if tile > DETECT_MAX_SIDE:
-                    crop = cv2.resize(crop, (DETECT_MAX_SIDE, DETECT_MAX_SIDE), interpolation=cv2.INTER_AREA)
-                found += self._run(self._full, crop, x, y, tile, tile, w, h)
-        # overlapping tiles see the same face: keep the best-scoring box of each overlap group
+        for y in tile_origins(h):
+            for x in tile_origins(w):
+                found += self._run(self._full, rgb[y:y + th, x:x + tw], x, y, tw, th, w, h)
         found.sort(key=lambda f: f.score, reverse=True)
         kept: list[DetectedFace] = []
         for f in found:
-            if all(_iou(f.box, k.box) < 0.3 for k in kept):
+            if not any(_same_face(f, k) for k in kept):
                 kept.append(f)
-        kept.sort(key=lambda f: f.area, reverse=True)
         return kept
 
     # -- face mesh on a crop ---------------------------------------------------------------------
@@ -348,28 +362,23 @@ class FaceAnalyzer:
         return out
 
     def _analyze_frame(self, rgb: np.ndarray, thorough: bool = True) -> FaceAnalysis:
-        """One orientation: find faces, choose the largest confirmed one, its landmarks and mask.
+        """One orientation: find every face (`find`), choose the largest confirmed one, its landmarks and mask.
 
-        The detector stages run until one yields a face the mesh confirms (up to MAX_CONFIRM faces are
-        checked in all), so a big face-like box the short-range model finds does not hide a smaller real
-        face only the full-range model sees. No confirmed face: the largest of the first stage's faces.
-        `thorough=False`: no tiles, and a face must confirm at once (see `check`).
+        Faces are checked largest first (up to MAX_CONFIRM not yet checked), so a big face-like box does
+        not hide a smaller real face. No confirmed face: the largest face. `thorough=False`: no tiles, and
+        a face must confirm at once (see `check`).
         """
-        pool: list[DetectedFace] = []  # every face found, overlapping boxes once
-        detector, face, left = None, None, MAX_CONFIRM
-        for name, found in self._stages(rgb, tiles=thorough):
-            found = [f for f in found if all(_iou(f.box, p.box) < 0.3 for p in pool)]
-            if not found:
-                continue
-            detector = detector or name
-            pool += found
-            for f in found[:left]:
-                if self.check(rgb, f, thorough).confirmed:
-                    face, detector = f, name
-                    break
-            left -= min(left, len(found))
-            if face is not None:
+        pool = self.find(rgb, tiles=thorough, thorough=thorough)
+        face, left = None, MAX_CONFIRM
+        for f in pool:
+            if not f.checked:
+                if left == 0:
+                    continue
+                left -= 1
+            if self.check(rgb, f, thorough).confirmed:
+                face = f
                 break
+        detector = (face or pool[0]).detector if pool else None
         out = FaceAnalysis(faces=sorted(pool, key=lambda f: f.area, reverse=True), detector=detector)
         if not pool:
             return out
@@ -440,7 +449,7 @@ def _map_back(res: FaceAnalysis, k: int, width: int, height: int) -> FaceAnalysi
         return None if p is None else rotate_points(p, k, width, height)
 
     faces = [DetectedFace(rotate_box(f.box, k, width, height), f.score, pts(f.keypoints), pts(f.mesh),
-                          f.confirmed, f.checked) for f in res.faces]
+                          f.confirmed, f.checked, f.detector) for f in res.faces]
     lm = pts(res.landmarks)
     return FaceAnalysis(
         faces=faces, detector=res.detector, landmarks=lm, mesh=pts(res.mesh),

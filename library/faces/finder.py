@@ -4,8 +4,9 @@ restoration), the identity term's `loss.id_face = "detector"` and the ArcFace id
     faces = detect_face_landmarks(rgb)   # [[5, 2] float32, ...], surest face first
 
 It runs on `FaceAnalyzer`'s detectors and face mesh (one detection code path for the whole project):
-the short-range detector, the full-range one when that finds nothing, then the face mesh on a square
-crop around each face (`FaceAnalyzer.check`, the quick form: the crop as it is and turned 90 degrees).
+every face `FaceAnalyzer.find` gives (both detectors on the whole image, the full-range one on tiles for
+faces from 40 px), then the face mesh on a square crop around each face (`FaceAnalyzer.check`, the quick
+form: the crop as it is and turned 90 degrees).
 Landmarks come from the mesh (`geometry.landmarks_from_mesh`) or, without a mesh fit, from the
 detector's keypoints (`geometry.landmarks_from_detector`).
 
@@ -108,15 +109,16 @@ def detect_face_landmarks(
     rgb: [H, W, 3] uint8 (an alpha channel is dropped, grey is repeated) or a PIL image of any mode.
     min_score: the detectors' confidence threshold. A detection scoring below `sure_score` is kept only
     when the face mesh confirms it (two fits on differently turned crops agree): the detector alone
-    fires on textures. refine=False skips the face mesh: detector landmarks, sure detections only.
-    No face: []. Never raises for an image without faces.
+    fires on textures. refine=False skips the face mesh: detector landmarks, sure detections only, and
+    no tiles (a tile's face needs the mesh's confirmation), so faces under ~1/10 of the image's long side
+    may be missed. No face: []. Never raises for an image without faces.
     """
     rgb = _as_rgb(rgb)
     if min(rgb.shape[:2]) < 2:
         return []
     with _LOCK, quiet_native_stderr():
         analyzer = _shared_analyzer(float(min_score))
-        faces, _ = analyzer.detect(rgb, tiles=False)
+        faces = analyzer.find(rgb, tiles=refine, thorough=False)
         out = []
         for face in sorted(faces, key=lambda f: -f.score):
             if refine:

@@ -166,3 +166,12 @@ def rotate_box(box, k: int, width: int, height: int) -> tuple[float, float, floa
 def turn_k(clockwise: int) -> int:
     """The ``np.rot90`` k that rotates an image `clockwise` degrees (a multiple of 90) clockwise."""
     return (-(clockwise // 90)) % 4
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes (pixels); 0 when they do not meet."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

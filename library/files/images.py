@@ -9,6 +9,13 @@ A file that cannot be used raises `ImageLoadError` whose text is one human-reada
 the file name). Nothing here changes the input file. Decompression bombs (over PIL's pixel limit) are
 refused before decoding, except JPEGs read with a `max_short_side` (under twice the limit, where PIL stops),
 which are decoded at reduced scale where PIL's draft allows.
+
+Formats: what Pillow reads, plus HEIC/HEIF (iPhone photos) through pillow-heif's opener, registered once
+here; AVIF through Pillow's own plugin (Pillow >= 11.3 wheels), else pillow-heif's where its version has
+one. libheif turns a HEIC upright itself (its rotation and mirror boxes) and pillow-heif then reports EXIF
+orientation 1, so the orientation is applied once. An animated GIF/WebP/AVIF or a HEIC holding several
+images gives its first frame (a HEIC's primary image), with the note "animated/multi-frame file: using the
+first frame".
 """
 
 from __future__ import annotations
@@ -23,10 +30,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited on white, everywhere
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a folder of photos is read for
+# what a folder of photos is read for, everywhere (prepare, the page's uploads, evaluation)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif", ".avif")
+IMAGE_EXTENSIONS_TEXT = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)  # "jpg, jpeg, png, ...", for messages
+HEIF_EXTENSIONS = (".heic", ".heif")
+PILLOW_HEIF_PIN = "pillow-heif==1.9.0"  # requirements.txt's pin, named in the one-line error
+
+
+def _register_openers() -> dict[str, bool]:
+    """Register pillow-heif's HEIF opener (and its AVIF one when Pillow has no AVIF plugin) with PIL, once
+    per process; {"heif": readable, "avif": readable}. Thumbnails, depth and auxiliary images are not
+    decoded: only the primary image is used."""
+    avif = bool(features.check("avif"))
+    try:
+        import pillow_heif
+    except ImportError:
+        return {"heif": False, "avif": avif}
+    options = {"thumbnails": False, "depth_images": False, "aux_images": False}
+    pillow_heif.register_heif_opener(**options)
+    if not avif and hasattr(pillow_heif, "register_avif_opener"):  # pillow-heif < 1.0 only
+        pillow_heif.register_avif_opener(**options)
+        avif = True
+    return {"heif": True, "avif": avif}
+
+
+READABLE = _register_openers()
+
+
+def _format_missing(path: Path) -> str | None:
+    """Why a file of this extension cannot be read in this install (a package to add), else None."""
+    ext = path.suffix.lower()
+    if ext in HEIF_EXTENSIONS and not READABLE["heif"]:
+        return f"HEIC/HEIF needs pillow-heif ; pip install {PILLOW_HEIF_PIN}"
+    if ext == ".avif" and not READABLE["avif"]:
+        return "AVIF needs Pillow >= 11.3 (its wheels read AVIF) ; pip install -U pillow"
+    return None
 
 
 class ImageLoadError(ValueError):
@@ -69,7 +110,7 @@ def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str
                 "decompression-bomb limit); downscale it first"
             ) from None
         except UnidentifiedImageError:
-            raise ImageLoadError("not an image, or an unsupported/corrupt format") from None
+            raise ImageLoadError(_format_missing(path) or "not an image, or an unsupported/corrupt format") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(f"cannot open image ({_short(exc)})") from None
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
