@@ -34,6 +34,25 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
+@pytest.fixture
+def model_loads(monkeypatch) -> dict[str, int]:
+    """Counts base-model loads (``load_stable_diffusion``, where the trainer calls it): a refusal "before any
+    work" must leave ``model_loads["n"]`` at 0."""
+    import library.models.loading
+    import library.training.trainer
+
+    calls = {"n": 0}
+    real = library.models.loading.load_stable_diffusion
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(library.models.loading, "load_stable_diffusion", counted)
+    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", counted)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, original-layout single .safetensors) of the tiny SD 1.x model."""

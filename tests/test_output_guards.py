@@ -35,24 +35,6 @@ def tiny_args(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> l
             "logging.tensorboard=false", "sample.every=0", *extra]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch) -> dict[str, int]:
-    """Counts base-model loads: a refusal 'before any work' must leave it at 0."""
-    import library.models.loading
-    import library.training.trainer
-
-    calls = {"n": 0}
-    real = library.models.loading.load_stable_diffusion
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(library.models.loading, "load_stable_diffusion", counted)
-    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", counted)
-    return calls
-
-
 def error_line(capsys) -> str:
     """The one `error:` line of stderr (progress bars of a loading model share stderr); no traceback."""
     err = capsys.readouterr().err
@@ -75,13 +57,13 @@ def error_line(capsys) -> str:
             "dot; use e.g. my_portrait"),
 ])
 def test_output_names_that_lose_files_are_refused_before_any_work(tiny_model, prepared_data, tmp_path, capsys,
-                                                                 no_model_load, name, expected):
+                                                                 model_loads, name, expected):
     out = tmp_path / "out"
     rc = train_magicapture.main(tiny_args(tiny_model[0], prepared_data, out, f'output.name="{name}"'))
     line = error_line(capsys)
     assert rc == 2
     assert line.endswith(expected.format(out=out)), line
-    assert no_model_load["n"] == 0
+    assert model_loads["n"] == 0
     assert not out.exists()  # nothing written, not even the folder
 
 
@@ -104,7 +86,7 @@ with hold_output_folder(sys.argv[1]):
 
 
 def test_a_second_run_on_a_held_output_folder_is_refused_and_writes_nothing(tiny_model, prepared_data, tmp_path,
-                                                                            capsys, no_model_load):
+                                                                            capsys, model_loads):
     out = tmp_path / "out"
     out.mkdir()
     history = out / "loss_history.jsonl"
@@ -122,7 +104,7 @@ def test_a_second_run_on_a_held_output_folder_is_refused_and_writes_nothing(tiny
     assert rc == 2
     assert line.startswith(f"error: {out}: another training is writing to this folder (process {holder.pid} on ")
     assert line.endswith("; wait for it to end or stop it, or set output.dir (--output_dir) to another folder")
-    assert no_model_load["n"] == 0
+    assert model_loads["n"] == 0
     assert history.read_text() == '{"phase": 1, "step": 1, "loss": 0.5}\n'  # the first run's history untouched
     assert lock_holder(out) is None and not (out / LOCK_NAME).exists()  # the first run let go when it ended
 
@@ -205,7 +187,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_model, prepared_data, tmp_path, capsys, no_model_load):
+def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_model, prepared_data, tmp_path, capsys, model_loads):
     parent = tmp_path / "ro"
     parent.mkdir()
     if os.geteuid() == 0:  # root writes through permission bits: a read-only mount
@@ -222,7 +204,7 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_model, prepa
         "Permission denied; you may not write there"
     assert line == (f"error: cannot write the folder out in {parent}: {reason}; set output.dir to a folder you can "
                     f"write to")
-    assert no_model_load["n"] == 0
+    assert model_loads["n"] == 0
 
 
 def test_a_disk_that_fills_during_training_is_one_line_and_keeps_the_last_checkpoint(tiny_model, prepared_data,

@@ -152,14 +152,11 @@ SAYS = {
 
 @pytest.fixture
 def nothing_built(monkeypatch) -> dict[str, int]:
-    """Counts networks built (diffusers and transformers models) and base-model loads."""
+    """Counts networks built (diffusers and transformers models)."""
     import diffusers
     import transformers
 
-    import library.models.loading
-    import library.training.trainer
-
-    counts = {"models": 0, "loads": 0}
+    counts = {"models": 0}
     for cls in (diffusers.ModelMixin, transformers.PreTrainedModel):
         real_init = cls.__init__
 
@@ -168,21 +165,13 @@ def nothing_built(monkeypatch) -> dict[str, int]:
             _real(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__init__", counted_init)
-    real_load = library.models.loading.load_stable_diffusion
-
-    def counted_load(*args, **kwargs):
-        counts["loads"] += 1
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(library.models.loading, "load_stable_diffusion", counted_load)
-    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", counted_load)
     return counts
 
 
 @pytest.mark.parametrize("kind", sorted(SAYS))
 @pytest.mark.parametrize("where", ["single file", "diffusers folder", "model.vae", "identity weights"])
 def test_broken_model_files_are_refused_before_anything_is_built(tiny_model, prepared_data, tmp_path, capsys,
-                                                                 nothing_built, kind, where):
+                                                                 nothing_built, model_loads, kind, where):
     folder, single = tiny_model
     source, reference = prepared_data
     args = ["--config", str(ROOT / "configs" / "test_tiny.toml"), f'data.source_dir="{source}"',
@@ -212,6 +201,6 @@ def test_broken_model_files_are_refused_before_anything_is_built(tiny_model, pre
     line = error_line(capsys)
     assert rc == 2
     assert f"{broken}: {SAYS[kind]}" in line, line
-    assert nothing_built == {"models": 0, "loads": 0}
+    assert nothing_built == {"models": 0} and model_loads["n"] == 0
     assert peak < 200 * 2**20, peak
     assert not (tmp_path / "out").exists()
