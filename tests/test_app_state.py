@@ -166,6 +166,16 @@ def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python
                                                                 "--output_dir", str(out)]
 
 
+def test_start_is_refused_while_a_run_from_the_terminal_holds_the_folder(tmp_path, fake_python):
+    from library.training.run_lock import hold_output_folder
+
+    out = tmp_path / "run"
+    with hold_output_folder(out):  # what train_magicapture.py holds while it writes there
+        with pytest.raises(training_runs.RunRefused, match=rf"process {os.getpid()}\) is already using this output folder"):
+            training_runs.start_run("[model]\n", out, python=fake_python)
+    assert not (out / training_runs.LOCK).exists() and not (out / training_runs.CONFIG).exists()
+
+
 def test_stale_lock_of_a_dead_process_is_removed(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

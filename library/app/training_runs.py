@@ -24,6 +24,7 @@ from pathlib import Path
 from library.files.atomic import write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
+from library.training.run_lock import lock_holder
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = "app_run.lock"
@@ -97,7 +98,7 @@ def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str
     OUT. The caller checks the config first (library.config.load_config)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    held = read_lock(out_dir)
+    held = read_lock(out_dir) or lock_holder(out_dir)  # the page's runs, or one started from a terminal
     if held is not None:
         raise RunRefused(f"{out_dir}: a training run (process {held['pid']}) is already using this output folder; "
                          "stop it first or choose another output name")
