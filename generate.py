@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from library.config import ConfigError, load_config
+    from library.files.atomic import OutputWriteError
     from library.files.text import TextFileError
     from library.generation.pipeline import GenerationError
     from library.models.loading import ModelLoadError
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             grid=not args.no_grid,
             quiet=True,
         )
-    except (ConfigError, GenerationError, ModelLoadError, TextFileError) as err:
+    except (ConfigError, GenerationError, ModelLoadError, TextFileError, OutputWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

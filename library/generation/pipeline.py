@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from library.config import ConfigError
+from library.files.atomic import ensure_folder
 from library.models.family import SD1, ModelFamily
 from library.generation.options import (
     DEFAULT_CFG,
@@ -328,7 +329,7 @@ def generate(
     post = setup_postprocessing(upscale, restore, restore_weights, sr_weights, fidelity, dev)
     out = Path(out_dir) if out_dir else Path(cfg.output.dir) / "generated"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_folder(out)  # a read-only or full disk: one OutputWriteError line
     except OSError as err:
         raise GenerationError(f"cannot create the output folder {out}: {one_line(err)}") from None
     missing = [w for w in trained_tokens(cfg) if not re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", prompt)]
