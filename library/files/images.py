@@ -224,7 +224,11 @@ def read_image(
             raise ImageLoadError(
                 f"too small ({w0}x{h0}; the short side must be at least {min_short_side} px)"
             )
-        if getattr(im, "n_frames", 1) > 1:
+        try:  # counting frames reads every frame's header (TIFF: a later IFD without a size is a TypeError)
+            frames = getattr(im, "n_frames", 1)
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, TypeError, KeyError) as exc:
+            raise ImageLoadError(f"corrupt image data ({_short(exc)})") from None
+        if frames > 1:
             notes.append("animated/multi-frame file: using the first frame")
         # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away when the photo is much bigger than needed.
         if max_short_side is not None and im.format == "JPEG" and min(w0, h0) > max_short_side:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, check_weights_file, open_safetensors
 from library.models.family import FAMILIES
@@ -130,11 +131,14 @@ def sidecar_parameterization(checkpoint: Path) -> str | None:
     sidecar = checkpoint.with_suffix(".yaml")
     if not sidecar.is_file():
         return None
-    try:
-        doc = yaml.safe_load(read_text(sidecar))
-    except yaml.YAMLError as err:
-        raise ModelLoadError(f"{sidecar}: not valid YAML ({str(err).splitlines()[0]}); fix or remove it") from None
-    params = ((doc or {}).get("model") or {}).get("params") if isinstance(doc, dict) else None
+    text = read_text(sidecar)
+    try:  # ValueError: a value YAML cannot build (2001-13-45); RecursionError: collections nested ~1000 deep
+        doc = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        why = one_line(str(err).split("\n")[0] or err, 200)
+        raise ModelLoadError(f"{sidecar}: not valid YAML ({why}); fix or remove it") from None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
     value = params.get("parameterization") if isinstance(params, dict) else None
     return str(value) if value is not None else None
 
