@@ -182,7 +182,7 @@ def test_config_messages_stay_one_line_for_hostile_names(tmp_path):
         '[phase1]\n"ste\\nps" = 1\n': "unknown key 'phase1.ste / ps'",
         '["phase\\r\\n1"]\nsteps = 1\n': "unknown section [phase / 1]",
         '[phase1]\nsteps = "1\\n2"\n': "expected int, got '1\\n2'",
-        '[model]\npretrained = "x"\n[data]\nsource_dir = "a\\u2028b"\nreference_dir = "c"\n': "data.source_dir = 'a / b' is not a folder",
+        '[model]\npretrained = "x"\n[data]\nsource_dir = "a\\u2028b"\nreference_dir = "c"\n': f"data.source_dir = '{Path.cwd()}/a / b' is not a folder",  # paths are made absolute
         "[model]\npretrained = " + "[" * 3000 + "]" * 3000 + "\n": "not valid TOML",
     }
     for text, expected in cases.items():

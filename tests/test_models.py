@@ -71,5 +71,5 @@ def test_refusals(tmp_path):
         load_stable_diffusion(str(sdxl))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelLoadError, match="not a readable"):
+    with pytest.raises(ModelLoadError, match=r"junk.safetensors: a text file \('not a safetensors file'\.\.\.\), not weights"):
         load_stable_diffusion(str(junk))

@@ -168,9 +168,9 @@ def test_a_nan_checkpoint_from_an_older_version_is_passed_over(tmp_path):
     assert ckpt.last_good_checkpoint(tmp_path) == "checkpoint-p1-000002"
     info, _, _, warnings = ckpt.find_resumable("latest", tmp_path)
     assert info.path.name == "checkpoint-p1-000002"
-    assert warnings == [f"warning: {newer}: holds 8 NaN and 0 infinite values in 1 tensor (first: trainable.emb); it "
-                        f"cannot be continued; resuming from checkpoint-p1-000002, the newest whole checkpoint (the "
-                        f"damaged one is removed at the next save)"]
+    assert warnings == [f"warning: {newer / ckpt.TRAINABLE}: holds 8 NaN and 0 infinite values in 1 tensor (first: "
+                        f"trainable.emb); the checkpoint cannot be continued; resuming from checkpoint-p1-000002, the "
+                        f"newest whole checkpoint (the damaged one is removed at the next save)"]
 
 
 # ------------------------------------------------------------------------------- kind 3: write errors
@@ -202,8 +202,7 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tiny_model, prepa
     assert rc == 2
     reason = "Read-only file system; that disk is mounted read-only" if os.geteuid() == 0 else \
         "Permission denied; you may not write there"
-    assert line == (f"error: cannot write the folder out in {parent}: {reason}; set output.dir to a folder you can "
-                    f"write to")
+    assert line == f"error: cannot write the folder out in {parent}: {reason}; choose a folder you can write to"
     assert model_loads["n"] == 0
 
 
@@ -236,7 +235,7 @@ def test_a_disk_that_fills_during_training_is_one_line_and_keeps_the_last_checkp
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     line = lines[0]
     assert line.startswith("error: cannot write ") and f" in {out}" in line, line
-    assert ": No space left on device; free some space on that disk, or set output.dir to a folder on another disk; " \
+    assert ": No space left on device; free some space on that disk, or choose a folder on another disk; " \
            "last good checkpoint: checkpoint-p1-" in line, line
     assert line.endswith("; continue with --resume latest once it can write"), line
     kept = line.split("last good checkpoint: ")[1].split(";")[0]

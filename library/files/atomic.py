@@ -29,13 +29,13 @@ __all__ = [
 
 # what to do about a failed write, by errno; the rest get the system's own words only
 _WRITE_ADVICE = {
-    errno.ENOSPC: "free some space on that disk, or set output.dir to a folder on another disk",
-    errno.EDQUOT: "your disk quota is used up: free some space, or set output.dir to a folder on another disk",
-    errno.EFBIG: "the file is larger than this file system allows; set output.dir to a folder on another disk",
-    errno.EROFS: "that disk is mounted read-only; set output.dir to a folder you can write to",
-    errno.EACCES: "you may not write there; set output.dir to a folder you can write to",
-    errno.EPERM: "you may not write there; set output.dir to a folder you can write to",
-    errno.EIO: "the disk reported an input/output error; check it, or set output.dir to another disk",
+    errno.ENOSPC: "free some space on that disk, or choose a folder on another disk",
+    errno.EDQUOT: "your disk quota is used up: free some space, or choose a folder on another disk",
+    errno.EFBIG: "the file is larger than this file system allows; choose a folder on another disk",
+    errno.EROFS: "that disk is mounted read-only; choose a folder you can write to",
+    errno.EACCES: "you may not write there; choose a folder you can write to",
+    errno.EPERM: "you may not write there; choose a folder you can write to",
+    errno.EIO: "the disk reported an input/output error; check it, or choose a folder on another disk",
 }
 
 
@@ -51,7 +51,7 @@ class OutputWriteError(OSError):
         advice = _WRITE_ADVICE.get(code, "check the disk and the folder's permissions")
         self.path, self.what = path, what or path.name
         self.message = f"cannot write {self.what} in {path.parent}: {self.reason}; {advice}"
-        super().__init__(code, self.message)
+        super().__init__(code, self.reason)  # strerror stays the system's words, for callers that add their own
 
     def __str__(self) -> str:
         return self.message

@@ -144,9 +144,10 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
         raise CheckpointError(one_line(err)) from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path / STATE}: not a training state (needs {', '.join(STATE_KEYS)})")
-    broken = non_finite_summary({"trainable": trainable, "state": state})
-    if broken:  # written by a version that saved whatever it had
-        raise CheckpointError(f"{path}: holds {broken}; it cannot be continued")
+    for name, tensors in ((TRAINABLE, {"trainable": trainable}), (STATE, {"state": state})):
+        broken = non_finite_summary(tensors)
+        if broken:  # written by a version that saved whatever it had
+            raise CheckpointError(f"{path / name}: holds {broken}; the checkpoint cannot be continued")
     return trainable, state
 
 
