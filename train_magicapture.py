@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from accelerate import PartialState
-
     from library.config import load_config, resolve_path
     from library.training.preflight import check_run_inputs
+    from library.training.processes import process_state
     from library.training.resume import prepare_resume
     from library.training.run_lock import hold_output_folder
     from library.training.trainer import MagiCaptureTrainer
@@ -70,11 +69,12 @@ def _train(args: argparse.Namespace) -> int:
         cfg.phase1.steps = min(cfg.phase1.steps, args.max_steps)
         cfg.phase2.steps = min(cfg.phase2.steps, args.max_steps)
     check_run_inputs(cfg)  # names, model and weights files, prepared folders: before anything loads
-    main_process = PartialState().is_main_process
+    state = process_state()
+    main_process = state.is_main_process
     with hold_output_folder(cfg.output.dir) if main_process else nullcontext():
         point = None
         if args.resume is not None:  # checked before the models load and before anything is written
-            point = prepare_resume(cfg, args.resume)
+            point = prepare_resume(cfg, args.resume, state.num_processes)
             if main_process:
                 for note in point.notes:
                     print(note)

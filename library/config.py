@@ -75,7 +75,7 @@ class TokensConfig:
 @dataclass
 class PhaseConfig:
     steps: int = 1200
-    batch_size: int = 4  # samples in one optimiser step, spread over the phase's tasks
+    batch_size: int = 4  # samples per process in one optimiser step, spread over the phase's tasks (x processes: the step)
     grad_accum: int = 1  # micro-batches per step (only to save memory: the batch is the same)
     lr_embeddings: float = 5e-4
     lr_unet: float = 1e-4

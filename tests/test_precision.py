@@ -75,7 +75,8 @@ def test_fp16_on_the_cpu_falls_back_to_fp32_before_any_work_and_finishes(tiny_mo
     rc = main(_args(tiny_model, prepared_data, out, 'train.mixed_precision="fp16"', f'loss.identity_weights="{arcface}"',
                     "phase2.steps=2", "loss.id_max_timestep=1000"))
     assert rc == 0
-    assert said_before_loading[0].splitlines() == [FALLBACK]
+    assert said_before_loading[0].splitlines() == [
+        FALLBACK, "processes: 1; batch per process 2 / 3 (phase 1 / 2), effective 2 / 3 per optimiser step"]
     history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
     assert any(h["phase"] == 2 and h.get("id", 0) > 0 for h in history), "the identity loss never ran"
     assert 'mixed_precision = "no"' in (out / "effective_config.toml").read_text()
@@ -94,6 +95,10 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_before_any_work(tiny_mo
     class OldGpu:
         device = torch.device("cuda", 0)
         is_main_process = True
+        num_processes = 1
+
+        def __init__(self, **kwargs):  # PartialState(cpu=...)
+            pass
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the precision was checked")

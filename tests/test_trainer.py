@@ -9,6 +9,7 @@ moving the first-half weight onto the whole loss, or applying the identity loss 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -149,14 +150,22 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
             a = trainer.alphas_cumprod[100]
             x0 = (noisy - (1 - a).sqrt() * pred) / a.sqrt()
             lms = trainer.reference.landmarks[:3]
-            if window:
-                corner, side = face_window(lms, x0.shape[-1])
+            if window:  # one window for the run: the largest face of both sets, whatever the batch holds
+                faces = torch.cat([trainer.source.landmarks[trainer.source.has_face], trainer.reference.landmarks[trainer.reference.has_face]])
+                spread = (faces.amax(1) - faces.amin(1)).amax(-1).max().item()
+                side = min(x0.shape[-1], max(8, math.ceil(spread * 3.2 / 64) * 8))
+                assert trainer.id_term.window == side
+                corner, _ = face_window(lms, x0.shape[-1], side)
                 x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(corner.tolist())])
                 lms = lms - corner.float()[:, None, :] * 8
             emb = trainer.id_term.encoder(trainer.vae.decode(x0 / trainer.vae.config.scaling_factor).sample, lms)
             target = trainer.id_term.source_embeddings[torch.tensor([0, 1, 2])]
             want = 1 - (emb * target).sum(-1) / (emb.norm(dim=-1) * target.norm(dim=-1))
         torch.testing.assert_close(ident.detach(), want, rtol=1e-4, atol=1e-6)
+        # a sample's term does not depend on the other samples of its micro-batch (grad_accum, processes)
+        alone = [trainer.id_term({k: (v[i : i + 1] if torch.is_tensor(v) else v) for k, v in batch.items() if k != "id_plan"},
+                                 noisy[i : i + 1], pred[i : i + 1])[0] for i in range(3)]
+        torch.testing.assert_close(torch.cat(alone).detach(), ident.detach(), rtol=1e-5, atol=1e-6)
         trainer.unet.zero_grad()
         ident.sum().backward()
         grads = [p.grad for n, p in trainer.unet.named_parameters() if "lora_B" in n]

@@ -16,17 +16,25 @@ from library.config import LossConfig
 from library.training.data import CachedSet
 from library.training.losses import identity_loss, tweedie_x0
 
-__all__ = ["IdentityTerm", "face_window"]
+__all__ = ["IdentityTerm", "face_window", "window_side"]
 
 
-def face_window(landmarks: torch.Tensor, latent_size: int) -> tuple[torch.Tensor, int]:
-    """Top-left latent corner [b, 2] (x, y) and side (latent pixels, a multiple of 8) of a window that
-    holds each face; landmarks [b, 5, 2] in image pixels (8 per latent pixel).
+def window_side(landmarks: torch.Tensor, latent_size: int) -> int:
+    """The side (latent pixels, a multiple of 8, at most `latent_size`) of a window that holds the largest
+    of the faces whose landmarks [n, 5, 2] (image pixels, 8 per latent pixel) are given: the ArcFace crop
+    spans about 3x the landmarks' spread, so the window does too."""
+    if not len(landmarks):
+        return latent_size
+    spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [n] pixels
+    return int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / 8 / 8) * 8)))
 
-    The ArcFace crop spans about 3x the landmarks' spread, so the window does too.
-    """
-    spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [b] pixels
-    side = int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / 8 / 8) * 8)))
+
+def face_window(landmarks: torch.Tensor, latent_size: int, side: int | None = None) -> tuple[torch.Tensor, int]:
+    """Top-left latent corner [b, 2] (x, y) and side (latent pixels) of a window that holds each face;
+    landmarks [b, 5, 2] in image pixels (8 per latent pixel). `side` defaults to :func:`window_side` of
+    these faces; the trainer passes the side of every face in its sets, so that a sample's window does
+    not depend on which other samples share its micro-batch or process."""
+    side = window_side(landmarks, latent_size) if side is None else side
     centre = landmarks.mean(1) / 8
     corner = (centre - side / 2).round().clamp(0, latent_size - side).long()
     return corner, side
@@ -38,9 +46,14 @@ class IdentityTerm:
     (``source_embeddings`` [N, d], zeros where an image has no face)."""
 
     def __init__(self, encoder, source: CachedSet, vae, alphas_cumprod: torch.Tensor, cfg: LossConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, reference: CachedSet | None = None) -> None:
         self.encoder, self.source, self.vae, self.cfg, self.device = encoder, source, vae, cfg, device
         self.alphas_cumprod = alphas_cumprod
+        # one decode window for the run: the largest face of both sets (a composed sample keeps the
+        # reference's layout), so the loss of a sample is the same however the batch is split
+        sets = [source] + ([reference] if reference is not None else [])
+        faces = torch.cat([c.landmarks[c.has_face.cpu()].cpu() for c in sets])
+        self.window = window_side(faces, source.latents.shape[-1])
         with torch.no_grad():
             faces = source.has_face.cpu()
             emb = encoder(source.images[faces].to(device), source.landmarks[faces].to(device))
@@ -58,7 +71,7 @@ class IdentityTerm:
         idx = valid.nonzero().squeeze(1)
         corner = side = xy = None
         if self.cfg.id_decode_window and self.cfg.id_face != "detector" and len(idx):
-            corner, side = face_window(batch["face_landmarks"][idx], batch["latents"].shape[-1])
+            corner, side = face_window(batch["face_landmarks"][idx], batch["latents"].shape[-1], self.window)
             xy = corner.tolist()
         return {"valid": valid, "idx": idx, "corner": corner, "side": side, "corner_xy": xy}
 

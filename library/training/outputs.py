@@ -117,6 +117,11 @@ def export_outputs(trainer, step: int | None = None) -> Path:
                 "resolution": trainer.resolution,  # data.resolution, or the family's side when it is 0
                 "mixed_precision": cfg.train.mixed_precision,
                 "optimizer": cfg.optimizer.name,
+                # kohya's names; a phase-2 step holds batch_size samples per process (library/training/processes.py)
+                "num_processes": trainer.acc.num_processes,
+                "batch_size_per_device": cfg.phase2.batch_size,
+                "total_batch_size": cfg.phase2.batch_size * trainer.acc.num_processes,
+                "gradient_accumulation_steps": cfg.phase2.grad_accum,
                 "composed_prompt": prompt,
             },
             state_dict=state,

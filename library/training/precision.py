@@ -75,10 +75,11 @@ def settle_precision(train: TrainConfig) -> PrecisionPlan:
     """Plan `train.mixed_precision` on this process's device, say the plan's line (main process), and set
     `train.mixed_precision` to what will run, so that effective_config.toml and the LoRA's metadata record
     it. Raises ConfigError where the combination cannot run."""
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    from library.training.processes import process_state
+
+    state = process_state()
     plan = plan_precision(train.mixed_precision, state.device, train.vae_fp32)
     if state.is_main_process:
         tqdm.write(plan.line)

@@ -158,13 +158,23 @@ class ResumePoint:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare_resume(cfg: Config, value: str) -> ResumePoint:
+def prepare_resume(cfg: Config, value: str, num_processes: int = 1) -> ResumePoint:
     """Resolve and load `--resume VALUE` for `cfg` and check the config against the checkpoint's.
+
+    A run on another number of processes than the checkpoint's continues (every process's random state
+    follows from the one saved, library/training/processes.py) with a line saying the effective batch
+    changes, as a changed batch_size would.
 
     Raises FileNotFoundError (no checkpoint), CheckpointError (the named one is damaged, or none is
     whole) or ConfigError (a key changed that the checkpoint depends on), each with a one-line message.
     """
     info, trainable, state, notes = ckpt.find_resumable(value, Path(cfg.output.dir))
+    before = int(state.get("processes", 1))
+    if before != num_processes:
+        pcfg = cfg.phase1 if info.phase == 1 else cfg.phase2
+        notes.append(f"resume: {num_processes} process{'es' if num_processes > 1 else ''} instead of {before}: the "
+                     f"effective batch is {num_processes * pcfg.batch_size} instead of {before * pcfg.batch_size} "
+                     f"samples per step from here on")
     saved = ckpt.read_checkpoint_config(info)
     if saved is None:
         notes.append(f"warning: {info.path.name} has no config.toml (written by an older version): the "

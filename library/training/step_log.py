@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -73,12 +74,15 @@ class StepLog:
         keys, values = sums.packed()
         self._pending.append((phase, step, lr, keys, values))
 
-    def take(self) -> list[StepEntry]:
+    def take(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[StepEntry]:
         """All queued steps with their figures as floats (sum / weight, where the weight is > 0), in one
-        device-to-host transfer; empties the queue."""
+        device-to-host transfer; empties the queue. `reduce` (e.g. a sum over the processes of a run, one
+        collective for all the steps) is applied to the sums and weights first, so the figures are every
+        process's and every process gets the same ones."""
         if not self._pending:
             return []
-        flat = torch.cat([values for *_, values in self._pending]).tolist()
+        flat = torch.cat([values for *_, values in self._pending])
+        flat = (reduce(flat) if reduce is not None else flat).tolist()
         entries, at = [], 0
         for phase, step, lr, keys, _ in self._pending:
             n = len(keys)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from library.training import checkpoint as ckpt
@@ -40,6 +41,7 @@ from library.training.losses import combine_losses, masked_reconstruction_loss, 
 from library.models.loading import DTYPES, StableDiffusionParts, load_stable_diffusion
 from library.training.optim import build_lr_scheduler, build_optimizer, load_training_state
 from library.training.precision import settle_precision
+from library.training.processes import on_main, processes_line, rank_slice, reduce_sum
 from library.training.resume import ResumePoint, prepare_resume, rewind_history
 from library.models.prompts import prompt_input_ids
 from library.training.tokens import add_tokens_to_encoders, get_token_embedding, norm_regulariser, pull_norms, token_vectors
@@ -54,7 +56,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
     What the exporter reads: ``family``, ``text_encoders`` / ``tokenizers`` (family order; ``text_encoder``
     / ``tokenizer`` are the first), ``token_ids`` (word -> ids, the same in every tokenizer), ``unet``,
-    ``lora_added``, ``resolution`` (``data.resolution``, or the family's when that is 0).
+    ``lora_added``, ``resolution`` (``data.resolution``, or the family's when that is 0), ``acc.num_processes``.
     """
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, parts: StableDiffusionParts | None = None):
@@ -62,6 +64,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         if accelerator is None:  # before anything is loaded: a precision that cannot run fails or falls back here
             settle_precision(cfg.train)
         self.acc = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # see library/training/processes.py
             mixed_precision=cfg.train.mixed_precision,
             log_with="tensorboard" if cfg.logging.tensorboard else None,
             project_dir=str(Path(cfg.output.dir) / "logs"),
@@ -69,8 +72,9 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         self.out_dir = Path(cfg.output.dir)
         self.device = self.acc.device
         self.weight_dtype = DTYPES.get(cfg.train.mixed_precision, torch.float32)  # "no": fp32
-        rank_seed = cfg.train.seed + 1000 * self.acc.process_index
-        self.gen = torch.Generator().manual_seed(rank_seed)
+        self.print(processes_line(cfg, self.acc.num_processes))
+        # one stream on every process: each draws the whole step and trains its slice (processes.py)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.clock = StageClock()  # seconds per stage, written to timings.json at the end of run()
         load = self.clock.stage("load")
         load.__enter__()  # the load stage ends once the models sit on the device (below)
@@ -101,7 +105,10 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.tokenizers, self.text_encoders, [tok.source, tok.reference], [tok.source_init, tok.reference_init],
             tok.vectors, tok.reference_init_std, tok.norm_target, self.gen)
         for encoder in self.text_encoders:
-            get_token_embedding(encoder).to(self.device)
+            rows = get_token_embedding(encoder).to(self.device).new_vectors
+            if self.acc.num_processes > 1:  # the same seed draws the same rows; rank 0's are the ones kept anyway
+                with torch.no_grad():
+                    rows.copy_(broadcast(rows.detach().clone(), from_process=0))
         # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
         self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -139,7 +146,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
                 except (ValueError, FileNotFoundError) as err:
                     raise ConfigError(f"loss.identity_weights: {err}") from None
-                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device)
+                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device,
+                                            self.reference)
         elif cfg.loss.id_weight > 0:
             self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
         self.lora_added = False
@@ -182,17 +190,20 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         return cached
 
     # ---------------------------------------------------------------- one step
-    def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig) -> dict[str, torch.Tensor]:
+    def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig, noise: torch.Tensor | None = None,
+                    timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one micro-batch on the device: :func:`library.training.batching.sample_tensors` (the
         first-half weight while ``phase_step < steps / 2``), the prompts' ``input_ids`` and the tokens'
-        ``positions``, then ``noise`` and ``timesteps`` ~ U(0, max_timestep) from the trainer's generator."""
+        ``positions``, then ``noise`` and ``timesteps`` ~ U(0, max_timestep): as given (the step's, drawn by
+        :meth:`optimizer_step`), else drawn here from the trainer's generator."""
         late = phase_step >= pcfg.steps / 2
         batch = sample_tensors(samples, self.source, self.reference, self.cfg.loss.id_tasks,
                                1.0 if late else pcfg.first_half_weight)
         batch |= self.prompt_batch([s.prompt for s in samples])
         batch["positions"] = self.token_positions(batch["input_ids"])
-        batch["noise"] = torch.randn(batch["latents"].shape, generator=self.gen)
-        batch["timesteps"] = torch.randint(0, pcfg.max_timestep, (len(samples),), generator=self.gen)
+        if noise is None:
+            noise, timesteps = self._draw_noise(len(samples), batch["latents"].shape[1:], pcfg)
+        batch["noise"], batch["timesteps"] = noise, timesteps
         plan = self.id_term.plan(batch) if self.id_term is not None else None  # from host tensors: no sync
         moved = {k: to_device(v, self.device) for k, v in batch.items() if k != "positions"}
         return moved | {"positions": batch["positions"], "id_plan": plan}
@@ -271,7 +282,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
         point = None
         if resume:
-            point = resume if isinstance(resume, ResumePoint) else prepare_resume(self.cfg, str(resume))
+            point = resume if isinstance(resume, ResumePoint) else prepare_resume(self.cfg, str(resume), self.acc.num_processes)
             if not isinstance(resume, ResumePoint):
                 for note in point.notes:
                     self.print(note)
@@ -328,7 +339,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         scheduler = build_lr_scheduler(pcfg, optimizer)
         sampler = TaskSampler(
             pcfg.tasks, len(self.source), len(self.reference), self.cfg.tokens.source, self.cfg.tokens.reference,
-            seed=self.cfg.train.seed * 10 + phase + 1000 * self.acc.process_index,
+            seed=self.cfg.train.seed * 10 + phase,  # the same on every process (processes.py)
             source_captions=self.source.captions or None, reference_captions=self.reference.captions or None,
         )
         if state is not None:
@@ -337,20 +348,33 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.gen.set_state(state["generator"])
             if state.get("grad_scaler") and self.acc.scaler is not None:  # fp16: the loss scale it had reached
                 self.acc.scaler.load_state_dict(state["grad_scaler"])
-        optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
+        # not the scheduler: accelerate steps a prepared one once per process per step
+        optimizer = self.acc.prepare(optimizer)
         compiled = compile_enabled(self.cfg.train.compile, self.device, pcfg.steps)
         self.unet_forward = compile_unet(self.unet) if compiled else self.unet
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
+    def _draw_noise(self, n: int, shape: torch.Size, pcfg: PhaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise [n, *shape] and timesteps [n] ~ U(0, max_timestep) from the trainer's generator."""
+        noise = torch.randn((n, *shape), generator=self.gen)
+        return noise, torch.randint(0, pcfg.max_timestep, (n,), generator=self.gen)
+
     def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> FigureSums:
-        """One optimiser step over `samples` (in pcfg.grad_accum micro-batches); returns the figures to log, still
+        """One optimiser step; `samples` is the step of every process (num_processes x batch_size, drawn alike on
+        each), whose noise and timesteps are drawn here alike too; this process trains its slice
+        (:mod:`library.training.processes`) in pcfg.grad_accum micro-batches. Returns the figures to log, still
         on the device (:class:`FigureSums`: loss terms averaged over micro-batches, per-token attention figures
         averaged over the samples that hold the token). Nothing here waits for the device: a non-finite loss
         is caught when the figures are read (:meth:`record_steps`), before any checkpoint is written."""
+        shape = (self.source.latents if len(self.source) else self.reference.latents).shape[1:]
+        noise, timesteps = self._draw_noise(len(samples), shape, pcfg)
+        mine = rank_slice(self.acc.process_index, len(samples) // self.acc.num_processes)
+        samples, noise, timesteps = samples[mine], noise[mine], timesteps[mine]
         micro = len(samples) // pcfg.grad_accum
         figures = FigureSums()
         for m in range(pcfg.grad_accum):
-            batch = self.build_batch(samples[m * micro : (m + 1) * micro], step, pcfg)
+            part = slice(m * micro, (m + 1) * micro)
+            batch = self.build_batch(samples[part], step, pcfg, noise[part], timesteps[part])
             losses = self.compute_loss(batch, phase)
             self.acc.backward(losses["loss"] / pcfg.grad_accum)
             figures.add(losses)
@@ -385,7 +409,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         for entry in entries:
             phase, done, logs = entry.phase, entry.step, entry.figures
             offset = self.cfg.phase1.steps if phase == 2 else 0
-            self.history.append({"phase": phase, "step": done, **logs})
+            self.history.append({"phase": phase, "step": done, "lr": entry.lr, **logs})
             if self.acc.is_main_process:
                 append_text(self.out_dir / "loss_history.jsonl", json.dumps(self.history[-1]) + "\n")
             every = self.cfg.logging.print_every
@@ -415,7 +439,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         with self.clock.stage(f"phase{phase}"), StopAfterStep() as stop:
             try:
                 for step in bar:
-                    figures = self.optimizer_step(sampler.draw(pcfg.batch_size), step, phase, pcfg, optimizer, scheduler, params)
+                    figures = self.optimizer_step(sampler.draw(pcfg.batch_size * self.acc.num_processes), step, phase,
+                                                  pcfg, optimizer, scheduler, params)
                     steps.add(phase, step + 1, scheduler.get_last_lr()[0], figures)  # the LR TensorBoard has always shown
                     done = step + 1
                     if done == start_step + 1:
@@ -425,15 +450,15 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     stopping = self.stop_requested(stop)
                     if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or self.preview_tag(phase, done, pcfg) is not None):
                         continue
-                    entries = steps.take()
+                    entries = steps.take(self.reduce_sum)  # every process's figures, so all take one decision
                     for entry in entries:
                         self.check_finite(entry)  # before a preview or a checkpoint is made of broken weights
                     bar.set_postfix({k: f"{v:.4g}" for k, v in entries[-1].figures.items() if "/" not in k})
                     tag = self.preview_tag(phase, done, pcfg)
                     scores = {}
-                    if tag and self.acc.is_main_process and not stop.requested:
+                    if tag and not stop.requested:
                         with self.clock.stage("previews"):
-                            scores = self.scoring(write_previews(self, tag))
+                            scores = self.on_main(lambda: self.scoring(write_previews(self, tag))) or {}
                         if scores:
                             self.print(f"phase {phase} step {done}/{pcfg.steps}: samples {self.scoring.describe(scores)}")
                             if self.cfg.logging.tensorboard:
@@ -441,16 +466,15 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     self.record_steps(entries, pcfg, scores)
                     if stopping:
                         break
-                    if self.acc.is_main_process:
-                        if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
-                            with self.clock.stage("checkpoints"):
-                                self.save(phase, done, optimizer, scheduler, sampler)
-                        every = self.cfg.output.save_lora_every
-                        if phase == 2 and every and done % every == 0 and done < pcfg.steps:
-                            from library.training.outputs import export_outputs
+                    if self.cfg.output.save_every and done % self.cfg.output.save_every == 0 and done < pcfg.steps:
+                        with self.clock.stage("checkpoints"):
+                            self.save(phase, done, optimizer, scheduler, sampler)
+                    every = self.cfg.output.save_lora_every
+                    if phase == 2 and every and done % every == 0 and done < pcfg.steps:
+                        from library.training.outputs import export_outputs
 
-                            with self.clock.stage("export"):
-                                export_outputs(self, step=done)  # the last step's are the final files
+                        with self.clock.stage("export"):  # the last step's are the final files
+                            self.on_main(lambda: export_outputs(self, step=done))
             except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
@@ -461,9 +485,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 ) from None
             finally:
                 bar.close()
-            if self.acc.is_main_process:
-                with self.clock.stage("checkpoints"):
-                    path = self.save(phase, done, optimizer, scheduler, sampler)
+            with self.clock.stage("checkpoints"):
+                path = self.save(phase, done, optimizer, scheduler, sampler)
             if stop.requested:
                 saved = f"saved {path}" if self.acc.is_main_process else "saved a checkpoint"
                 raise TrainingInterrupted(
@@ -491,12 +514,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
     def check_attention(self, logs: dict[str, float], phase: int, done: int) -> None:
         """Feed the collapse guard; warn once per collapsed token, or stop (loss.attn_collapse_action)."""
         words = self.token_words()
-        present = torch.tensor([float(f"inside/{w}" in logs) for w in words])
-        inside = torch.tensor([logs.get(f"inside/{w}", 0.0) for w in words])
-        if self.acc.num_processes > 1:  # every process must take the same decision
-            both = self.acc.reduce(torch.stack([inside * present, present]).to(self.device), reduction="sum").cpu()
-            inside, present = both[0] / both[1].clamp_min(1), both[1]
-        tripped = self.guard.update({w: float(inside[k]) for k, w in enumerate(words) if present[k] > 0})
+        # `logs` hold every process's figures (StepLog.take), so every process takes the same decision
+        tripped = self.guard.update({w: logs[f"inside/{w}"] for w in words if f"inside/{w}" in logs})
         for word in tripped:
             kept = ckpt.last_good_checkpoint(self.out_dir)
             what = f"at phase {phase} step {done}, {self.guard.describe(word)}"
@@ -504,7 +523,14 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 raise TrainingStopped(f"{what}; stopped (loss.attn_collapse_action = stop), last checkpoint: {kept}")
             self.print(f"warning: {what}; last checkpoint: {kept}")
 
-    def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path:
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return reduce_sum(self.acc, values)
+
+    def on_main(self, work):
+        return on_main(self.acc, work)
+
+    def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path | None:
+        """A checkpoint of this step, written by the main process (on every process: :meth:`on_main`)."""
         inner = getattr(optimizer, "optimizer", optimizer)
         state = {
             "optimizer": inner.state_dict(),
@@ -513,6 +539,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             "generator": self.gen.get_state(),
             "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
             "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
+            "processes": self.acc.num_processes,  # every process's state follows from this one (processes.py)
         }
-        return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
-                                    self.cfg.output.keep_checkpoints, config=self.cfg.to_dict())
+        return self.on_main(lambda: ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
+                                                         self.cfg.output.keep_checkpoints, config=self.cfg.to_dict()))
