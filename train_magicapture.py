@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,20 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     from library.training.run_lock import OutputFolderBusy
     from library.files.atomic import OutputWriteError
 
+    # with several processes (torchrun sets RANK) each meets the same refusal or stop: process 0 says it
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         with terminate_as_interrupt():
             return _train(args)
     except (ConfigError, DatasetError, ModelLoadError, CheckpointError, TextFileError, FileNotFoundError,
             OutputFolderBusy, OutputWriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (made to raise the same); exit status 128 + signal
         signum = getattr(err, "signum", signal.SIGINT)
         what = str(err) or "outside a training step; the checkpoints written so far are kept (continue with --resume latest)"
-        print(f"interrupted ({signal.Signals(signum).name}): {what}", file=sys.stderr)
+        say(f"interrupted ({signal.Signals(signum).name}): {what}", file=sys.stderr)
         return 128 + signum
 
 

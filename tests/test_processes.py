@@ -142,3 +142,15 @@ def test_fsdp_and_deepspeed_are_refused_in_one_line(inputs, tmp_path):
     assert errors[0].startswith("error: accelerate is set up for FSDP, which this trainer does not use: ")
     assert errors[0].endswith("or `accelerate config` and choose multi-GPU)")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_blow_up_stop_both_processes_with_one_line(inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(2, run_args(inputs, out, 2, "phase2.lr_unet=inf", "phase2.lr_text_encoder=inf", "output.save_every=1"))
+    _, err = proc.communicate(timeout=900)  # no process is left waiting for the other
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0
+    assert len(errors) == 1 and errors[0].startswith("error: phase 2 step 1: the trained tensors are no longer finite ("), err[-3000:]
+    assert errors[0].endswith("last good checkpoint: checkpoint-p1-000003; lower the learning rate (or use bf16 instead "
+                              "of fp16), then continue with --resume latest")
+    assert [c.path.name for c in ckpt.list_checkpoints(out)][-1] == "checkpoint-p1-000003"
