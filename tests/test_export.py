@@ -544,6 +544,7 @@ def test_trained_files_reproduce_the_trained_model(tiny_model, prepared_data, tm
         f'model.pretrained="{folder}"', f'data.source_dir="{source}"', f'data.reference_dir="{reference}"',
         f'output.dir="{out}"', 'output.save_precision="fp32"', "sample.every=0",
         "phase2.lr_unet=1e-2", "phase2.lr_text_encoder=1e-2",  # a few steps must move the LoRA visibly
+        "output.bundle_embeddings=true",  # the LoRA stays loadable everywhere; A1111's bundle is its own file
     ])
     trainer = MagiCaptureTrainer(cfg)
     trainer.run()
@@ -585,6 +586,22 @@ def test_trained_files_reproduce_the_trained_model(tiny_model, prepared_data, tm
     torch.testing.assert_close(out_unet, trained_unet, rtol=0, atol=1e-5)
     # and the LoRA is not a no-op: the UNet without it answers differently to the same conditioning
     assert (base_unet - trained_unet).abs().max() > 1e-4
+
+    # A1111's one file: the same LoRA plus kohya's bundle names; diffusers takes it with the README's one line
+    from safetensors.torch import load_file
+
+    bundle = load_file(str(out / "magicapture_a1111.safetensors"))
+    assert sorted(k for k in bundle if k.startswith("bundle_emb.")) == [
+        "bundle_emb.mcv1.string_to_param.*", "bundle_emb.mcv2.string_to_param.*"]
+    assert torch.equal(bundle["bundle_emb.mcv1.string_to_param.*"], load_file(str(out / "mcv1.safetensors"))["emb_params"])
+    plain = load_file(str(out / "magicapture.safetensors"))
+    assert {k: v for k, v in bundle.items() if not k.startswith("bundle_emb.")}.keys() == plain.keys()
+    with pytest.raises(ValueError, match="lora"):  # why the bundle cannot be the LoRA itself
+        _pipe(folder).load_lora_weights(str(out / "magicapture_a1111.safetensors"))
+    again = _pipe(folder)
+    again.load_lora_weights({k: v for k, v in load_file(str(out / "magicapture_a1111.safetensors")).items()
+                             if not k.startswith("bundle_emb.")})
+    assert len(_lora_modules_of(again.unet)) == len(_lora_modules_of(pipe.unet))
 
 
 def test_sd1_bundles_old_and_new_names_are_read(tmp_path):

@@ -249,6 +249,7 @@ def test_train_magicapture_trains_an_sdxl_single_file(prepared_data, tiny_sdxl_m
         "--config", "configs/test_tiny.toml", "--output_dir", str(out), "--max_steps", "2",
         f'model.pretrained="{single}"', f'model.config_dir="{folder}"',  # the tiny model's own shapes
         f'data.source_dir="{source}"', f'data.reference_dir="{reference}"', "logging.tensorboard=false",
+        "output.bundle_embeddings=true",
     ])
     assert rc == 0
     saved = load_file(out / "checkpoint-p2-000002" / "trainable.safetensors")
@@ -260,11 +261,24 @@ def test_train_magicapture_trains_an_sdxl_single_file(prepared_data, tiny_sdxl_m
     by_prefix = {p: {m for m in modules if m.startswith(p)} for p in ("lora_unet_", "lora_te1_", "lora_te2_")}
     assert all(by_prefix.values()) and set().union(*by_prefix.values()) == modules
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k" in modules  # SGM names, kohya's SDXL rule
+    # SDXL conditions on CLIP-L's penultimate layer: its last layer gets no gradient and has no LoRA; every
+    # module that is there trained (OpenCLIP-G's last layer stays: its output is the pooled embedding)
+    last_l = json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"] - 1
+    last_g = json.loads((folder / "text_encoder_2" / "config.json").read_text())["num_hidden_layers"] - 1
+    assert not [m for m in modules if m.startswith(f"lora_te1_text_model_encoder_layers_{last_l}_")]
+    assert [m for m in modules if m.startswith(f"lora_te1_text_model_encoder_layers_{last_l - 1}_")]
+    assert [m for m in modules if m.startswith(f"lora_te2_text_model_encoder_layers_{last_g}_")]
+    assert [k for k in lora if k.endswith("lora_up.weight") and not lora[k].any()] == []
+    bundle = load_file(out / "magicapture_a1111.safetensors")  # A1111's one file; the LoRA above holds no bundle
+    assert sorted(k for k in bundle if k.startswith("bundle_emb.")) == [
+        "bundle_emb.mcv1.clip_g", "bundle_emb.mcv1.clip_l", "bundle_emb.mcv2.clip_g", "bundle_emb.mcv2.clip_l"]
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
     pipe.load_lora_weights(str(out / "magicapture.safetensors"))
+    pipe.load_lora_weights({k: v for k, v in bundle.items() if not k.startswith("bundle_emb.")}, adapter_name="bundle")
     for model, prefix in ((pipe.unet, "lora_unet_"), (pipe.text_encoder, "lora_te1_"), (pipe.text_encoder_2, "lora_te2_")):
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         assert len(layers) == len(by_prefix[prefix]), prefix
+        assert all(set(m.lora_A) == {"default_0", "bundle"} for m in layers), prefix  # both files, module for module
     fp16 = lambda t: t.to(torch.float16).float()  # output.save_precision, the default
     for row, word in enumerate(("mcv1", "mcv2")):  # one vector each, in the order the tokens were added
         vecs = load_file(out / f"{word}.safetensors")

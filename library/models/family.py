@@ -120,6 +120,15 @@ class ModelFamily:
             pooled = out.text_embeds
         return torch.cat(hidden, dim=-1), pooled
 
+    def text_layers_trained(self, index: int, num_layers: int) -> int:
+        """How many of text encoder `index`'s `num_layers` layers reach the UNet, so get a gradient and a LoRA:
+        all for SD 1.x (the last hidden state) and for SDXL's OpenCLIP-G (its last layer makes the pooled
+        embedding); all but the last for SDXL's CLIP-L (the penultimate hidden state, :meth:`encode_prompt`).
+        kohya trains CLIP-L's last layer too; its LoRA stays zero there, so it is left out (docs/formats.md)."""
+        if self.pooled and index == len(self.text_encoders) - 1:
+            return num_layers
+        return num_layers + 1 + self.hidden_layer
+
     def added_cond_kwargs(self, pooled, time_ids) -> dict | None:
         """The UNet's ``added_cond_kwargs``: ``{"text_embeds": pooled [B, Dg], "time_ids": [B, 6]}`` when
         the family is conditioned on them (SDXL's ``addition_embed_type = "text_time"``), else None.

@@ -97,12 +97,18 @@ def unet_lora_target_modules(unet: nn.Module, preset: str) -> list[str]:
     return names
 
 
-def text_encoder_lora_target_modules(text_encoder: nn.Module) -> list[str]:
-    """Full module names of the CLIP self-attention projections (every encoder layer)."""
+def text_encoder_lora_target_modules(text_encoder: nn.Module, layers: int | None = None) -> list[str]:
+    """Full module names of the CLIP self-attention projections of encoder layers 0 to `layers` - 1 (all
+    when None): a layer past the hidden state the family conditions on gets no gradient
+    (:meth:`~library.models.family.ModelFamily.text_layers_trained`)."""
+    def layer(name: str) -> int:
+        return int(name.split(".layers.", 1)[1].split(".", 1)[0]) if ".layers." in name else 0
+
     names = [
         n
         for n, _ in text_encoder.named_modules()
         if not _is_lora_internal(n) and ".self_attn." in n and n.rsplit(".", 1)[-1] in TEXT_ENCODER_TARGETS
+        and (layers is None or layer(n) < layers)
     ]
     if not names:
         raise ValueError("found no self_attn q/k/v/out projections in the text encoder")
@@ -123,11 +129,12 @@ def add_unet_lora(unet: nn.Module, rank: int, alpha: float, preset: str, adapter
     unet.add_adapter(_config(rank, alpha, targets), adapter_name=adapter_name)
 
 
-def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, adapter_name: str = DEFAULT_ADAPTER) -> None:
-    """Add a LoRA to the self-attention projections of every CLIP encoder layer."""
+def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, adapter_name: str = DEFAULT_ADAPTER,
+                          layers: int | None = None) -> None:
+    """Add a LoRA to the self-attention projections of the first `layers` CLIP encoder layers (all: None)."""
     from peft import inject_adapter_in_model
 
-    targets = text_encoder_lora_target_modules(text_encoder)
+    targets = text_encoder_lora_target_modules(text_encoder, layers)
     # transformers 5.24's PreTrainedModel.add_adapter requires peft >= 0.22 (not released as of peft 0.21.2);
     # inject_adapter_in_model is what it would call.
     inject_adapter_in_model(_config(rank, alpha, targets), text_encoder, adapter_name)

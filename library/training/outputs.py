@@ -22,10 +22,12 @@ from library.training.tokens import token_vectors
 
 PROGRESS_PLOT = "progress.png"  # the losses and the preview scores over steps (library/training/progress_plot.py)
 STEP_SUFFIX = "-step{:08d}"  # kohya sd-scripts' STEP_FILE_NAME ("{}-step{:08d}")
+BUNDLE_SUFFIX = "_a1111"  # NAME_a1111.safetensors: the LoRA with both embeddings inside (A1111 only)
 
 
 def output_paths(cfg, step: int | None = None) -> dict[str, Path]:
-    """What a run writes at its end, by role: "lora", and per token word its .safetensors (and .pt).
+    """What a run writes at its end, by role: "lora", "bundle" (with ``output.bundle_embeddings``: the LoRA
+    with the embeddings inside, ``NAME_a1111.safetensors``), and per token word its .safetensors (and .pt).
 
     With `step` (a phase-2 step, output.save_lora_every), the intermediate files of that step, named as
     kohya names them: ``NAME-step00000500.safetensors``, ``mcv1-step00000500.safetensors``.
@@ -33,6 +35,8 @@ def output_paths(cfg, step: int | None = None) -> dict[str, Path]:
     out = Path(cfg.output.dir)
     suffix = "" if step is None else STEP_SUFFIX.format(step)
     paths = {"lora": out / f"{cfg.output.name}{suffix}.safetensors"}
+    if cfg.output.bundle_embeddings:  # A1111's one-file form; the plain LoRA stays what every other frontend loads
+        paths["bundle"] = out / f"{cfg.output.name}{BUNDLE_SUFFIX}{suffix}.safetensors"
     for word in (cfg.tokens.source, cfg.tokens.reference):
         paths[word] = out / f"{word}{suffix}.safetensors"
         if cfg.output.embeddings_pt:
@@ -126,15 +130,20 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             },
             state_dict=state,
         )
-        bundle = None
-        if cfg.output.bundle_embeddings:
+        # the LoRA itself never holds bundle_emb.* tensors: diffusers' loader refuses a file with them, ComfyUI
+        # warns and uses none, Forge and InvokeAI drop them (docs/formats.md); A1111 gets its own file
+        save_lora(lora_path, state, metadata, family=family)
+        if "bundle" in paths:
             bundle = {w: {k: v.to(dtype) for k, v in vecs.items()} for w, vecs in vectors.items()}
-        save_lora(lora_path, state, metadata, bundle_embeddings=bundle, family=family)
+            save_lora(paths["bundle"], state, metadata, bundle_embeddings=bundle, family=family)
     if step is not None:
         return lora_path
     trainer.print(
         f"wrote {lora_path} and {', '.join(str(paths[w]) for w in vectors)}\n"
         f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
         f"\"{prompt} <lora:{cfg.output.name}:0.6>\""
+        + (f"\nA1111 only: {paths['bundle'].name} is the LoRA with both embeddings inside, one file for models/Lora "
+           f"(prompt <lora:{paths['bundle'].stem}:0.6>); other frontends take the separate files"
+           if "bundle" in paths and trainer.lora_added else "")
     )
     return lora_path

@@ -23,6 +23,8 @@ def _role(key: str, cfg: Config) -> str:
     """What an output_paths key is, in the config's words."""
     if key == "lora":
         return f"the LoRA (output.name = {cfg.output.name!r})"
+    if key == "bundle":
+        return f"the LoRA with bundled embeddings (output.name = {cfg.output.name!r}, output.bundle_embeddings)"
     word = key.removesuffix(".pt")
     which = "tokens.source" if word == cfg.tokens.source else "tokens.reference"
     return f"the embedding of {which} = {word!r}" + (" (.pt)" if key.endswith(".pt") else "")

@@ -31,15 +31,16 @@ class TrainablesMixin:
 
     def add_lora(self) -> None:
         """LoRA (lora.rank, lora.alpha, lora.targets) on the UNet and, with lora.text_encoder, on every text
-        encoder; the init is drawn from train.seed. Its weights train in fp32. Once per run."""
+        encoder's layers that reach the UNet; the init is drawn from train.seed. Its weights train in fp32. Once per run."""
         if self.lora_added:
             return
         lcfg = self.cfg.lora
         torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
         add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
         if lcfg.text_encoder:
-            for encoder in self.text_encoders:
-                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha)
+            for i, encoder in enumerate(self.text_encoders):  # only the layers that reach the UNet (the family's)
+                layers = self.family.text_layers_trained(i, encoder.config.num_hidden_layers)
+                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha, layers=layers)
         for name, p in self.named_trainables(phase=2).items():
             if "lora_" in name:
                 p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
