@@ -1,12 +1,12 @@
 # `make demo`: set up .venv and run the whole pipeline offline (tiny model, photos from installed packages).
-# `make test`: set up .venv and run the test suite (what CI runs).
+# `make test`: set up .venv and run the test suite (what CI runs); `make test-fast`: the fast subset (tests/conftest.py).
 # `make app`: set up .venv and start the local web page on http://127.0.0.1:7860 (docs/app.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean app
+.PHONY: setup demo test test-fast bench clean app
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ app: setup
 
 test: setup
 	bash scripts/run_tests.sh $(BIN)/python
+
+# the tests that need no tiny model, trainer, training subprocess or browser: under a minute, for the edit loop
+test-fast: setup
+	bash scripts/run_tests.sh $(BIN)/python -m fast
 
 bench: setup
 	$(BIN)/python bench/bench_prepare.py
