@@ -100,6 +100,7 @@ def test_run_one_continues_what_is_there(tmp_path, prepared_data, tiny_model):
     assert calls[0][1][2:4] == ["--resume", "latest"]
     gen = calls[1][1]
     assert gen[gen.index("--n") + 1] == "2"  # one of three is there already; the grid does not count
+    assert gen[gen.index("--seed") + 1] == "2"  # seed 1 is there: the next seeds, never seed 1 again
     assert f"output.dir={run.folder.as_posix()}" in gen and f"data.source_dir={source}" in gen
     calls.clear()
     (run.folder / "magicapture.safetensors").write_bytes(b"")  # the LoRA under output.name: trained
@@ -121,8 +122,10 @@ def test_sweep_file_and_shard_errors(tmp_path, prepared_data, tiny_model):
         (tmp_path / "bad.toml").write_text(bad)
         with pytest.raises(SweepError, match=message):
             read_sweep(tmp_path / "bad.toml")
-    for spec in ("0/2", "3/2", "x"):
+    for spec in ("3/2", "x", "0/0"):
         with pytest.raises(SweepError, match="give i/n"):
             shard(runs, spec)
+    with pytest.raises(SweepError, match="shards count from 1"):
+        shard(runs, "0/2")
     res = _cli("--sweep", tmp_path / "missing.toml")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
