@@ -1,0 +1,216 @@
+"""The sweep as idempotent jobs: the job lock, SLURM array shards, generation that continues from the next
+seed, two `--shard` workers on one file, and Ray on a local cluster with a worker killed mid-training.
+Every wait is on an event (a file, a process exit) with a generous deadline, never on the clock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from library.evaluation.job_lock import LOCK_NAME, JobBusy, claim_job, read_lock
+from library.evaluation.sweep import SweepError, read_sweep, shard, shard_from_env
+from library.files.images import read_image
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "RAY_DEDUP_LOGS": "0"}
+N = 2  # images per run
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a worker that was killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(folder: Path, **record) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "owner": None, "token": "t0",
+                                "started": 0.0, **record}))
+    return path
+
+
+def test_the_job_lock_refuses_a_live_holder_and_takes_over_dead_stale_and_same_owner_ones(tmp_path):
+    lines: list[str] = []
+    job = tmp_path / "job"
+    first = claim_job(job, say=lines.append)
+    assert read_lock(job)["token"] == first.token and read_lock(job)["pid"] == os.getpid()
+    with pytest.raises(JobBusy, match=rf"held by process {os.getpid()} on .*, last heartbeat \d+ s ago"):
+        claim_job(job, say=lines.append)  # a live holder on this host, fresh heartbeat
+    # a heartbeat older than the timeout: taken over, judged at an injected time (no waiting)
+    second = claim_job(job, timeout_s=300, now=time.time() + 301, say=lines.append)
+    assert lines == [f"note: {job}: took over the job lock of process {os.getpid()} on {socket.gethostname()}, "
+                     f"last heartbeat 301 s ago, whose heartbeat stopped more than 300 s ago"]
+    first.release()  # no longer its lock: the new holder's stays
+    assert read_lock(job)["token"] == second.token and first.owned() is False
+    os.utime(job / LOCK_NAME, (0, 0))
+    second.heartbeat()
+    assert time.time() - (job / LOCK_NAME).stat().st_mtime < 60
+    first.heartbeat()  # not its lock: leaves the mtime alone
+    assert read_lock(job)["token"] == second.token
+    second.release()
+    assert not (job / LOCK_NAME).exists()
+
+    lines.clear()
+    _write_lock(job, pid=_dead_pid())  # this host, a pid that no longer runs: taken over at once
+    assert claim_job(job, say=lines.append).owned()
+    assert lines[0].endswith("which is no longer running")
+    (job / LOCK_NAME).unlink()
+
+    lines.clear()
+    _write_lock(job, host="elsewhere", pid=1, owner="job-7")  # another machine, fresh: busy ...
+    with pytest.raises(JobBusy, match="held by process 1 on elsewhere"):
+        claim_job(job, owner="job-8", say=lines.append)
+    assert claim_job(job, owner="job-7", say=lines.append).owned()  # ... unless it is our own earlier attempt
+    assert lines == [f"note: {job}: took over the job lock of process 1 on elsewhere, last heartbeat 0 s ago, "
+                     "an earlier attempt of this job, whose worker died"]
+    (job / LOCK_NAME).unlink()
+
+    _write_lock(job, host="elsewhere", pid=1)  # stale, but another worker is breaking it right now
+    later = time.time() + 1000
+    (job / (LOCK_NAME + ".break")).write_text("")
+    os.utime(job / (LOCK_NAME + ".break"), (later, later))  # the breaker is fresh at that time
+    with pytest.raises(JobBusy, match="another worker is taking over its lock"):
+        claim_job(job, now=later)
+    assert read_lock(job)["token"] == "t0"
+
+
+@pytest.mark.parametrize("array,expected", [
+    ({"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "3", "ids": [0, 1, 2]}, ["1/3", "2/3", "3/3"]),
+    ({"SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3", "ids": [1, 2, 3]}, ["1/3", "2/3", "3/3"]),
+    ({"SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "2", "ids": [4, 6]},
+     ["1/2", "2/2"]),
+])
+def test_every_slurm_array_task_gets_its_shard_and_together_they_run_every_run_once(array, expected):
+    ids = array.pop("ids")
+    specs = [shard_from_env({**array, "SLURM_ARRAY_TASK_ID": str(i)}) for i in ids]
+    assert specs == expected
+    runs = list(range(7))
+    done = [r for spec in specs for r in shard(runs, spec)]
+    assert sorted(done) == runs  # no run twice, none left out (a 0-based array's last task included)
+
+
+def test_slurm_arrays_that_would_skip_runs_and_zero_based_shards_are_one_line_errors():
+    assert shard_from_env({}) is None
+    for env in ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"},  # 1,2,7
+                {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
+                 "SLURM_ARRAY_TASK_COUNT": "2"},
+                {"SLURM_ARRAY_TASK_ID": "1"},
+                {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"}):
+        with pytest.raises(SweepError) as err:
+            shard_from_env(env)
+        assert "\n" not in str(err.value) and "--shard i/n" in str(err.value)
+    with pytest.raises(SweepError, match=r"shards count from 1 \(1/4 to 4/4\)"):
+        shard([1, 2, 3, 4], "0/4")
+
+
+def _sweep_file(tmp_path: Path, model: Path, source: Path, reference: Path) -> Path:
+    path = tmp_path / "pairs.toml"
+    path.write_text(f"""
+config = "{(ROOT / 'configs' / 'test_tiny.toml').as_posix()}"
+out = "{(tmp_path / 'table').as_posix()}"
+n = {N}
+steps = 2
+overrides = ["model.pretrained={model.as_posix()}", "phase1.steps=1", "phase2.steps=1", "output.save_every=0"]
+
+[[pair]]
+name = "p"
+source = "{source.as_posix()}"
+reference = "{reference.as_posix()}"
+
+[[method]]
+name = "A"
+
+[[method]]
+name = "B"
+overrides = ["loss.attn_weight=0"]
+""")
+    return path
+
+
+def _start(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _seeds_and_hashes(run: Path) -> tuple[list[str], set[str]]:
+    """The generated images' names and the hashes of their pixels (a repeated seed repeats its pixels)."""
+    images = sorted((run / "generated").glob("*.png"))
+    return [p.name for p in images], {hashlib.sha256(read_image(p).rgb.tobytes()).hexdigest() for p in images}
+
+
+def _check_finished(table: Path, methods=("A", "B")) -> None:
+    for method in methods:
+        run = table / method / "p"
+        names, hashes = _seeds_and_hashes(run)
+        assert [n.split("-", 1)[1] for n in names] == [f"{k}.png" for k in range(1, N + 1)]
+        assert len(hashes) == N  # distinct images
+        assert (run / "evaluation" / "metrics.json").is_file() and not (run / LOCK_NAME).exists()
+    rows = json.loads((table / "table.json").read_text())["rows"]
+    assert [(r["method"], r["pairs"], r["of"]) for r in rows] == [(m, 1, 1) for m in methods]
+
+
+def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_one_is_continued(tmp_path, tiny_model,
+                                                                                      prepared_data):
+    pairs = _sweep_file(tmp_path, tiny_model[0], *prepared_data)
+    table = tmp_path / "table"
+    # the same shard started twice: each run is claimed by one of them, the other passes it over
+    first, second = _start("--sweep", pairs, "--shard", "1/1"), _start("--sweep", pairs, "--shard", "1/1")
+    outs = _finish(first) + _finish(second)
+    for where in ("A / p", "B / p"):
+        assert outs.count(f"sweep: {where}: training in") == 1, outs[-4000:]
+        assert outs.count(f"sweep: {where}: finished\n") == 1
+    _check_finished(table)
+
+    # B / p as a killed worker leaves it: its lock (a dead process), one image of two, no evaluation
+    run = table / "B" / "p"
+    (run / "evaluation" / "metrics.json").unlink()
+    (run / "generated" / f"00001-{N}.png").unlink()
+    _write_lock(run, pid=_dead_pid())
+    again = _finish(_start("--sweep", pairs))
+    assert "A / p: finished earlier, skipped" in again
+    assert f"note: {run}: took over the job lock of process" in again and "which is no longer running" in again
+    assert f"sweep: B / p: generating 1 image (seed {N})" in again and "training" not in again
+    _check_finished(table)  # seed 2 made once: no copy of seed 1 in the evaluated set
+
+
+def test_ray_on_a_local_cluster_retries_a_killed_worker(tmp_path, tiny_model, prepared_data):
+    pytest.importorskip("ray")
+    pairs = _sweep_file(tmp_path, tiny_model[0], *prepared_data)
+    table = tmp_path / "table"
+    driver = _start("--sweep", pairs, "--ray")
+    folders = [table / m / "p" for m in ("A", "B")]
+    deadline = time.monotonic() + 300
+    # a worker in the middle of training: its job lock and the trainer's own lock are both there
+    while not (held := [f for f in folders if (f / ".training.lock").exists() and read_lock(f).get("pid")]):
+        assert driver.poll() is None and time.monotonic() < deadline, "no training started"
+        time.sleep(0.02)
+    victim = held[0]
+    worker = read_lock(victim)["pid"]
+    assert worker != driver.pid
+    os.kill(worker, signal.SIGKILL)
+    out = _finish(driver)
+    where = f"{victim.parent.name} / p"
+    assert f"note: {victim}: took over the job lock of process {worker}" in out, out[-4000:]
+    assert out.count(f"sweep: {where}: training") == 2  # the killed attempt and its retry
+    for w in ("A / p", "B / p"):
+        assert out.count(f"sweep: {w}: finished\n") == 1
+    assert "failed" not in out.splitlines()[-1]
+    _check_finished(table)
