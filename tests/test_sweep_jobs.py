@@ -153,7 +153,7 @@ def _finish(proc: subprocess.Popen) -> str:
 def _seeds_and_hashes(run: Path) -> tuple[list[str], set[str]]:
     """The generated images' names and the hashes of their pixels (a repeated seed repeats its pixels)."""
     images = sorted((run / "generated").glob("*.png"))
-    return [p.name for p in images], {hashlib.sha256(read_image(p).rgb.tobytes()).hexdigest() for p in images}
+    return [p.name for p in images], {hashlib.sha256(read_image(p).image.tobytes()).hexdigest() for p in images}
 
 
 def _check_finished(table: Path, methods=("A", "B")) -> None:
