@@ -108,7 +108,7 @@ def sweep_main(args) -> int:
         if args.ray is not None:
             from library.evaluation.sweep_ray import run_on_ray
 
-            results = run_on_ray(sweep, runs, args.ray, here, say=say)
+            results = run_on_ray(sweep, runs, args.ray, here)
         else:
             train, generate = subprocess_runner(here / "train_magicapture.py"), subprocess_runner(here / "generate.py")
             for run in runs:

@@ -20,7 +20,6 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable
 
 from library.evaluation.sweep import BUSY, DONE, FAILED, Run, Sweep, SweepError, read_sweep, run_job, subprocess_runner
 from library.files.messages import one_line
@@ -42,8 +41,9 @@ def _job(sweep_file: str, cwd: str, index: int, owner: str, scripts: str) -> str
 
 
 def run_on_ray(sweep: Sweep, runs: list[Run], address: str | None, scripts: Path,
-               say: Callable[[str], None] = print, **init: object) -> dict[str, list[Run]]:
-    """Run `runs` (of `sweep`) as Ray tasks and wait for all; returns {DONE, FAILED, BUSY: [runs]}.
+               **init: object) -> dict[str, list[Run]]:
+    """Run `runs` (of `sweep`) as Ray tasks and wait for all; returns {DONE, FAILED, BUSY: [runs]}. Each
+    finished job is a line `sweep: METHOD / PAIR: job done|failed|busy` on stderr, under a progress bar.
 
     `address`: None or "" starts Ray on this machine, else the cluster to join. `scripts` is the folder of
     the entry points the tasks run. `init` goes to `ray.init` (a test's `num_cpus=2`). Raises SweepError
@@ -73,12 +73,13 @@ def run_on_ray(sweep: Sweep, runs: list[Run], address: str | None, scripts: Path
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 run = pending.pop(ready[0])
                 try:
-                    status = ray.get(ready[0])
+                    status, why = ray.get(ready[0]), ""
                 except ray.exceptions.RayError as err:  # the retries are spent, or the task raised
-                    status = FAILED
-                    say(f"sweep: {run.method} / {run.pair}: failed ({one_line(err, 200)})")
+                    status, why = FAILED, f" ({one_line(err, 200)})"
                 results[status].append(run)
                 bar.update(1)
+                # the driver's own line: a worker's last lines may never reach the driver before shutdown
+                tqdm.write(f"sweep: {run.method} / {run.pair}: job {status}{why}", file=sys.stderr)
     finally:
         ray.shutdown()
     return results
