@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from library.evaluation.job_lock import LOCK_NAME, JobBusy, claim_job, read_lock
+from library.evaluation.job_lock import LOCK_NAME, JobBusy, _break, claim_job, read_lock
 from library.evaluation.sweep import SweepError, read_sweep, shard, shard_from_env
 from library.files.images import read_image
 
@@ -84,6 +84,10 @@ def test_the_job_lock_refuses_a_live_holder_and_takes_over_dead_stale_and_same_o
     with pytest.raises(JobBusy, match="another worker is taking over its lock"):
         claim_job(job, now=later)
     assert read_lock(job)["token"] == "t0"
+    (job / (LOCK_NAME + ".break")).unlink()
+    # a lock found stale, then replaced by a new holder's before the breaker got there: the new one stays
+    assert _break(job / LOCK_NAME, "stale-token", 300, later) and read_lock(job)["token"] == "t0"
+    assert not (job / (LOCK_NAME + ".break")).exists()
 
 
 @pytest.mark.parametrize("array,expected", [
