@@ -171,28 +171,62 @@ def _check_finished(table: Path, methods=("A", "B")) -> None:
     assert [(r["method"], r["pairs"], r["of"]) for r in rows] == [(m, 1, 1) for m in methods]
 
 
-def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_one_is_continued(tmp_path, tiny_model,
-                                                                                      prepared_data):
+def _wait_for(what: str, condition, proc: subprocess.Popen | None = None, seconds: float = 300) -> None:
+    """Poll `condition` (a file, a process) until true; fail naming `what` after a generous deadline."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc is None or proc.poll() is None, f"{what}: the worker ended first: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_ones_run_is_continued(tmp_path, tiny_model,
+                                                                                            prepared_data):
     pairs = _sweep_file(tmp_path, tiny_model[0], *prepared_data)
     table = tmp_path / "table"
+    run_a, run_b = table / "A" / "p", table / "B" / "p"
+    # a worker killed while it trains A: its training dies with it, its job lock stays behind
+    killed = _start("--sweep", pairs, "--shard", "1/1")
+    _wait_for("A's training", lambda: isinstance(_trainer_pid(run_a), int), killed)
+    trainer = _trainer_pid(run_a)
+    killed.kill()
+    killed.communicate()
+    _wait_for("the orphaned training's end", lambda: not _alive(trainer), seconds=60)
+    assert not (run_a / "magicapture.safetensors").exists() and read_lock(run_a)["pid"] == killed.pid
+
     # the same shard started twice: each run is claimed by one of them, the other passes it over
     first, second = _start("--sweep", pairs, "--shard", "1/1"), _start("--sweep", pairs, "--shard", "1/1")
     outs = _finish(first) + _finish(second)
+    assert outs.count(f"note: {run_a}: took over the job lock of process {killed.pid} on") == 1, outs[-4000:]
     for where in ("A / p", "B / p"):
-        assert outs.count(f"sweep: {where}: training in") == 1, outs[-4000:]
+        assert outs.count(f"sweep: {where}: training in") == 1
         assert outs.count(f"sweep: {where}: finished\n") == 1
     _check_finished(table)
 
-    # B / p as a killed worker leaves it: its lock (a dead process), one image of two, no evaluation
-    run = table / "B" / "p"
-    (run / "evaluation" / "metrics.json").unlink()
-    (run / "generated" / f"00001-{N}.png").unlink()
-    _write_lock(run, pid=_dead_pid())
+    # B as an interrupted generation leaves it (whole images of the first seeds, no evaluation): topped up
+    # with the next seed, so the evaluated set holds no copy of seed 1
+    (run_b / "evaluation" / "metrics.json").unlink()
+    (run_b / "generated" / f"00001-{N}.png").unlink()
     again = _finish(_start("--sweep", pairs))
     assert "A / p: finished earlier, skipped" in again
-    assert f"note: {run}: took over the job lock of process" in again and "which is no longer running" in again
     assert f"sweep: B / p: generating 1 image (seed {N})" in again and "training" not in again
-    _check_finished(table)  # seed 2 made once: no copy of seed 1 in the evaluated set
+    _check_finished(table)
+
+
+def _trainer_pid(run: Path) -> int | None:
+    """The pid in the trainer's own lock record (`.training.lock`), once it has written it."""
+    try:
+        return json.loads((run / ".training.lock").read_text() or "{}").get("pid")
+    except (OSError, ValueError):
+        return None
 
 
 def test_ray_on_a_local_cluster_retries_a_killed_worker(tmp_path, tiny_model, prepared_data):
@@ -201,12 +235,9 @@ def test_ray_on_a_local_cluster_retries_a_killed_worker(tmp_path, tiny_model, pr
     table = tmp_path / "table"
     driver = _start("--sweep", pairs, "--ray")
     folders = [table / m / "p" for m in ("A", "B")]
-    deadline = time.monotonic() + 300
     # a worker in the middle of training: its job lock and the trainer's own lock are both there
-    while not (held := [f for f in folders if (f / ".training.lock").exists() and read_lock(f).get("pid")]):
-        assert driver.poll() is None and time.monotonic() < deadline, "no training started"
-        time.sleep(0.02)
-    victim = held[0]
+    _wait_for("a training", lambda: any(_trainer_pid(f) and read_lock(f).get("pid") for f in folders), driver)
+    victim = next(f for f in folders if _trainer_pid(f) and read_lock(f).get("pid"))
     worker = read_lock(victim)["pid"]
     assert worker != driver.pid
     os.kill(worker, signal.SIGKILL)
