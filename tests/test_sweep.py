@@ -11,33 +11,9 @@ from pathlib import Path
 import pytest
 
 from library.evaluation.sweep import SweepError, read_sweep, run_one, shard
+from sweep_files import write_sweep_file as _sweep_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sweep_file(tmp_path: Path, model: Path, source: Path, reference: Path, extra: str = "") -> Path:
-    text = f"""
-config = "{(ROOT / 'configs' / 'test_tiny.toml').as_posix()}"
-out = "{(tmp_path / 'table').as_posix()}"
-n = 1
-steps = 2
-overrides = ["model.pretrained={model.as_posix()}", "phase1.steps=1", "phase2.steps=1", "output.save_every=0"]
-{extra}
-[[pair]]
-name = "person one / style one"
-source = "{source.as_posix()}"
-reference = "{reference.as_posix()}"
-
-[[method]]
-name = "MagiCapture"
-
-[[method]]
-name = "without AR"
-overrides = ["loss.attn_weight=0"]
-"""
-    path = tmp_path / "pairs.toml"
-    path.write_text(text)
-    return path
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

@@ -19,11 +19,14 @@ import pytest
 from library.evaluation.job_lock import LOCK_NAME, JobBusy, _break, claim_job, read_lock
 from library.evaluation.sweep import SweepError, read_sweep, shard, shard_from_env
 from library.files.images import read_image
+from sweep_files import write_sweep_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "RAY_DEDUP_LOGS": "0"}
 N = 2  # images per run
+PAIR = "person_one_style_one"  # the pair's folder
+A, B = "MagiCapture / person one / style one", "without AR / person one / style one"  # the two runs
 
 
 def _dead_pid() -> int:
@@ -120,27 +123,7 @@ def test_slurm_arrays_that_would_skip_runs_and_zero_based_shards_are_one_line_er
 
 
 def _sweep_file(tmp_path: Path, model: Path, source: Path, reference: Path) -> Path:
-    path = tmp_path / "pairs.toml"
-    path.write_text(f"""
-config = "{(ROOT / 'configs' / 'test_tiny.toml').as_posix()}"
-out = "{(tmp_path / 'table').as_posix()}"
-n = {N}
-steps = 2
-overrides = ["model.pretrained={model.as_posix()}", "phase1.steps=1", "phase2.steps=1", "output.save_every=0"]
-
-[[pair]]
-name = "p"
-source = "{source.as_posix()}"
-reference = "{reference.as_posix()}"
-
-[[method]]
-name = "A"
-
-[[method]]
-name = "B"
-overrides = ["loss.attn_weight=0"]
-""")
-    return path
+    return write_sweep_file(tmp_path, model, source, reference, n=N)
 
 
 def _start(*args: object) -> subprocess.Popen:
@@ -160,15 +143,15 @@ def _seeds_and_hashes(run: Path) -> tuple[list[str], set[str]]:
     return [p.name for p in images], {hashlib.sha256(read_image(p).image.tobytes()).hexdigest() for p in images}
 
 
-def _check_finished(table: Path, methods=("A", "B")) -> None:
-    for method in methods:
-        run = table / method / "p"
+def _check_finished(table: Path) -> None:
+    for method in ("MagiCapture", "without_AR"):
+        run = table / method / PAIR
         names, hashes = _seeds_and_hashes(run)
         assert [n.split("-", 1)[1] for n in names] == [f"{k}.png" for k in range(1, N + 1)]
         assert len(hashes) == N  # distinct images
         assert (run / "evaluation" / "metrics.json").is_file() and not (run / LOCK_NAME).exists()
     rows = json.loads((table / "table.json").read_text())["rows"]
-    assert [(r["method"], r["pairs"], r["of"]) for r in rows] == [(m, 1, 1) for m in methods]
+    assert [(r["method"], r["pairs"], r["of"]) for r in rows] == [("MagiCapture", 1, 1), ("without AR", 1, 1)]
 
 
 def _wait_for(what: str, condition, proc: subprocess.Popen | None = None, seconds: float = 300) -> None:
@@ -192,7 +175,7 @@ def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_ones_run_i
                                                                                             prepared_data):
     pairs = _sweep_file(tmp_path, tiny_model[0], *prepared_data)
     table = tmp_path / "table"
-    run_a, run_b = table / "A" / "p", table / "B" / "p"
+    run_a, run_b = table / "MagiCapture" / PAIR, table / "without_AR" / PAIR
     # a worker killed while it trains A: its training dies with it, its job lock stays behind
     killed = _start("--sweep", pairs, "--shard", "1/1")
     _wait_for("A's training", lambda: isinstance(_trainer_pid(run_a), int), killed)
@@ -206,7 +189,7 @@ def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_ones_run_i
     first, second = _start("--sweep", pairs, "--shard", "1/1"), _start("--sweep", pairs, "--shard", "1/1")
     outs = _finish(first) + _finish(second)
     assert outs.count(f"note: {run_a}: took over the job lock of process {killed.pid} on") == 1, outs[-4000:]
-    for where in ("A / p", "B / p"):
+    for where in (A, B):
         assert outs.count(f"sweep: {where}: training in") == 1
         assert outs.count(f"sweep: {where}: finished\n") == 1
     _check_finished(table)
@@ -216,8 +199,8 @@ def test_two_shard_workers_on_one_file_run_each_run_once_and_a_killed_ones_run_i
     (run_b / "evaluation" / "metrics.json").unlink()
     (run_b / "generated" / f"00001-{N}.png").unlink()
     again = _finish(_start("--sweep", pairs))
-    assert "A / p: finished earlier, skipped" in again
-    assert f"sweep: B / p: generating 1 image (seed {N})" in again and "training" not in again
+    assert f"{A}: finished earlier, skipped" in again
+    assert f"sweep: {B}: generating 1 image (seed {N})" in again and "training" not in again
     _check_finished(table)
 
 
@@ -234,7 +217,7 @@ def test_ray_on_a_local_cluster_retries_a_killed_worker(tmp_path, tiny_model, pr
     pairs = _sweep_file(tmp_path, tiny_model[0], *prepared_data)
     table = tmp_path / "table"
     driver = _start("--sweep", pairs, "--ray")
-    folders = [table / m / "p" for m in ("A", "B")]
+    folders = [table / m / PAIR for m in ("MagiCapture", "without_AR")]
     # a worker in the middle of training: its job lock and the trainer's own lock are both there
     _wait_for("a training", lambda: any(_trainer_pid(f) and read_lock(f).get("pid") for f in folders), driver)
     victim = next(f for f in folders if _trainer_pid(f) and read_lock(f).get("pid"))
@@ -242,10 +225,19 @@ def test_ray_on_a_local_cluster_retries_a_killed_worker(tmp_path, tiny_model, pr
     assert worker != driver.pid
     os.kill(worker, signal.SIGKILL)
     out = _finish(driver)
-    where = f"{victim.parent.name} / p"
+    where = {"MagiCapture": A, "without_AR": B}[victim.parent.name]
     assert f"note: {victim}: took over the job lock of process {worker}" in out, out[-4000:]
     assert out.count(f"sweep: {where}: training") == 2  # the killed attempt and its retry
-    for w in ("A / p", "B / p"):  # the driver's line per job: each done once
+    for w in (A, B):  # the driver's line per job: each done once
         assert out.count(f"sweep: {w}: job done\n") == 1 and f"sweep: {w}: job failed" not in out
     assert out.splitlines()[-1].startswith("wrote table.json") and "failed" not in out.splitlines()[-1]
     _check_finished(table)
+
+
+def test_ray_missing_is_one_line_naming_the_requirements_file(tmp_path, tiny_model, prepared_data, monkeypatch):
+    from library.evaluation.sweep_ray import run_on_ray
+
+    sweep = read_sweep(_sweep_file(tmp_path, tiny_model[0], *prepared_data))
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray gives `import ray`
+    with pytest.raises(SweepError, match=r"^--ray needs Ray.* ; pip install -r requirements-cluster.txt$"):
+        run_on_ray(sweep, sweep.runs, None, ROOT)
