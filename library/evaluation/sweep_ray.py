@@ -46,7 +46,7 @@ def run_on_ray(sweep: Sweep, runs: list[Run], address: str | None, scripts: Path
     finished job is a line `sweep: METHOD / PAIR: job done|failed|busy` on stderr, under a progress bar.
 
     `address`: None or "" starts Ray on this machine, else the cluster to join. `scripts` is the folder of
-    the entry points the tasks run. `init` goes to `ray.init` (a test's `num_cpus=2`). Raises SweepError
+    the entry points the tasks run. `init` goes to `ray.init` (e.g. `num_cpus=2` for a local cluster). Raises SweepError
     (one line) when Ray is not installed or the cluster cannot be reached."""
     try:
         import ray
