@@ -10,12 +10,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-app.txt
+$(STAMP): requirements.txt requirements-app.txt requirements-cluster.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
 	# --no-deps: gradio caps pillow below the version requirements.txt pins (see requirements-app.txt)
 	$(BIN)/python -m pip install --no-deps -r requirements-app.txt
+	# Ray: optional for users (evaluate.py --sweep --ray), installed here because the tests run it
+	$(BIN)/python -m pip install -r requirements-cluster.txt
 	touch $(STAMP)
 
 demo: setup

@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference photos: a prepared folder (its masks are used) or plain photos")
     p.add_argument("--sweep", help="PAIRS.toml: train, generate and evaluate every method x pair, then write the table "
                                    "(see library/evaluation/sweep.py)")
-    p.add_argument("--shard", help="with --sweep: i/n runs every n-th run from the i-th (1 <= i <= n)")
+    p.add_argument("--shard", help="with --sweep: i/n runs every n-th run from the i-th (1 <= i <= n; default: "
+                                   "the SLURM array task's position, else every run)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="with --sweep: run every run as a Ray job, one per GPU (or core), on this machine or on the "
+                        "cluster at ADDRESS (auto, HOST:6379); needs requirements-cluster.txt")
     p.add_argument("--config", help="a training TOML: [loss] identity_weights, [evaluation] clip and aesthetic")
     p.add_argument("--out", help="output folder (default: GENERATED/../evaluation)")
     p.add_argument("--clip", help="CLIP ViT-L/14 folder in transformers layout (style and aesthetic)")
@@ -68,54 +72,66 @@ def _settings(args) -> tuple[str, str, str]:
     return pick(args.identity_weights, identity), pick(args.clip, clip), pick(args.aesthetic, aesthetic)
 
 
-def _subprocess_runner(script: str):
-    """argv -> exit code of `python script argv` (a separate process per training and generation run:
-    each loads its model afresh and frees it when done)."""
-    import subprocess
-
-    path = Path(__file__).resolve().parent / script
-
-    def run(argv: list[str]) -> int:
-        return subprocess.run([sys.executable, str(path), *argv]).returncode
-
-    return run
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (scancel, a job scheduler's stop): release the job lock on the way out
 
 
 def sweep_main(args) -> int:
-    """--sweep: the runs of this shard, then the table of every run finished so far."""
-    from library.evaluation.sweep import SweepError, read_sweep, run_one, shard, write_table
+    """--sweep: the runs of this shard (or all of them on Ray), then the table of every run finished so far."""
+    import os
+    import signal
+
+    from library.evaluation.sweep import (BUSY, DONE, FAILED, SweepError, read_sweep, run_job, shard, shard_from_env,
+                                          subprocess_runner, write_table)
     from library.files.messages import one_line
     from library.files.text import read_text_file
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     try:
         if args.generated or args.source or args.reference or args.overrides:
             raise SweepError("--sweep takes the folders and overrides from its file ; drop --generated, --source, "
                              "--reference and overrides")
         sweep = read_sweep(args.sweep)
-        runs = shard(sweep.runs, args.shard)
+        spec = args.shard
+        if spec is None and args.ray is None and (spec := shard_from_env(os.environ)) is not None:
+            say(f"sweep: shard {spec} (SLURM_ARRAY_TASK_ID={os.environ['SLURM_ARRAY_TASK_ID']})")
+        runs = shard(sweep.runs, spec)
     except SweepError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    train, generate = _subprocess_runner("train_magicapture.py"), _subprocess_runner("generate.py")
-    failed = 0
+    here = Path(__file__).resolve().parent
+    results = {DONE: [], FAILED: [], BUSY: []}
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for run in runs:
-            failed += not run_one(sweep, run, train, generate, main, say=lambda line: print(line, file=sys.stderr))
+        if args.ray is not None:
+            from library.evaluation.sweep_ray import run_on_ray
+
+            results = run_on_ray(sweep, runs, args.ray, here)
+        else:
+            train, generate = subprocess_runner(here / "train_magicapture.py"), subprocess_runner(here / "generate.py")
+            for run in runs:
+                results[run_job(sweep, run, train, generate, main, say=say)].append(run)
+    except SweepError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     paths = write_table(sweep)
     print(read_text_file(paths[2]), end="")
+    counts = [(len(results[FAILED]), "failed"), (len(results[BUSY]), "held by other workers (not run here)")]
     print(f"wrote {', '.join(p.name for p in paths)} to {sweep.out}"
-          + (f"; {failed} run{'s' if failed != 1 else ''} failed" if failed else ""))
-    return 1 if failed else 0
+          + "".join(f"; {k} run{'s' if k != 1 else ''} {what}" for k, what in counts if k))
+    return 1 if results[FAILED] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.sweep:
         return sweep_main(args)
-    if args.shard:
-        print("evaluate.py: error: --shard goes with --sweep (see --help)", file=sys.stderr)
+    if args.shard or args.ray is not None:
+        print("evaluate.py: error: --shard and --ray go with --sweep (see --help)", file=sys.stderr)
         return 2
     missing = [f"--{k}" for k in ("generated", "source", "reference") if not getattr(args, k)]
     if missing:

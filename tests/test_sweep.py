@@ -11,33 +11,9 @@ from pathlib import Path
 import pytest
 
 from library.evaluation.sweep import SweepError, read_sweep, run_one, shard
+from sweep_files import write_sweep_file as _sweep_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _sweep_file(tmp_path: Path, model: Path, source: Path, reference: Path, extra: str = "") -> Path:
-    text = f"""
-config = "{(ROOT / 'configs' / 'test_tiny.toml').as_posix()}"
-out = "{(tmp_path / 'table').as_posix()}"
-n = 1
-steps = 2
-overrides = ["model.pretrained={model.as_posix()}", "phase1.steps=1", "phase2.steps=1", "output.save_every=0"]
-{extra}
-[[pair]]
-name = "person one / style one"
-source = "{source.as_posix()}"
-reference = "{reference.as_posix()}"
-
-[[method]]
-name = "MagiCapture"
-
-[[method]]
-name = "without AR"
-overrides = ["loss.attn_weight=0"]
-"""
-    path = tmp_path / "pairs.toml"
-    path.write_text(text)
-    return path
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -100,6 +76,7 @@ def test_run_one_continues_what_is_there(tmp_path, prepared_data, tiny_model):
     assert calls[0][1][2:4] == ["--resume", "latest"]
     gen = calls[1][1]
     assert gen[gen.index("--n") + 1] == "2"  # one of three is there already; the grid does not count
+    assert gen[gen.index("--seed") + 1] == "2"  # seed 1 is there: the next seeds, never seed 1 again
     assert f"output.dir={run.folder.as_posix()}" in gen and f"data.source_dir={source}" in gen
     calls.clear()
     (run.folder / "magicapture.safetensors").write_bytes(b"")  # the LoRA under output.name: trained
@@ -121,8 +98,10 @@ def test_sweep_file_and_shard_errors(tmp_path, prepared_data, tiny_model):
         (tmp_path / "bad.toml").write_text(bad)
         with pytest.raises(SweepError, match=message):
             read_sweep(tmp_path / "bad.toml")
-    for spec in ("0/2", "3/2", "x"):
+    for spec in ("3/2", "x", "0/0"):
         with pytest.raises(SweepError, match="give i/n"):
             shard(runs, spec)
+    with pytest.raises(SweepError, match="shards count from 1"):
+        shard(runs, "0/2")
     res = _cli("--sweep", tmp_path / "missing.toml")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
