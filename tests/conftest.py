@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # two cores for another reason (a real network on real photos, a command line in a subprocess), measured
 # with `pytest -m fast --durations=40`. A test marked `@pytest.mark.slow` where it is defined counts too.
 HEAVY_FIXTURES = {"tiny_model", "tiny_sdxl_model", "tiny_folder", "inputs", "runs"}
-SUBPROCESS_MODULES = {"test_resume", "test_processes", "test_sweep", "test_bench", "test_output_guards",
+SUBPROCESS_MODULES = {"test_resume", "test_processes", "test_sweep", "test_sweep_jobs", "test_bench", "test_output_guards",
                       "test_app_browser", "test_fuzz"}
 SLOW_TESTS = {
     "test_postprocess": {"test_restoration_only_chain_changes_face_and_keeps_background", "test_sr_and_gfpgan_chain_x4",
