@@ -14,7 +14,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import toml
 
@@ -22,6 +22,20 @@ from library.files.atomic import write_text
 from library.files.text import TextFileError, read_text_file
 from library.files.messages import one_line
 
+
+# Every choice-valued key, declared once: the config checks it here when it loads, the module that acts on
+# it reads its values from here (typing.get_args), and tests check the two agree.
+Task = Literal["source", "reference", "composed"]
+IdTask = Literal["source", "composed"]  # the tasks with an identity to compare
+Captions = Literal["template", "sidecar"]  # library/training/data.py
+NormPull = Literal["renormalize", "penalty", "none"]  # library/training/tokens.py
+LoraTargets = Literal["cross_attn", "attn_geglu", "kohya_all"]  # library/training/lora.py
+CollapseAction = Literal["warn", "stop"]  # library/training/attention_guard.py
+IdFace = Literal["landmarks", "detector"]  # library/training/identity_term.py
+AttentionBackend = Literal["sdpa", "xformers"]  # library/training/attention.py
+MixedPrecision = Literal["no", "fp16", "bf16"]  # library/training/precision.py
+SavePrecision = Literal["fp16", "bf16", "fp32"]  # library/models/loading.py DTYPES
+Compile = Literal["auto", "on", "off"]  # library/training/speed.py
 
 PATH = {"path": True}  # a key that names a file or folder: resolved to an absolute path when the config loads
 # what an output name may not hold: path separators, what Windows refuses in a file name, control characters
@@ -53,7 +67,7 @@ class DataConfig:
     reference_dir: str = field(default="", metadata=PATH)
     resolution: int = 0  # training side, pixels; 0: the model family's (512 SD 1.x, 1024 SDXL)
     flip: bool = True  # cache horizontally flipped latents too
-    captions: str = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
+    captions: Captions = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
     min_images: int = 3  # fewer gives a warning (the paper uses 4-6)
 
 
@@ -66,7 +80,7 @@ class TokensConfig:
     reference_init_std: float = 0.017
     vectors: int = 1
     # released code, phase 1 only, after every step: |v| <- |v| + min(1, norm_rate * lr) (norm_target - |v|)
-    norm_pull: str = "renormalize"  # renormalize (released) | penalty (soft, both phases) | none
+    norm_pull: NormPull = "renormalize"  # renormalize (released) | penalty (soft, both phases) | none
     norm_target: float = 0.4
     norm_rate: float = 100.0
     norm_weight: float = 0.001  # weight of the soft penalty (norm_pull = "penalty")
@@ -83,7 +97,7 @@ class PhaseConfig:
     lr_scheduler: str = "linear"  # released: linear decay to 0, no warm-up; any diffusers.optimization name
     lr_warmup_steps: int = 0
     max_timestep: int = 1000  # t ~ U(0, max_timestep)
-    tasks: list[str] = field(default_factory=lambda: ["source", "reference"])
+    tasks: list[Task] = field(default_factory=lambda: ["source", "reference"])
     first_half_weight: float = 2.0  # x this on the reconstruction term of reference/composed samples, first half (released)
 
 
@@ -100,7 +114,7 @@ def _phase2_default() -> PhaseConfig:
 class LoraConfig:
     rank: int = 4
     alpha: float = 4.0
-    targets: str = "cross_attn"  # cross_attn (paper) | attn_geglu (released) | kohya_all
+    targets: LoraTargets = "cross_attn"  # cross_attn (paper) | attn_geglu (released) | kohya_all
     text_encoder: bool = True
 
 
@@ -111,13 +125,13 @@ class LossConfig:
     attn_weight: float = 2.5
     attn_detach_extremes: bool = False  # true: the released literal S (min, max detached); shrinks attention
     attn_collapse_ratio: float = 0.1  # guard: EMA of a token's inside probability below this x its start; 0 = off
-    attn_collapse_action: str = "warn"  # warn (once per token) | stop (clean stop, last checkpoint kept)
+    attn_collapse_action: CollapseAction = "warn"  # warn (once per token) | stop (clean stop, last checkpoint kept)
     id_weight: float = 0.25
     id_max_timestep: int = 800
-    id_tasks: list[str] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
+    id_tasks: list[IdTask] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
     identity_weights: str = field(default="", metadata=PATH)  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
     id_decode_window: bool = True  # decode only the latent window around the face
-    id_face: str = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
+    id_face: IdFace = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
 
 
 @dataclass
@@ -125,7 +139,7 @@ class AttentionConfig:
     # empty: the model family's (ModelFamily.capture_layers: SD 1.x's five 16x16 layers, SDXL's 32x32 ones);
     # else transformer models ("down_blocks.2.attentions.0": its first block's attn2) or full attn2 paths
     layers: list[str] = field(default_factory=list)
-    backend: str = "sdpa"  # sdpa | xformers
+    backend: AttentionBackend = "sdpa"  # sdpa | xformers
 
 
 @dataclass
@@ -140,12 +154,12 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     seed: int = 42
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: MixedPrecision = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     # keep the VAE in fp32 under fp16 (kohya's no_half_vae); under fp16 an SDXL VAE whose config says
     # force_upcast (the original SDXL VAE does, the fp16-fix VAE does not) runs in fp32 anyway
     vae_fp32: bool = False
-    compile: str = "auto"  # torch.compile the UNet: auto (on CUDA only) | on | off (library/training/speed.py)
+    compile: Compile = "auto"  # torch.compile the UNet: auto (on CUDA only) | on | off (library/training/speed.py)
     channels_last: bool = False  # NHWC weights for the UNet and VAE; same values, another memory order
 
 
@@ -158,7 +172,7 @@ class OutputConfig:
     # phase 2: also export the LoRA and embeddings every this many steps, named by step as kohya does
     # (NAME-step00000500.safetensors), to keep the step where identity peaked; 0 = only at the end
     save_lora_every: int = 0
-    save_precision: str = "fp16"  # fp16 | bf16 | fp32
+    save_precision: SavePrecision = "fp16"  # fp16 | bf16 | fp32
     embeddings_pt: bool = False  # also A1111's legacy .pt embeddings
     bundle_embeddings: bool = False  # bundle_emb.* inside the LoRA (A1111 only; ComfyUI warns)
 
@@ -212,7 +226,6 @@ class Config:
         }
 
 
-_TASKS = ("source", "reference", "composed")
 
 
 def composed_prompt(source: str, reference: str) -> str:
@@ -225,9 +238,21 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """Check a TOML value against a dataclass field type; ints are accepted for floats."""
+    """Check a TOML value against a dataclass field type; ints are accepted for floats; a Literal's value
+    must be one of its choices ("<where> = 'x': use a, b or c (did you mean 'b'?)")."""
     origin = typing.get_origin(kind)
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if not isinstance(value, str) or value not in allowed:
+            near = _closest(value, list(allowed)) if isinstance(value, str) else ""
+            raise ConfigError(f"{where} = {value!r}: use {_choices(allowed)}{near}")
+        return value
     if origin is list:
         (item,) = typing.get_args(kind)
         if not isinstance(value, list):
@@ -328,9 +353,6 @@ WINDOWS_PATH_HINT = ("a backslash inside double quotes starts an escape in TOML:
 def validate(cfg: Config, origin: str) -> None:
     for phase_name in ("phase1", "phase2"):
         phase = getattr(cfg, phase_name)
-        for task in phase.tasks:
-            if task not in _TASKS:
-                raise ConfigError(f"{origin}: {phase_name}.tasks: unknown task '{task}'{_closest(task, list(_TASKS))}")
         if phase.steps < 0 or phase.batch_size < 1 or phase.grad_accum < 1:
             raise ConfigError(f"{origin}: {phase_name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 please")
         if phase.batch_size % phase.grad_accum:
@@ -354,29 +376,8 @@ def validate(cfg: Config, origin: str) -> None:
     if cfg.data.resolution < 0 or cfg.data.resolution % 8:
         raise ConfigError(f"{origin}: data.resolution = {cfg.data.resolution}: use a multiple of 8 (e.g. 512 or 1024), "
                           f"or 0 for the model's own")
-    if cfg.data.captions not in ("template", "sidecar"):
-        raise ConfigError(f"{origin}: data.captions = {cfg.data.captions!r}: use template or sidecar")
-    if cfg.train.compile not in ("auto", "on", "off"):
-        raise ConfigError(f"{origin}: train.compile = {cfg.train.compile!r}: use auto, on or off")
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"{origin}: train.mixed_precision must be no, fp16 or bf16")
-    if cfg.output.save_precision not in ("fp16", "bf16", "fp32"):
-        raise ConfigError(f"{origin}: output.save_precision must be fp16, bf16 or fp32")
-    if cfg.lora.targets not in ("cross_attn", "attn_geglu", "kohya_all"):
-        raise ConfigError(f"{origin}: lora.targets = {cfg.lora.targets!r}: use cross_attn, attn_geglu or kohya_all")
-    for task in cfg.loss.id_tasks:
-        if task not in ("source", "composed"):
-            raise ConfigError(f"{origin}: loss.id_tasks: '{task}' has no identity to compare; use source and/or composed")
-    if cfg.loss.attn_collapse_action not in ("warn", "stop"):
-        raise ConfigError(f"{origin}: loss.attn_collapse_action must be warn or stop")
     if not 0 <= cfg.loss.attn_collapse_ratio < 1:
         raise ConfigError(f"{origin}: loss.attn_collapse_ratio must be in [0, 1) (0 turns the guard off)")
-    if cfg.tokens.norm_pull not in ("renormalize", "penalty", "none"):
-        raise ConfigError(f"{origin}: tokens.norm_pull must be renormalize, penalty or none")
-    if cfg.loss.id_face not in ("landmarks", "detector"):
-        raise ConfigError(f"{origin}: loss.id_face must be landmarks or detector")
-    if cfg.attention.backend not in ("sdpa", "xformers"):
-        raise ConfigError(f"{origin}: attention.backend must be sdpa or xformers")
     if not cfg.model.pretrained:
         raise ConfigError(f"{origin}: model.pretrained is empty: give a diffusers folder or an SD 1.x or SDXL .safetensors")
     for key, value in (("data.source_dir", cfg.data.source_dir), ("data.reference_dir", cfg.data.reference_dir)):

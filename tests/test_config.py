@@ -85,3 +85,35 @@ def test_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "stesp" in proc.stderr
+
+
+def test_each_choice_is_declared_once_and_acted_on_as_declared():
+    """The allowed values of a choice-valued key live in library/config.py; the module that acts on a choice
+    has exactly those values, and a value outside them is refused when the config loads, naming them."""
+    import typing
+
+    from library import config as c
+    from library.models.loading import DTYPES
+    from library.training import attention, lora, precision, speed
+
+    assert set(lora.LORA_TARGET_PRESETS) == set(typing.get_args(c.LoraTargets))
+    assert attention._BACKENDS == typing.get_args(c.AttentionBackend)
+    assert speed.COMPILE_CHOICES == typing.get_args(c.Compile)
+    assert set(precision.NAMES) == set(typing.get_args(c.MixedPrecision))
+    assert set(DTYPES) == set(typing.get_args(c.SavePrecision))
+    # every choice-valued field is typed with its Literal (directly or as a list's items)
+    hints = {f"{s}.{k}": t for s, cls in typing.get_type_hints(c.Config).items() if s != "source_file"
+             for k, t in typing.get_type_hints(cls).items()}
+    literal = {key for key, t in hints.items()
+               if typing.get_origin(t) is typing.Literal or typing.get_origin(typing.get_args(t)[0] if typing.get_args(t) else t) is typing.Literal}
+    assert literal == {"data.captions", "tokens.norm_pull", "phase1.tasks", "phase2.tasks", "lora.targets",
+                       "loss.attn_collapse_action", "loss.id_tasks", "loss.id_face", "attention.backend",
+                       "train.mixed_precision", "train.compile", "output.save_precision"}
+    for override, line in (('lora.targets="cross"', "command line: lora.targets = 'cross': use cross_attn, attn_geglu or "
+                                                    "kohya_all (did you mean 'cross_attn'?)"),
+                           ('phase2.tasks=["source", "style"]', "command line: phase2.tasks = 'style': use source, "
+                                                                "reference or composed"),
+                           ('loss.id_tasks=["reference"]', "command line: loss.id_tasks = 'reference': use source or composed")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [override], check_paths=False)
+        assert str(err.value) == line

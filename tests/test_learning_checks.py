@@ -192,4 +192,4 @@ def test_a_misspelt_caption_mode_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, ['model.pretrained="x"', f'data.source_dir="{tmp_path / "s"}"',
                            f'data.reference_dir="{tmp_path / "s"}"', 'data.captions="sidecars"'])
-    assert str(err.value) == "<defaults>: data.captions = 'sidecars': use template or sidecar"
+    assert str(err.value) == "command line: data.captions = 'sidecars': use template or sidecar (did you mean 'sidecar'?)"

@@ -48,6 +48,7 @@ the maps are float32.
 from __future__ import annotations
 
 import math
+import typing
 import weakref
 from typing import Sequence
 
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
+from library.config import AttentionBackend
 from library.models.family import SD1
 
 __all__ = [
@@ -69,7 +71,7 @@ __all__ = [
 # SD 1.x's; the trainer takes its model family's (ModelFamily.capture_layers) unless attention.layers names some
 DEFAULT_CAPTURE_LAYERS: tuple[str, ...] = SD1.capture_layers
 
-_BACKENDS = ("sdpa", "xformers")
+_BACKENDS = typing.get_args(AttentionBackend)  # declared once, in library/config.py
 
 
 def capture_module_name(layer: str) -> str:

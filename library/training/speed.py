@@ -6,13 +6,15 @@ Measured on/off by ``bench/paper_schedule.py --levers``; the defaults are what m
 
 from __future__ import annotations
 
+import typing
+
 import torch
 
-from library.config import ConfigError
+from library.config import Compile, ConfigError
 
 __all__ = ["COMPILE_CHOICES", "compile_enabled", "compile_unet", "use_channels_last"]
 
-COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_CHOICES = typing.get_args(Compile)  # declared once, in library/config.py
 
 
 # "auto" compiles a phase only when its steps can win back the compilation. Estimates until the GPU lever
