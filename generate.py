@@ -64,11 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from library.config import ConfigError, load_config
-    from library.files.atomic import OutputWriteError
-    from library.files.text import TextFileError
-    from library.generation.pipeline import GenerationError
-    from library.models.loading import ModelLoadError
+    from library.config import load_config
+    from library.files.messages import UserError, report_error
 
     try:
         cfg = load_config(args.config, list(args.overrides), check_paths=False)  # data folders are not needed here
@@ -100,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             grid=not args.no_grid,
             quiet=True,
         )
-    except (ConfigError, GenerationError, ModelLoadError, TextFileError, OutputWriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        report_error(err)
         return 2
     except KeyboardInterrupt:
         return 130

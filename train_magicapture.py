@@ -26,27 +26,23 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = "latest"
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from library.training.checkpoint import CheckpointError
-    from library.config import ConfigError
-    from library.training.data import DatasetError
-    from library.files.text import TextFileError
+    from library.files.messages import UserError, report_error
     from library.training.interrupt import terminate_as_interrupt
-    from library.models.loading import ModelLoadError
     from library.training.trainer import TrainingStopped
-    from library.training.run_lock import OutputFolderBusy
-    from library.files.atomic import OutputWriteError
 
     # with several processes (torchrun sets RANK) each meets the same refusal or stop: process 0 says it
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    main_process = os.environ.get("RANK", "0") == "0"
+    say = print if main_process else (lambda *a, **k: None)
     try:
         with terminate_as_interrupt():
             return _train(args)
-    except (ConfigError, DatasetError, ModelLoadError, CheckpointError, TextFileError, FileNotFoundError,
-            OutputFolderBusy, OutputWriteError) as err:
-        say(f"error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        if main_process:
+            report_error(err)
         return 2
     except TrainingStopped as err:  # one line; the last good checkpoint is kept
-        say(f"error: {err}", file=sys.stderr)
+        if main_process:
+            report_error(err)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (made to raise the same); exit status 128 + signal
         signum = getattr(err, "signum", signal.SIGINT)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from library.files.atomic import write_bytes
+from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
 
 from dataset_tools.records import json_bytes as _json_bytes, round_list as _round, small_face_warning
@@ -45,7 +46,7 @@ MIN_RECOMMENDED = 3
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A problem with the arguments or the folders as a whole (exit status 2); str() is one line."""
 
 
@@ -91,11 +92,6 @@ class Summary:
 # small helpers
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _assign_stems(names: list[str]) -> dict[str, str]:
     """Output stem per input file name, unique (case-insensitively) and clear of mask/contact names."""
     taken: set[str] = {"contact"}
@@ -135,7 +131,7 @@ def _list_inputs(in_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
     try:
         entries = sorted(os.scandir(in_dir), key=lambda e: e.name)
     except OSError as exc:
-        raise PrepareError(f"cannot read input folder {in_dir}: {exc.strerror or _one_line(exc)}") from None
+        raise PrepareError(f"cannot read input folder {in_dir}: {exc.strerror or one_line(exc, 200)}") from exc
     images, ignored = [], []
     for e in entries:
         if e.name.startswith("."):
@@ -165,7 +161,7 @@ def _process_one(path: Path, stem: str, kind: str, token: str, max_short: int, a
     try:
         loaded = load_image(path, max_short)
     except ImageLoadError as exc:
-        raise _Skip(str(exc)) from None
+        raise _Skip(str(exc)) from exc
     rgb = np.asarray(loaded.image)
     if not rgb.flags.c_contiguous:
         rgb = np.ascontiguousarray(rgb)
@@ -250,7 +246,7 @@ def _write_outputs(outputs: list) -> None:
             except OSError:
                 pass
         if isinstance(exc, OSError):
-            raise _Skip(f"cannot write outputs: {exc.strerror or _one_line(exc)}") from None
+            raise _Skip(f"cannot write outputs: {exc.strerror or one_line(exc, 200)}") from exc
         raise
 
 
@@ -283,8 +279,8 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     token = validate_token(DEFAULT_TOKENS[kind] if token is None else token)
     try:
         resolution = int(resolution)
-    except (TypeError, ValueError):
-        raise PrepareError(f"resolution must be an integer, not {resolution!r}") from None
+    except (TypeError, ValueError) as err:
+        raise PrepareError(f"resolution must be an integer, not {resolution!r}") from err
     if resolution < 64:
         raise PrepareError(f"resolution must be at least 64, not {resolution}")
     max_short = 2 * resolution
@@ -301,12 +297,12 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
     try:
         preview_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PrepareError(f"cannot create output folder {out_dir}: {exc.strerror or _one_line(exc)}") from None
+        raise PrepareError(f"cannot create output folder {out_dir}: {exc.strerror or one_line(exc, 200)}") from exc
     stems = _assign_stems(names)
     try:
         network = _identity_network(summary, identity_weights) if kind == "source" and identity_check else None
     except IdentityWeightsError as exc:
-        raise PrepareError(str(exc)) from None
+        raise PrepareError(str(exc)) from exc
     id_records: list[dict] = []
 
     from library.faces.bisenet import ParserLoadError
@@ -316,7 +312,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
         try:
             analyzer = FaceAnalyzer(parser_weights=parser_weights)
         except ParserLoadError as exc:
-            raise PrepareError(str(exc)) from None
+            raise PrepareError(str(exc)) from exc
         try:
             from tqdm import tqdm
 
@@ -334,10 +330,10 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
                     summary.skipped.append((name, "not enough memory to process this image"))
                     continue
                 except OSError as exc:
-                    summary.skipped.append((name, f"cannot process: {exc.strerror or _one_line(exc)}"))
+                    summary.skipped.append((name, f"cannot process: {exc.strerror or one_line(exc, 200)}"))
                     continue
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop the folder
-                    summary.skipped.append((name, f"unexpected error: {type(exc).__name__}: {_one_line(exc)}"))
+                    summary.skipped.append((name, f"unexpected error: {type(exc).__name__}: {one_line(exc, 200)}"))
                     continue
                 summary.used.append(name)
                 summary.items.append(meta)
@@ -359,7 +355,7 @@ def prepare_folder(kind: str, in_dir, out_dir, token: str | None = None, resolut
         try:
             write_bytes(preview_dir / "contact.jpg", _encode_jpg(make_contact_sheet(thumbs), 88))
         except OSError as exc:
-            summary.warnings.append(("", f"cannot write preview/contact.jpg: {exc.strerror or _one_line(exc)}"))
+            summary.warnings.append(("", f"cannot write preview/contact.jpg: {exc.strerror or one_line(exc, 200)}"))
         if len(summary.used) > CONTACT_MAX:
             summary.warnings.append(("", f"contact sheet shows the first {CONTACT_MAX} images only"))
     if summary.used and len(summary.used) < MIN_RECOMMENDED:
@@ -443,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - never a traceback
-        print(f"error: unexpected failure: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: unexpected failure: {type(exc).__name__}: {one_line(exc, 200)}", file=sys.stderr)
         return 2
     print(summary.format(), flush=True)
     if not summary.used:

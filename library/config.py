@@ -20,7 +20,7 @@ import toml
 
 from library.files.atomic import write_text
 from library.files.text import TextFileError, read_text_file
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 
 
 # Every choice-valued key, declared once: the config checks it here when it loads, the module that acts on
@@ -42,7 +42,7 @@ PATH = {"path": True}  # a key that names a file or folder: resolved to an absol
 _NAME_FORBIDDEN = set('/\\:*?"<>|') | {chr(c) for c in range(32)} | {chr(127)}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration; the message is one line that says what to change."""
 
     def __init__(self, message: str):
@@ -404,15 +404,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_paths:
     if path is not None:
         try:
             data = tomllib.loads(read_text_file(path))
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file '{path}' does not exist") from err
         except TextFileError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(str(err)) from err
         except tomllib.TOMLDecodeError as err:
             hint = f"; {WINDOWS_PATH_HINT}" if any(e in str(err) for e in _ESCAPE_ERRORS) else ""
-            raise ConfigError(f"{path}: not valid TOML: {err}{hint}") from None
-        except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-            raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+            raise ConfigError(f"{path}: not valid TOML: {err}{hint}") from err
+        except RecursionError as err:  # tomllib parses nested arrays and inline tables recursively
+            raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from err
         for section, values in data.items():
             if not isinstance(values, dict):
                 _apply(cfg, section, "", values, origin)  # raises: top-level keys are not allowed

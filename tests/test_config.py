@@ -117,3 +117,29 @@ def test_each_choice_is_declared_once_and_acted_on_as_declared():
         with pytest.raises(ConfigError) as err:
             load_config(None, [override], check_paths=False)
         assert str(err.value) == line
+
+
+def test_a_user_error_is_one_line_and_shows_its_causes_under_magicapture_debug(tmp_path, capsys, monkeypatch):
+    """Every error a user can cause derives from one base; the entry point prints its one line, and with
+    MAGICAPTURE_DEBUG=1 the chain of causes (here tomllib's own error) under it."""
+    import train_magicapture
+    from library.files.messages import UserError
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[model\n")
+    assert train_magicapture.main(["--config", str(config)]) == 2
+    quiet = capsys.readouterr().err
+    assert quiet.splitlines() == [f"error: {config}: not valid TOML: Expected ']' at the end of a table declaration "
+                                  f"(at line 1, column 7)"]
+    monkeypatch.setenv("MAGICAPTURE_DEBUG", "1")
+    assert train_magicapture.main(["--config", str(config)]) == 2
+    loud = capsys.readouterr().err
+    assert loud.splitlines()[0] == quiet.splitlines()[0]
+    assert "tomllib.TOMLDecodeError: Expected ']' at the end of a table declaration" in loud
+    assert "The above exception was the direct cause of the following exception" in loud
+    from library.training.checkpoint import CheckpointError
+    from library.files.atomic import OutputWriteError
+    from library.models.kind import ModelLoadError
+    from library.training.data import DatasetError
+    for cls in (ConfigError, CheckpointError, OutputWriteError, ModelLoadError, DatasetError):
+        assert issubclass(cls, UserError)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 from library.files.weights import WeightsFileError, load_pickled_weights
 
 AESTHETIC_LINEARS = (0, 2, 4, 6, 7)  # indices of the Linear layers in the predictor's nn.Sequential
 
 
-class ScoreWeightsError(ValueError):
+class ScoreWeightsError(UserError, ValueError):
     """CLIP or aesthetic weights that cannot be loaded; str() is one line naming the file and the fix."""
 
 
@@ -46,13 +46,13 @@ class ClipImageEmbedder:
             self.model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).to(device).eval()
         except Exception as err:  # noqa: BLE001 - every failure of a weights folder is one line
             raise ScoreWeightsError(f"{folder}: not a CLIP model folder ({one_line(err, 160)}) ; give the "
-                                    "openai/clip-vit-large-patch14 folder") from None
+                                    "openai/clip-vit-large-patch14 folder") from err
         size = self.model.config.image_size
         if (folder / "preprocessor_config.json").is_file():
             try:
                 self.processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
             except Exception as err:  # noqa: BLE001
-                raise ScoreWeightsError(f"{folder}/preprocessor_config.json: unreadable ({one_line(err, 160)})") from None
+                raise ScoreWeightsError(f"{folder}/preprocessor_config.json: unreadable ({one_line(err, 160)})") from err
         else:  # CLIP's own preprocessing at the model's input size
             self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         self.device = device
@@ -105,10 +105,10 @@ def load_aesthetic(path: str | os.PathLike, input_size: int) -> AestheticMLP:
     path = Path(path)
     try:
         sd = load_pickled_weights(path)
-    except FileNotFoundError:
-        raise ScoreWeightsError(f"{path}: file not found ; give sac+logos+ava1-l14-linearMSE.pth") from None
+    except FileNotFoundError as err:
+        raise ScoreWeightsError(f"{path}: file not found ; give sac+logos+ava1-l14-linearMSE.pth") from err
     except WeightsFileError as err:
-        raise ScoreWeightsError(str(err)) from None
+        raise ScoreWeightsError(str(err)) from err
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # a Lightning checkpoint of the same MLP
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -127,7 +127,7 @@ def load_aesthetic(path: str | os.PathLike, input_size: int) -> AestheticMLP:
     try:
         mlp.load_state_dict({k: v.float() for k, v in sd.items()})
     except RuntimeError as err:
-        raise ScoreWeightsError(f"{path}: layer shapes differ from the predictor's ({one_line(err, 160)})") from None
+        raise ScoreWeightsError(f"{path}: layer shapes differ from the predictor's ({one_line(err, 160)})") from err
     return mlp.eval()
 
 

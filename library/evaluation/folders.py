@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from library.files.images import IMAGE_EXTENSIONS, IMAGE_EXTENSIONS_TEXT, ImageLoadError, read_image
+from library.files.messages import UserError
 
 MAX_SHORT_SIDE = 1024  # larger photos are shrunk on reading: every metric looks at 224 px or a face crop
 
 
-class FolderError(ValueError):
+class FolderError(UserError, ValueError):
     """A folder that cannot be evaluated; str() is one line naming it and what to do."""
 
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from library.evaluation.job_lock import DEFAULT_TIMEOUT_S, JobBusy, hold_job
 from library.files.atomic import write_text
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
 
 COLUMNS = (("csim", "CSIM"), ("style", "Masked CLIP (style)"), ("aesthetic", "Aesthetic"))
@@ -59,7 +59,7 @@ SEED_BASE = 1  # image k of a run has seed SEED_BASE + k
 _SEEDED = re.compile(r"^\d{5}-(\d+)$")  # generate.py's NNNNN-SEED name (stem)
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file or shard that cannot run; str() is one line naming the file and the fix."""
 
 
@@ -106,10 +106,10 @@ def read_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     try:
         data = tomllib.loads(read_text_file(path))
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such file ; give a sweep file (see evaluate.py --help)") from None
+    except FileNotFoundError as err:
+        raise SweepError(f"{path}: no such file ; give a sweep file (see evaluate.py --help)") from err
     except (TextFileError, tomllib.TOMLDecodeError, RecursionError) as err:
-        raise SweepError(f"{path}: not a readable TOML file ({err})") from None
+        raise SweepError(f"{path}: not a readable TOML file ({err})") from err
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r} ; the keys are {', '.join(sorted(_KEYS))}")

@@ -50,8 +50,8 @@ def run_on_ray(sweep: Sweep, runs: list[Run], address: str | None, scripts: Path
     (one line) when Ray is not installed or the cluster cannot be reached."""
     try:
         import ray
-    except ImportError:
-        raise SweepError("--ray needs Ray, which is not installed ; pip install -r requirements-cluster.txt") from None
+    except ImportError as err:
+        raise SweepError("--ray needs Ray, which is not installed ; pip install -r requirements-cluster.txt") from err
     from tqdm import tqdm
 
     root = str(Path(scripts).resolve())
@@ -61,7 +61,7 @@ def run_on_ray(sweep: Sweep, runs: list[Run], address: str | None, scripts: Path
         ray.init(address=address or None, runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level="ERROR",
                  **options, **init)
     except (ConnectionError, ValueError, RuntimeError) as err:
-        raise SweepError(f"--ray {address or ''}: cannot start or join Ray ({one_line(err, 160)})") from None
+        raise SweepError(f"--ray {address or ''}: cannot start or join Ray ({one_line(err, 160)})") from err
     results: dict[str, list[Run]] = {DONE: [], FAILED: [], BUSY: []}
     try:
         per_job = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}

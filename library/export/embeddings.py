@@ -168,7 +168,7 @@ def load_embedding_vectors(path: str | os.PathLike, family: ModelFamily) -> tupl
     try:
         return str(name), as_vectors(tensors, family)
     except ValueError as err:
-        raise ValueError(f"{path.name}: {err}") from None
+        raise ValueError(f"{path.name}: {err}") from err
 
 
 def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:

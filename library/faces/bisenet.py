@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from library.files.weights import WeightsFileError, load_pickled_weights
+from library.files.messages import UserError
 
 N_CLASSES = 19
 FACE_CLASSES = tuple(range(1, 14))
@@ -166,7 +167,7 @@ class BiSeNet(nn.Module):
         return out, out16, out32
 
 
-class ParserLoadError(Exception):
+class ParserLoadError(UserError):
     pass
 
 
@@ -175,7 +176,7 @@ def load_bisenet(path: str | os.PathLike, device: str = "cpu") -> BiSeNet:
     try:
         state = load_pickled_weights(path)
     except (WeightsFileError, OSError) as exc:
-        raise ParserLoadError(f"cannot read face-parsing weights: {exc}") from None
+        raise ParserLoadError(f"cannot read face-parsing weights: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -197,7 +198,7 @@ def load_bisenet(path: str | os.PathLike, device: str = "cpu") -> BiSeNet:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:240]
-        raise ParserLoadError(f"face-parsing weights {path} do not fit BiSeNet (ResNet-18): {first}") from None
+        raise ParserLoadError(f"face-parsing weights {path} do not fit BiSeNet (ResNet-18): {first}") from exc
     return net.eval().to(device)
 
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+from library.files.messages import UserError
 
 __all__ = [
     "OutputWriteError", "append_text", "atomic_folder", "atomic_path", "current_umask", "ensure_folder", "file_mode",
@@ -39,7 +40,7 @@ _WRITE_ADVICE = {
 }
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(UserError, OSError):
     """A file or folder could not be written (no space, read-only, quota, permissions); str() is one line
     naming the folder, what was being written and what to do. Nothing half-written is left under the name.
     Keeps the cause's errno, so ``except OSError`` still catches it."""
@@ -130,7 +131,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     except OSError as err:
-        raise _write_failure(path, err) from None
+        raise _write_failure(path, err) from err
     os.close(fd)
     tmp = Path(name)
     try:
@@ -144,7 +145,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         failure = _write_failure(path, err)
         if failure is err:
             raise
-        raise failure from None
+        raise failure from err
     # The folder is not fsynced after the rename: that would only make the rename itself survive a power
     # cut (without it the old complete file may come back, which is fine), and it costs ~4 ms a file,
     # 20 ms per prepared photo.
@@ -196,7 +197,7 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(text)
     except OSError as err:
-        raise _write_failure(path, err) from None
+        raise _write_failure(path, err) from err
 
 
 def ensure_folder(path: str | os.PathLike) -> Path:
@@ -204,10 +205,10 @@ def ensure_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise OutputWriteError(path, OSError(errno.ENOTDIR, "a file of that name is in the way"), "the folder") from None
+    except FileExistsError as cause:
+        raise OutputWriteError(path, OSError(errno.ENOTDIR, "a file of that name is in the way"), "the folder") from cause
     except OSError as err:
-        raise OutputWriteError(path, err, f"the folder {path.name}") from None
+        raise OutputWriteError(path, err, f"the folder {path.name}") from err
     return path
 
 
@@ -243,7 +244,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=suffix))
     except OSError as err:
-        raise _write_failure(path, err) from None
+        raise _write_failure(path, err) from err
     aside: Path | None = None
     try:
         yield tmp
@@ -265,11 +266,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, OutputWriteError) and tmp in err.path.parents:  # a file inside: named in the final folder
             inner = err.path.relative_to(tmp)
             err = OutputWriteError(path / inner, err, f"{path.name}/{inner}")
-            raise err from None
+            raise err from err
         failure = _write_failure(path, err)
         if failure is err:
             raise
-        raise failure from None
+        raise failure from err
     _fsync_folder(path.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from library.files.messages import UserError, one_line
+
 ALPHA_BACKGROUND = (255, 255, 255)  # transparency is composited on white, everywhere
 # what a folder of photos is read for, everywhere (prepare, the page's uploads, evaluation)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif", ".avif")
@@ -70,7 +72,7 @@ def _format_missing(path: Path) -> str | None:
     return None
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """A file that cannot be used; str(exc) is the reason, one line, without the file name."""
 
 
@@ -95,7 +97,7 @@ def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise ImageLoadError(f"cannot read file ({exc.strerror or exc})") from None
+        raise ImageLoadError(f"cannot read file ({exc.strerror or exc})") from exc
     if size == 0:
         raise ImageLoadError("empty file (0 bytes)")
     with warnings.catch_warnings(record=True) as caught:
@@ -108,11 +110,11 @@ def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str
             raise ImageLoadError(
                 f"image too large ({size}over the {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP "
                 "decompression-bomb limit); downscale it first"
-            ) from None
-        except UnidentifiedImageError:
-            raise ImageLoadError(_format_missing(path) or "not an image, or an unsupported/corrupt format") from None
+            ) from exc
+        except UnidentifiedImageError as err:
+            raise ImageLoadError(_format_missing(path) or "not an image, or an unsupported/corrupt format") from err
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageLoadError(f"cannot open image ({_short(exc)})") from None
+            raise ImageLoadError(f"cannot open image ({one_line(exc, 160)})") from exc
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
         # a JPEG draft decodes at 1/2 to 1/8 scale: enough to stay far below the limit
         if im.format == "JPEG" and max_short_side is not None:
@@ -126,11 +128,6 @@ def _open(path: Path, max_short_side: int | None) -> tuple[Image.Image, list[str
                 "downscale it first"
             )
     return im, notes
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -227,7 +224,7 @@ def read_image(
         try:  # counting frames reads every frame's header (TIFF: a later IFD without a size is a TypeError)
             frames = getattr(im, "n_frames", 1)
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, TypeError, KeyError) as exc:
-            raise ImageLoadError(f"corrupt image data ({_short(exc)})") from None
+            raise ImageLoadError(f"corrupt image data ({one_line(exc, 160)})") from exc
         if frames > 1:
             notes.append("animated/multi-frame file: using the first frame")
         # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away when the photo is much bigger than needed.
@@ -242,12 +239,12 @@ def read_image(
         try:
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
-            msg = _short(exc)
+            msg = one_line(exc, 160)
             if "truncated" in msg.lower():
-                raise ImageLoadError(f"truncated image file ({msg})") from None
-            raise ImageLoadError(f"corrupt image data ({msg})") from None
-        except MemoryError:
-            raise ImageLoadError("not enough memory to decode this image") from None
+                raise ImageLoadError(f"truncated image file ({msg})") from exc
+            raise ImageLoadError(f"corrupt image data ({msg})") from exc
+        except MemoryError as err:
+            raise ImageLoadError("not enough memory to decode this image") from err
         rotated = im
         try:
             orientation = int(im.getexif().get(0x0112, 1) or 1)
@@ -263,7 +260,7 @@ def read_image(
         try:
             rgb = to_rgb(rotated, notes)
         except (ValueError, OSError) as exc:  # modes PIL decodes but cannot convert (LAB, odd rawmodes)
-            raise ImageLoadError(f"unsupported colour mode {rotated.mode} ({_short(exc)})") from None
+            raise ImageLoadError(f"unsupported colour mode {rotated.mode} ({one_line(exc, 160)})") from exc
         # JPEG drafts scale both sides alike, so original_size here is the drafted size; report the true one.
         if im.format == "JPEG" and (w0, h0) != (im.size[0], im.size[1]):
             scale = w0 / im.size[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import os
 from pathlib import Path
+from library.files.messages import UserError
 
 FIX = "re-save it as UTF-8"
 
@@ -24,7 +25,7 @@ _BOMS = (
 )
 
 
-class TextFileError(ValueError):
+class TextFileError(UserError, ValueError):
     """A text file that cannot be read as UTF-8 or UTF-16; the message is one line: the file, what is
     wrong, and ``re-save it as UTF-8``."""
 
@@ -51,7 +52,7 @@ def decode_text(data: bytes, name: str | os.PathLike) -> str:
             what = f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start + skipped} is invalid)"
         else:
             what = f"broken {label} text ({err.reason} at offset {err.start + skipped})"
-        raise TextFileError(f"{name}: {what}; {FIX}") from None
+        raise TextFileError(f"{name}: {what}; {FIX}") from err
     nul = text.find("\x00")
     if nul >= 0:
         raise TextFileError(
@@ -72,7 +73,7 @@ def read_text_file(path: str | os.PathLike) -> str:
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise TextFileError(f"{path}: cannot be read ({err.strerror or err}); check that it is a readable file") from None
+        raise TextFileError(f"{path}: cannot be read ({err.strerror or err}); check that it is a readable file") from err
     return decode_text(data, path)
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 
 __all__ = ["WeightsFileError", "check_weights_file", "describe_load_error", "load_pickled_weights", "load_safetensors",
            "non_finite_summary", "not_weights", "open_safetensors"]
@@ -31,7 +31,7 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _UNSUPPORTED = re.compile(r"WeightsUnpickler error:\s*(\S.*?)\s*(?:\n|$)")
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(UserError, ValueError):
     """A weights file that cannot be read safely or at all; str() is one line naming the file.
 
     `reason` is the message without the file name; `refused` is true when the file was refused for what
@@ -93,11 +93,11 @@ def load_pickled_weights(path: str | os.PathLike) -> Any:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise WeightsFileError(path, "not enough memory to read it") from None
+    except MemoryError as err:
+        raise WeightsFileError(path, "not enough memory to read it") from err
     except Exception as err:  # noqa: BLE001 - every failure of a weights file is one line
         refused, why = _load_failure(err)
-        raise WeightsFileError(path, not_weights(path) or why, refused=refused) from None
+        raise WeightsFileError(path, not_weights(path) or why, refused=refused) from err
 
 
 def _safetensors_error(path: Path, err: BaseException) -> WeightsFileError:
@@ -131,12 +131,12 @@ def open_safetensors(path: str | os.PathLike, device: str = "cpu") -> Iterator[A
     try:
         handle = safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError, ValueError, TypeError, OverflowError) as err:
-        raise _safetensors_error(path, err) from None
+        raise _safetensors_error(path, err) from err
     try:
         with handle as f:
             yield f
     except (SafetensorError, OverflowError) as err:  # a tensor the header admitted but torch cannot build
-        raise _safetensors_error(path, err) from None
+        raise _safetensors_error(path, err) from err
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
@@ -215,7 +215,7 @@ def check_weights_file(path: str | os.PathLike) -> None:
                     archive.infolist()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
                 raise WeightsFileError(path, f"truncated or corrupt (its zip archive is incomplete: {one_line(err, 80)}); "
-                                             "download it again") from None
+                                             "download it again") from err
         elif not magic.startswith(b"\x80"):  # neither torch's zip format nor a legacy pickle
             raise WeightsFileError(path, "not a PyTorch weights file (neither a zip archive nor a pickle); "
                                          "download it again")

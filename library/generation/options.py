@@ -15,9 +15,10 @@ import torch
 
 from library.export.infotext import a1111_number
 from library.models.loading import DTYPES as _PRECISIONS
+from library.files.messages import UserError
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """A user error (missing trained file, bad option, weights that do not fit); the message is one line."""
 
 
@@ -49,8 +50,8 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise GenerationError(f"unknown device '{device}'; use auto, cpu or cuda") from None
+    except RuntimeError as err:
+        raise GenerationError(f"unknown device '{device}'; use auto, cpu or cuda") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GenerationError("device 'cuda' requested but CUDA is not available; use --device cpu")
     return dev
@@ -142,7 +143,7 @@ def setup_postprocessing(
         except GenerationError:
             raise
         except (OSError, ValueError) as err:
-            raise GenerationError(one_line(err)) from None
+            raise GenerationError(one_line(err)) from err
     if upscale is None:
         upscale = float(upscaler.scale) if upscaler is not None else 1.0
     return PostProcessing(upscaler, restorer, float(upscale), float(fidelity), restore, name)

@@ -151,7 +151,7 @@ def load_model(
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot load model.pretrained = '{cfg.model.pretrained}': {one_line(err)}") from None
+        raise ModelLoadError(f"cannot load model.pretrained = '{cfg.model.pretrained}': {one_line(err)}") from err
 
     family = parts.family
     vectors = {w: read_embedding(w, p, trained.lora, family) for w, p in trained.embeddings.items()}
@@ -164,14 +164,14 @@ def load_model(
         try:
             state, _meta = load_lora(trained.lora)
         except Exception as err:
-            raise GenerationError(f"{trained.lora}: not a readable LoRA ({one_line(err)})") from None
+            raise GenerationError(f"{trained.lora}: not a readable LoRA ({one_line(err)})") from err
         try:
             patched = apply_kohya_lora(parts.unet, parts.text_encoders, state, unet_scale=lora_scale,
                                        te_scale=te_scale, family=family)
         except ValueError as err:  # names, shapes or tensors that do not fit: nothing was merged
             raise GenerationError(
                 f"{trained.lora} does not fit model.pretrained = '{cfg.model.pretrained}': {one_line(err)}"
-            ) from None
+            ) from err
     # hashed after the merge: a LoRA that does not fit fails before its file is read a second time
     hashes = a1111_hashes(trained.lora, trained.embeddings)
 
@@ -331,7 +331,7 @@ def generate(
     try:
         ensure_folder(out)  # a read-only or full disk: one OutputWriteError line
     except OSError as err:
-        raise GenerationError(f"cannot create the output folder {out}: {one_line(err)}") from None
+        raise GenerationError(f"cannot create the output folder {out}: {one_line(err)}") from err
     missing = [w for w in trained_tokens(cfg) if not re.search(rf"(?<![\w]){re.escape(w)}(?![\w])", prompt)]
     if missing:
         say(f"note: the prompt does not contain {' or '.join(missing)}: the trained token{'s' if len(missing) > 1 else ''} will not be used")
@@ -385,7 +385,7 @@ def generate(
                         image, notes = run_post(image, upscaler=post.upscaler, restorer=post.restorer,
                                                 upscale=post.upscale, fidelity=post.fidelity)
                     except ValueError as err:
-                        raise GenerationError(f"post-processing {name}: {one_line(err)}") from None
+                        raise GenerationError(f"post-processing {name}: {one_line(err)}") from err
                     for note in notes:
                         if first + k == 0 or note.startswith("no face"):
                             say(f"{name}: {note}")

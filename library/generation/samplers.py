@@ -86,7 +86,7 @@ def scheduler_base_config(cfg, parts) -> dict:
             try:
                 text = read_text_file(path)
             except TextFileError as err:  # a config that cannot be decoded is never silently replaced
-                raise GenerationError(str(err)) from None
+                raise GenerationError(str(err)) from err
             try:
                 config.update(json.loads(text))
             except ValueError:  # not JSON: diffusers, which read the same file to load the model, decides

@@ -44,7 +44,7 @@ def _bundled_tokens(lora: Path) -> set[str]:
         with open_safetensors(lora) as f:
             keys = list(f.keys())
     except (WeightsFileError, OSError) as err:
-        raise GenerationError(f"{err} (the trained LoRA)") from None
+        raise GenerationError(f"{err} (the trained LoRA)") from err
     return set().union(*(bundled_tokens(keys, family) for family in FAMILIES.values()))
 
 
@@ -104,20 +104,20 @@ def read_embedding(word: str, path: Path | None, lora: Path | None, family: Mode
                         raise GenerationError(f"{lora}: bundles no {family.label} embedding for '{word}' (no {names[0]})")
                     vectors[key] = f.get_tensor(name)
         except (WeightsFileError, OSError) as err:
-            raise GenerationError(f"{err} (the trained LoRA)") from None
+            raise GenerationError(f"{err} (the trained LoRA)") from err
         try:
             return as_vectors(vectors, family)
         except ValueError as err:
-            raise GenerationError(f"{lora}: {err}") from None
+            raise GenerationError(f"{lora}: {err}") from err
     try:
         _, vectors = load_embedding_vectors(path, family)
     except WeightsFileError as err:  # already one line naming the file
-        raise GenerationError(str(err)) from None
+        raise GenerationError(str(err)) from err
     except ValueError as err:  # not an embedding, or the other family's: named by its full path here
         msg = one_line(err).removeprefix(f"{path.name}: ")
-        raise GenerationError(f"{path}: {msg}") from None
+        raise GenerationError(f"{path}: {msg}") from err
     except Exception as err:
-        raise GenerationError(f"{path}: not a readable embedding ({one_line(err)})") from None
+        raise GenerationError(f"{path}: not a readable embedding ({one_line(err)})") from err
     return vectors
 
 

@@ -221,5 +221,5 @@ def family_for(name: str) -> ModelFamily:
     """The family of a ``ModelKind.family`` string; ValueError naming the trainable ones otherwise."""
     try:
         return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"no trainable model family {name!r}; trainable: {', '.join(f.label for f in FAMILIES.values())}") from None
+    except KeyError as err:
+        raise ValueError(f"no trainable model family {name!r}; trainable: {', '.join(f.label for f in FAMILIES.values())}") from err

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, check_weights_file, open_safetensors
 from library.models.family import FAMILIES
@@ -35,7 +35,7 @@ PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "tex
               "tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "scheduler"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The model could not be loaded; the message is one line naming the path, what was found, what to do."""
 
 
@@ -109,7 +109,7 @@ def read_text(path: Path) -> str:
     try:
         return read_text_file(path)
     except TextFileError as err:
-        raise ModelLoadError(str(err)) from None
+        raise ModelLoadError(str(err)) from err
 
 
 def read_json(path: Path) -> dict:
@@ -117,7 +117,7 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(read_text(path))
     except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or replace the file") from None
+        raise ModelLoadError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix or replace the file") from err
     if not isinstance(value, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
@@ -136,7 +136,7 @@ def sidecar_parameterization(checkpoint: Path) -> str | None:
         doc = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, RecursionError) as err:
         why = one_line(str(err).split("\n")[0] or err, 200)
-        raise ModelLoadError(f"{sidecar}: not valid YAML ({why}); fix or remove it") from None
+        raise ModelLoadError(f"{sidecar}: not valid YAML ({why}); fix or remove it") from err
     model = doc.get("model") if isinstance(doc, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     value = params.get("parameterization") if isinstance(params, dict) else None
@@ -217,7 +217,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with open_safetensors(path) as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except WeightsFileError as err:
-        raise ModelLoadError(str(err)) from None
+        raise ModelLoadError(str(err)) from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _has_weights(folder: Path) -> bool:
         try:
             check_weights_file(file)
         except WeightsFileError as err:
-            raise ModelLoadError(str(err)) from None
+            raise ModelLoadError(str(err)) from err
     return bool(files)
 
 
@@ -349,7 +349,7 @@ def check_model_files(pretrained: str, vae: str = "", offline: bool = True) -> M
         try:
             check_weights_file(path)
         except WeightsFileError as err:
-            raise ModelLoadError(str(err)) from None
+            raise ModelLoadError(str(err)) from err
         if path.suffix.lower() == ".safetensors":
             kind = identify_state(safetensors_shapes(path), sidecar_parameterization(path))
     if kind is not None:
@@ -362,7 +362,7 @@ def check_model_files(pretrained: str, vae: str = "", offline: bool = True) -> M
             try:
                 check_weights_file(vae_path)
             except (WeightsFileError, FileNotFoundError) as err:
-                raise ModelLoadError(f"model.vae: {err}") from None
+                raise ModelLoadError(f"model.vae: {err}") from err
     return kind
 
 

@@ -96,7 +96,7 @@ def _read_pickled_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_pickled_weights(path)
     except WeightsFileError as err:  # a pickle that would run code, or a broken file: one line either way
-        raise ModelLoadError(str(err)) from None
+        raise ModelLoadError(str(err)) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -144,7 +144,7 @@ def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32, 
         try:
             model = AutoencoderKL.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{where}: cannot load this VAE folder ({str(err).splitlines()[0]})") from None
+            raise ModelLoadError(f"{where}: cannot load this VAE folder ({str(err).splitlines()[0]})") from err
         return model.to(dtype)
     if not path.is_file():
         raise ModelLoadError(f"{where}: not found; give a VAE .safetensors file or a diffusers VAE folder")
@@ -264,7 +264,7 @@ def load_stable_diffusion(
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             # diffusers reads .bin weights with weights_only=True too, but reports a refusal as "Unable to
             # load weights" and keeps the reason in the exception chain
-            raise ModelLoadError(_folder_error(path, err)) from None
+            raise ModelLoadError(_folder_error(path, err)) from err
     elif is_file:
         import tempfile
 
@@ -282,7 +282,7 @@ def load_stable_diffusion(
             except (OSError, ValueError, KeyError, RuntimeError) as err:
                 # e.g. weights of other shapes than config_dir's configs (a model.config_dir of another model)
                 raise ModelLoadError(f"{path}: cannot load it with the configs in {config_dir}: {one_line(err, 200).rstrip('.')}; "
-                                     "set model.config_dir to a diffusers folder whose configs fit this model") from None
+                                     "set model.config_dir to a diffusers folder whose configs fit this model") from err
     else:
         pipe = pipeline_class.from_pretrained(pretrained, **common)
     return StableDiffusionParts(

@@ -35,6 +35,7 @@ from PIL import Image
 from library.postprocess import face_restore as _face
 from library.faces import detect_face_landmarks
 from library.files.weights import WeightsFileError, load_pickled_weights
+from library.files.messages import one_line
 from library.postprocess.face_restore import (
     _FACE_EXPECTED,
     DEFAULT_FIDELITY,
@@ -87,12 +88,6 @@ def _install_extra_arches() -> None:
     _extra_arches_installed = True
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return msg if len(msg) <= 200 else msg[:197] + "..."
-
-
 def _describe(desc) -> str:
     arch = desc.architecture
     name = getattr(arch, "name", None) or arch.id
@@ -133,14 +128,14 @@ def _load_descriptor(path: str | os.PathLike, expected: str):
             desc = loader.load_from_state_dict(state)
     except WeightsFileError as exc:
         if exc.refused:  # what the file would do is the whole story
-            raise ValueError(str(exc)) from None
-        raise ValueError(f"{path}: cannot load as a model ({exc.reason}); expected {expected}") from None
-    except spandrel.UnsupportedModelError:
+            raise ValueError(str(exc)) from exc
+        raise ValueError(f"{path}: cannot load as a model ({exc.reason}); expected {expected}") from exc
+    except spandrel.UnsupportedModelError as err:
         raise ValueError(
             f"{path}: spandrel does not recognise the architecture in this file; expected {expected}"
-        ) from None
+        ) from err
     except Exception as exc:  # unpickling refused, not a torch file, wrong extension, shape mismatch
-        raise ValueError(f"{path}: cannot load as a model ({_one_line(exc)}); expected {expected}") from None
+        raise ValueError(f"{path}: cannot load as a model ({one_line(exc, 200, first_line=True)}); expected {expected}") from exc
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise ValueError(f"{path}: spandrel detected {desc.architecture.id} ({desc.purpose}); expected {expected}")
     return desc

@@ -20,7 +20,8 @@ from PIL import Image
 from library.postprocess.face_restore import DEFAULT_FIDELITY, _arch_id
 from library.files.atomic import write_atomic
 from library.files.images import read_image
-from library.postprocess import DEFAULT_UPSCALE, _one_line, _resolve_device, load_face_restorer, load_upscaler, postprocess
+from library.files.messages import one_line
+from library.postprocess import DEFAULT_UPSCALE, _resolve_device, load_face_restorer, load_upscaler, postprocess
 
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return fail(f"{args.weights}: spandrel detected {_arch_id(restorer)}, but --restore {args.restore} expects {want}")
         jobs = _plan(Path(args.input), args.output)
     except (_UsageError, ValueError, OSError) as exc:
-        return fail(_one_line(exc))
+        return fail(one_line(exc, 200, first_line=True))
     if not jobs:
         print(f"{prog}: no images ({', '.join(sorted(_IMAGE_EXTS))}) in {args.input}", file=sys.stderr)
         return 1
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_image(out, dst)
         except Exception as exc:  # one line per bad file, then carry on
             failed += 1
-            tqdm.write(f"{src.name}: error: {_one_line(exc)}", file=sys.stderr)
+            tqdm.write(f"{src.name}: error: {one_line(exc, 200, first_line=True)}", file=sys.stderr)
             continue
         written += 1
         for note in notes:

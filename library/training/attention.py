@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
 from library.config import AttentionBackend
+from library.files.messages import one_line
 from library.models.family import SD1
 
 __all__ = [
@@ -369,10 +370,10 @@ def _xformers_check(unet) -> None:
         q = torch.randn(1, 2, 1, 40, device=param.device, dtype=param.dtype)
         xformers.ops.memory_efficient_attention(q, q, q)
     except Exception as exc:  # ImportError, kernels built for another torch, no CPU kernel, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(
-            f"xformers isn't usable here ({type(exc).__name__}: {reason[:200]}); use attention backend 'sdpa'"
-        ) from None
+            f"xformers isn't usable here ({type(exc).__name__}: {one_line(exc, 200, first_line=True)}); "
+            "use attention backend 'sdpa'"
+        ) from exc
 
 
 def install_attention_capture(

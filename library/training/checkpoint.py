@@ -22,7 +22,7 @@ import toml
 import torch
 from library.files.atomic import (atomic_folder, ensure_folder, remove_tree, stale_temporaries, write_safetensors,
                                   write_text, write_torch)
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, load_pickled_weights, load_safetensors, non_finite_summary
 from library.export.metadata import file_sha256
@@ -32,7 +32,7 @@ TRAINABLE, STATE, CONFIG, MANIFEST = "trainable.safetensors", "state.pt", "confi
 STATE_KEYS = ("optimizer", "scheduler", "sampler", "generator")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be resumed from; the message is one line naming the file."""
 
 
@@ -124,7 +124,7 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
             files = json.loads(read_text_file(manifest))["files"]
             expected = {str(n): (int(f["bytes"]), str(f["sha256"])) for n, f in files.items()}
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{manifest}: unreadable ({one_line(err, 160)})") from None
+            raise CheckpointError(f"{manifest}: unreadable ({one_line(err, 160)})") from err
     else:
         expected = {TRAINABLE: None, STATE: None}
     for name, want in expected.items():
@@ -141,7 +141,7 @@ def load_checkpoint(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor], dict
         trainable = load_safetensors(path / TRAINABLE)
         state = load_pickled_weights(path / STATE)
     except (WeightsFileError, OSError) as err:
-        raise CheckpointError(one_line(err)) from None
+        raise CheckpointError(one_line(err)) from err
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise CheckpointError(f"{path / STATE}: not a training state (needs {', '.join(STATE_KEYS)})")
     for name, tensors in ((TRAINABLE, {"trainable": trainable}), (STATE, {"state": state})):
@@ -171,7 +171,7 @@ def read_checkpoint_config(info: CheckpointInfo) -> dict | None:
     try:
         return tomllib.loads(read_text_file(file))
     except (tomllib.TOMLDecodeError, TextFileError) as err:
-        raise CheckpointError(f"{file}: unreadable ({one_line(err, 160)})") from None
+        raise CheckpointError(f"{file}: unreadable ({one_line(err, 160)})") from err
 
 
 def checkpoint_at(path: str | Path) -> CheckpointInfo:

@@ -23,6 +23,7 @@ from PIL import Image
 from library.files.images import read_image
 from library.files.text import TextFileError, read_text_file
 from library.training.losses import soften_mask
+from library.files.messages import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ MAX_UPSCALE = 2.0  # a square crop enlarged more than this trains visibly soft
 SHOWN = 3  # file names quoted in one line
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prepared folder is unusable; the message names it and says how to prepare it."""
 
 
@@ -124,7 +125,7 @@ def _read_sidecar(path: Path) -> str:
     try:
         return read_text_file(path)
     except TextFileError as err:
-        raise DatasetError(str(err)) from None
+        raise DatasetError(str(err)) from err
 
 
 def _prepared_stems(folder: Path) -> tuple[list[str], int]:
@@ -132,7 +133,7 @@ def _prepared_stems(folder: Path) -> tuple[list[str], int]:
     try:
         names = {entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")}
     except OSError as err:
-        raise DatasetError(f"{folder}: cannot be read ({err.strerror or err}); check its permissions") from None
+        raise DatasetError(f"{folder}: cannot be read ({err.strerror or err}); check its permissions") from err
     stems = sorted(n[: -len(".png")] for n in names if n.endswith(".png") and not n.endswith(".mask.png"))
     prepared = [s for s in stems if f"{s}.mask.png" in names and f"{s}.json" in names]
     photos = sum(1 for n in names if n.lower().endswith(PHOTO_EXTENSIONS) and not n.endswith(".mask.png"))

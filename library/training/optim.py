@@ -18,7 +18,7 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
         try:
             import bitsandbytes as bnb
         except ImportError as err:  # pragma: no cover - requirements pin it
-            raise ConfigError(f"optimizer.name = {name}: bitsandbytes is not importable ({err}); use AdamW") from None
+            raise ConfigError(f"optimizer.name = {name}: bitsandbytes is not importable ({err}); use AdamW") from err
         return bnb.optim.AdamW8bit(groups, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     cls = getattr(torch.optim, _TORCH_OPTIMIZERS.get(name.lower()) or name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):

@@ -59,7 +59,7 @@ def _check_weights(key: str, value: str) -> None:
         try:
             check_weights_file(file)
         except (WeightsFileError, FileNotFoundError) as err:
-            raise ConfigError(f"{key}: {err}") from None
+            raise ConfigError(f"{key}: {err}") from err
 
 
 def check_run_inputs(cfg: Config) -> None:

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from library.files.atomic import OutputWriteError, ensure_folder, file_mode
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 
 LOCK_NAME = ".training.lock"
 
 __all__ = ["LOCK_NAME", "OutputFolderBusy", "hold_output_folder", "lock_holder"]
 
 
-class OutputFolderBusy(RuntimeError):
+class OutputFolderBusy(UserError, RuntimeError):
     """Another live process holds the output folder; str() is one line naming it and what to do."""
 
 
@@ -85,16 +85,16 @@ def hold_output_folder(folder: str | os.PathLike, say: Callable[[str], None] = p
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
         except OSError as err:
-            raise OutputWriteError(path, err, "the run's lock file") from None
+            raise OutputWriteError(path, err, "the run's lock file") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as err:
             holder = _describe(_record(fd))
             os.close(fd)
             raise OutputFolderBusy(
                 f"{folder}: another training is writing to this folder ({holder}); wait for it to end or stop it, "
                 f"or set output.dir (--output_dir) to another folder"
-            ) from None
+            ) from err
         try:  # the previous holder may have removed the file between our open and our lock: lock the new one
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -112,7 +112,7 @@ def hold_output_folder(folder: str | os.PathLike, say: Callable[[str], None] = p
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
         except OSError as err:
-            raise OutputWriteError(path, err, "the run's lock file") from None
+            raise OutputWriteError(path, err, "the run's lock file") from err
         yield folder
     finally:
         with contextlib.suppress(OSError):

@@ -132,7 +132,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         try:
             install_attention_capture(self.unet, self.store, self.capture_layers, cfg.attention.backend)
         except (ValueError, RuntimeError) as err:
-            raise ConfigError(f"[attention] {err}") from None
+            raise ConfigError(f"[attention] {err}") from err
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
@@ -145,7 +145,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 try:
                     encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
                 except (ValueError, FileNotFoundError) as err:
-                    raise ConfigError(f"loss.identity_weights: {err}") from None
+                    raise ConfigError(f"loss.identity_weights: {err}") from err
                 self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device,
                                             self.reference)
         elif cfg.loss.id_weight > 0:
@@ -275,7 +275,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         except (OutputWriteError, ckpt.NonFiniteCheckpoint) as err:
             then = ("lower the learning rate (or use bf16 instead of fp16), then continue with --resume latest"
                     if isinstance(err, ckpt.NonFiniteCheckpoint) else "continue with --resume latest once it can write")
-            raise TrainingStopped(f"{err}; last good checkpoint: {ckpt.last_good_checkpoint(self.out_dir)}; {then}") from None
+            raise TrainingStopped(f"{err}; last good checkpoint: {ckpt.last_good_checkpoint(self.out_dir)}; {then}") from err
 
     def _run(self, resume: str | ResumePoint | None) -> Path | None:
         from library.training.outputs import remove_stale_temporaries
@@ -475,14 +475,14 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
                         with self.clock.stage("export"):  # the last step's are the final files
                             self.on_main(lambda: export_outputs(self, step=done))
-            except KeyboardInterrupt:  # a second signal, or one the handlers could not catch: mid-step
+            except KeyboardInterrupt as cause:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
                         else "no checkpoint yet: start again without --resume")
                 raise TrainingInterrupted(
                     f"stopped at once in phase {phase} after step {done}; not saved (the step in progress was "
                     f"incomplete), {then}", stop.requested or signal.SIGINT
-                ) from None
+                ) from cause
             finally:
                 bar.close()
             with self.clock.stage("checkpoints"):
