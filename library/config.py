@@ -53,6 +53,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
+    """The base model."""
+
     pretrained: str = field(default="", metadata=PATH)  # diffusers folder, single .safetensors / .ckpt file, or hub id (online only)
     config_dir: str = field(default="", metadata=PATH)  # component configs + tokenizers for single files; default the family's (configs/sd15, configs/sdxl)
     offline: bool = True  # never reach the hub unless this is false
@@ -63,8 +65,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source_dir: str = field(default="", metadata=PATH)
-    reference_dir: str = field(default="", metadata=PATH)
+    """The prepared photo folders."""
+
+    source_dir: str = field(default="", metadata=PATH)  # the source set (the person): a folder made by `dataset_tools.prepare source`
+    reference_dir: str = field(default="", metadata=PATH)  # the reference set (the style): a folder made by `dataset_tools.prepare reference`
     resolution: int = 0  # training side, pixels; 0: the model family's (512 SD 1.x, 1024 SDXL)
     flip: bool = True  # cache horizontally flipped latents too
     captions: Captions = "template"  # "template": docs/method.md's template lists; "sidecar": NAME.txt
@@ -73,31 +77,35 @@ class DataConfig:
 
 @dataclass
 class TokensConfig:
-    source: str = "mcv1"
-    reference: str = "mcv2"
+    """The two made-up tokens, [V1] (the person) and [V2] (the style)."""
+
+    source: str = "mcv1"  # [V1], the person's made-up word (what you type in a prompt)
+    reference: str = "mcv2"  # [V2], the style's made-up word
     source_init: str = "person"  # released code: [V1] starts from "person"
     reference_init: str = ""  # empty: random N(0, reference_init_std)
-    reference_init_std: float = 0.017
-    vectors: int = 1
+    reference_init_std: float = 0.017  # std of [V2]'s random start when reference_init is empty
+    vectors: int = 1  # embedding vectors per token
     # released code, phase 1 only, after every step: |v| <- |v| + min(1, norm_rate * lr) (norm_target - |v|)
     norm_pull: NormPull = "renormalize"  # renormalize (released) | penalty (soft, both phases) | none
-    norm_target: float = 0.4
-    norm_rate: float = 100.0
+    norm_target: float = 0.4  # the norm the new vectors are pulled to (CLIP's word vectors are about 0.4)
+    norm_rate: float = 100.0  # how fast the released code's pull moves them, x the learning rate
     norm_weight: float = 0.001  # weight of the soft penalty (norm_pull = "penalty")
 
 
 @dataclass
 class PhaseConfig:
-    steps: int = 1200
+    """One phase: phase 1 learns the token rows alone, phase 2 adds the LoRA and the composed task."""
+
+    steps: int = 1200  # optimiser steps of the phase (phase 1: 1200, phase 2: 1500, the paper's)
     batch_size: int = 4  # samples per process in one optimiser step, spread over the phase's tasks (x processes: the step)
     grad_accum: int = 1  # micro-batches per step (only to save memory: the batch is the same)
-    lr_embeddings: float = 5e-4
-    lr_unet: float = 1e-4
-    lr_text_encoder: float = 4e-5
+    lr_embeddings: float = 5e-4  # learning rate of the token rows (phase 1: 5e-4, phase 2: 1e-5)
+    lr_unet: float = 1e-4  # learning rate of the UNet LoRA (phase 2)
+    lr_text_encoder: float = 4e-5  # learning rate of the text-encoder LoRA (phase 2)
     lr_scheduler: str = "linear"  # released: linear decay to 0, no warm-up; any diffusers.optimization name
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # linear warm-up steps of the LR schedule
     max_timestep: int = 1000  # t ~ U(0, max_timestep)
-    tasks: list[Task] = field(default_factory=lambda: ["source", "reference"])
+    tasks: list[Task] = field(default_factory=lambda: ["source", "reference"])  # the tasks the phase trains in turn (the composed task needs phase 2's LoRA)
     first_half_weight: float = 2.0  # x this on the reconstruction term of reference/composed samples, first half (released)
 
 
@@ -112,22 +120,26 @@ def _phase2_default() -> PhaseConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 4
-    alpha: float = 4.0
+    """The LoRA of phase 2."""
+
+    rank: int = 4  # LoRA rank r
+    alpha: float = 4.0  # LoRA alpha: the weight change is alpha / r x up @ down
     targets: LoraTargets = "cross_attn"  # cross_attn (paper) | attn_geglu (released) | kohya_all
-    text_encoder: bool = True
+    text_encoder: bool = True  # also a LoRA on the text encoders' self-attention (the layers that reach the UNet)
 
 
 @dataclass
 class LossConfig:
+    """The loss terms and their weights (docs/method.md)."""
+
     mask_eps: float = 0.01  # mask softening (m + eps) / (1 + eps)
-    area_normalize: bool = True
-    attn_weight: float = 2.5
+    area_normalize: bool = True  # divide the masked reconstruction by the mask's area (eq. 4)
+    attn_weight: float = 2.5  # weight of attention refocusing (eq. 5-6), phase 2
     attn_detach_extremes: bool = False  # true: the released literal S (min, max detached); shrinks attention
     attn_collapse_ratio: float = 0.1  # guard: EMA of a token's inside probability below this x its start; 0 = off
     attn_collapse_action: CollapseAction = "warn"  # warn (once per token) | stop (clean stop, last checkpoint kept)
-    id_weight: float = 0.25
-    id_max_timestep: int = 800
+    id_weight: float = 0.25  # weight of the identity loss (eq. 7), phase 2
+    id_max_timestep: int = 800  # the identity loss applies where t < this (x0 is too noisy above)
     id_tasks: list[IdTask] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
     identity_weights: str = field(default="", metadata=PATH)  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
     id_decode_window: bool = True  # decode only the latent window around the face
@@ -136,6 +148,8 @@ class LossConfig:
 
 @dataclass
 class AttentionConfig:
+    """Where attention refocusing looks, and how attention is computed."""
+
     # empty: the model family's (ModelFamily.capture_layers: SD 1.x's five 16x16 layers, SDXL's 32x32 ones);
     # else transformer models ("down_blocks.2.attentions.0": its first block's attn2) or full attn2 paths
     layers: list[str] = field(default_factory=list)
@@ -144,18 +158,22 @@ class AttentionConfig:
 
 @dataclass
 class OptimizerConfig:
+    """The optimiser."""
+
     name: str = "AdamW8bit"  # AdamW8bit | AdamW | SGD | Adafactor-free names of torch.optim
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon
+    max_grad_norm: float = 1.0  # clip the gradient norm to this; 0 = no clipping
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 42
+    """Speed, memory and precision; the seed."""
+
+    seed: int = 42  # every random draw of the run (token init, LoRA init, samples, noise)
     mixed_precision: MixedPrecision = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in the backward pass: less memory, slower
     # keep the VAE in fp32 under fp16 (kohya's no_half_vae); under fp16 an SDXL VAE whose config says
     # force_upcast (the original SDXL VAE does, the fp16-fix VAE does not) runs in fp32 anyway
     vae_fp32: bool = False
@@ -165,10 +183,12 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = field(default="out/magicapture", metadata=PATH)
-    name: str = "magicapture"
-    save_every: int = 500
-    keep_checkpoints: int = 2
+    """What the run writes, and where."""
+
+    dir: str = field(default="out/magicapture", metadata=PATH)  # where the LoRA, embeddings, checkpoints, samples and logs go
+    name: str = "magicapture"  # the LoRA's file name, NAME.safetensors (not a token word, not a path)
+    save_every: int = 500  # a checkpoint every this many steps (and at the end of each phase); 0 = only there
+    keep_checkpoints: int = 2  # how many checkpoints stay (the newest); 0 = all
     # phase 2: also export the LoRA and embeddings every this many steps, named by step as kohya does
     # (NAME-step00000500.safetensors), to keep the step where identity peaked; 0 = only at the end
     save_lora_every: int = 0
@@ -179,23 +199,29 @@ class OutputConfig:
 
 @dataclass
 class SampleConfig:
-    every: int = 500
+    """The preview samples during training."""
+
+    every: int = 500  # preview samples and attention maps every this many steps; 0 = never
     prompt: str = ""  # empty: the composed training prompt
-    steps: int = 30
-    cfg: float = 7.0
-    n: int = 2
-    seed: int = 1234
+    steps: int = 30  # sampling steps of a preview
+    cfg: float = 7.0  # classifier-free guidance scale of a preview
+    n: int = 2  # preview images each time
+    seed: int = 1234  # the previews' seed (the same every time, to compare steps)
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
+    """Logs."""
+
+    tensorboard: bool = True  # TensorBoard logs in OUT/logs
     every: int = 10  # TensorBoard interval (loss_history.jsonl gets every step)
     print_every: int = 100  # a log line with the loss terms and each token's attention figures; 0 = never
 
 
 @dataclass
 class EvaluationConfig:
+    """Weights for the likeness and style scores."""
+
     clip: str = field(default="", metadata=PATH)  # CLIP ViT-L/14 folder (transformers layout) for the style and aesthetic scores; empty: skipped
     aesthetic: str = field(default="", metadata=PATH)  # LAION improved aesthetic predictor .pth (sac+logos+ava1-l14-linearMSE.pth); empty: skipped
 

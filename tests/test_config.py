@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from library.config import ConfigError, load_config, save_config
+from library.config import Config, ConfigError, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,3 +144,18 @@ def test_a_user_error_is_one_line_and_shows_its_causes_under_magicapture_debug(t
     from library.training.data import DatasetError
     for cls in (ConfigError, CheckpointError, OutputWriteError, ModelLoadError, DatasetError):
         assert issubclass(cls, UserError)
+
+
+def test_the_readme_configuration_table_is_generated_from_the_config():
+    """README.md's table equals scripts/config_table.py's output: every key, its default, its choices."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_table", Path(__file__).resolve().parents[1] / "scripts" / "config_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--check"]) == 0
+    generated = table.config_table()
+    assert "| `lora.targets` | `\"cross_attn\"` | one of `cross_attn`, `attn_geglu`, `kohya_all`. " in generated
+    keys = [line.split("|")[1].strip().strip("`") for line in generated.splitlines() if line.startswith("| `")]
+    assert len(keys) == sum(len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config)
+                            if not f.metadata.get("internal"))
