@@ -64,6 +64,44 @@ def test_path_refused_is_one_line(roots):
 
 # ------------------------------------------------------------------------------------------------ photos
 
+def test_a_link_inside_the_data_folder_pointing_outside_is_refused_file_by_file(roots, tmp_path):
+    from library.app.photos import details_markdown, prepare_kind
+
+    sb, data, *_ = roots
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    (outside / "face.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
+    typed = data / "typed"
+    typed.mkdir()
+    (typed / "mine.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
+    os.symlink(outside / "face.png", typed / "theirs.png")
+    os.symlink(outside / "passwd", typed / "notes.txt")
+    files, refused = sb.files(typed)
+    assert files == [(typed / "mine.png").resolve()]
+    line = "a link to a file outside the data, output and models folders; not read"
+    assert refused == [f"notes.txt: {line}", f"theirs.png: {line}"]
+
+    # an upload that is a link out: prepare is refused in one line before it reads anything
+    ws = Workspace(data)
+    ws.uploads("source").mkdir(parents=True)
+    os.symlink(outside / "face.png", ws.uploads("source") / "x.png")
+    with pytest.raises(PathRefused) as err:
+        prepare_kind(ws, "source")
+    assert str(err.value) == f"{ws.uploads('source') / 'x.png'}: {line}; remove it, then prepare again"
+    # a prepared item whose image links out is not listed, and the notes say why
+    _item(ws.prepared("source"), "a", np.zeros((4, 4), np.uint8))
+    _item(ws.prepared("source"), "b", np.zeros((4, 4), np.uint8))
+    (ws.prepared("source") / "b.png").unlink()
+    os.symlink(outside / "face.png", ws.prepared("source") / "b.png")
+    assert [r["stem"] for r in ws.items("source")] == ["a"]
+    with pytest.raises(StateError):
+        ws.set_caption("source", "b", "x")
+    assert f"- refused {ws.prepared('source') / 'b.png'}: {line}" in details_markdown(
+        "source", ws.items("source"), ws.prepare_log("source"), ws.outside_links("source"))
+
+
+
 def _item(folder: Path, stem: str, mask: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.png").write_bytes(_png(np.zeros(mask.shape + (3,), np.uint8)))

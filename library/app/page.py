@@ -58,7 +58,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
 
     def photo_views():
-        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k)) for k in KINDS)
+        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k), ws.outside_links(k)) for k in KINDS)
         return gallery_items("source"), gallery_items("reference"), notes
 
     @_guard(4)
@@ -66,8 +66,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         lines = []
         for kind, files, folder in (("source", src_files, src_folder), ("reference", ref_files, ref_folder)):
             if folder and folder.strip():
-                d = sandbox.resolve(folder)
-                files = [*(files or []), *sorted(str(p) for p in d.iterdir() if p.is_file())]
+                found, refused = sandbox.files(folder)
+                files = [*(files or []), *found]
+                lines += [f"refused {r}" for r in refused]
             if files:
                 added, refused = photos.add_uploads(ws, kind, files)
                 lines += [f"refused {r}" for r in refused]

@@ -26,6 +26,7 @@ from library.files.atomic import write_bytes, write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 
+PROJECT = Path(__file__).resolve().parents[2]
 KINDS = ("source", "reference")
 EXCLUDED = "excluded"
 ORIGINAL_MASKS = "original_masks"
@@ -71,14 +72,50 @@ class Sandbox:
         if not p.is_absolute():
             p = (base or Path.cwd()) / p
         real = p.resolve()
-        roots = self.writable if write else self.readable
-        if not any(real == r or r in real.parents for r in roots):
-            raise PathRefused(f"{one_line(text)}: outside the folders this page may {'write' if write else 'read'}; "
+        if not within(real, self.writable if write else self.readable):
+            raise PathRefused(f"{self.show(text)}: outside the folders this page may {'write' if write else 'read'}; "
                               f"give a path inside {self._where(write)}")
         return real
 
+    def files(self, folder: str | os.PathLike, base: Path | None = None) -> tuple[list[Path], list[str]]:
+        """The files of a typed folder that the page may read, file by file after following links, and
+        one line for each file that resolves outside the allowed folders (a link inside pointing out)."""
+        d = self.resolve(folder, base=base)
+        if not d.is_dir():
+            raise PathRefused(f"{self.show(d)}: not a folder")
+        ok, refused = [], []
+        for p in sorted(d.iterdir()):
+            if not within(p.resolve(), self.readable):
+                refused.append(f"{p.name}: {LINK_OUT}")
+            elif p.is_file():
+                ok.append(p.resolve())
+        return ok, refused
+
+    def show(self, path: str | os.PathLike) -> str:
+        """`path` as a person reads it: relative to the project folder (the current one) when inside it."""
+        return relative(path)
+
     def _where(self, write: bool) -> str:
-        return " or ".join(str(r) for r in (self.writable if write else self.readable))
+        return " or ".join(relative(r) for r in (self.writable if write else self.readable))
+
+
+LINK_OUT = "a link to a file outside the data, output and models folders; not read"
+
+
+def within(path: str | os.PathLike, roots: tuple[Path, ...] | list[Path]) -> bool:
+    """Whether `path`, links followed, lies inside one of the resolved folders `roots`."""
+    real = Path(path).resolve()
+    return any(real == r or r in real.parents for r in roots)
+
+
+def relative(path: str | os.PathLike) -> str:
+    """`path` relative to the project folder when inside it, else as given: messages name files as the
+    person sees them in the project, not as absolute paths."""
+    text = one_line(str(path))
+    try:
+        return str(Path(text).resolve().relative_to(PROJECT)) if Path(text).is_absolute() else text
+    except ValueError:
+        return text
 
 
 class Workspace:
@@ -110,6 +147,8 @@ class Workspace:
                 if not isinstance(rec, dict):
                     continue
                 stem = meta_path.stem
+                if not self.inside(folder, stem):
+                    continue  # listed by outside_links(); never opened
                 caption = folder / f"{stem}.txt"
                 rec.update(stem=stem, excluded=excluded, folder=str(folder),
                            caption=read_text_file(caption).strip() if caption.is_file() else "",
@@ -117,11 +156,25 @@ class Workspace:
                 out.append(rec)
         return out
 
+    def inside(self, folder: Path, stem: str) -> bool:
+        """Whether every file of item `stem` in `folder` resolves (links followed) inside the data folder."""
+        return all(within(folder / f"{stem}{suffix}", (self.data_dir,)) for suffix in ITEM_SUFFIXES)
+
+    def outside_links(self, kind: str) -> list[str]:
+        """One line for each file of `kind` (uploads and prepared items) that is a link leading out of the
+        data folder: the page does not read it, and preparing is refused while an upload is one."""
+        lines = []
+        for folder in (self.uploads(kind), self.prepared(kind), self.prepared(kind) / EXCLUDED):
+            for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if not within(p, (self.data_dir,)):
+                    lines.append(f"{relative(p)}: {LINK_OUT}")
+        return lines
+
     def item_folder(self, kind: str, stem: str) -> Path:
         """The folder holding item `stem` now (prepared or its excluded/); StateError if neither."""
         _stem(stem)
         for folder in (self.prepared(kind), self.prepared(kind) / EXCLUDED):
-            if (folder / f"{stem}.json").is_file():
+            if (folder / f"{stem}.json").is_file() and self.inside(folder, stem):
                 return folder
         raise StateError(f"no prepared photo {stem!r} in {self.prepared(kind)}; prepare the photos again")
 
