@@ -10,16 +10,13 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from library.app import photos, presets, results, training_runs
+from library.app import photos, presets, results, runs, training_runs
 from library.app.state import KINDS, Sandbox, Workspace
 from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
-LOSS_TERMS = ("loss", "mask", "attn", "id")  # the trainer's loss_history.jsonl keys worth a chart
-SCORE_PREFIX = "eval/"
-SCORES = ("csim", "face_found", "same_person", "style")  # library/training/training_scores.py's eval/* keys
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
@@ -135,42 +132,74 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
         return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
 
-    @_guard(1)
-    def start(name, text, resume=False):
+    def launch(out: Path, text: str, resume: bool) -> str:
+        other = runs.busy(output_dir)
+        if other and other != out.name:  # one device: wait instead of training beside it
+            runs.enqueue(text, out, resume)
+            return f"{out.name} is queued: it starts when {other} ends (the list says so)"
+        pid = training_runs.start_run(text, out, resume=resume)
+        return f"{'resumed' if resume else 'started'} training {out.name} (process {pid})"
+
+    hidden = gr.update(visible=False)
+
+    @_guard(3)
+    def start(name, text):
         out = run_dir(name)
         training_runs.check_config(text, out, sandbox)
-        pid = training_runs.start_run(text, out, resume=resume)
-        return f"{'resumed' if resume else 'started'} training (process {pid}) in {out}"
+        if runs.holder(out) is None and runs.has_run(out):  # a new start would overwrite its history
+            info = runs.run_info(out)
+            return (gr.update(visible=True),
+                    f"{out.name} already holds a run ({info.state_text()}): resume it, start over (the old run is "
+                    f"kept as {runs.keep_aside_name(out)}) or cancel", "")
+        return hidden, "", launch(out, text, resume=False)
+
+    @_guard(3)
+    def resume(name, text):
+        out = run_dir(name)
+        training_runs.check_config(text, out, sandbox)
+        return hidden, "", launch(out, text, resume=True)
+
+    @_guard(3)
+    def start_over(name, text):
+        out = run_dir(name)
+        training_runs.check_config(text, out, sandbox)
+        kept = runs.keep_aside(out)
+        return hidden, "", f"the old run is kept as {kept.name}; " + launch(out, text, resume=False)
 
     @_guard(1)
     def stop(name):
-        pid = training_runs.stop_run(run_dir(name))
-        return f"asked process {pid} to stop: it saves a checkpoint after this step (Resume continues from it)"
+        out = run_dir(name)
+        if runs.cancel(out):
+            return f"{out.name} taken out of the queue"
+        training_runs.stop_run(out)
+        return f"asked {out.name} to stop: it saves a checkpoint after this step (Resume continues from it)"
+
+    def run_table():
+        return pd.DataFrame([i.row() for i in runs.list_runs(output_dir)], columns=runs.COLUMNS)
 
     def watch(name):
         try:
+            runs.start_next(output_dir)
+            table = run_table()
             out = run_dir(name)
-            cfg_total = (0, 0)
-            try:
-                cfg = results.run_config(out)
-                cfg_total = (cfg.phase1.steps, cfg.phase2.steps)
-            except Exception:  # noqa: BLE001 - no config yet: a run not started
-                pass
-            st = training_runs.run_status(out, cfg_total)
+            info = runs.run_info(out, waits_for=runs.busy(output_dir))
         except Exception as exc:  # noqa: BLE001
-            return training_runs.error_line(exc), None, None, [], [], ""
-        rows, scores = [], []
-        for rec in st.history:
-            x = training_runs.overall_step(int(rec.get("phase", 1)), int(rec["step"]), cfg_total)
-            # every series from the first point (a gap where a record lacks it): the chart keeps the series
-            # of its first drawing, so a term that starts in phase 2 would never show otherwise
-            rows += [{"step": x, "value": float(rec.get(k, "nan")), "term": k} for k in LOSS_TERMS]
-            if any(key.startswith(SCORE_PREFIX) for key in rec):  # scores come on sampling steps only
-                scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
-        losses = pd.DataFrame(rows) if rows else None
-        score_df = pd.DataFrame(scores) if any(r["value"] == r["value"] for r in scores) else None  # NaN != NaN
-        return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
-                [str(p) for p in st.attention[-2:]], st.log_tail)
+            return gr.update(), training_runs.error_line(exc), "", None, None, [], [], ""
+        held = training_runs.read_lock(out) or {}
+        since = training_runs.overall_step(*(held.get("since") or [1, 0]), info.total) if held else 0
+        bar = runs.progress_html(info, runs.speed(info, since), runs.device_memory(info.pid))
+        losses, score_df = runs.chart_frames(info.history, info.total)
+        return (table, info.state_text(), bar, losses, score_df, [str(p) for p in runs.pictures(out, "samples")[-4:]],
+                [str(p) for p in runs.pictures(out, "attention")[-2:]], training_runs.tail(out / training_runs.LOG))
+
+    def pick_run(evt: gr.SelectData):
+        row = evt.row_value if getattr(evt, "row_value", None) else None
+        picked = str(row[0]) if row else ""
+        text, v = runs.saved_config(run_dir(picked))
+        if not text:
+            return (picked, *[gr.update()] * 7, f"{picked}: no config kept in its folder")
+        return (picked, text, v["model"], v["steps1"], v["steps2"], v["tok_src"], v["tok_ref"], v["id_weights"],
+                f"{picked}: its config is loaded; Resume continues it")
 
     # ---------------------------------------------------------------- results
     @_guard(3)
@@ -235,6 +264,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                         excl_btn = gr.Button("Exclude / include", elem_id="exclude")
                         mask_btn = gr.Button("Save mask", elem_id="save_mask")
         with gr.Tab("Train", id="train"):
+            runs_df = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs", max_height=220,
+                                   label="Runs in the output folder (from this page or a terminal); click one to "
+                                         "load its config and watch it")
             with gr.Row():
                 model = gr.Textbox(label="Base model (file or diffusers folder)", elem_id="model")
                 family = gr.Textbox(label="Detected", interactive=False, elem_id="family")
@@ -254,18 +286,25 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 start_btn = gr.Button("Start", variant="primary", elem_id="start")
                 stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
                 resume_btn = gr.Button("Resume", elem_id="resume")
+            with gr.Row(visible=False) as ask_row:
+                ask_text = gr.Markdown(elem_id="ask")
+                ask_resume = gr.Button("Resume it", elem_id="ask_resume")
+                ask_over = gr.Button("Start over (the old run is kept)", elem_id="ask_over")
+                ask_cancel = gr.Button("Cancel", elem_id="ask_cancel")
             train_status = gr.Textbox(label="Status", interactive=False, elem_id="train_status")
-            progress_line = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
+            progress_line = gr.Textbox(label="State", interactive=False, elem_id="progress")
+            progress_bar = gr.HTML(elem_id="progress_bar")
             with gr.Row():
                 # a fixed colour per series, whichever terms a run logs
                 loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot",
-                                        color_map=dict(zip(LOSS_TERMS, SERIES_COLOURS)))
+                                        color_map=dict(zip(runs.LOSS_TERMS, SERIES_COLOURS)))
                 score_plot = gr.LinePlot(x="step", y="value", color="score", label="Identity score (samples)",
-                                         elem_id="score_plot", color_map=dict(zip(SCORES, SERIES_COLOURS)))
+                                         elem_id="score_plot", color_map=dict(zip(runs.SCORES, SERIES_COLOURS)))
             with gr.Row():
                 samples = gr.Gallery(label="Latest samples", columns=4, height=220, elem_id="samples")
                 attention = gr.Gallery(label="Attention", columns=2, height=220, elem_id="attention")
-            log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="log_tail")
+            log_tail = gr.Textbox(label="Log (its end)", lines=8, max_lines=8, interactive=False, autoscroll=True,
+                                  elem_id="log_tail")
             timer = gr.Timer(POLL_SECONDS)
         with gr.Tab("Results", id="results") as results_tab:
             with gr.Row():
@@ -307,10 +346,16 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         model.blur(model_changed, [model], [family, preset])
         compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],
                           [toml_box, train_status])
-        start_btn.click(start, [name, toml_box], [train_status])
-        resume_btn.click(functools.partial(start, resume=True), [name, toml_box], [train_status])
+        asked = [ask_row, ask_text, train_status]
+        start_btn.click(start, [name, toml_box], asked)
+        resume_btn.click(resume, [name, toml_box], asked)
+        ask_resume.click(resume, [name, toml_box], asked)
+        ask_over.click(start_over, [name, toml_box], asked)
+        ask_cancel.click(lambda: (hidden, "", "cancelled: nothing started"), None, asked)
         stop_btn.click(stop, [name], [train_status])
-        watch_outputs = [progress_line, loss_plot, score_plot, samples, attention, log_tail]
+        watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail]
+        runs_df.select(pick_run, None, [name, toml_box, model, steps1, steps2, tok_src, tok_ref, id_weights,
+                                        train_status])
         timer.tick(watch, [name], watch_outputs)
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])
