@@ -144,6 +144,38 @@ def test_exclude_caption_and_mask_survive_a_reload(roots):
         again.set_caption("source", "../a", "x")
 
 
+def test_painted_masks_and_captions_survive_preparing_again_and_photos_can_be_deleted(roots):
+    sb, data, *_ = roots
+    ws = Workspace(data)
+    prepared = ws.prepared("source")
+    for stem in ("a", "b", "c"):
+        _item(prepared, stem, np.zeros((4, 4), np.uint8))
+    painted = _png(np.full((4, 4), 255, np.uint8))
+    ws.save_mask("source", "a", painted)
+    ws.set_caption("source", "a", "my own words")
+    ws.save_mask("source", "c", painted)
+    # prepare again: it writes every item afresh (c's photo now another size)
+    automatic = _png(np.full((4, 4), 7, np.uint8))
+    for stem in ("a", "b"):
+        _item(prepared, stem, np.full((4, 4), 7, np.uint8))
+    _item(prepared, "c", np.zeros((6, 6), np.uint8))
+    assert ws.reapply_edits("source") == ["c: the photo changed size; paint its mask again"]
+    items = {r["stem"]: r for r in ws.items("source")}
+    assert (prepared / "a.mask.png").read_bytes() == painted and items["a"]["mask_edited"] is True
+    assert items["a"]["caption"] == "my own words"
+    assert (prepared / "original_masks" / "a.mask.png").read_bytes() == automatic  # prepare's newest, kept
+    assert items["b"]["caption"] == "a photo of a mcv1 person" and items["b"]["mask_edited"] is False
+    assert items["c"]["mask_edited"] is False
+
+    ws.uploads("source").mkdir(parents=True)
+    (ws.uploads("source") / "a.jpg").write_bytes(b"x")
+    rec = json.loads((prepared / "a.json").read_text())
+    (prepared / "a.json").write_text(json.dumps({**rec, "source_file": "a.jpg"}))
+    ws.delete("source", "a")
+    assert [r["stem"] for r in ws.items("source")] == ["b", "c"]
+    assert not (ws.uploads("source") / "a.jpg").exists() and not list(prepared.rglob("a.*"))
+
+
 def test_prepare_log_round_trip(roots):
     _, data, *_ = roots
     ws = Workspace(data)

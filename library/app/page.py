@@ -92,6 +92,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
 
     @_guard(4)
+    def delete_photo(sel):
+        if not sel:
+            raise ValueError("select a photo first")
+        ws.delete(sel["kind"], sel["stem"])
+        return (*photo_views(), f"{sel['stem']}: deleted (its upload too)")
+
+    @_guard(4)
     def save_caption(sel, text):
         if not sel:
             raise ValueError("select a photo first")
@@ -263,6 +270,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                         cap_btn = gr.Button("Save caption", elem_id="save_caption")
                         excl_btn = gr.Button("Exclude / include", elem_id="exclude")
                         mask_btn = gr.Button("Save mask", elem_id="save_mask")
+                        del_btn = gr.Button("Delete photo", variant="stop", elem_id="delete_photo")
         with gr.Tab("Train", id="train"):
             runs_df = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs", max_height=220,
                                    label="Runs in the output folder (from this page or a terminal); click one to "
@@ -342,6 +350,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
+        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
         compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],

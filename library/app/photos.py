@@ -47,7 +47,8 @@ def add_uploads(ws: Workspace, kind: str, files: list[str | os.PathLike]) -> tup
 def prepare_kind(ws: Workspace, kind: str, identity_weights: str | None = None) -> Summary:
     """Run dataset_tools.prepare on photos/<kind>/ into prepared/<kind>/ (its progress bar is tqdm, which
     the page follows) and keep its skipped files and warnings in the prepared folder. Items excluded
-    before are moved out again after prepare rewrote them. Raises PrepareError (one line), and PathRefused
+    before are moved out again after prepare rewrote them, and painted masks and edited captions are put
+    back (Workspace.reapply_edits). Raises PrepareError (one line), and PathRefused
     when an upload is a link leading out of the data folder (prepare would read what it points at)."""
     links = ws.outside_links(kind)
     if links:
@@ -58,7 +59,8 @@ def prepare_kind(ws: Workspace, kind: str, identity_weights: str | None = None) 
     for stem in excluded:
         if (ws.prepared(kind) / f"{stem}.json").is_file():
             ws.set_excluded(kind, stem, True)
-    ws.save_prepare_log(kind, summary.skipped, [w for w in summary.warnings if not w[0]])
+    dropped = ws.reapply_edits(kind)  # the user's masks and captions win over prepare's automatic ones
+    ws.save_prepare_log(kind, summary.skipped, [w for w in summary.warnings if not w[0]] + [("", d) for d in dropped])
     return summary
 
 

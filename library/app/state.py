@@ -8,6 +8,8 @@ Layout (under ``--data-dir``)::
     prepared/<kind>/NAME.png ...  dataset_tools.prepare's output (NAME.png, .mask.png, .txt, .json)
     prepared/<kind>/excluded/     items the user took out of training (the trainer reads only the folder)
     prepared/<kind>/original_masks/NAME.mask.png   the mask prepare made, kept before the first brush edit
+    prepared/<kind>/edits/NAME.mask.png, NAME.txt  the user's painted mask and caption, put back after every
+                                                   prepare (they are the user's; prepare writes automatic ones)
     prepared/<kind>/app_prepare.json               the last prepare run's skipped files and warnings
 
 Every path typed into the page goes through :class:`Sandbox`: it must resolve (symlinks followed) inside
@@ -30,6 +32,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 KINDS = ("source", "reference")
 EXCLUDED = "excluded"
 ORIGINAL_MASKS = "original_masks"
+EDITS = "edits"
 PREPARE_LOG = "app_prepare.json"
 ITEM_SUFFIXES = (".png", ".mask.png", ".txt", ".json")  # one prepared item = these four files of one stem
 
@@ -152,7 +155,7 @@ class Workspace:
                 caption = folder / f"{stem}.txt"
                 rec.update(stem=stem, excluded=excluded, folder=str(folder),
                            caption=read_text_file(caption).strip() if caption.is_file() else "",
-                           mask_edited=(self.prepared(kind) / ORIGINAL_MASKS / f"{stem}.mask.png").is_file())
+                           mask_edited=(self.prepared(kind) / EDITS / f"{stem}.mask.png").is_file())
                 out.append(rec)
         return out
 
@@ -195,7 +198,9 @@ class Workspace:
     def set_caption(self, kind: str, stem: str, caption: str) -> None:
         """Write NAME.txt (one line; line breaks become spaces)."""
         folder = self.item_folder(kind, stem)
-        write_text(folder / f"{stem}.txt", " ".join(caption.split()) + "\n")
+        text = " ".join(caption.split()) + "\n"
+        write_text(folder / f"{stem}.txt", text)
+        write_text(self._edits(kind) / f"{stem}.txt", text)
 
     def save_mask(self, kind: str, stem: str, png: bytes) -> Path:
         """Replace NAME.mask.png with `png` (8-bit gray PNG bytes, same size as NAME.png); the mask prepare
@@ -207,7 +212,60 @@ class Workspace:
             keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(mask, keep)
         write_bytes(mask, png)
+        write_bytes(self._edits(kind) / mask.name, png)
         return mask
+
+    def _edits(self, kind: str) -> Path:
+        folder = self.prepared(kind) / EDITS
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def reapply_edits(self, kind: str) -> list[str]:
+        """After prepare rewrote the items: put the user's painted masks and captions back (prepare's new
+        mask becomes the kept original). Returns one line per edit dropped: its photo is gone, or the new
+        image has another size than the painted mask."""
+        from library.files.images import ImageLoadError, read_image
+
+        dropped = []
+        edits = self.prepared(kind) / EDITS
+        for path in sorted(edits.iterdir()) if edits.is_dir() else []:
+            stem = path.name[: -len(".mask.png")] if path.name.endswith(".mask.png") else path.stem
+            try:
+                folder = self.item_folder(kind, stem)
+            except (StateError, PathRefused):
+                path.unlink()
+                dropped.append(f"{stem}: no longer prepared; its edit is dropped")
+                continue
+            if path.suffix == ".txt":
+                shutil.copyfile(path, folder / path.name)
+                continue
+            try:
+                same = read_image(path).image.size == read_image(folder / f"{stem}.png").image.size
+            except ImageLoadError:
+                same = False
+            if not same:
+                path.unlink()
+                dropped.append(f"{stem}: the photo changed size; paint its mask again")
+                continue
+            keep = self.prepared(kind) / ORIGINAL_MASKS / path.name
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / path.name, keep)
+            shutil.copyfile(path, folder / path.name)
+        return dropped
+
+    def delete(self, kind: str, stem: str) -> None:
+        """Remove photo `stem`: its upload, its prepared files (wherever they are) and its edits."""
+        folder = self.item_folder(kind, stem)
+        rec = json.loads(read_text_file(folder / f"{stem}.json"))
+        upload = str(rec.get("source_file", "")) if isinstance(rec, dict) else ""
+        if upload and Path(upload).name == upload:
+            (self.uploads(kind) / upload).unlink(missing_ok=True)
+        for suffix in ITEM_SUFFIXES:
+            (folder / f"{stem}{suffix}").unlink(missing_ok=True)
+        for extra in (self.prepared(kind) / ORIGINAL_MASKS / f"{stem}.mask.png",
+                      self.prepared(kind) / EDITS / f"{stem}.mask.png", self.prepared(kind) / EDITS / f"{stem}.txt",
+                      self.prepared(kind) / "preview" / f"{stem}.jpg"):
+            extra.unlink(missing_ok=True)
 
     def save_prepare_log(self, kind: str, skipped: list[tuple[str, str]], warnings: list[tuple[str, str]]) -> None:
         """Keep what the last prepare run said about files that produced no item (and folder-wide notes),
