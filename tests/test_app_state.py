@@ -304,7 +304,10 @@ def test_strokes_are_where_the_composite_differs_from_the_background():
     assert layer[0, 2, :3].tolist() == [255, 255, 255]
 
 
-def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path):
+def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path, monkeypatch):
+    import library.training.preflight
+
+    monkeypatch.setattr(library.training.preflight, "check_run_inputs", lambda cfg: None)  # the folders are empty
     sb, data, out, _ = roots
     for d in ("src", "ref", "model"):
         (data / d).mkdir()
@@ -332,3 +335,52 @@ def test_details_list_every_photo_warning_and_skip():
         "- `b` (excluded): no warnings\n"
         "- skipped `c.jpg`: no face found\n"
         "- note: only 2 usable image(s)\n")
+
+
+def test_start_checks_speak_of_what_the_user_chose(roots):
+    sb, data, out, _ = roots
+    with pytest.raises(ValueError, match="^the config is empty: choose a base model and a preset, then press "
+                                         "Compose config$"):
+        training_runs.check_config("  \n", out / "run", sb)
+    with pytest.raises(ValueError) as err:
+        training_runs.check_config("[model]\npretrained = \"\"\n", out / "run", sb)
+    assert str(err.value).startswith("the config: model.pretrained is empty") and ".app_check" not in str(err.value)
+    (data / "src").mkdir()  # inside the folders, but not prepared: the trainer's cheap check says so
+    (data / "ref").mkdir()
+    with pytest.raises(ValueError, match="src"):
+        training_runs.check_config(f'[model]\npretrained = "{data / "src"}"\n[data]\nsource_dir = "{data / "src"}"\n'
+                                   f'reference_dir = "{data / "ref"}"\n[output]\ndir = "{out / "run"}"\n',
+                                   out / "run", sb)
+
+
+def test_messages_for_people_have_project_paths_and_the_pages_words():
+    from library.app.state import PROJECT, for_people
+
+    assert for_people(f"stopped in phase 2 at step 3/20: saved {PROJECT}/out/t1/checkpoint-p2-000003; continue with "
+                      "--resume latest") == ("stopped in phase 2 at step 3/20: saved out/t1/checkpoint-p2-000003; "
+                                             "press Resume to continue")
+    assert training_runs.error_line(ValueError(f"{PROJECT}/models/x.ckpt: refused: not a plain-tensor pickle")) == (
+        "error: models/x.ckpt: refused: a file that could run code when opened, so it is not opened")
+
+
+def test_presets_set_steps_and_resolution_and_the_demo_is_short():
+    assert presets.preset_values("demo (tiny model, CPU)") == {"steps1": 40, "steps2": 40, "resolution": 256}
+    assert presets.preset_values("paper (SD 1.5)")["resolution"] == 512
+    s = presets.Settings(pretrained="m", source_dir="s", reference_dir="r", output_dir="o", output_name="n",
+                         phase1_steps=40, phase2_steps=40, resolution=128)
+    assert "resolution = 128" in presets.compose(presets.read_preset("demo (tiny model, CPU)"), s)
+
+
+def test_the_model_picker_lists_models_with_their_family(tiny_model, tmp_path):
+    folder, single = tiny_model
+    models = tmp_path / "models"
+    (models / "sd").mkdir(parents=True)
+    os.symlink(folder, models / "tiny")
+    os.symlink(single, models / "sd" / "tiny.safetensors")
+    (models / "small.safetensors").write_bytes(b"x" * 100)  # an embedding-sized file: not a base model
+    (models / "page.ckpt").write_bytes(b"<html>" + b"x" * (2 << 20))
+    found = presets.model_candidates([models])
+    assert [p.relative_to(models).as_posix() for p in found] == ["page.ckpt", "tiny", "sd/tiny.safetensors"]
+    labels = [presets.model_choice(p) for p in found]
+    assert labels[0].startswith("not usable: ") and "page.ckpt" in labels[0]
+    assert labels[1].startswith("an SD 1.x") and labels[2].startswith("an SD 1.x")

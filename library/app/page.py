@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from library.app import photos, presets, results, runs, training_runs
-from library.app.state import KINDS, Sandbox, Workspace
+from library.app.state import KINDS, Sandbox, Workspace, relative, within
 from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
 
@@ -130,12 +130,28 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         label = presets.preset_for_family(family)
         return text, (gr.update(value=label) if label else gr.update())
 
+    def model_list():
+        folders = [r for r in sandbox.readable if r != output_dir]
+        return [(f"{relative(p)}: {presets.model_choice(p)}", str(p)) for p in presets.model_candidates(folders)
+                if within(p, sandbox.readable)]
+
+    def model_picked(path):
+        return (path, *model_changed(path)) if path else (gr.update(), gr.update(), gr.update())
+
+    def preset_changed(label):
+        try:
+            v = presets.preset_values(label)
+        except Exception:  # noqa: BLE001 - no preset chosen yet
+            return gr.update(), gr.update(), gr.update()
+        return v["steps1"], v["steps2"], v["resolution"]
+
     @_guard(2)
-    def compose(model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights):
+    def compose(model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights):
         s = presets.Settings(
             pretrained=str(sandbox.resolve(model)), source_dir=str(ws.prepared("source")),
             reference_dir=str(ws.prepared("reference")), output_dir=str(run_dir(name)), output_name=name.strip(),
-            phase1_steps=int(steps1), phase2_steps=int(steps2), source_token=tok_src, reference_token=tok_ref,
+            phase1_steps=int(steps1), phase2_steps=int(steps2), resolution=int(resolution or 0),
+            source_token=tok_src, reference_token=tok_ref,
             identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
         return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
 
@@ -204,8 +220,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         picked = str(row[0]) if row else ""
         text, v = runs.saved_config(run_dir(picked))
         if not text:
-            return (picked, *[gr.update()] * 7, f"{picked}: no config kept in its folder")
-        return (picked, text, v["model"], v["steps1"], v["steps2"], v["tok_src"], v["tok_ref"], v["id_weights"],
+            return (picked, *[gr.update()] * 8, f"{picked}: no config kept in its folder")
+        return (picked, text, v["model"], v["steps1"], v["steps2"], v["resolution"], v["tok_src"], v["tok_ref"],
+                v["id_weights"],
                 f"{picked}: its config is loaded; Resume continues it")
 
     # ---------------------------------------------------------------- results
@@ -275,15 +292,21 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             runs_df = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs", max_height=220,
                                    label="Runs in the output folder (from this page or a terminal); click one to "
                                          "load its config and watch it")
+            default_preset = next(iter(presets.available_presets()), None)
+            first = presets.preset_values(default_preset) if default_preset else {}
             with gr.Row():
+                model_pick = gr.Dropdown(model_list(), label="Base models found (models and data folders)",
+                                         elem_id="model_pick", value=None)
                 model = gr.Textbox(label="Base model (file or diffusers folder)", elem_id="model")
                 family = gr.Textbox(label="Detected", interactive=False, elem_id="family")
                 preset = gr.Dropdown(list(presets.available_presets()), label="Preset", elem_id="preset",
-                                     value=next(iter(presets.available_presets()), None))
+                                     value=default_preset)
             with gr.Row():
                 name = gr.Textbox(label="Output name", value="magicapture", elem_id="output_name")
-                steps1 = gr.Number(label="Phase 1 steps", value=1200, precision=0, elem_id="steps1")
-                steps2 = gr.Number(label="Phase 2 steps", value=1500, precision=0, elem_id="steps2")
+                steps1 = gr.Number(label="Phase 1 steps", value=first.get("steps1", 0), precision=0, elem_id="steps1")
+                steps2 = gr.Number(label="Phase 2 steps", value=first.get("steps2", 0), precision=0, elem_id="steps2")
+                resolution = gr.Number(label="Resolution", value=first.get("resolution", 0), precision=0,
+                                       elem_id="resolution")
                 tok_src = gr.Textbox(label="Person token", value="mcv1", elem_id="tok_src")
                 tok_ref = gr.Textbox(label="Style token", value="mcv2", elem_id="tok_ref")
                 id_weights = gr.Textbox(label="Identity network (ArcFace .onnx/.pth)", elem_id="id_weights")
@@ -353,7 +376,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
-        compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],
+        model_pick.change(model_picked, [model_pick], [model, family, preset])
+        preset.change(preset_changed, [preset], [steps1, steps2, resolution])
+        compose_btn.click(compose, [model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights],
                           [toml_box, train_status])
         asked = [ask_row, ask_text, train_status]
         start_btn.click(start, [name, toml_box], asked)
@@ -363,8 +388,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         ask_cancel.click(lambda: (hidden, "", "cancelled: nothing started"), None, asked)
         stop_btn.click(stop, [name], [train_status])
         watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail]
-        runs_df.select(pick_run, None, [name, toml_box, model, steps1, steps2, tok_src, tok_ref, id_weights,
-                                        train_status])
+        runs_df.select(pick_run, None, [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref,
+                                        id_weights, train_status])
         timer.tick(watch, [name], watch_outputs)
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])

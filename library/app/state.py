@@ -105,6 +105,28 @@ class Sandbox:
 LINK_OUT = "a link to a file outside the data, output and models folders; not read"
 
 
+# the command-line tools' advice, said as the page's buttons say it (longest first: a phrase inside a longer one)
+FOR_PEOPLE = (
+    ("continue with --resume latest", "press Resume to continue"),
+    ("start again without --resume", "press Start instead of Resume"),
+    ("train again without --resume", "press Start instead of Resume"),
+    ("use --resume latest", "press Resume"),
+    ("--resume latest", "Resume"),
+    ("--resume: ", "Resume: "),
+    ("set output.dir (--output_dir) to another folder", "choose another output name"),
+    ("not a plain-tensor pickle", "a file that could run code when opened, so it is not opened"),
+)
+
+
+def for_people(message: str) -> str:
+    """A one-line message as the page shows it: paths relative to the project, the command line's
+    advice put as the page's buttons."""
+    text = one_line(message).replace(str(PROJECT) + os.sep, "")
+    for said, shown in FOR_PEOPLE:
+        text = text.replace(said, shown)
+    return text
+
+
 def within(path: str | os.PathLike, roots: tuple[Path, ...] | list[Path]) -> bool:
     """Whether `path`, links followed, lies inside one of the resolved folders `roots`."""
     real = Path(path).resolve()

@@ -23,7 +23,7 @@ from pathlib import Path
 from library.files.atomic import write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
-from library.app.state import relative
+from library.app.state import for_people, relative
 from library.training.run_lock import lock_holder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,17 +73,24 @@ def read_lock(out_dir: Path) -> dict | None:
 
 
 def check_config(config_text: str, out_dir: Path, sandbox) -> None:
-    """Refuse, before anything starts, a TOML that library.config refuses (ConfigError, one line) or that
-    names a path outside the page's folders (`sandbox`: library.app.state.Sandbox; PathRefused). Relative
+    """Refuse, before anything starts, a config that library.config refuses, that names a path outside the
+    page's folders (`sandbox`: library.app.state.Sandbox; PathRefused) or whose inputs the trainer's cheap
+    checks refuse (library.training.preflight: prepared folders, weights files, the base model). Each is
+    one line that speaks of the config the user sees, never of the file it is checked through. Relative
     paths count from the repository root, where the trainer runs."""
     from library.config import load_config
+    from library.training.preflight import check_run_inputs
 
+    if not config_text.strip():
+        raise ValueError("the config is empty: choose a base model and a preset, then press Compose config")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check = out_dir / ".app_check.toml"  # load_config reads a file; the run's own copy is written by start_run
     write_text(check, config_text)
     try:
         cfg = load_config(check)
+    except ValueError as exc:
+        raise type(exc)(str(exc).replace(str(check), "the config")) from None
     finally:
         check.unlink(missing_ok=True)
     reads = (cfg.model.pretrained, cfg.model.vae, cfg.model.config_dir, cfg.data.source_dir,
@@ -91,6 +98,7 @@ def check_config(config_text: str, out_dir: Path, sandbox) -> None:
     for p in (x for x in reads if x):
         sandbox.resolve(p, base=ROOT)
     sandbox.resolve(cfg.output.dir, write=True, base=ROOT)
+    check_run_inputs(cfg)
 
 
 def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str = sys.executable) -> int:
@@ -193,5 +201,5 @@ def mtime(p: Path) -> float:
 
 
 def error_line(exc: BaseException) -> str:
-    """What the page shows for a failed action: ``error: <one line>``, as the command line prints it."""
-    return f"error: {one_line(exc)}"
+    """What the page shows for a failed action: ``error: <one line>``, in the page's words (state.for_people)."""
+    return f"error: {for_people(str(exc) or type(exc).__name__)}"
