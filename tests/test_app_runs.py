@@ -120,3 +120,26 @@ def test_progress_counts_speed_from_the_first_step_after_loading(tmp_path):
                     "<div class='mc-phase' data-phase='2'>phase 2: 2/20 steps, 0.50 steps/s, about 36 s left<br>"
                     "<progress value='2' max='20' style='width:100%'></progress></div>\n"
                     "<div class='mc-memory'>2.1 GiB of device memory in use</div>")
+
+
+def test_results_show_the_scores_the_step_files_and_what_is_missing(tmp_path):
+    from library.app import results
+    from library.config import Config
+
+    run = tmp_path / "t1"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "evaluation" / "metrics.json").write_text(json.dumps({"folders": {}, "summary": {
+        "csim": {"mean": 0.4125, "std": 0.02, "n": 2}, "style": {"mean": None, "std": None, "n": 0},
+        "face_found": {"mean": 1.0, "std": 0.0, "n": 2}}}))
+    assert results.evaluation_scores(run) == [["identity (CSIM, higher is more alike)", "0.412", "0.020", "2"],
+                                              ["face found (share of images)", "1.000", "0.000", "2"],
+                                              ["style (masked CLIP)", "skipped", "", "0"]]
+    assert results.evaluation_scores(tmp_path / "none") == []
+    cfg = Config()
+    cfg.output.dir, cfg.output.name = str(run), "t1"
+    for f in ("t1.safetensors", "t1-step00000002.safetensors", "mcv1-step00000002.safetensors"):
+        (run / f).write_bytes(b"x")
+    assert results.missing_files(cfg) == ("not there yet: mcv1.safetensors, mcv2.safetensors (written when "
+                                          "training ends)")
+    assert [p.name for p in results.step_files(cfg)] == ["mcv1-step00000002.safetensors",
+                                                         "t1-step00000002.safetensors"]

@@ -231,29 +231,48 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         out = run_dir(name)
         paths = results.generate_images(out, prompt, negative, weight, int(seed), int(steps), int(n),
                                         upscale=float(upscale) if upscale and float(upscale) > 1 else None)
-        return results.gallery(out), downloads(name)[0], f"wrote {len(paths)} image(s) to {out / 'generated'}"
+        return results.gallery(out), downloads(name)[0], f"wrote {len(paths)} image(s) to {relative(out / 'generated')}"
 
     def downloads(name):
         try:
             out = run_dir(name)
             cfg = results.run_config(out)
-        except Exception as exc:  # noqa: BLE001
-            return None, None, None, training_runs.error_line(exc), ""
+        except Exception:  # noqa: BLE001 - no run there yet: say what to do, not an error
+            note = f"no trained run named {one_line(name)!r} yet: train one on the Train tab (or pick it in the list)"
+            off = gr.update(value=None, interactive=False)
+            return off, off, off, note, "", None, []
         files = results.trained_files(cfg)
-        lora = files.get("lora")
-        embs = [str(files[w]) for w in (cfg.tokens.source, cfg.tokens.reference) if w in files]
-        prompt = results.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
-        return (str(lora) if lora else None, embs[0] if embs else None, embs[1] if len(embs) > 1 else None,
-                results.usage_lines(cfg), prompt)
+        words = (cfg.tokens.source, cfg.tokens.reference)
 
-    @_guard(2)
+        def button(key):  # a button with no file behind it is greyed out; the note says which file is missing
+            return gr.update(value=str(files[key]), interactive=True) if key in files else \
+                gr.update(value=None, interactive=False)
+
+        missing = results.missing_files(cfg)
+        usage_md = "\n\n".join(x for x in (f"**{missing}**" if missing else "", results.usage_lines(cfg),
+                                           results.EMBEDDING_NOTE.format(src=words[0])) if x)
+        return (button("lora"), button(words[0]), button(words[1]), usage_md,
+                results.composed_prompt(*words), scores_table(out), [str(p) for p in results.step_files(cfg)])
+
+    def scores_table(out: Path):
+        rows = results.evaluation_scores(out)
+        return pd.DataFrame(rows, columns=["score", "mean", "std", "images"]) if rows else None
+
+    def report_link(out: Path) -> str:
+        report = out / "evaluation" / "report.html"
+        if not report.is_file():
+            return ""
+        src = f"/gradio_api/file={report}"
+        return (f"<a href='{src}' target='_blank'>open the report in a new tab</a>"
+                f"<iframe src='{src}' style='width:100%;height:480px;border:1px solid #ccc'></iframe>")
+
+    @_guard(3)
     def do_evaluate(name):
         out = run_dir(name)
         rc, tail = results.evaluate(out, ws.prepared("source"), ws.prepared("reference"))
-        summary = results.evaluation_summary(out)
         if rc != 0:
-            raise RuntimeError(tail.splitlines()[-1] if tail else f"evaluate.py exited with status {rc}")
-        return summary, f"evaluation written to {out / 'evaluation'} (report.html)"
+            raise RuntimeError(tail.splitlines()[-1] if tail else f"the evaluation stopped (status {rc})")
+        return scores_table(out), report_link(out), f"evaluation written to {relative(out / 'evaluation')}"
 
     # ---------------------------------------------------------------- layout
     with gr.Blocks(title="MagiCapture") as page:
@@ -356,8 +375,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 dl_src = gr.DownloadButton("Download person embedding", elem_id="dl_src")
                 dl_ref = gr.DownloadButton("Download style embedding", elem_id="dl_ref")
             usage = gr.Markdown(elem_id="usage")
+            step_dl = gr.File(label="LoRA and embeddings saved every output.save_lora_every steps", file_count="multiple",
+                              interactive=False, elem_id="step_files")
             eval_btn = gr.Button("Evaluate the generated images", elem_id="evaluate")
-            eval_md = gr.Markdown(elem_id="evaluation")
+            eval_table = gr.Dataframe(headers=["score", "mean", "std", "images"], interactive=False,
+                                      label="Evaluation scores (mean and spread over the generated images)",
+                                      elem_id="evaluation")
+            report = gr.HTML(elem_id="report")
 
         # events
         prep_btn.click(prepare, [src_files, ref_files, src_folder, ref_folder],
@@ -393,17 +417,21 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         timer.tick(watch, [name], watch_outputs)
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])
-        name.change(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
-        results_tab.select(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
-        eval_btn.click(do_evaluate, [name], [eval_md, res_status])
+        result_outputs = [dl_lora, dl_src, dl_ref, usage, prompt, eval_table, step_dl]
+        name.change(downloads, [name], result_outputs)
+        results_tab.select(downloads, [name], result_outputs)
+        eval_btn.click(do_evaluate, [name], [eval_table, report, res_status])
         def on_load(n):
             try:
                 generated = results.gallery(run_dir(n))
             except Exception:  # noqa: BLE001 - a bad name shows its error in the other fields
                 generated = []
-            return (*photo_views(), *watch(n), generated, *downloads(n))
+            try:
+                shown = report_link(run_dir(n))
+            except Exception:  # noqa: BLE001
+                shown = ""
+            return (*photo_views(), *watch(n), generated, *downloads(n), shown, gr.update(choices=model_list()))
 
         page.load(on_load, [name],
-                  [src_gallery, ref_gallery, notes, *watch_outputs, res_gallery, dl_lora, dl_src, dl_ref, usage,
-                   prompt])
+                  [src_gallery, ref_gallery, notes, *watch_outputs, res_gallery, *result_outputs, report, model_pick])
     return page
