@@ -195,10 +195,16 @@ def enqueue(config_text: str, folder: Path, resume: bool) -> None:
 
 
 def cancel(folder: Path) -> bool:
-    """Take `folder` out of the queue; whether it was queued."""
+    """Take `folder` out of the queue (and remove it when nothing ever ran there); whether it was queued."""
     path = Path(folder) / QUEUED
     existed = path.is_file()
     path.unlink(missing_ok=True)
+    if existed and not has_run(folder) and holder(folder) is None:  # nothing ran there: leave no empty run
+        (Path(folder) / training_runs.CONFIG).unlink(missing_ok=True)
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            pass  # other files the user keeps there
     return existed
 
 
