@@ -23,7 +23,7 @@ from pathlib import Path
 
 from library.app import training_runs
 from library.app.state import within
-from library.files.atomic import write_text
+from library.files.atomic import append_text, write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 from library.training.run_lock import LOCK_NAME, lock_holder
@@ -214,8 +214,9 @@ def start_next(output_dir: Path, **kwargs) -> str:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return ""
-    with open(output_dir / QUEUE_LOCK, "a+") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
+    fd = os.open(output_dir / QUEUE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if busy(output_dir):
             return ""
         queued = []
@@ -232,10 +233,11 @@ def start_next(output_dir: Path, **kwargs) -> str:
         try:
             training_runs.start_run(read_text_file(folder / training_runs.CONFIG), folder, resume=bool(resume), **kwargs)
         except (OSError, RuntimeError, TextFileError) as exc:
-            with open(folder / training_runs.LOG, "a", encoding="utf-8") as log:
-                log.write(f"{training_runs.START_MARK}\nerror: {one_line(exc)}\n")
+            append_text(folder / training_runs.LOG, f"{training_runs.START_MARK}\nerror: {one_line(exc)}\n")
             return ""
         return folder.name
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 # ------------------------------------------------------------------------------------------------ progress
