@@ -119,3 +119,13 @@ def tiny_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
 def prepared_data(tmp_path) -> tuple[Path, Path]:
     return (write_prepared(tmp_path / "source", "source", "mcv1", seed=1),
             write_prepared(tmp_path / "reference", "reference", "mcv2", seed=2))
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """Stands in for the interpreter the page starts training with: ignores train_magicapture.py, says
+    what it was given and sleeps until SIGTERM (tests of library/app's runs)."""
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/sh\necho started \"$@\"\nexec sleep 30\n")
+    script.chmod(script.stat().st_mode | 0o111)
+    return str(script)

@@ -1,7 +1,9 @@
 """The web page in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright, on the tiny
-model and the demo photos. One run through the whole page, as a user would: upload, check every photo
-with its mask and warnings, exclude one, paint a mask, train (watch the step counter, a chart and a
-sample), stop, resume, generate, download the LoRA. Saves docs/images/app_{photos,train,results}.png."""
+model and the demo photos. One run through the whole page, as a user would: upload (a HEIC photo among
+them), check every photo with its mask and warnings, exclude one, paint a mask, prepare again (the mask
+stays), delete a photo, pick the model and a preset, train (the progress bar with a speed, a chart and a
+sample), queue a second run, stop, resume, reload and find the run in the list with its config, Start on
+the finished run asks, a refused resume shows its reason in the list, generate, evaluate, download the LoRA. Saves docs/images/app_{photos,train,results}.png."""
 
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ def app(tmp_path_factory):
                     str(data / "arcface_random.pth")], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([env_py, "-m", "dataset_tools.demo_photos", str(data / "demo_raw")], cwd=ROOT, check=True,
                    capture_output=True)
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    first = sorted((data / "demo_raw" / "source").iterdir())[0]
+    Image.open(first).convert("RGB").save(data / "iphone.heic", quality=90)  # an iPhone photo's format
     port = _free_port()
     log = open(base / "app.log", "wb")
     proc = subprocess.Popen([env_py, "app.py", "--port", str(port), "--data-dir", str(data), "--output-dir", str(out)],
@@ -71,8 +79,7 @@ def app(tmp_path_factory):
     proc.terminate()
     proc.wait(10)
     log.close()
-    lock = out / "t1" / "app_run.lock"
-    if lock.exists():  # a training run left behind by a failed test
+    for lock in out.glob("*/app_run.lock"):  # a training run left behind by a failed test
         subprocess.run(["kill", str(json.loads(lock.read_text())["pid"])], check=False)
 
 
@@ -122,14 +129,17 @@ def test_the_whole_page(app):
 
         # -------------------------------------------------------------- photos
         raw = data / "demo_raw"
-        page.locator("#src_files input[type=file]").set_input_files([str(p) for p in sorted((raw / "source").iterdir())])
+        page.locator("#src_files input[type=file]").set_input_files(
+            [str(p) for p in sorted((raw / "source").iterdir())] + [str(data / "iphone.heic")])
         page.locator("#ref_files input[type=file]").set_input_files([str(p) for p in sorted((raw / "reference").iterdir())])
         time.sleep(2)  # the uploads land on the server
         page.click("#prepare")
         status = _wait_value(page, "photo_status", r"prepare reference|error", 240)
         assert "error" not in status, status
         prepared = data / "prepared" / "source"
-        stems = sorted(p.stem for p in prepared.glob("*.json") if p.name != "app_prepare.json")
+        assert (prepared / "iphone.json").is_file(), page.locator("#photo_notes").inner_text()  # HEIC accepted
+        stems = sorted(p.stem for p in prepared.glob("*.json") if p.name not in ("app_prepare.json", "iphone.json"))
+        stems.append("iphone")  # the HEIC photo, last (deleted below)
         records = {s: json.loads((prepared / f"{s}.json").read_text()) for s in stems}
         assert len(stems) >= 3
         gallery = page.locator("#src_gallery")
@@ -171,6 +181,22 @@ def test_the_whole_page(app):
         _wait_value(page, "photo_status", "mask saved", 1)
         assert (prepared / f"{stems[1]}.mask.png").read_bytes() != before
         assert (prepared / "original_masks" / f"{stems[1]}.mask.png").read_bytes() == before
+        # prepare again (as after adding a photo): the painted mask is the user's and stays
+        painted = (prepared / f"{stems[1]}.mask.png").read_bytes()
+        page.click("#prepare")
+        _wait_value(page, "photo_status", r"(?s)^(?!.*mask saved).*(prepare reference|error)", 240)
+        assert (prepared / f"{stems[1]}.mask.png").read_bytes() == painted
+        assert f"{stems[1]} (trains, mask edited)" in page.locator("#photo_notes").inner_text()
+
+        # delete the HEIC photo: listed first (included photos come first, in name order)
+        n_before = gallery.locator("img").count()
+        gallery.locator("img").nth(sorted(stems[1:]).index("iphone")).click()
+        _wait_value(page, "item_info", "^iphone", 30)
+        page.click("#delete_photo")
+        _wait_value(page, "photo_status", "iphone: deleted", 30)
+        assert not (prepared / "iphone.json").exists() and not (data / "photos" / "source" / "iphone.heic").exists()
+        stems.remove("iphone")
+        assert gallery.locator("img").count() == n_before - 1
         _shot(page, "app_photos.png", "#src_gallery")
         page.reload()  # nothing lives only in the browser: the galleries come back from the folders
         gallery = page.locator("#src_gallery")
@@ -182,10 +208,14 @@ def test_the_whole_page(app):
 
         # -------------------------------------------------------------- train
         page.get_by_role("tab", name="Train").click()
-        _fill(page, "model", str(data / "tiny_sd"))
+        page.locator("#model_pick input").click()  # the picker lists the data folder's model with its family
+        page.get_by_role("option", name=re.compile(r"tiny_sd: an SD 1\.x")).click()
         _wait_value(page, "family", "SD 1.x", 60)
+        assert _value(page, "model") == str(data / "tiny_sd")
         page.locator("#preset input").click()
         page.get_by_role("option", name="demo (tiny model, CPU)").click()
+        _wait_value(page, "steps1", "^40$", 30)  # the preset sets the steps and the resolution
+        assert _value(page, "resolution") == "256"
         _fill(page, "output_name", "t1")
         _fill(page, "steps1", "2")
         # enough phase-2 steps that Stop lands while the run is still going, however fast this machine is
@@ -202,9 +232,18 @@ def test_the_whole_page(app):
         page.click("#start")  # a second start on the same output folder is refused
         _wait_value(page, "train_status", "already", 30)
         _wait_value(page, "progress", r"running: phase \d step [1-9]", 300)
+        page.locator("#progress_bar", has_text=re.compile(r"phase \d: \d+/\d+ steps, [0-9.]+ steps/s")).wait_for()
         page.locator("#loss_plot canvas, #loss_plot svg").first.wait_for(timeout=30_000)
+        # a second run while t1 trains waits in the queue (and Stop takes it out)
+        _fill(page, "output_name", "t2")
+        page.click("#start")
+        _wait_value(page, "train_status", "t2 is queued: it starts when t1 ends", 30)
+        page.locator("#runs", has_text="queued: waits for t1 to end").wait_for()
         page.click("#stop")
-        _wait_value(page, "train_status", "asked process", 30)
+        _wait_value(page, "train_status", "t2 taken out of the queue", 30)
+        _fill(page, "output_name", "t1")
+        page.click("#stop")
+        _wait_value(page, "train_status", "asked t1 to stop", 30)
         _wait_value(page, "progress", r"^stopped", 300)
         assert list((out / "t1").glob("checkpoint-*")), "Stop saved no checkpoint"
         page.click("#resume")
@@ -216,7 +255,25 @@ def test_the_whole_page(app):
             time.sleep(2)
         _wait_value(page, "progress", r"finished: phase 2 step 24/24", 30)
         page.locator("#samples img").first.wait_for(timeout=30_000)
-        _shot(page, "app_train.png", "#progress")
+        _shot(page, "app_train.png", "#runs")
+
+        # reload: the run is in the list; picking it loads its config back into the form
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        _fill(page, "output_name", "")
+        page.locator("#runs td:visible").filter(has_text=re.compile(r"^\s*t1\s*$")).first.click()
+        _wait_value(page, "toml", r"steps = 24\b", 30)
+        assert _value(page, "output_name") == "t1" and _value(page, "steps2") == "24"
+        # Start on the finished run asks before overwriting it
+        page.click("#start")
+        page.locator("#ask", has_text="t1 already holds a run (finished: phase 2 step 24/24)").wait_for()
+        page.click("#ask_cancel")
+        _wait_value(page, "train_status", "cancelled: nothing started", 30)
+        # a resume the trainer refuses (the resolution changed): the reason is the run's state in the list
+        _fill(page, "toml", re.sub(r"resolution = 64", "resolution = 128", _value(page, "toml")))
+        page.click("#resume")
+        page.locator("#runs", has_text=re.compile(r"failed: .*resolution")).wait_for(timeout=120_000)
+        assert _value(page, "progress").startswith("failed: ")
 
         # -------------------------------------------------------------- results
         page.get_by_role("tab", name="Results").click()
@@ -232,5 +289,11 @@ def test_the_whole_page(app):
         saved = out / "downloaded.safetensors"
         dl.value.save_as(saved)
         assert saved.read_bytes() == (out / "t1" / "t1.safetensors").read_bytes()
+        assert [f.name for f in out.glob("t1/t1-step*.safetensors")] == []  # save_lora_every is off in the demo
+        page.click("#evaluate")
+        status = _wait_value(page, "results_status", r"evaluation written|error", 300)
+        assert status == "evaluation written to " + str(out / "t1" / "evaluation"), status
+        assert "face found (share of images)" in page.locator("#evaluation").inner_text()
+        page.locator("#report iframe").wait_for()
         _shot(page, "app_results.png")
         browser.close()

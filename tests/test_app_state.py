@@ -64,6 +64,44 @@ def test_path_refused_is_one_line(roots):
 
 # ------------------------------------------------------------------------------------------------ photos
 
+def test_a_link_inside_the_data_folder_pointing_outside_is_refused_file_by_file(roots, tmp_path):
+    from library.app.photos import details_markdown, prepare_kind
+
+    sb, data, *_ = roots
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    (outside / "face.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
+    typed = data / "typed"
+    typed.mkdir()
+    (typed / "mine.png").write_bytes(_png(np.zeros((4, 4, 3), np.uint8)))
+    os.symlink(outside / "face.png", typed / "theirs.png")
+    os.symlink(outside / "passwd", typed / "notes.txt")
+    files, refused = sb.files(typed)
+    assert files == [(typed / "mine.png").resolve()]
+    line = "a link to a file outside the data, output and models folders; not read"
+    assert refused == [f"notes.txt: {line}", f"theirs.png: {line}"]
+
+    # an upload that is a link out: prepare is refused in one line before it reads anything
+    ws = Workspace(data)
+    ws.uploads("source").mkdir(parents=True)
+    os.symlink(outside / "face.png", ws.uploads("source") / "x.png")
+    with pytest.raises(PathRefused) as err:
+        prepare_kind(ws, "source")
+    assert str(err.value) == f"{ws.uploads('source') / 'x.png'}: {line}; remove it, then prepare again"
+    # a prepared item whose image links out is not listed, and the notes say why
+    _item(ws.prepared("source"), "a", np.zeros((4, 4), np.uint8))
+    _item(ws.prepared("source"), "b", np.zeros((4, 4), np.uint8))
+    (ws.prepared("source") / "b.png").unlink()
+    os.symlink(outside / "face.png", ws.prepared("source") / "b.png")
+    assert [r["stem"] for r in ws.items("source")] == ["a"]
+    with pytest.raises(StateError):
+        ws.set_caption("source", "b", "x")
+    assert f"- refused {ws.prepared('source') / 'b.png'}: {line}" in details_markdown(
+        "source", ws.items("source"), ws.prepare_log("source"), ws.outside_links("source"))
+
+
+
 def _item(folder: Path, stem: str, mask: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.png").write_bytes(_png(np.zeros(mask.shape + (3,), np.uint8)))
@@ -106,6 +144,38 @@ def test_exclude_caption_and_mask_survive_a_reload(roots):
         again.set_caption("source", "../a", "x")
 
 
+def test_painted_masks_and_captions_survive_preparing_again_and_photos_can_be_deleted(roots):
+    sb, data, *_ = roots
+    ws = Workspace(data)
+    prepared = ws.prepared("source")
+    for stem in ("a", "b", "c"):
+        _item(prepared, stem, np.zeros((4, 4), np.uint8))
+    painted = _png(np.full((4, 4), 255, np.uint8))
+    ws.save_mask("source", "a", painted)
+    ws.set_caption("source", "a", "my own words")
+    ws.save_mask("source", "c", painted)
+    # prepare again: it writes every item afresh (c's photo now another size)
+    automatic = _png(np.full((4, 4), 7, np.uint8))
+    for stem in ("a", "b"):
+        _item(prepared, stem, np.full((4, 4), 7, np.uint8))
+    _item(prepared, "c", np.zeros((6, 6), np.uint8))
+    assert ws.reapply_edits("source") == ["c: the photo changed size; paint its mask again"]
+    items = {r["stem"]: r for r in ws.items("source")}
+    assert (prepared / "a.mask.png").read_bytes() == painted and items["a"]["mask_edited"] is True
+    assert items["a"]["caption"] == "my own words"
+    assert (prepared / "original_masks" / "a.mask.png").read_bytes() == automatic  # prepare's newest, kept
+    assert items["b"]["caption"] == "a photo of a mcv1 person" and items["b"]["mask_edited"] is False
+    assert items["c"]["mask_edited"] is False
+
+    ws.uploads("source").mkdir(parents=True)
+    (ws.uploads("source") / "a.jpg").write_bytes(b"x")
+    rec = json.loads((prepared / "a.json").read_text())
+    (prepared / "a.json").write_text(json.dumps({**rec, "source_file": "a.jpg"}))
+    ws.delete("source", "a")
+    assert [r["stem"] for r in ws.items("source")] == ["b", "c"]
+    assert not (ws.uploads("source") / "a.jpg").exists() and not list(prepared.rglob("a.*"))
+
+
 def test_prepare_log_round_trip(roots):
     _, data, *_ = roots
     ws = Workspace(data)
@@ -133,15 +203,6 @@ def test_brush_layers_set_and_clear_mask_pixels(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ runs
 
-@pytest.fixture
-def fake_python(tmp_path):
-    """Stands in for the interpreter: ignores train_magicapture.py and sleeps until SIGTERM."""
-    script = tmp_path / "fake_python"
-    script.write_text("#!/bin/sh\necho started \"$@\"\nexec sleep 30\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return str(script)
-
-
 def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python):
     out = tmp_path / "run"
     pid = training_runs.start_run("[model]\n", out, python=fake_python)
@@ -151,7 +212,7 @@ def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python
         assert (out / training_runs.CONFIG).read_text() == "[model]\n"
         with pytest.raises(training_runs.RunRefused, match=rf"process {pid}\) is already using this output folder"):
             training_runs.start_run("[model]\n", out, python=fake_python)
-        assert training_runs.run_status(out).running is True
+        assert training_runs.read_lock(out)["pid"] == pid
     finally:
         assert training_runs.stop_run(out) == pid
     deadline = time.time() + 10
@@ -162,7 +223,7 @@ def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python
     with pytest.raises(training_runs.RunRefused, match="no training run from this page"):
         training_runs.stop_run(out)
     log = (out / training_runs.LOG).read_text()
-    assert log.startswith("started ") and log.split()[-4:] == ["--config", str(out / "app_config.toml"),
+    assert log.startswith(f"{training_runs.START_MARK}\nstarted ") and log.split()[-4:] == ["--config", str(out / "app_config.toml"),
                                                                 "--output_dir", str(out)]
 
 
@@ -184,23 +245,6 @@ def test_stale_lock_of_a_dead_process_is_removed(tmp_path):
     (out / training_runs.LOCK).write_text(json.dumps({"pid": proc.pid, "started": 0}))
     assert training_runs.read_lock(out) is None
     assert not (out / training_runs.LOCK).exists()
-
-
-def test_status_from_the_output_folder_and_time_left(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    rows = [{"phase": 1, "step": s, "loss": 1.0} for s in (1, 2)] + [{"phase": 2, "step": 3, "loss": 0.5}]
-    (out / "loss_history.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"phase\": 2, \"st")
-    # a command-line run: no lock, not running, no time estimate
-    st = training_runs.run_status(out, (10, 20))
-    assert (st.running, st.phase, st.step, st.seconds_left) == (False, 2, 3, None)
-    assert st.describe() == "stopped: phase 2 step 3/20"
-    assert training_runs.run_status(out, (10, 3)).describe() == "finished: phase 2 step 3/3"
-    # a page run resumed at phase 1 step 4, started 50 s ago: 13 - 4 = 9 steps in 50 s, 30 - 13 = 17 left
-    (out / training_runs.LOCK).write_text(json.dumps({"pid": os.getpid(), "started": 1000.0, "since": [1, 4]}))
-    st = training_runs.run_status(out, (10, 20), now=1050.0)
-    assert st.seconds_left == pytest.approx(17 * 50 / 9)
-    assert st.describe() == "running: phase 2 step 3/20, about 1 min 34 s left"
 
 
 def test_format_seconds():
@@ -260,7 +304,10 @@ def test_strokes_are_where_the_composite_differs_from_the_background():
     assert layer[0, 2, :3].tolist() == [255, 255, 255]
 
 
-def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path):
+def test_start_check_refuses_a_toml_that_reads_outside_the_folders(roots, tmp_path, monkeypatch):
+    import library.training.preflight
+
+    monkeypatch.setattr(library.training.preflight, "check_run_inputs", lambda cfg: None)  # the folders are empty
     sb, data, out, _ = roots
     for d in ("src", "ref", "model"):
         (data / d).mkdir()
@@ -288,3 +335,52 @@ def test_details_list_every_photo_warning_and_skip():
         "- `b` (excluded): no warnings\n"
         "- skipped `c.jpg`: no face found\n"
         "- note: only 2 usable image(s)\n")
+
+
+def test_start_checks_speak_of_what_the_user_chose(roots):
+    sb, data, out, _ = roots
+    with pytest.raises(ValueError, match="^the config is empty: choose a base model and a preset, then press "
+                                         "Compose config$"):
+        training_runs.check_config("  \n", out / "run", sb)
+    with pytest.raises(ValueError) as err:
+        training_runs.check_config("[model]\npretrained = \"\"\n", out / "run", sb)
+    assert str(err.value).startswith("the config: model.pretrained is empty") and ".app_check" not in str(err.value)
+    (data / "src").mkdir()  # inside the folders, but not prepared: the trainer's cheap check says so
+    (data / "ref").mkdir()
+    with pytest.raises(ValueError, match="src"):
+        training_runs.check_config(f'[model]\npretrained = "{data / "src"}"\n[data]\nsource_dir = "{data / "src"}"\n'
+                                   f'reference_dir = "{data / "ref"}"\n[output]\ndir = "{out / "run"}"\n',
+                                   out / "run", sb)
+
+
+def test_messages_for_people_have_project_paths_and_the_pages_words():
+    from library.app.state import PROJECT, for_people
+
+    assert for_people(f"stopped in phase 2 at step 3/20: saved {PROJECT}/out/t1/checkpoint-p2-000003; continue with "
+                      "--resume latest") == ("stopped in phase 2 at step 3/20: saved out/t1/checkpoint-p2-000003; "
+                                             "press Resume to continue")
+    assert training_runs.error_line(ValueError(f"{PROJECT}/models/x.ckpt: refused: not a plain-tensor pickle")) == (
+        "error: models/x.ckpt: refused: a file that could run code when opened, so it is not opened")
+
+
+def test_presets_set_steps_and_resolution_and_the_demo_is_short():
+    assert presets.preset_values("demo (tiny model, CPU)") == {"steps1": 40, "steps2": 40, "resolution": 256}
+    assert presets.preset_values("paper (SD 1.5)")["resolution"] == 512
+    s = presets.Settings(pretrained="m", source_dir="s", reference_dir="r", output_dir="o", output_name="n",
+                         phase1_steps=40, phase2_steps=40, resolution=128)
+    assert "resolution = 128" in presets.compose(presets.read_preset("demo (tiny model, CPU)"), s)
+
+
+def test_the_model_picker_lists_models_with_their_family(tiny_model, tmp_path):
+    folder, single = tiny_model
+    models = tmp_path / "models"
+    (models / "sd").mkdir(parents=True)
+    os.symlink(folder, models / "tiny")
+    os.symlink(single, models / "sd" / "tiny.safetensors")
+    (models / "small.safetensors").write_bytes(b"x" * 100)  # an embedding-sized file: not a base model
+    (models / "page.ckpt").write_bytes(b"<html>" + b"x" * (2 << 20))
+    found = presets.model_candidates([models])
+    assert [p.relative_to(models).as_posix() for p in found] == ["page.ckpt", "tiny", "sd/tiny.safetensors"]
+    labels = [presets.model_choice(p) for p in found]
+    assert labels[0].startswith("not usable: ") and "page.ckpt" in labels[0]
+    assert labels[1].startswith("an SD 1.x") and labels[2].startswith("an SD 1.x")

@@ -10,16 +10,13 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from library.app import photos, presets, results, training_runs
-from library.app.state import KINDS, Sandbox, Workspace
+from library.app import photos, presets, results, runs, training_runs
+from library.app.state import KINDS, Sandbox, Workspace, relative, within
 from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
-LOSS_TERMS = ("loss", "mask", "attn", "id")  # the trainer's loss_history.jsonl keys worth a chart
-SCORE_PREFIX = "eval/"
-SCORES = ("csim", "face_found", "same_person", "style")  # library/training/training_scores.py's eval/* keys
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
@@ -58,7 +55,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
 
     def photo_views():
-        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k)) for k in KINDS)
+        notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k), ws.outside_links(k)) for k in KINDS)
         return gallery_items("source"), gallery_items("reference"), notes
 
     @_guard(4)
@@ -66,8 +63,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         lines = []
         for kind, files, folder in (("source", src_files, src_folder), ("reference", ref_files, ref_folder)):
             if folder and folder.strip():
-                d = sandbox.resolve(folder)
-                files = [*(files or []), *sorted(str(p) for p in d.iterdir() if p.is_file())]
+                found, refused = sandbox.files(folder)
+                files = [*(files or []), *found]
+                lines += [f"refused {r}" for r in refused]
             if files:
                 added, refused = photos.add_uploads(ws, kind, files)
                 lines += [f"refused {r}" for r in refused]
@@ -92,6 +90,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         src, ref, details = photo_views()
         return src, ref, details, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
             f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
+
+    @_guard(4)
+    def delete_photo(sel):
+        if not sel:
+            raise ValueError("select a photo first")
+        ws.delete(sel["kind"], sel["stem"])
+        return (*photo_views(), f"{sel['stem']}: deleted (its upload too)")
 
     @_guard(4)
     def save_caption(sel, text):
@@ -125,51 +130,100 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         label = presets.preset_for_family(family)
         return text, (gr.update(value=label) if label else gr.update())
 
+    def model_list():
+        folders = [r for r in sandbox.readable if r != output_dir]
+        return [(f"{relative(p)}: {presets.model_choice(p)}", str(p)) for p in presets.model_candidates(folders)
+                if within(p, sandbox.readable)]
+
+    def model_picked(path):
+        return (path, *model_changed(path)) if path else (gr.update(), gr.update(), gr.update())
+
+    def preset_changed(label):
+        try:
+            v = presets.preset_values(label)
+        except Exception:  # noqa: BLE001 - no preset chosen yet
+            return gr.update(), gr.update(), gr.update()
+        return v["steps1"], v["steps2"], v["resolution"]
+
     @_guard(2)
-    def compose(model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights):
+    def compose(model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights):
         s = presets.Settings(
             pretrained=str(sandbox.resolve(model)), source_dir=str(ws.prepared("source")),
             reference_dir=str(ws.prepared("reference")), output_dir=str(run_dir(name)), output_name=name.strip(),
-            phase1_steps=int(steps1), phase2_steps=int(steps2), source_token=tok_src, reference_token=tok_ref,
+            phase1_steps=int(steps1), phase2_steps=int(steps2), resolution=int(resolution or 0),
+            source_token=tok_src, reference_token=tok_ref,
             identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
         return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
 
-    @_guard(1)
-    def start(name, text, resume=False):
+    def launch(out: Path, text: str, resume: bool) -> str:
+        other = runs.busy(output_dir)
+        if other and other != out.name:  # one device: wait instead of training beside it
+            runs.enqueue(text, out, resume)
+            return f"{out.name} is queued: it starts when {other} ends (the list says so)"
+        pid = training_runs.start_run(text, out, resume=resume)
+        return f"{'resumed' if resume else 'started'} training {out.name} (process {pid})"
+
+    hidden = gr.update(visible=False)
+
+    @_guard(3)
+    def start(name, text):
         out = run_dir(name)
         training_runs.check_config(text, out, sandbox)
-        pid = training_runs.start_run(text, out, resume=resume)
-        return f"{'resumed' if resume else 'started'} training (process {pid}) in {out}"
+        if runs.holder(out) is None and runs.has_run(out):  # a new start would overwrite its history
+            info = runs.run_info(out)
+            return (gr.update(visible=True),
+                    f"{out.name} already holds a run ({info.state_text()}): resume it, start over (the old run is "
+                    f"kept as {runs.keep_aside_name(out)}) or cancel", "")
+        return hidden, "", launch(out, text, resume=False)
+
+    @_guard(3)
+    def resume(name, text):
+        out = run_dir(name)
+        training_runs.check_config(text, out, sandbox)
+        return hidden, "", launch(out, text, resume=True)
+
+    @_guard(3)
+    def start_over(name, text):
+        out = run_dir(name)
+        training_runs.check_config(text, out, sandbox)
+        kept = runs.keep_aside(out)
+        return hidden, "", f"the old run is kept as {kept.name}; " + launch(out, text, resume=False)
 
     @_guard(1)
     def stop(name):
-        pid = training_runs.stop_run(run_dir(name))
-        return f"asked process {pid} to stop: it saves a checkpoint after this step (Resume continues from it)"
+        out = run_dir(name)
+        if runs.cancel(out):
+            return f"{out.name} taken out of the queue"
+        training_runs.stop_run(out)
+        return f"asked {out.name} to stop: it saves a checkpoint after this step (Resume continues from it)"
+
+    def run_table():
+        return pd.DataFrame([i.row() for i in runs.list_runs(output_dir)], columns=runs.COLUMNS)
 
     def watch(name):
         try:
+            runs.start_next(output_dir)
+            table = run_table()
             out = run_dir(name)
-            cfg_total = (0, 0)
-            try:
-                cfg = results.run_config(out)
-                cfg_total = (cfg.phase1.steps, cfg.phase2.steps)
-            except Exception:  # noqa: BLE001 - no config yet: a run not started
-                pass
-            st = training_runs.run_status(out, cfg_total)
+            info = runs.run_info(out, waits_for=runs.busy(output_dir))
         except Exception as exc:  # noqa: BLE001
-            return training_runs.error_line(exc), None, None, [], [], ""
-        rows, scores = [], []
-        for rec in st.history:
-            x = training_runs.overall_step(int(rec.get("phase", 1)), int(rec["step"]), cfg_total)
-            # every series from the first point (a gap where a record lacks it): the chart keeps the series
-            # of its first drawing, so a term that starts in phase 2 would never show otherwise
-            rows += [{"step": x, "value": float(rec.get(k, "nan")), "term": k} for k in LOSS_TERMS]
-            if any(key.startswith(SCORE_PREFIX) for key in rec):  # scores come on sampling steps only
-                scores += [{"step": x, "value": float(rec.get(SCORE_PREFIX + k, "nan")), "score": k} for k in SCORES]
-        losses = pd.DataFrame(rows) if rows else None
-        score_df = pd.DataFrame(scores) if any(r["value"] == r["value"] for r in scores) else None  # NaN != NaN
-        return (st.describe(), losses, score_df, [str(p) for p in st.samples[-4:]],
-                [str(p) for p in st.attention[-2:]], st.log_tail)
+            return gr.update(), training_runs.error_line(exc), "", None, None, [], [], ""
+        held = training_runs.read_lock(out) or {}
+        since = training_runs.overall_step(*(held.get("since") or [1, 0]), info.total) if held else 0
+        bar = runs.progress_html(info, runs.speed(info, since), runs.device_memory(info.pid))
+        losses, score_df = runs.chart_frames(info.history, info.total)
+        return (table, info.state_text(), bar, losses, score_df, [str(p) for p in runs.pictures(out, "samples")[-4:]],
+                [str(p) for p in runs.pictures(out, "attention")[-2:]], training_runs.tail(out / training_runs.LOG))
+
+    def pick_run(evt: gr.SelectData):
+        row = evt.row_value if getattr(evt, "row_value", None) else None
+        picked = str(row[0]) if row else ""
+        text, v = runs.saved_config(run_dir(picked))
+        if not text:
+            return (picked, *[gr.update()] * 8, f"{picked}: no config kept in its folder")
+        return (picked, text, v["model"], v["steps1"], v["steps2"], v["resolution"], v["tok_src"], v["tok_ref"],
+                v["id_weights"],
+                f"{picked}: its config is loaded; Resume continues it")
 
     # ---------------------------------------------------------------- results
     @_guard(3)
@@ -177,29 +231,48 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         out = run_dir(name)
         paths = results.generate_images(out, prompt, negative, weight, int(seed), int(steps), int(n),
                                         upscale=float(upscale) if upscale and float(upscale) > 1 else None)
-        return results.gallery(out), downloads(name)[0], f"wrote {len(paths)} image(s) to {out / 'generated'}"
+        return results.gallery(out), downloads(name)[0], f"wrote {len(paths)} image(s) to {relative(out / 'generated')}"
 
     def downloads(name):
         try:
             out = run_dir(name)
             cfg = results.run_config(out)
-        except Exception as exc:  # noqa: BLE001
-            return None, None, None, training_runs.error_line(exc), ""
+        except Exception:  # noqa: BLE001 - no run there yet: say what to do, not an error
+            note = f"no trained run named {one_line(name)!r} yet: train one on the Train tab (or pick it in the list)"
+            off = gr.update(value=None, interactive=False)
+            return off, off, off, note, "", None, []
         files = results.trained_files(cfg)
-        lora = files.get("lora")
-        embs = [str(files[w]) for w in (cfg.tokens.source, cfg.tokens.reference) if w in files]
-        prompt = results.composed_prompt(cfg.tokens.source, cfg.tokens.reference)
-        return (str(lora) if lora else None, embs[0] if embs else None, embs[1] if len(embs) > 1 else None,
-                results.usage_lines(cfg), prompt)
+        words = (cfg.tokens.source, cfg.tokens.reference)
 
-    @_guard(2)
+        def button(key):  # a button with no file behind it is greyed out; the note says which file is missing
+            return gr.update(value=str(files[key]), interactive=True) if key in files else \
+                gr.update(value=None, interactive=False)
+
+        missing = results.missing_files(cfg)
+        usage_md = "\n\n".join(x for x in (f"**{missing}**" if missing else "", results.usage_lines(cfg),
+                                           results.EMBEDDING_NOTE.format(src=words[0])) if x)
+        return (button("lora"), button(words[0]), button(words[1]), usage_md,
+                results.composed_prompt(*words), scores_table(out), [str(p) for p in results.step_files(cfg)])
+
+    def scores_table(out: Path):
+        rows = results.evaluation_scores(out)
+        return pd.DataFrame(rows, columns=["score", "mean", "std", "images"]) if rows else None
+
+    def report_link(out: Path) -> str:
+        report = out / "evaluation" / "report.html"
+        if not report.is_file():
+            return ""
+        src = f"/gradio_api/file={report}"
+        return (f"<a href='{src}' target='_blank'>open the report in a new tab</a>"
+                f"<iframe src='{src}' style='width:100%;height:480px;border:1px solid #ccc'></iframe>")
+
+    @_guard(3)
     def do_evaluate(name):
         out = run_dir(name)
         rc, tail = results.evaluate(out, ws.prepared("source"), ws.prepared("reference"))
-        summary = results.evaluation_summary(out)
         if rc != 0:
-            raise RuntimeError(tail.splitlines()[-1] if tail else f"evaluate.py exited with status {rc}")
-        return summary, f"evaluation written to {out / 'evaluation'} (report.html)"
+            raise RuntimeError(tail.splitlines()[-1] if tail else f"the evaluation stopped (status {rc})")
+        return scores_table(out), report_link(out), f"evaluation written to {relative(out / 'evaluation')}"
 
     # ---------------------------------------------------------------- layout
     with gr.Blocks(title="MagiCapture") as page:
@@ -233,16 +306,26 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                         cap_btn = gr.Button("Save caption", elem_id="save_caption")
                         excl_btn = gr.Button("Exclude / include", elem_id="exclude")
                         mask_btn = gr.Button("Save mask", elem_id="save_mask")
+                        del_btn = gr.Button("Delete photo", variant="stop", elem_id="delete_photo")
         with gr.Tab("Train", id="train"):
+            runs_df = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs", max_height=220,
+                                   label="Runs in the output folder (from this page or a terminal); click one to "
+                                         "load its config and watch it")
+            default_preset = next(iter(presets.available_presets()), None)
+            first = presets.preset_values(default_preset) if default_preset else {}
             with gr.Row():
+                model_pick = gr.Dropdown(model_list(), label="Base models found (models and data folders)",
+                                         elem_id="model_pick", value=None)
                 model = gr.Textbox(label="Base model (file or diffusers folder)", elem_id="model")
                 family = gr.Textbox(label="Detected", interactive=False, elem_id="family")
                 preset = gr.Dropdown(list(presets.available_presets()), label="Preset", elem_id="preset",
-                                     value=next(iter(presets.available_presets()), None))
+                                     value=default_preset)
             with gr.Row():
                 name = gr.Textbox(label="Output name", value="magicapture", elem_id="output_name")
-                steps1 = gr.Number(label="Phase 1 steps", value=1200, precision=0, elem_id="steps1")
-                steps2 = gr.Number(label="Phase 2 steps", value=1500, precision=0, elem_id="steps2")
+                steps1 = gr.Number(label="Phase 1 steps", value=first.get("steps1", 0), precision=0, elem_id="steps1")
+                steps2 = gr.Number(label="Phase 2 steps", value=first.get("steps2", 0), precision=0, elem_id="steps2")
+                resolution = gr.Number(label="Resolution", value=first.get("resolution", 0), precision=0,
+                                       elem_id="resolution")
                 tok_src = gr.Textbox(label="Person token", value="mcv1", elem_id="tok_src")
                 tok_ref = gr.Textbox(label="Style token", value="mcv2", elem_id="tok_ref")
                 id_weights = gr.Textbox(label="Identity network (ArcFace .onnx/.pth)", elem_id="id_weights")
@@ -253,18 +336,25 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 start_btn = gr.Button("Start", variant="primary", elem_id="start")
                 stop_btn = gr.Button("Stop (saves a checkpoint)", elem_id="stop")
                 resume_btn = gr.Button("Resume", elem_id="resume")
+            with gr.Row(visible=False) as ask_row:
+                ask_text = gr.Markdown(elem_id="ask")
+                ask_resume = gr.Button("Resume it", elem_id="ask_resume")
+                ask_over = gr.Button("Start over (the old run is kept)", elem_id="ask_over")
+                ask_cancel = gr.Button("Cancel", elem_id="ask_cancel")
             train_status = gr.Textbox(label="Status", interactive=False, elem_id="train_status")
-            progress_line = gr.Textbox(label="Progress", interactive=False, elem_id="progress")
+            progress_line = gr.Textbox(label="State", interactive=False, elem_id="progress")
+            progress_bar = gr.HTML(elem_id="progress_bar")
             with gr.Row():
                 # a fixed colour per series, whichever terms a run logs
                 loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Loss terms", elem_id="loss_plot",
-                                        color_map=dict(zip(LOSS_TERMS, SERIES_COLOURS)))
+                                        color_map=dict(zip(runs.LOSS_TERMS, SERIES_COLOURS)))
                 score_plot = gr.LinePlot(x="step", y="value", color="score", label="Identity score (samples)",
-                                         elem_id="score_plot", color_map=dict(zip(SCORES, SERIES_COLOURS)))
+                                         elem_id="score_plot", color_map=dict(zip(runs.SCORES, SERIES_COLOURS)))
             with gr.Row():
                 samples = gr.Gallery(label="Latest samples", columns=4, height=220, elem_id="samples")
                 attention = gr.Gallery(label="Attention", columns=2, height=220, elem_id="attention")
-            log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="log_tail")
+            log_tail = gr.Textbox(label="Log (its end)", lines=8, max_lines=8, interactive=False, autoscroll=True,
+                                  elem_id="log_tail")
             timer = gr.Timer(POLL_SECONDS)
         with gr.Tab("Results", id="results") as results_tab:
             with gr.Row():
@@ -285,8 +375,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 dl_src = gr.DownloadButton("Download person embedding", elem_id="dl_src")
                 dl_ref = gr.DownloadButton("Download style embedding", elem_id="dl_ref")
             usage = gr.Markdown(elem_id="usage")
+            step_dl = gr.File(label="LoRA and embeddings saved every output.save_lora_every steps", file_count="multiple",
+                              interactive=False, elem_id="step_files")
             eval_btn = gr.Button("Evaluate the generated images", elem_id="evaluate")
-            eval_md = gr.Markdown(elem_id="evaluation")
+            eval_table = gr.Dataframe(headers=["score", "mean", "std", "images"], interactive=False,
+                                      label="Evaluation scores (mean and spread over the generated images)",
+                                      elem_id="evaluation")
+            report = gr.HTML(elem_id="report")
 
         # events
         prep_btn.click(prepare, [src_files, ref_files, src_folder, ref_folder],
@@ -302,28 +397,41 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
+        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
-        compose_btn.click(compose, [model, preset, name, steps1, steps2, tok_src, tok_ref, id_weights],
+        model_pick.change(model_picked, [model_pick], [model, family, preset])
+        preset.change(preset_changed, [preset], [steps1, steps2, resolution])
+        compose_btn.click(compose, [model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights],
                           [toml_box, train_status])
-        start_btn.click(start, [name, toml_box], [train_status])
-        resume_btn.click(functools.partial(start, resume=True), [name, toml_box], [train_status])
+        asked = [ask_row, ask_text, train_status]
+        start_btn.click(start, [name, toml_box], asked)
+        resume_btn.click(resume, [name, toml_box], asked)
+        ask_resume.click(resume, [name, toml_box], asked)
+        ask_over.click(start_over, [name, toml_box], asked)
+        ask_cancel.click(lambda: (hidden, "", "cancelled: nothing started"), None, asked)
         stop_btn.click(stop, [name], [train_status])
-        watch_outputs = [progress_line, loss_plot, score_plot, samples, attention, log_tail]
+        watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail]
+        runs_df.select(pick_run, None, [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref,
+                                        id_weights, train_status])
         timer.tick(watch, [name], watch_outputs)
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])
-        name.change(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
-        results_tab.select(downloads, [name], [dl_lora, dl_src, dl_ref, usage, prompt])
-        eval_btn.click(do_evaluate, [name], [eval_md, res_status])
+        result_outputs = [dl_lora, dl_src, dl_ref, usage, prompt, eval_table, step_dl]
+        name.change(downloads, [name], result_outputs)
+        results_tab.select(downloads, [name], result_outputs)
+        eval_btn.click(do_evaluate, [name], [eval_table, report, res_status])
         def on_load(n):
             try:
                 generated = results.gallery(run_dir(n))
             except Exception:  # noqa: BLE001 - a bad name shows its error in the other fields
                 generated = []
-            return (*photo_views(), *watch(n), generated, *downloads(n))
+            try:
+                shown = report_link(run_dir(n))
+            except Exception:  # noqa: BLE001
+                shown = ""
+            return (*photo_views(), *watch(n), generated, *downloads(n), shown, gr.update(choices=model_list()))
 
         page.load(on_load, [name],
-                  [src_gallery, ref_gallery, notes, *watch_outputs, res_gallery, dl_lora, dl_src, dl_ref, usage,
-                   prompt])
+                  [src_gallery, ref_gallery, notes, *watch_outputs, res_gallery, *result_outputs, report, model_pick])
     return page

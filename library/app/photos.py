@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from dataset_tools.images import ImageLoadError, encode_png, is_image_name, load_image
 from dataset_tools.prepare import PrepareError, Summary, prepare_folder
-from library.app.state import Workspace
+from library.app.state import PathRefused, Workspace
 from library.files.images import IMAGE_EXTENSIONS_TEXT, read_image
 from library.files.messages import one_line
 
@@ -47,14 +47,20 @@ def add_uploads(ws: Workspace, kind: str, files: list[str | os.PathLike]) -> tup
 def prepare_kind(ws: Workspace, kind: str, identity_weights: str | None = None) -> Summary:
     """Run dataset_tools.prepare on photos/<kind>/ into prepared/<kind>/ (its progress bar is tqdm, which
     the page follows) and keep its skipped files and warnings in the prepared folder. Items excluded
-    before are moved out again after prepare rewrote them. Raises PrepareError (one line)."""
+    before are moved out again after prepare rewrote them, and painted masks and edited captions are put
+    back (Workspace.reapply_edits). Raises PrepareError (one line), and PathRefused
+    when an upload is a link leading out of the data folder (prepare would read what it points at)."""
+    links = ws.outside_links(kind)
+    if links:
+        raise PathRefused(f"{links[0]}; remove it, then prepare again")
     excluded = {rec["stem"] for rec in ws.items(kind) if rec["excluded"]}
     summary = prepare_folder(kind, ws.uploads(kind), ws.prepared(kind), progress=True,
                              identity_weights=identity_weights)
     for stem in excluded:
         if (ws.prepared(kind) / f"{stem}.json").is_file():
             ws.set_excluded(kind, stem, True)
-    ws.save_prepare_log(kind, summary.skipped, [w for w in summary.warnings if not w[0]])
+    dropped = ws.reapply_edits(kind)  # the user's masks and captions win over prepare's automatic ones
+    ws.save_prepare_log(kind, summary.skipped, [w for w in summary.warnings if not w[0]] + [("", d) for d in dropped])
     return summary
 
 
@@ -108,9 +114,10 @@ def strokes(background: Image.Image, composite: Image.Image) -> np.ndarray:
     return np.dstack([comp.astype(np.uint8), (painted * 255).astype(np.uint8)])
 
 
-def details_markdown(kind: str, items: list[dict], log: dict) -> str:
+def details_markdown(kind: str, items: list[dict], log: dict, links: list[str] = ()) -> str:
     """Markdown for one kind: every prepared photo with its state and every warning, then the files the
-    last prepare run skipped (and why) and its folder-wide notes (`log`: Workspace.prepare_log)."""
+    last prepare run skipped (and why), its folder-wide notes (`log`: Workspace.prepare_log) and the files
+    not read because they link out of the data folder (`links`: Workspace.outside_links)."""
     rows = [f"**{kind}**: {len(items)} photo(s), {sum(not r.get('excluded') for r in items)} training", ""]
     for r in items:
         state = "excluded" if r.get("excluded") else "trains"
@@ -120,6 +127,7 @@ def details_markdown(kind: str, items: list[dict], log: dict) -> str:
         rows.append(f"- `{one_line(r['stem'])}` ({state}): {warns}")
     rows += [f"- skipped `{one_line(n)}`: {one_line(why)}" for n, why in log.get("skipped", [])]
     rows += [f"- note: {one_line(m)}" for _, m in log.get("warnings", [])]
+    rows += [f"- refused {line}" for line in links]
     return "\n".join(rows) + "\n"
 
 

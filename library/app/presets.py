@@ -38,14 +38,40 @@ def preset_for_family(family: str, configs: Path = CONFIGS) -> str | None:
 
 
 def identify_model(path: Path) -> tuple[str, str]:
-    """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers;
-    ModelLoadError (one line) when it is not a model."""
-    from library.models.loading import identify
+    """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers
+    by the trainer's own cheap check (library.models.kind.check_model_files): ModelLoadError (one line)
+    when it is not a model this trainer trains. A pickled checkpoint is not opened here (opening one runs
+    its code): ("", a line saying the family is read when training loads it)."""
+    from library.models.kind import check_model_files
 
-    kind, _ = identify(Path(path))
+    kind = check_model_files(str(path))
+    if kind is None:
+        return "", f"{Path(path).name}: a pickled checkpoint; its family is read when training loads it"
     return kind.family, kind.describe()
 
 
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def model_candidates(folders: list[Path]) -> list[Path]:
+    """Base models in `folders` and their subfolders (one level): weights files and diffusers folders
+    (a model_index.json), sorted by path; what the model picker lists."""
+    found = []
+    for root in folders:
+        for p in sorted(Path(root).glob("*")) + sorted(Path(root).glob("*/*")) if Path(root).is_dir() else []:
+            if p.is_dir() and (p / "model_index.json").is_file():
+                found.append(p)
+            elif p.is_file() and p.suffix.lower() in MODEL_SUFFIXES and p.stat().st_size > 1 << 20:
+                found.append(p)  # smaller files are embeddings, LoRAs or identity networks, not base models
+    return found
+
+
+def model_choice(path: Path) -> str:
+    """The picker's label: the model's family (or the one line saying why it is not one)."""
+    try:
+        return identify_model(path)[1]
+    except Exception as exc:  # noqa: BLE001 - a broken file is listed with its reason, never breaks the list
+        return f"not usable: {one_line(exc)}"
 @dataclass
 class Settings:
     """What the page asks for; each lands on one TOML key (see :func:`compose`)."""
@@ -60,11 +86,12 @@ class Settings:
     source_token: str = "mcv1"
     reference_token: str = "mcv2"
     identity_weights: str = ""
+    resolution: int = 0  # 0: the preset's
 
 
 def compose(preset_text: str, s: Settings) -> str:
     """The preset's TOML with the page's settings written into their keys (model.pretrained,
-    data.source_dir / reference_dir, phase1.steps, phase2.steps, tokens.source / reference,
+    data.source_dir / reference_dir / resolution, phase1.steps, phase2.steps, tokens.source / reference,
     loss.identity_weights, output.dir / name); a setting left "" keeps the preset's value, and the
     preset's comments and other keys are kept.
     ValueError (one line) when the preset is not valid TOML."""
@@ -76,6 +103,7 @@ def compose(preset_text: str, s: Settings) -> str:
         ("model", "pretrained"): s.pretrained,
         ("data", "source_dir"): s.source_dir,
         ("data", "reference_dir"): s.reference_dir,
+        ("data", "resolution"): int(s.resolution) or "",
         ("phase1", "steps"): int(s.phase1_steps),
         ("phase2", "steps"): int(s.phase2_steps),
         ("tokens", "source"): s.source_token,
@@ -99,3 +127,13 @@ def read_preset(label: str, configs: Path = CONFIGS) -> str:
     if label not in presets:
         raise KeyError(f"no preset {label!r}; choose one of {', '.join(presets)}")
     return read_text_file(presets[label])
+
+
+def preset_values(label: str, configs: Path = CONFIGS) -> dict[str, int]:
+    """What choosing preset `label` sets in the form: {"steps1", "steps2", "resolution"} from its TOML (so
+    that the demo preset composes the demo's steps, not the paper's)."""
+    import tomllib
+
+    doc = tomllib.loads(read_preset(label, configs))
+    return {"steps1": int(doc.get("phase1", {}).get("steps", 0)), "steps2": int(doc.get("phase2", {}).get("steps", 0)),
+            "resolution": int(doc.get("data", {}).get("resolution", 0))}

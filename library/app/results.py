@@ -92,14 +92,49 @@ def evaluate(out_dir: Path, source: Path, reference: Path) -> tuple[int, str]:
     return proc.returncode, "\n".join(lines[-15:])
 
 
-def evaluation_summary(out_dir: Path) -> str:
-    """Markdown of OUT/evaluation/metrics.json's top-level numbers, "" when there is no evaluation."""
+SCORE_NAMES = {"csim": "identity (CSIM, higher is more alike)", "face_found": "face found (share of images)",
+               "same_person": "same person (share of images)", "style": "style (masked CLIP)",
+               "aesthetic": "aesthetic"}
+
+
+def evaluation_scores(out_dir: Path) -> list[list[str]]:
+    """The evaluation's scores as table rows [score, mean, std, images] from OUT/evaluation/metrics.json's
+    "summary" (a score whose weights were not given reads "skipped"); [] when there is no evaluation."""
     try:
         doc = json.loads(read_text_file(Path(out_dir) / "evaluation" / "metrics.json"))
-    except (FileNotFoundError, TextFileError, ValueError):
-        return ""
-    rows = [f"- {k}: {v}" for k, v in doc.items() if isinstance(v, (int, float, str))]
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            rows += [f"- {k}.{kk}: {vv}" for kk, vv in v.items() if isinstance(vv, (int, float, str))]
-    return "\n".join(one_line(r) for r in rows)
+        summary = doc.get("summary") or {}
+    except (FileNotFoundError, TextFileError, ValueError, AttributeError):
+        return []
+    rows = []
+    for key, label in SCORE_NAMES.items():
+        entry = summary.get(key)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("mean") is None:
+            rows.append([label, "skipped", "", "0"])
+        else:
+            rows.append([label, f"{entry['mean']:.3f}", f"{entry.get('std') or 0:.3f}", str(entry.get("n", ""))])
+    return rows
+
+
+def step_files(cfg: Config) -> list[Path]:
+    """The LoRA and embeddings saved every output.save_lora_every steps (NAME-step00000500.safetensors,
+    mcv1-step00000500.safetensors ...), sorted by name."""
+    out = Path(cfg.output.dir)
+    names = (cfg.output.name, cfg.tokens.source, cfg.tokens.reference)
+    return sorted(p for n in names for p in out.glob(f"{n}-step*.safetensors"))
+
+
+def missing_files(cfg: Config) -> str:
+    """One line naming the trained files that are not there yet ("" when all are), so that a download
+    button with nothing behind it says why."""
+    found = trained_files(cfg)
+    wanted = {"lora": f"{cfg.output.name}.safetensors", cfg.tokens.source: f"{cfg.tokens.source}.safetensors",
+              cfg.tokens.reference: f"{cfg.tokens.reference}.safetensors"}
+    gone = [name for key, name in wanted.items() if key not in found]
+    return f"not there yet: {', '.join(gone)} (written when training ends)" if gone else ""
+
+
+EMBEDDING_NOTE = ("Keep each embedding's file name: the frontends take the word you prompt with from the file "
+                  "name, so `{src}.safetensors` is prompted as `{src}`. A step file (`{src}-step00000500.safetensors`) "
+                  "must be renamed to `{src}.safetensors` first.")

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.files.atomic import write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
+from library.app.state import for_people, relative
 from library.training.run_lock import lock_holder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,7 @@ LOCK = "app_run.lock"
 CONFIG = "app_config.toml"
 LOG = "app_train.log"
 HISTORY = "loss_history.jsonl"
+START_MARK = "--- the page starts training ---"  # in the log before each start: a failure is read after the last
 
 
 class RunRefused(RuntimeError):
@@ -72,17 +73,24 @@ def read_lock(out_dir: Path) -> dict | None:
 
 
 def check_config(config_text: str, out_dir: Path, sandbox) -> None:
-    """Refuse, before anything starts, a TOML that library.config refuses (ConfigError, one line) or that
-    names a path outside the page's folders (`sandbox`: library.app.state.Sandbox; PathRefused). Relative
+    """Refuse, before anything starts, a config that library.config refuses, that names a path outside the
+    page's folders (`sandbox`: library.app.state.Sandbox; PathRefused) or whose inputs the trainer's cheap
+    checks refuse (library.training.preflight: prepared folders, weights files, the base model). Each is
+    one line that speaks of the config the user sees, never of the file it is checked through. Relative
     paths count from the repository root, where the trainer runs."""
     from library.config import load_config
+    from library.training.preflight import check_run_inputs
 
+    if not config_text.strip():
+        raise ValueError("the config is empty: choose a base model and a preset, then press Compose config")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check = out_dir / ".app_check.toml"  # load_config reads a file; the run's own copy is written by start_run
     write_text(check, config_text)
     try:
         cfg = load_config(check)
+    except ValueError as exc:
+        raise type(exc)(str(exc).replace(str(check), "the config")) from None
     finally:
         check.unlink(missing_ok=True)
     reads = (cfg.model.pretrained, cfg.model.vae, cfg.model.config_dir, cfg.data.source_dir,
@@ -90,6 +98,7 @@ def check_config(config_text: str, out_dir: Path, sandbox) -> None:
     for p in (x for x in reads if x):
         sandbox.resolve(p, base=ROOT)
     sandbox.resolve(cfg.output.dir, write=True, base=ROOT)
+    check_run_inputs(cfg)
 
 
 def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str = sys.executable) -> int:
@@ -100,13 +109,13 @@ def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str
     out_dir.mkdir(parents=True, exist_ok=True)
     held = read_lock(out_dir) or lock_holder(out_dir)  # the page's runs, or one started from a terminal
     if held is not None:
-        raise RunRefused(f"{out_dir}: a training run (process {held['pid']}) is already using this output folder; "
-                         "stop it first or choose another output name")
+        raise RunRefused(f"{relative(out_dir)}: a training run (process {held['pid']}) is already using this output "
+                         "folder; stop it first or choose another output name")
     lock = out_dir / LOCK
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:  # another start won the race between read_lock and here
-        raise RunRefused(f"{out_dir}: a training run is already starting in this output folder") from None
+        raise RunRefused(f"{relative(out_dir)}: a training run is already starting in this output folder") from None
     cfg_path = out_dir / CONFIG
     command = [python, str(ROOT / "train_magicapture.py"), "--config", str(cfg_path), "--output_dir", str(out_dir)]
     if resume:
@@ -114,6 +123,8 @@ def start_run(config_text: str, out_dir: Path, resume: bool = False, python: str
     try:
         write_text(cfg_path, config_text)
         log = open(out_dir / LOG, "ab")
+        log.write(f"{START_MARK}\n".encode())
+        log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
@@ -141,38 +152,9 @@ def stop_run(out_dir: Path) -> int:
     RunRefused when no run started from the page holds it."""
     held = read_lock(Path(out_dir))
     if held is None:
-        raise RunRefused(f"{out_dir}: no training run from this page is running there")
+        raise RunRefused(f"{relative(out_dir)}: no training run from this page is running there")
     os.kill(int(held["pid"]), signal.SIGTERM)
     return int(held["pid"])
-
-
-@dataclass
-class RunStatus:
-    """What the output folder says about a run (from this page or the command line)."""
-
-    running: bool = False
-    pid: int | None = None
-    phase: int = 0
-    step: int = 0
-    total: tuple[int, int] = (0, 0)  # (phase-1 steps, phase-2 steps) from the config, 0 when unknown
-    seconds_left: float | None = None
-    history: list[dict] = field(default_factory=list)  # loss_history.jsonl records
-    log_tail: str = ""
-    samples: list[Path] = field(default_factory=list)  # newest last
-    attention: list[Path] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """One line: state, phase, step of the phase, time left."""
-        state = "running" if self.running else ("stopped" if self.history else "not started")
-        if not self.history:
-            return state
-        steps = self.total[self.phase - 1] if self.phase in (1, 2) and any(self.total) else 0
-        if not self.running and self.phase == 2 and steps and self.step >= steps:
-            state = "finished"
-        line = f"{state}: phase {self.phase} step {self.step}" + (f"/{steps}" if steps else "")
-        if self.running and self.seconds_left is not None:
-            line += f", about {format_seconds(self.seconds_left)} left"
-        return line
 
 
 def format_seconds(s: float) -> str:
@@ -205,34 +187,13 @@ def tail(path: Path, lines: int = 40, max_bytes: int = 65536) -> str:
     return "\n".join(rows[-lines:])
 
 
-def run_status(out_dir: Path, total: tuple[int, int] = (0, 0), now: float | None = None) -> RunStatus:
-    """Read the run in `out_dir`. Time left = remaining steps x (seconds since start / steps done since
-    start), with the start from the lock (page runs) else None; `total` = (phase-1, phase-2) steps."""
-    out_dir = Path(out_dir)
-    held = read_lock(out_dir)
-    st = RunStatus(running=held is not None, pid=int(held["pid"]) if held else None, total=total)
-    st.history = read_history(out_dir)
-    if st.history:
-        st.phase, st.step = int(st.history[-1].get("phase", 0)), int(st.history[-1]["step"])
-    if held and st.history and any(total):
-        done = overall_step(st.phase, st.step, total)
-        since = held.get("since") or [1, 0]
-        elapsed = (now or time.time()) - float(held.get("started", 0))
-        done_here = done - overall_step(int(since[0]), int(since[1]), total)
-        if done_here > 0 and elapsed > 0:
-            st.seconds_left = (sum(total) - done) * elapsed / done_here
-    st.log_tail = tail(out_dir / LOG)
-    st.samples = sorted((out_dir / "samples").glob("*.png"), key=_mtime)
-    st.attention = sorted((out_dir / "attention").glob("*.png"), key=_mtime)
-    return st
-
-
 def overall_step(phase: int, step: int, total: tuple[int, int]) -> int:
     """Steps done over both phases after `step` of `phase`."""
     return step if phase == 1 else total[0] + step
 
 
-def _mtime(p: Path) -> float:
+def mtime(p: Path) -> float:
+    """`p`'s modification time, 0 when it is gone."""
     try:
         return p.stat().st_mtime
     except OSError:
@@ -240,5 +201,5 @@ def _mtime(p: Path) -> float:
 
 
 def error_line(exc: BaseException) -> str:
-    """What the page shows for a failed action: ``error: <one line>``, as the command line prints it."""
-    return f"error: {one_line(exc)}"
+    """What the page shows for a failed action: ``error: <one line>``, in the page's words (state.for_people)."""
+    return f"error: {for_people(str(exc) or type(exc).__name__)}"
