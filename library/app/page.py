@@ -207,17 +207,22 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             out = run_dir(name)
             info = runs.run_info(out, waits_for=runs.busy(output_dir))
         except Exception as exc:  # noqa: BLE001
-            return gr.update(), training_runs.error_line(exc), "", None, None, [], [], ""
+            return gr.update(), training_runs.error_line(exc), "", None, None, [], [], "", gr.update()
         held = training_runs.read_lock(out) or {}
         since = training_runs.overall_step(*(held.get("since") or [1, 0]), info.total) if held else 0
         bar = runs.progress_html(info, runs.speed(info, since), runs.device_memory(info.pid))
         losses, score_df = runs.chart_frames(info.history, info.total)
         return (table, info.state_text(), bar, losses, score_df, [str(p) for p in runs.pictures(out, "samples")[-4:]],
-                [str(p) for p in runs.pictures(out, "attention")[-2:]], training_runs.tail(out / training_runs.LOG))
+                [str(p) for p in runs.pictures(out, "attention")[-2:]], training_runs.tail(out / training_runs.LOG),
+                gr.update(choices=[str(r) for r in table[runs.COLUMNS[0]]] if len(table) else []))
 
     def pick_run(evt: gr.SelectData):
         row = evt.row_value if getattr(evt, "row_value", None) else None
-        picked = str(row[0]) if row else ""
+        return open_run(str(row[0]) if row else "")
+
+    def open_run(picked):
+        if not picked:
+            return (gr.update(), *[gr.update()] * 8, "")
         text, v = runs.saved_config(run_dir(picked))
         if not text:
             return (picked, *[gr.update()] * 8, f"{picked}: no config kept in its folder")
@@ -311,6 +316,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             runs_df = gr.Dataframe(headers=runs.COLUMNS, interactive=False, elem_id="runs", max_height=220,
                                    label="Runs in the output folder (from this page or a terminal); click one to "
                                          "load its config and watch it")
+            run_pick = gr.Dropdown([], label="Open a run: its config goes into the form and the page watches it",
+                                   elem_id="run_pick", value=None)
             default_preset = next(iter(presets.available_presets()), None)
             first = presets.preset_values(default_preset) if default_preset else {}
             with gr.Row():
@@ -411,9 +418,11 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         ask_over.click(start_over, [name, toml_box], asked)
         ask_cancel.click(lambda: (hidden, "", "cancelled: nothing started"), None, asked)
         stop_btn.click(stop, [name], [train_status])
-        watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail]
-        runs_df.select(pick_run, None, [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref,
-                                        id_weights, train_status])
+        watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail,
+                         run_pick]
+        opened = [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref, id_weights, train_status]
+        runs_df.select(pick_run, None, opened)
+        run_pick.input(open_run, [run_pick], opened)
         timer.tick(watch, [name], watch_outputs)
         gen_btn.click(do_generate, [name, prompt, negative, weight, seed, gen_steps, n_images, upscale],
                       [res_gallery, dl_lora, res_status])
