@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-app.txt requirements-cluster.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m library.models.tiny data/tiny_sd --arcface data/arcface_random.pth
+	$(BIN)/python -m testkit.tiny data/tiny_sd --arcface data/arcface_random.pth
 	$(BIN)/python -m dataset_tools.demo_photos data/demo_raw
 	$(BIN)/python -m dataset_tools.prepare source data/demo_raw/source data/demo/source
 	$(BIN)/python -m dataset_tools.prepare reference data/demo_raw/reference data/demo/reference
@@ -34,7 +34,7 @@ demo: setup
 
 app: setup
 	# the demo's tiny model and photos, so that a first try needs nothing else (kept when already there)
-	test -f data/tiny_sd/model_index.json || $(BIN)/python -m library.models.tiny data/tiny_sd --arcface data/arcface_random.pth
+	test -f data/tiny_sd/model_index.json || $(BIN)/python -m testkit.tiny data/tiny_sd --arcface data/arcface_random.pth
 	test -d data/demo_raw || $(BIN)/python -m dataset_tools.demo_photos data/demo_raw
 	$(BIN)/python app.py
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from library.config import load_config  # noqa: E402
 from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
-from library.models.tiny import build_components, write_prepared  # noqa: E402
+from testkit.tiny import build_components, write_prepared  # noqa: E402
 from library.training.speed import compile_unet  # noqa: E402
 
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from library.training import trainer as trainer_module  # noqa: E402
 from library.config import load_config  # noqa: E402
 from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
-from library.models.tiny import build_components, write_prepared  # noqa: E402
+from testkit.tiny import build_components, write_prepared  # noqa: E402
 
 
 def make_trainer(args, root: Path, out: Path, detach: bool, extra: list[str] = ()):

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from library.config import load_config  # noqa: E402
 from library.models.loading import StableDiffusionParts, _ddpm_from  # noqa: E402
-from library.models.tiny import build_components, save_random_arcface, write_prepared  # noqa: E402
+from testkit.tiny import build_components, save_random_arcface, write_prepared  # noqa: E402
 
 
 def every_row(trainer):

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from library.config import load_config  # noqa: E402
 from library.models.family import SDXL  # noqa: E402
-from library.models.tiny import save_random_arcface, write_prepared  # noqa: E402
-from library.models.tiny_sdxl import build_sdxl_parts  # noqa: E402
+from testkit.tiny import save_random_arcface, write_prepared  # noqa: E402
+from testkit.tiny_sdxl import build_sdxl_parts  # noqa: E402
 from library.training.attention import install_attention_capture  # noqa: E402
 from library.training.data import Sample  # noqa: E402
 

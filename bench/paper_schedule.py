@@ -112,8 +112,8 @@ def _run(cmd: list[str]) -> None:
 
 def _write_full_size(family: str, single: Path) -> None:
     """Random full-size weights of `family` as one original-layout file (SD 1.5 or SDXL 1.0 shapes)."""
-    from library.models.tiny import build_components, save_single_file
-    from library.models.tiny_sdxl import build_sdxl_components, save_sdxl_single_file
+    from testkit.tiny import build_components, save_single_file
+    from testkit.tiny_sdxl import build_sdxl_components, save_sdxl_single_file
 
     t = time.perf_counter()
     if family == "sdxl":
@@ -126,8 +126,8 @@ def _write_full_size(family: str, single: Path) -> None:
 def make_inputs(work: Path, tiny: bool, family: str = "sd1") -> dict[str, str]:
     """Model (single file of `family`: "sd1" or "sdxl"), random ArcFace and the prepared demo photos under
     `work`, each written once."""
-    from library.models.tiny import save_model, save_random_arcface
-    from library.models.tiny_sdxl import save_sdxl_model
+    from testkit.tiny import save_model, save_random_arcface
+    from testkit.tiny_sdxl import save_sdxl_model
 
     work.mkdir(parents=True, exist_ok=True)
     inputs = {"arcface": str(work / ("arcface_random.pth" if tiny else "arcface_r50_random.pth"))}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.models.tiny import write_prepared
+from testkit.tiny import write_prepared
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -99,7 +99,7 @@ def model_loads(monkeypatch) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, original-layout single .safetensors) of the tiny SD 1.x model."""
-    from library.models.tiny import save_model
+    from testkit.tiny import save_model
 
     return save_model(tmp_path_factory.mktemp("model") / "tiny_sd")
 
@@ -107,8 +107,8 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
     """(diffusers folder, SGM-layout single .safetensors) of the tiny SDXL model, written by the command line
-    `python -m library.models.tiny DEST --sdxl`."""
-    from library.models.tiny import main
+    `python -m testkit.tiny DEST --sdxl`."""
+    from testkit.tiny import main
 
     dest = tmp_path_factory.mktemp("model") / "tiny_sdxl"
     assert main([str(dest), "--sdxl"]) == 0

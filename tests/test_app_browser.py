@@ -50,7 +50,7 @@ def app(tmp_path_factory):
     data, out = base / "data", base / "out"
     data.mkdir()
     env_py = sys.executable
-    subprocess.run([env_py, "-m", "library.models.tiny", str(data / "tiny_sd"), "--arcface",
+    subprocess.run([env_py, "-m", "testkit.tiny", str(data / "tiny_sd"), "--arcface",
                     str(data / "arcface_random.pth")], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([env_py, "-m", "dataset_tools.demo_photos", str(data / "demo_raw")], cwd=ROOT, check=True,
                    capture_output=True)

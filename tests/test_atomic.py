@@ -146,7 +146,7 @@ def test_every_output_gets_the_umask_mode(tiny_model, prepared_data, tmp_path, u
     from library.postprocess import __main__ as postprocess_cli
     from library.config import load_config
     from library.generation.pipeline import generate
-    from library.models.tiny import save_random_arcface
+    from testkit.tiny import save_random_arcface
     from library.training.trainer import MagiCaptureTrainer
 
     folder, _ = tiny_model

@@ -35,7 +35,7 @@ LATENT = 16  # smaller than the model's sample_size (32), to keep the tests fast
 
 @pytest.fixture(scope="module")
 def base_unet():
-    from library.models.tiny import build_components
+    from testkit.tiny import build_components
 
     return build_components()["unet"]
 

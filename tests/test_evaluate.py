@@ -305,7 +305,7 @@ def test_unreadable_image_is_a_warning(tmp_path):
 
 
 def test_prepared_reference_mask_is_the_face(tmp_path):
-    from library.models.tiny import write_prepared
+    from testkit.tiny import write_prepared
 
     folder = write_prepared(tmp_path / "ref", "reference", "mcv2", n=1)
     (item,) = read_folder(folder, reference_masks=True)

@@ -23,7 +23,7 @@ from torch import nn
 from library.export import kohya as export
 from library.training import lora
 from library.config import load_config
-from library.models.tiny import build_components, text_encoder_to_original, unet_to_original
+from testkit.tiny import build_components, text_encoder_to_original, unet_to_original
 from library.training.trainer import MagiCaptureTrainer
 
 RANK, ALPHA = 4, 3.0  # alpha != rank: a loader that ignores alpha fails the comparison

@@ -1,6 +1,6 @@
 """SDXL files load where users load them: kohya names, diffusers' own loaders, our generate path.
 
-The tiny SDXL (library/models/tiny_sdxl.py) gets LoRA on its UNet and both text encoders (weights set
+The tiny SDXL (testkit/tiny_sdxl.py) gets LoRA on its UNet and both text encoders (weights set
 from a seeded generator) and one special token with fixed vectors in both encoders; the export must
 
 (a) follow kohya's SDXL naming (sd-scripts networks/lora.py with its original-layout SDXL UNet and the
@@ -27,7 +27,7 @@ from PIL import Image
 
 from library.export import kohya as export
 from library.models.family import SDXL
-from library.models.tiny_sdxl import build_sdxl_components
+from testkit.tiny_sdxl import build_sdxl_components
 from library.training import lora
 
 RANK, ALPHA = 4, 3.0  # alpha != rank: a loader that ignores alpha fails the comparison
@@ -305,7 +305,7 @@ def test_default_size_comes_from_the_family():
 
 
 def test_an_sdxl_lora_does_not_fit_an_sd1_model(exported):
-    from library.models.tiny import build_components
+    from testkit.tiny import build_components
 
     tensors, _ = export.load_lora(exported / "magicapture.safetensors")
     sd1 = build_components(seed=0)

@@ -128,7 +128,7 @@ def test_arcface_points_from_dlib_template_fit():
 
 
 def test_random_arcface_loads_and_embeds(tmp_path, astronaut):
-    from library.models.tiny import save_random_arcface
+    from testkit.tiny import save_random_arcface
 
     path = save_random_arcface(tmp_path / "arcface.pth")
     arc = load_identity_network(str(path))

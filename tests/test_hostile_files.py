@@ -366,7 +366,7 @@ def test_image_claiming_100000_squared_pixels_is_refused_per_file(tmp_path, caps
     from dataset_tools.prepare import main as prepare_main
     from library.training.data import load_prepared_folder
     from library.postprocess.__main__ import main as postprocess_main
-    from library.models.tiny import write_prepared
+    from testkit.tiny import write_prepared
 
     src = tmp_path / "in"
     src.mkdir()

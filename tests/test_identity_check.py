@@ -122,7 +122,7 @@ def test_bad_identity_weights_is_one_line(tmp_path, capsys):
 
 
 def test_arcface_identity_weights(tmp_path):
-    from library.models.tiny import save_random_arcface
+    from testkit.tiny import save_random_arcface
 
     arc = save_random_arcface(tmp_path / "arc.pth")
     _save(tmp_path / "in", {k: v for k, v in list(_variants().items())[:3]})

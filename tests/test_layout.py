@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_SCRIPTS = ("train_magicapture.py", "generate.py", "evaluate.py", "app.py")
-PACKAGES = ("library", "dataset_tools")
+PACKAGES = ("library", "dataset_tools", "testkit")
 
 # Which package may import which (the importer's own package is always allowed). Layers, top to bottom:
 # entry points -> training, generation -> export, postprocess, faces, evaluation -> models, config, files.
@@ -30,6 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     # the web page sits with the entry points: it runs the dataset tools, training (as a subprocess) and generation
     "app": {"training", "generation", "export", "faces", "evaluation", "models", "config", "files", "dataset_tools"},
     "dataset_tools": {"faces", "evaluation", "files", "config"},
+    # test support (tiny models, prepared folders): the tests, the demo and the benchmarks use it; nothing in
+    # library/ or dataset_tools/ may, so that what users run holds no test fixtures
+    "testkit": {"models", "config", "files"},
     "training": {"evaluation", "export", "faces", "models", "config", "files"},
     "generation": {"export", "postprocess", "models", "config", "files"},
     "export": {"models", "config", "files"},
@@ -114,8 +117,8 @@ def package_of(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "library":
         return parts[1] if len(parts) > 1 else "library"
-    if parts[0] == "dataset_tools":
-        return "dataset_tools"
+    if parts[0] in ("dataset_tools", "testkit"):
+        return parts[0]
     return "entry"
 
 
@@ -320,7 +323,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # notes that live outside the repository: the documentation must stand alone
 OUTSIDE_REFERENCES = ("../shared", "METHOD.md", "DESIGN.md")
 # a repository path in backticks: starts with a top-level folder or is a top-level script
-REPO_PATH = re.compile(r"^(?:(?:library|dataset_tools|tests|configs|bench|scripts|docs)/[\w./+-]*|\w+\.py)$")
+REPO_PATH = re.compile(r"^(?:(?:library|dataset_tools|testkit|tests|configs|bench|scripts|docs)/[\w./+-]*|\w+\.py)$")
 
 
 def backticked_paths(markdown: str) -> list[str]:

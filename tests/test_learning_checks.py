@@ -32,7 +32,7 @@ LONG = "a photo of a person " + "with a hat " * 30 + "mcv1"  # mcv1 is token 95 
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    from library.models.tiny import CONFIG_DIR
+    from testkit.tiny import CONFIG_DIR
 
     tok = CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer")
     tok.add_tokens(["mcv1", "mcv1_1"])

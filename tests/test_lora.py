@@ -1,4 +1,4 @@
-"""LoRA targets and peft layers on the tiny SD 1.x-shaped model (library.models.tiny)."""
+"""LoRA targets and peft layers on the tiny SD 1.x-shaped model (testkit.tiny)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from library.training import lora
-from library.models.tiny import build_components
+from testkit.tiny import build_components
 
 N_TRANSFORMERS = 16  # SD 1.x: down 3 x 2, mid 1, up 3 x 3 Transformer2DModel, one transformer block each
 

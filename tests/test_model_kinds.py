@@ -1,7 +1,7 @@
 """Issue 8, item 2: a base model that is not what the trainer assumes is identified and refused in one
 line before any work; model.vae replaces (or supplies) the checkpoint's VAE.
 
-Every other kind is derived here from the tiny SD 1.x model (library/models/tiny.py): keys renamed to SDXL's
+Every other kind is derived here from the tiny SD 1.x model (testkit/tiny.py): keys renamed to SDXL's
 (an SDXL without its second text encoder) or SD 2.x's text encoders, a 9- or 8-channel conv_in, a component's keys dropped, a v-prediction
 scheduler config, A1111's sidecar .yaml, a LoRA or a VAE given as the model. Each refusal is asserted as
 the exact line `train_magicapture.main` prints, with exit code 2, no output folder, no latents cached and
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from library.models.loading import ModelLoadError, load_stable_diffusion
 from library.models.sgm_keys import vae_to_original
 from library.models.family import SD1
-from library.models.tiny import TINY_VAE
+from testkit.tiny import TINY_VAE
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]

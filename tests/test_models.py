@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from library.models.loading import ModelLoadError, load_stable_diffusion
-from library.models.tiny import CONFIG_DIR
+from testkit.tiny import CONFIG_DIR
 
 
 def test_tokenizer_is_the_real_clip_vocabulary():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from library.models.family import SDXL
 from library.models.loading import ModelLoadError, load_stable_diffusion
 from library.models.sgm_keys import diffusers_unet_module_path, sgm_unet_module_path
-from library.models.tiny_sdxl import TINY_TEXT_G, TINY_TEXT_L
+from testkit.tiny_sdxl import TINY_TEXT_G, TINY_TEXT_L
 
 INCOMPLETE = "use a full checkpoint (UNet, VAE and both text encoders), e.g. sd_xl_base_1.0.safetensors"
 
@@ -124,11 +124,11 @@ def test_real_sdxl_shapes_go_through_diffusers_converters_with_configs_sdxl():
         convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
-    from library.models.tiny_sdxl import build_sdxl_components, sdxl_to_sgm
+    from testkit.tiny_sdxl import build_sdxl_components, sdxl_to_sgm
 
     from accelerate import init_empty_weights
 
-    with init_empty_weights():  # what `python -m library.models.tiny DEST --sdxl --full-size` builds, no memory
+    with init_empty_weights():  # what `python -m testkit.tiny DEST --sdxl --full-size` builds, no memory
         parts = build_sdxl_components(full_size=True)
     assert (list(parts["unet"].config.block_out_channels), parts["text_encoder_2"].config.num_hidden_layers) == ([320, 640, 1280], 32)
     sgm = sdxl_to_sgm(parts)
@@ -284,7 +284,7 @@ def test_model_vae_for_sdxl_is_shaped_by_the_sdxl_config(tiny_sdxl_model, loaded
     from diffusers import AutoencoderKL
 
     from library.models.sgm_keys import vae_to_original
-    from library.models.tiny_sdxl import TINY_VAE
+    from testkit.tiny_sdxl import TINY_VAE
 
     folder, single = tiny_sdxl_model
     torch.manual_seed(7)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from library.config import ConfigError, TrainConfig
 from library.training.precision import plan_precision
-from library.models.tiny import save_random_arcface
+from testkit.tiny import save_random_arcface
 from train_magicapture import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from library.models.tiny import write_prepared
+from testkit.tiny import write_prepared
 from library.training.data import DatasetError, check_prepared_sets, load_prepared_folder
 
 ROOT = Path(__file__).resolve().parent.parent

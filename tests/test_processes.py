@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.models.tiny import save_random_arcface
+from testkit.tiny import save_random_arcface
 from library.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def history(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model, tmp_path_factory) -> dict[str, Path]:
-    from library.models.tiny import write_prepared
+    from testkit.tiny import write_prepared
 
     root = tmp_path_factory.mktemp("processes")
     return {"model": tiny_model[0], "root": root,

@@ -36,7 +36,7 @@ from library.training import checkpoint as ckpt
 from library.config import Config, load_config, save_config
 from library.training.run_lock import LOCK_NAME
 from library.training.resume import RULES, compare_configs, prepare_resume, rewind_history, rule_for
-from library.models.tiny import save_random_arcface, write_prepared
+from testkit.tiny import save_random_arcface, write_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

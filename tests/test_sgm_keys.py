@@ -54,7 +54,7 @@ def test_unknown_paths_are_one_line_errors():
 def test_diffusers_single_file_converter_inverts_the_map():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from library.models.tiny_sdxl import build_sdxl_components
+    from testkit.tiny_sdxl import build_sdxl_components
 
     unet = build_sdxl_components(seed=0)["unet"]
     weights = unet.state_dict()

@@ -19,7 +19,7 @@ import pytest
 from library.config import ConfigError, load_config
 from library.training.data import DatasetError, load_prepared_folder
 from library.files.text import TextFileError, read_text_file
-from library.models.tiny import write_prepared
+from testkit.tiny import write_prepared
 
 CLEAN = "a photo of a mcv1 person, smiling\nsecond line"
 ENCODINGS_ACCEPTED = {
@@ -152,7 +152,7 @@ def test_cp1252_caption_stops_sidecar_mode_and_is_never_read_in_template_mode(
 def test_caption_with_bom_tokenizes_like_the_clean_caption(tmp_path, encoding):
     from transformers import CLIPTokenizer
 
-    from library.models.tiny import CONFIG_DIR
+    from testkit.tiny import CONFIG_DIR
     from library.models.prompts import prompt_input_ids
 
     clean = "a photo of a mcv1 person, smiling"

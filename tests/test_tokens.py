@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.models.tiny import build_components
+from testkit.tiny import build_components
 from library.models.prompts import expand_prompt
 from library.training.tokens import add_special_tokens, get_token_embedding, norm_regulariser, token_vectors
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from library.config import load_config
-from library.models.tiny import save_random_arcface
+from testkit.tiny import save_random_arcface
 from library.training.trainer import MagiCaptureTrainer
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from library.config import Config, ConfigError, load_config, validate
-from library.models.tiny import save_random_arcface, write_prepared
-from library.models.tiny_sdxl import build_sdxl_parts
+from testkit.tiny import save_random_arcface, write_prepared
+from testkit.tiny_sdxl import build_sdxl_parts
 from library.training import checkpoint as ckpt
 from library.training.data import Sample, sdxl_time_ids
 from library.training.resume import compare_configs

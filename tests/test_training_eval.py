@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 import library.training.training_scores as training_scores
 from library.config import ConfigError, load_config
-from library.models.tiny import save_random_arcface
+from testkit.tiny import save_random_arcface
 from library.training.trainer import MagiCaptureTrainer
 from library.training.training_scores import PreviewScorer, PreviewScoring, best_step_message
 

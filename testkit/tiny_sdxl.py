@@ -9,7 +9,7 @@ tokenizer padding with "!" as SDXL's does. Everything else comes from the real S
 ``configs/sdxl/``; ``full_size=True`` keeps them whole (2.57 B UNet parameters, what benchmarks time).
 
 :func:`save_sdxl_model` writes it as a diffusers folder and as one file in the original SGM layout (what
-``sd_xl_base_1.0.safetensors`` and A1111 / ComfyUI checkpoints hold); ``python -m library.models.tiny
+``sd_xl_base_1.0.safetensors`` and A1111 / ComfyUI checkpoints hold); ``python -m testkit.tiny
 DEST --sdxl [--full-size]`` does so from the command line.
 """
 

@@ -5,10 +5,10 @@ down_blocks 0-2 and up_blocks 1-3, the same module names) and the real 49408-tok
 every code path that depends on names or shapes (LoRA targets, 16x16 attention capture, kohya key names,
 single-file conversion) runs on it exactly as on SD 1.5, but at a few MB.
 
-`python -m library.models.tiny DEST [--sd15 | --full-size] [--sdxl]` writes the model as a diffusers folder
+`python -m testkit.tiny DEST [--sd15 | --full-size] [--sdxl]` writes the model as a diffusers folder
 (DEST/) and as one original-layout checkpoint (DEST.safetensors); `--sd15` / `--full-size` give full-size
 SD 1.5 shapes with random weights (what the benchmarks time); `--sdxl` writes the tiny SDXL model of
-library/models/tiny_sdxl.py instead (with `--full-size`, SDXL 1.0's shapes).
+testkit/tiny_sdxl.py instead (with `--full-size`, SDXL 1.0's shapes).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arcface", type=Path, help="also write a random-weight ArcFace .pth here")
     args = parser.parse_args(argv)
     if args.sdxl:
-        from library.models.tiny_sdxl import save_sdxl_model
+        from testkit.tiny_sdxl import save_sdxl_model
 
         folder, single = save_sdxl_model(args.dest, full_size=args.full_size, seed=args.seed)
     else:
