@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from library.faces.geometry import box_iou
+from library.models.dlib_resnet import dlib_model_dir as _models_dir
 from library.files.messages import one_line
 
 __all__ = ["ARCFACE_COSINE_THRESHOLD", "DLIB_COSINE_THRESHOLD", "FoundFace", "IdentityNetwork",
@@ -139,13 +140,11 @@ def _box_from_points(points: np.ndarray) -> "tuple[float, float, float, float]":
 
 
 def dlib_model_dir() -> Path:
-    """The folder of face_recognition_models' model files (found without importing the package: its
-    __init__ imports pkg_resources, which current setuptools no longer has)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise IdentityNetworkError("face_recognition_models is not installed ; pip install face_recognition_models==0.3.0 "
-                                   "(dlib's face-recognition weights), or give an ArcFace file")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    """The folder of face_recognition_models' model files (library.models.dlib_resnet's), or IdentityNetworkError."""
+    try:
+        return _models_dir()
+    except FileNotFoundError as err:
+        raise IdentityNetworkError(str(err)) from None
 
 
 def _import_dlib():

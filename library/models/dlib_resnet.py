@@ -31,6 +31,7 @@ with one line (:class:`DlibModelError`). Nothing in the file is executed or unpi
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -40,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DLIB_CHIP_SIZE", "DlibFaceResNet", "DlibModelError", "read_dlib_resnet", "load_dlib_resnet"]
+__all__ = ["DLIB_CHIP_SIZE", "DLIB_RESNET_FILE", "DlibFaceResNet", "DlibModelError", "dlib_model_dir",
+           "load_dlib_resnet", "read_dlib_resnet"]
+
+DLIB_RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
 DLIB_CHIP_SIZE = 150
 _MAX_TENSOR = 1 << 24  # floats in one tensor: the largest of this net has 590 k (256 x 256 x 3 x 3)
@@ -306,6 +310,18 @@ class DlibFaceResNet(nn.Module):
         return x.mean(dim=(2, 3)) @ self._p(i + 1, "weight")  # avg_pool_everything, fc_no_bias
 
 
-def load_dlib_resnet(path: str | os.PathLike, device: torch.device | str = "cpu") -> DlibFaceResNet:
-    """:func:`read_dlib_resnet` then :class:`DlibFaceResNet` on `device`. FileNotFoundError / DlibModelError."""
-    return DlibFaceResNet(read_dlib_resnet(path)).to(device)
+def load_dlib_resnet(path: str | os.PathLike = "", device: torch.device | str = "cpu") -> DlibFaceResNet:
+    """:func:`read_dlib_resnet` of `path` (default: face_recognition_models' file) as a
+    :class:`DlibFaceResNet` on `device`. FileNotFoundError / DlibModelError, one line each."""
+    return DlibFaceResNet(read_dlib_resnet(path or dlib_model_dir() / DLIB_RESNET_FILE)).to(device)
+
+
+def dlib_model_dir() -> Path:
+    """The folder of face_recognition_models' model files (found without importing the package: its
+    __init__ imports pkg_resources, which current setuptools no longer has). FileNotFoundError (one line)
+    when the package is not installed."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("face_recognition_models is not installed ; pip install face_recognition_models==0.3.0 "
+                                "(dlib's face-recognition weights), or give an ArcFace file")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
