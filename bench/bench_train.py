@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                 # SD 1.5 shapes, random weights, on the GPU (bf16)
     python bench/bench_train.py --tiny --steps 2 --device cpu   # a CPU smoke run of the same code
+    python bench/bench_train.py --identity dlib --variants batched,idOff   # the identity loss's cost, dlib's net
 
 Random SD 1.5-shaped weights cost the same as real ones. Every variant runs the same trainer code
 (MagiCaptureTrainer.optimizer_step) on the same samples, in one process, so the ratios are comparable;
@@ -44,9 +45,10 @@ def make_trainer(args, root: Path):
     arcface = root / "arcface.pth"
     torch.manual_seed(0)
     torch.save(iresnet50().state_dict(), arcface)  # full-size r50: the real identity network's cost
+    weights = "" if args.identity == "dlib" else str(arcface)  # "": dlib's ResNet v1, the default
     cfg = load_config(None, [
         'model.pretrained="unused"', f'data.source_dir="{source}"', f'data.reference_dir="{reference}"',
-        f"data.resolution={res}", f'output.dir="{root / "out"}"', f'loss.identity_weights="{arcface}"',
+        f"data.resolution={res}", f'output.dir="{root / "out"}"', f'loss.identity_weights="{weights}"',
         f'train.mixed_precision="{args.precision}"', f'optimizer.name="{args.optimizer}"',
         "logging.tensorboard=false", "sample.every=0", "output.save_every=0",
     ], check_paths=True)
@@ -68,6 +70,16 @@ def time_variant(trainer, phase_state: tuple, name: str, batch: int, accum: int,
     # the trainer reads its figures every logging.every steps; reading them every step is the old behaviour
     read = (lambda figures: figures.packed()[1].tolist()) if switches.get("sync_every_step") else (lambda figures: None)
     pcfg = dataclasses.replace(cfg.phase2, batch_size=batch, grad_accum=accum)
+    id_term = trainer.id_term
+    if switches.get("id_off"):
+        trainer.id_term = None
+    try:
+        return _timed(trainer, phase_state, name, batch, accum, steps, warmup, device, pcfg, read, switches)
+    finally:
+        trainer.id_term = id_term
+
+
+def _timed(trainer, phase_state, name, batch, accum, steps, warmup, device, pcfg, read, switches) -> dict:
     _, optimizer, scheduler, sampler, params = phase_state
     draws = [sampler.draw(batch) for _ in range(warmup + steps)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -101,6 +113,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="sequential,batched,batched12,fullDecode,checkpointing,compile")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--identity", choices=("arcface_r50", "dlib"), default="arcface_r50",
+                        help="the identity network: a random full-size ArcFace r50, or dlib's ResNet v1 (the default's)")
     args = parser.parse_args()
     if args.device == "cpu":
         args.precision = "no"
@@ -116,6 +130,7 @@ def main() -> int:
             "fullDecode": dict(batch=6, accum=1, window=False),  # ID decode of the whole latent
             "checkpointing": dict(batch=6, accum=1, checkpointing=True),
             "compile": dict(batch=6, accum=1, compile=True),
+            "idOff": dict(batch=6, accum=1, id_off=True),  # "batched" without the identity term
         }
         rows = []
         for name in args.variants.split(","):

@@ -141,7 +141,7 @@ class LossConfig:
     id_weight: float = 0.25  # weight of the identity loss (eq. 7), phase 2
     id_max_timestep: int = 800  # the identity loss applies where t < this (x0 is too noisy above)
     id_tasks: list[IdTask] = field(default_factory=lambda: ["source", "composed"])  # released; ["composed"]: paper
-    identity_weights: str = field(default="", metadata=PATH)  # ArcFace .onnx (insightface pack) or arcface_torch .pth; empty: ID off
+    identity_weights: str = field(default="", metadata=PATH)  # empty: dlib's ResNet v1 (face_recognition_models); or an ArcFace .onnx/.pth
     id_decode_window: bool = True  # decode only the latent window around the face
     id_face: IdFace = "landmarks"  # landmarks: the reference's stored ones | detector: find it on x0_hat (released)
 

@@ -199,7 +199,8 @@ def test_demo_config_through_the_cli(tiny_model, prepared_data, tmp_path, capsys
     assert rc == 0
     assert (out / "demo.safetensors").is_file() and (out / "mcv1.pt").is_file()
     captured = capsys.readouterr()
-    assert (captured.out + captured.err).count("identity (ID) loss off") == 1  # said once
+    # the identity loss is on with no file given: dlib's network, said once
+    assert (captured.out + captured.err).count("identity (ID) loss: dlib ResNet v1 (face_recognition_models)") == 1
 
 
 def test_bad_identity_weights_is_a_one_line_error(tiny_model, prepared_data, tmp_path, capsys):
@@ -459,3 +460,32 @@ def test_attention_report_shares_by_hand(tiny_model, prepared_data, tmp_path, mo
     assert shares["reference_token_outside_region"] == pytest.approx(float(face.mean()), rel=1e-5)
     assert shares["source_token_contrast"] == pytest.approx(0.0, abs=1e-6)
     assert shares["reference_token_peak"] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_default_config_trains_with_dlibs_identity_loss(tiny_model, prepared_data, tmp_path):
+    """No identity_weights: eq. 7 is on, with dlib's ResNet v1 in PyTorch; the term is finite and its
+    gradient reaches the LoRA through the chip (it would not if the chip were detached)."""
+    from library.models.identity import DlibEncoder
+    from library.training.data import Sample
+
+    folder, _ = tiny_model
+    source, reference = prepared_data
+    cfg = load_config("configs/test_tiny.toml", [f'model.pretrained="{folder}"', f'data.source_dir="{source}"',
+                                                 f'data.reference_dir="{reference}"', f'output.dir="{tmp_path / "out"}"',
+                                                 "sample.every=0", "loss.attn_weight=0"])
+    assert cfg.loss.identity_weights == "" and cfg.loss.id_weight > 0
+    trainer = MagiCaptureTrainer(cfg)
+    assert isinstance(trainer.id_term.encoder, DlibEncoder)
+    assert trainer.id_term.source_embeddings.shape[-1] == 128
+    pcfg, *_ = trainer.setup_phase(2)
+    batch = trainer.build_batch([Sample("composed", i, "a photo of a mcv1 person in the style of mcv2", i)
+                                 for i in range(2)], 0, pcfg)
+    batch["timesteps"][:] = 100
+    noisy = trainer.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"].cpu())
+    pred = trainer.unet(noisy, batch["timesteps"], trainer.text_encoder(batch["input_ids"])[0]).sample
+    ident, valid = trainer.id_term(batch, noisy, pred)
+    assert valid.all() and torch.isfinite(ident).all() and (ident > 0).all()
+    trainer.unet.zero_grad()
+    ident.sum().backward()
+    grads = [p.grad for n, p in trainer.unet.named_parameters() if "lora_B" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no LoRA gradient through dlib's chip"

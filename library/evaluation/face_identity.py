@@ -24,9 +24,10 @@ box has another size and centre and shifts every descriptor. The ArcFace network
 that "face found" and "same person" shares mean the same thing whichever network is chosen, and takes its
 alignment landmarks from the project's face finder (`library.faces.detect_face_landmarks`).
 
-**dlib** (`face_recognition_models`' `dlib_face_recognition_resnet_model_v1.dat`, 128-d): dlib's 5-point
-shape predictor gives the eye corners and the base of the nose; `compute_face_descriptor` aligns with them
-itself. dlib's own rule is "same person when the euclidean distance of the raw descriptors is under 0.6";
+**dlib** (`face_recognition_models`' `dlib_face_recognition_resnet_model_v1.dat`, 128-d), run in PyTorch
+by `library.models.dlib_resnet` (the identity loss's network; dlib's C++ network only in the tests that
+compare with it): dlib's 5-point shape predictor gives the eye corners and the base of the nose, and the
+chip is dlib's 150 px chip at those parts (`library.models.identity.dlib_chips`). dlib's own rule is "same person when the euclidean distance of the raw descriptors is under 0.6";
 the raw descriptors' norms are 1.35 to 1.59 (1.46 typical), so on the L2-normalised embeddings this
 interface hands out the rule becomes cosine > 1 - (0.6 / 1.46)^2 / 2 = 0.915 (`DLIB_COSINE_THRESHOLD`).
 Measured on real photos: the astronaut against its mirror, crop, half-size and brightened copies cosine
@@ -56,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from library.faces.geometry import box_iou
+from library.models.dlib_resnet import dlib_model_dir as _models_dir
 from library.files.messages import one_line
 
 __all__ = ["ARCFACE_COSINE_THRESHOLD", "DLIB_COSINE_THRESHOLD", "FoundFace", "IdentityNetwork",
@@ -139,13 +141,11 @@ def _box_from_points(points: np.ndarray) -> "tuple[float, float, float, float]":
 
 
 def dlib_model_dir() -> Path:
-    """The folder of face_recognition_models' model files (found without importing the package: its
-    __init__ imports pkg_resources, which current setuptools no longer has)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise IdentityNetworkError("face_recognition_models is not installed ; pip install face_recognition_models==0.3.0 "
-                                   "(dlib's face-recognition weights), or give an ArcFace file")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    """The folder of face_recognition_models' model files (library.models.dlib_resnet's), or IdentityNetworkError."""
+    try:
+        return _models_dir()
+    except FileNotFoundError as err:
+        raise IdentityNetworkError(str(err)) from None
 
 
 def _import_dlib():
@@ -274,23 +274,29 @@ class IdentityNetwork:
 
 
 class DlibIdentity(IdentityNetwork):
-    """dlib's ResNet face-recognition network v1 (128-d), from face_recognition_models."""
+    """dlib's ResNet face-recognition network v1 (128-d) from face_recognition_models, run in PyTorch
+    (library.models.identity.DlibEncoder, the identity loss's network) on dlib's chip at dlib's 5 parts."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         super().__init__()
-        weights = dlib_model_dir() / "dlib_face_recognition_resnet_model_v1.dat"
-        if not weights.is_file():
-            raise IdentityNetworkError(f"{weights}: missing ; reinstall face_recognition_models==0.3.0")
-        self._net = self._dlib.face_recognition_model_v1(str(weights))
+        from library.models.identity import load_identity_encoder
+
+        try:
+            self._encoder = load_identity_encoder("", device)
+        except (FileNotFoundError, ValueError) as exc:
+            raise IdentityNetworkError(f"{one_line(exc)} ; reinstall face_recognition_models==0.3.0") from None
+        self._device = device
         self.name = "dlib ResNet v1 (face_recognition_models)"
         self.threshold = DLIB_COSINE_THRESHOLD
 
     def _embed_found(self, rgb, found, given: bool = False):
-        shapes = self._dlib.full_object_detections()
-        for f in found:
-            shapes.append(f[2])
-        raw = self._net.compute_face_descriptor(rgb, shapes)
-        return [self._unit(np.array(d)) for d in raw], [f[3] for f in found], ["given" if given else "dlib"] * len(found)
+        import torch
+
+        parts = torch.tensor(np.array([[[p.x, p.y] for p in f[2].parts()] for f in found], np.float64))
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0).unsqueeze(0).to(self._device)
+        with torch.no_grad():
+            raw = self._encoder.from_parts(image.expand(len(found), -1, -1, -1), parts.to(self._device)).cpu().numpy()
+        return [self._unit(d) for d in raw], [f[3] for f in found], ["given" if given else "dlib"] * len(found)
 
 
 class ArcFaceIdentity(IdentityNetwork):
@@ -354,7 +360,7 @@ def load_identity_network(arcface_weights: str | os.PathLike = "", device: str =
         if arcface_weights:
             return ArcFaceIdentity(arcface_weights, device,
                                    ARCFACE_COSINE_THRESHOLD if threshold is None else threshold)
-        net = DlibIdentity()
+        net = DlibIdentity(device)
     except IdentityNetworkError:
         raise
     except (RuntimeError, OSError) as exc:  # dlib's own errors (a corrupt .dat file) are RuntimeErrors

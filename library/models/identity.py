@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from library.files.weights import load_pickled_weights
+from library.models.dlib_resnet import DlibFaceResNet, load_dlib_resnet
 from library.models.iresnet import IBasicBlock, IResNet
 
-__all__ = ["ARCFACE_TEMPLATE_112", "ArcFace", "IdentityEncoder", "align_faces", "estimate_similarity",
+__all__ = ["ARCFACE_TEMPLATE_112", "ArcFace", "DLIB_5_TEMPLATE", "DlibEncoder", "IdentityEncoder", "align_faces",
+           "dlib_chip_transform", "dlib_chips", "dlib_parts_from_arcface", "estimate_similarity", "load_identity_encoder",
            "iresnet_config", "load_arcface"]
 
 ARCFACE_TEMPLATE_112 = torch.tensor(
@@ -174,9 +176,15 @@ def load_arcface(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 # -------------------------------------------------------------------------------------------- alignment
 def estimate_similarity(src: Tensor, dst: Tensor) -> Tensor:
+    """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src -> dst,
+    as float32; see :func:`_similarity64`."""
+    return _similarity64(src, dst).to(torch.float32)
+
+
+def _similarity64(src: Tensor, dst: Tensor) -> Tensor:
     """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src -> dst.
 
-    src [B, N, 2] (or [N, 2]), dst [N, 2] (or [B, N, 2]) -> [B, 2, 3] float32, row-major affine
+    src [B, N, 2] (or [N, 2]), dst [N, 2] (or [B, N, 2]) -> [B, 2, 3] float64, row-major affine
     ``[[a, -b, tx], [b, a, ty]]``. This is Umeyama's estimate (what skimage's ``SimilarityTransform``
     and insightface's ``estimate_norm`` compute) in its 2-D closed form: with points as complex numbers
     z (src) and w (dst), centred, ``a + ib = sum(conj(z) w) / sum(|z|^2)``. Computed in float64.
@@ -196,7 +204,7 @@ def estimate_similarity(src: Tensor, dst: Tensor) -> Tensor:
     b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(dim=1) / var
     rs = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], dim=1)  # [B, 2, 2]
     t = mu_d.squeeze(1) - (rs @ mu_s.squeeze(1).unsqueeze(-1)).squeeze(-1)
-    return torch.cat([rs, t.unsqueeze(-1)], dim=-1).to(torch.float32)
+    return torch.cat([rs, t.unsqueeze(-1)], dim=-1)
 
 
 def align_faces(images: Tensor, landmarks: Tensor, size: int = 112) -> Tensor:
@@ -210,12 +218,21 @@ def align_faces(images: Tensor, landmarks: Tensor, size: int = 112) -> Tensor:
     if images.dim() != 4 or landmarks.shape[-2:] != (5, 2) or landmarks.shape[0] != images.shape[0]:
         raise ValueError(f"align_faces: images [B,C,H,W] and landmarks [B,5,2] expected, got "
                          f"{tuple(images.shape)} and {tuple(landmarks.shape)}")
-    B, _, H, W = images.shape
     dev = images.device
-    m = estimate_similarity(landmarks.detach().to(dev), ARCFACE_TEMPLATE_112.to(dev) * (size / 112.0))
-    m = m.to(torch.float64)
+    m = _similarity64(landmarks.detach().to(dev), ARCFACE_TEMPLATE_112.to(dev) * (size / 112.0))
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=dev).expand(m.shape[0], 1, 3)
+    return warp_affine(images, torch.linalg.inv(torch.cat([m, bottom], dim=1))[:, :2], size)
+
+
+def warp_affine(images: Tensor, chip_to_image: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: output pixel (x, y) takes the bilinear sample of ``images`` at
+    ``chip_to_image`` [B, 2, 3] @ (x, y, 1) (pixel centres at integers, OpenCV's and dlib's convention),
+    zero outside. Sampled in float32 (float64 for float64 images); gradients reach ``images``."""
+    B, C, H, W = images.shape
+    dev = images.device
     bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=dev).expand(B, 1, 3)
-    m_inv = torch.linalg.inv(torch.cat([m, bottom], dim=1))  # crop pixel -> image pixel
+    m_inv = torch.cat([chip_to_image.to(device=dev, dtype=torch.float64), bottom], dim=1)
+
     # grid_sample (align_corners=False): normalised n = (2 p + 1) / W - 1 for pixel-centre coordinate p.
     def to_norm(w: int, h: int) -> Tensor:
         return torch.tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]],
@@ -224,8 +241,63 @@ def align_faces(images: Tensor, landmarks: Tensor, size: int = 112) -> Tensor:
     theta = (to_norm(W, H) @ m_inv @ from_norm_out)[:, :2, :]
     # float32 at least: a half-precision grid is off by ~0.25 px on a 512 px image
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
-    grid = F.affine_grid(theta.to(dtype), [B, images.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(theta.to(dtype), [B, C, size, size], align_corners=False)
     return F.grid_sample(images.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# dlib's 5-point chip template (dlib/image_transforms/interpolation.h, get_face_chip_details): where the
+# shape_predictor_5 parts (image-right eye outer and inner corner, image-left eye outer and inner corner,
+# base of the nose) sit in an unpadded chip, in chip-side units
+DLIB_5_TEMPLATE = torch.tensor([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387908],
+                                [0.1205750620789, 0.2137274526813], [0.3340850613712, 0.2290642403242],
+                                [0.4901123135679, 0.6277975316475]], dtype=torch.float64)
+DLIB_PADDING = 0.25  # compute_face_descriptor's chip padding (dlib/tools/python/src/face_recognition.cpp)
+
+
+def dlib_chip_transform(parts: Tensor, size: int = 150, padding: float = DLIB_PADDING) -> Tensor:
+    """dlib's chip geometry: parts [B, 5, 2] (dlib's 5-point order, image pixels) -> [B, 2, 3] float64,
+    chip pixel (x, y, 1) -> image pixel.
+
+    As dlib does it (interpolation.h: get_face_chip_details, chip_details' constructor, extract_image_chips):
+    the least-squares similarity from the padded template ``(padding + t) / (1 + 2 padding) * size`` to the
+    parts gives an angle, a scale s and the image point c of chip point (size/2, size/2); the chip's
+    rectangle is centred on c with side ``size * s - 1`` (centered_drect), and chip pixels 0 and size-1 map
+    to its two edges, so one chip pixel is ``(size * s - 1) / (size - 1)`` image pixels."""
+    if parts.dim() != 3 or parts.shape[-2:] != (5, 2):
+        raise ValueError(f"dlib chip: parts [B, 5, 2] expected, got {tuple(parts.shape)}")
+    parts = parts.detach().to(torch.float64)
+    template = (padding + DLIB_5_TEMPLATE.to(parts.device)) / (1 + 2 * padding) * size
+    m = _similarity64(template, parts)
+    rs = m[:, :, :2]
+    scale = rs[:, :, 0].norm(dim=-1)  # [B]
+    half = torch.full((2, 1), size / 2, dtype=torch.float64, device=parts.device)
+    centre = (rs @ half).squeeze(-1) + m[:, :, 2]
+    a = rs * (((size * scale - 1) / (size - 1)) / scale)[:, None, None]
+    origin = centre - (a @ (half - 0.5)).squeeze(-1)
+    return torch.cat([a, origin.unsqueeze(-1)], dim=-1)
+
+
+def dlib_chips(images: Tensor, parts: Tensor, size: int = 150, padding: float = DLIB_PADDING) -> Tensor:
+    """Differentiable ``dlib.get_face_chip``: images [B, C, H, W] + dlib parts [B, 5, 2] -> [B, C, size, size]
+    (bilinear; dlib truncates its uint8 chip, so it reads up to one grey level under this one). Gradients
+    reach ``images``, not ``parts``."""
+    m = dlib_chip_transform(parts, size, padding)
+    # dlib samples a face more than twice the chip's size from its image pyramid (pyramid_down<2>), one
+    # level per halving: the same number of 2x2 box halvings here, so bilinear sampling does not alias
+    levels = torch.log2(m[:, :, 0].norm(dim=-1).clamp_min(1.0)).floor().long().tolist()
+    out = [None] * len(levels)
+    for n in sorted(set(levels)):
+        idx = [i for i, v in enumerate(levels) if v == n]
+        k = 2 ** n
+        mk = m[idx].clone()
+        mk[:, :, :2] /= k
+        mk[:, :, 2] = (mk[:, :, 2] - (k - 1) / 2) / k  # pooled pixel j is centred on image pixel k j + (k - 1) / 2
+        src = images[idx]
+        if k > 1:
+            src = F.avg_pool2d(src.float() if src.dtype != torch.float64 else src, k, k, ceil_mode=True)
+        for i, chip in zip(idx, warp_affine(src, mk, size)):
+            out[i] = chip
+    return torch.stack(out)
 
 
 class IdentityEncoder(nn.Module):
@@ -254,3 +326,59 @@ class IdentityEncoder(nn.Module):
 
     def forward(self, images: Tensor, landmarks: Tensor) -> Tensor:
         return self.arcface(self.align(images, landmarks))
+
+
+# dlib's 5 parts in ArcFace's 112 px frame (the frame ARCFACE_TEMPLATE_112's points define): the mean over 13
+# faces (the astronaut, insightface's t1.jpg, both mirrored) of dlib's shape_predictor_5 parts, each face
+# moved into the frame by the similarity that fits its face-mesh ArcFace landmarks
+# (library.faces.detect_face_landmarks, what dataset_tools.prepare stores) to the template. Eye centres are
+# not eye corners, and the nose tip is not the base of the nose: the parts are estimated, not matched.
+DLIB_PARTS_IN_ARCFACE_112 = torch.tensor([[78.437, 52.401], [65.628, 52.86], [31.984, 52.613], [45.226, 52.858],
+                                          [56.382, 80.948]], dtype=torch.float64)
+
+
+def dlib_parts_from_arcface(landmarks: Tensor) -> Tensor:
+    """ArcFace-order landmarks [B, 5, 2] (image pixels) -> estimated dlib 5-point parts [B, 5, 2] float64:
+    :data:`DLIB_PARTS_IN_ARCFACE_112` moved by the similarity from ARCFACE_TEMPLATE_112 to the landmarks."""
+    m = _similarity64(ARCFACE_TEMPLATE_112.to(landmarks.device), landmarks.detach())
+    return DLIB_PARTS_IN_ARCFACE_112.to(landmarks.device) @ m[:, :, :2].transpose(1, 2) + m[:, None, :, 2]
+
+
+class DlibEncoder(nn.Module):
+    """dlib's ResNet v1 as an identity encoder: forward(images RGB [B, 3, H, W] in [-1, 1], ArcFace-order
+    landmarks [B, 5, 2] pixels) -> raw descriptors [B, 128] (compute_face_descriptor's scale, not normalised).
+
+    The chip is dlib's (:func:`dlib_chips`, 150 px, padding 0.25) at parts estimated from the landmarks
+    (:func:`dlib_parts_from_arcface`); :meth:`from_parts` takes dlib's own parts. Gradients reach the
+    images; the image is not clamped, so values a VAE decodes slightly outside [-1, 1] keep theirs."""
+
+    def __init__(self, net: DlibFaceResNet):
+        super().__init__()
+        self.net = net
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "DlibEncoder":
+        return super().train(False)
+
+    def from_parts(self, images: Tensor, parts: Tensor) -> Tensor:
+        """Descriptors [B, 128] of the faces at dlib's own 5 parts [B, 5, 2] (image pixels)."""
+        return self.net(dlib_chips((images.float() + 1.0) * 127.5, parts))
+
+    def forward(self, images: Tensor, landmarks: Tensor) -> Tensor:
+        return self.from_parts(images, dlib_parts_from_arcface(landmarks))
+
+
+_DLIB_ENCODERS: dict[str, DlibFaceResNet] = {}  # one parse per process and device: the file is 22 MB
+
+
+def load_identity_encoder(arcface_weights: str | os.PathLike = "", device: torch.device | str = "cpu") -> nn.Module:
+    """The identity encoder of eq. 7 and of every score: ArcFace from `arcface_weights` (:meth:`IdentityEncoder.from_file`)
+    when given, else dlib's ResNet v1 from face_recognition_models (:class:`DlibEncoder`). Both take
+    (images [-1, 1] [B, 3, H, W], ArcFace-order landmarks [B, 5, 2]). FileNotFoundError or ValueError, one line."""
+    if arcface_weights:
+        return IdentityEncoder.from_file(arcface_weights, device)
+    key = str(torch.device(device))
+    if key not in _DLIB_ENCODERS:
+        _DLIB_ENCODERS[key] = load_dlib_resnet("", device)
+    return DlibEncoder(_DLIB_ENCODERS[key])

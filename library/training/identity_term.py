@@ -1,5 +1,6 @@
 """Eq. 7 inside a training step: Tweedie's x0_hat, decoded by the VAE with gradient, aligned, embedded by
-a frozen ArcFace, compared with the embedding of the sample's source image.
+the frozen identity network (dlib's ResNet v1 in PyTorch by default, or an ArcFace file), compared with
+the embedding of the sample's source image.
 
 The trainer asks :class:`IdentityTerm` for a per-sample loss; which samples take part (``loss.id_tasks``,
 t < T', a face on both sides) is read from the batch the trainer built. Decoding only the latent window
@@ -22,7 +23,7 @@ __all__ = ["IdentityTerm", "face_window", "window_side"]
 def window_side(landmarks: torch.Tensor, latent_size: int) -> int:
     """The side (latent pixels, a multiple of 8, at most `latent_size`) of a window that holds the largest
     of the faces whose landmarks [n, 5, 2] (image pixels, 8 per latent pixel) are given: the ArcFace crop
-    spans about 3x the landmarks' spread, so the window does too."""
+    spans about 3x the landmarks' spread (dlib's padded chip about 2.9 eye distances), so the window does too."""
     if not len(landmarks):
         return latent_size
     spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [n] pixels
@@ -101,8 +102,8 @@ class IdentityTerm:
 
     def _loss_at(self, image, landmarks, idx, batch, out) -> torch.Tensor:
         """1 - cos between the faces in `image` and the samples' source identities, written into `out` at `idx`."""
-        # ArcFace runs in fp32 whatever the mixed precision: it is frozen and cheap at 112 px, and an
-        # iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
+        # the identity network runs in fp32 whatever the mixed precision: it is frozen and cheap at 112-150 px,
+        # and an iresnet's activations can leave fp16's range (a random-weight r50 reaches 1e26)
         with torch.autocast(device_type=self.device.type, enabled=False):
             emb = self.encoder(image.float(), landmarks.float())
         target = self.source_embeddings[batch["id_source"][idx]]

@@ -138,18 +138,17 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
 
         self.id_term: IdentityTerm | None = None
-        if cfg.loss.identity_weights and cfg.loss.id_weight > 0:
-            from library.models.identity import IdentityEncoder
+        if cfg.loss.id_weight > 0:
+            from library.models.identity import load_identity_encoder
 
             with self.clock.stage("cache"):  # the source faces' embeddings
-                try:
-                    encoder = IdentityEncoder.from_file(cfg.loss.identity_weights, self.device)
+                try:  # empty identity_weights: dlib's ResNet v1 from face_recognition_models, in PyTorch
+                    encoder = load_identity_encoder(cfg.loss.identity_weights, self.device)
                 except (ValueError, FileNotFoundError) as err:
                     raise ConfigError(f"loss.identity_weights: {err}") from err
                 self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device,
                                             self.reference)
-        elif cfg.loss.id_weight > 0:
-            self.print("loss.identity_weights is empty: training with the identity (ID) loss off")
+            self.print(f"identity (ID) loss: {cfg.loss.identity_weights or 'dlib ResNet v1 (face_recognition_models)'}")
         self.lora_added = False
         self.unet_forward = self.unet
         self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
