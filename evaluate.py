@@ -83,7 +83,7 @@ def sweep_main(args) -> int:
 
     from library.evaluation.sweep import (BUSY, DONE, FAILED, SweepError, read_sweep, run_job, shard, shard_from_env,
                                           subprocess_runner, write_table)
-    from library.files.messages import one_line
+    from library.files.messages import UserError, report_error
     from library.files.text import read_text_file
 
     def say(line: str) -> None:
@@ -98,8 +98,8 @@ def sweep_main(args) -> int:
         if spec is None and args.ray is None and (spec := shard_from_env(os.environ)) is not None:
             say(f"sweep: shard {spec} (SLURM_ARRAY_TASK_ID={os.environ['SLURM_ARRAY_TASK_ID']})")
         runs = shard(sweep.runs, spec)
-    except SweepError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+    except UserError as err:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        report_error(err)
         return 2
     here = Path(__file__).resolve().parent
     results = {DONE: [], FAILED: [], BUSY: []}
@@ -113,8 +113,8 @@ def sweep_main(args) -> int:
             train, generate = subprocess_runner(here / "train_magicapture.py"), subprocess_runner(here / "generate.py")
             for run in runs:
                 results[run_job(sweep, run, train, generate, main, say=say)].append(run)
-    except SweepError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+    except UserError as err:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        report_error(err)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -138,13 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate.py: error: the following arguments are required: {', '.join(missing)} (or --sweep PAIRS.toml)",
               file=sys.stderr)
         return 2
-    from library.config import ConfigError
-    from library.evaluation.clip_scores import ClipImageEmbedder, ScoreWeightsError, load_aesthetic
-    from library.evaluation.folders import FolderError, read_folder
+    from library.evaluation.clip_scores import ClipImageEmbedder, load_aesthetic
+    from library.evaluation.folders import read_folder
     from library.evaluation.metrics import evaluate_images
     from library.evaluation.report import COMPARABILITY, write_outputs
-    from library.files.messages import one_line
-    from library.files.text import TextFileError
+    from library.files.messages import UserError, one_line, report_error
 
     def say(line: str) -> None:
         print(line, file=sys.stderr)
@@ -181,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             need = [] if aesthetic_file else ["--aesthetic sac+logos+ava1-l14-linearMSE.pth"]
             need += [] if clip is not None else ["--clip FOLDER"]
             skips.append(f"skipped aesthetic: it needs the predictor and CLIP ViT-L/14 ; give {' and '.join(need)}")
-    except (ConfigError, FolderError, ScoreWeightsError, TextFileError, ValueError) as err:
+    except UserError as err:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        report_error(err)
+        return 2
+    except ValueError as err:  # a library's refusal of a file it was given (e.g. an image it cannot decode)
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     for line in skips:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from library.files.atomic import write_bytes
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 
 from dataset_tools.identity_check import MIN_PHOTOS, check_set, embed_faces
 from dataset_tools.images import load_image
@@ -18,7 +18,7 @@ from dataset_tools.images import encode_png as _encode_png
 from dataset_tools.records import json_bytes as _json_bytes, round_list as _round, small_face_warning
 
 
-class IdentityWeightsError(ValueError):
+class IdentityWeightsError(UserError, ValueError):
     """The ArcFace file given for the identity check does not load; str() is one line."""
 
 

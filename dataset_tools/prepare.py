@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from library.files.atomic import write_bytes
-from library.files.messages import UserError, one_line
+from library.files.messages import UserError, one_line, report_error
 from library.files.text import TextFileError, read_text_file
 
 from dataset_tools.records import json_bytes as _json_bytes, round_list as _round, small_face_warning
@@ -432,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare_folder(args.kind, args.in_dir, args.out_dir, token=args.token,
                                  resolution=args.resolution, parser_weights=args.parser_weights, progress=True,
                                  identity_check=not args.no_identity_check, identity_weights=args.identity_weights)
-    except PrepareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line; MAGICAPTURE_DEBUG=1 adds the chain of causes
+        report_error(exc)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -58,7 +58,7 @@ import numpy as np
 
 from library.faces.geometry import box_iou
 from library.models.dlib_resnet import dlib_model_dir as _models_dir
-from library.files.messages import one_line
+from library.files.messages import UserError, one_line
 
 __all__ = ["ARCFACE_COSINE_THRESHOLD", "DLIB_COSINE_THRESHOLD", "FoundFace", "IdentityNetwork",
            "IdentityNetworkError", "arcface_points_from_dlib", "dlib_model_dir", "load_identity_network"]
@@ -79,7 +79,7 @@ _CONFIRM_CROP = 120  # side of the crop the CNN detector confirms a HOG box on (
 _CONFIRM_SPAN = 1.6  # that crop's side over the HOG box's side
 
 
-class IdentityNetworkError(ValueError):
+class IdentityNetworkError(UserError, ValueError):
     """The identity network cannot be loaded or run; str() is one line saying what to do."""
 
 
@@ -145,14 +145,14 @@ def dlib_model_dir() -> Path:
     try:
         return _models_dir()
     except FileNotFoundError as err:
-        raise IdentityNetworkError(str(err)) from None
+        raise IdentityNetworkError(str(err)) from err
 
 
 def _import_dlib():
     try:
         import dlib
-    except ImportError:
-        raise IdentityNetworkError("dlib is not installed ; pip install dlib-bin==20.0.1.post1") from None
+    except ImportError as cause:
+        raise IdentityNetworkError("dlib is not installed ; pip install dlib-bin==20.0.1.post1") from cause
     return dlib
 
 
@@ -284,7 +284,7 @@ class DlibIdentity(IdentityNetwork):
         try:
             self._encoder = load_identity_encoder("", device)
         except (FileNotFoundError, ValueError) as exc:
-            raise IdentityNetworkError(f"{one_line(exc)} ; reinstall face_recognition_models==0.3.0") from None
+            raise IdentityNetworkError(f"{one_line(exc)} ; reinstall face_recognition_models==0.3.0") from exc
         self._device = device
         self.name = "dlib ResNet v1 (face_recognition_models)"
         self.threshold = DLIB_COSINE_THRESHOLD
@@ -308,11 +308,11 @@ class ArcFaceIdentity(IdentityNetwork):
 
         try:
             self._encoder = IdentityEncoder.from_file(weights, device)
-        except FileNotFoundError:
+        except FileNotFoundError as cause:
             raise IdentityNetworkError(f"{weights}: ArcFace weights not found ; give an insightface .onnx or an "
-                                       "arcface_torch .pth, or none for dlib's network") from None
+                                       "arcface_torch .pth, or none for dlib's network") from cause
         except (ValueError, OSError, RuntimeError) as exc:
-            raise IdentityNetworkError(one_line(exc)) from None
+            raise IdentityNetworkError(one_line(exc)) from exc
         self._device = device
         self.name = f"ArcFace {Path(weights).name}"
         self.threshold = float(threshold)
@@ -364,7 +364,7 @@ def load_identity_network(arcface_weights: str | os.PathLike = "", device: str =
     except IdentityNetworkError:
         raise
     except (RuntimeError, OSError) as exc:  # dlib's own errors (a corrupt .dat file) are RuntimeErrors
-        raise IdentityNetworkError(f"identity network could not be loaded: {one_line(exc)}") from None
+        raise IdentityNetworkError(f"identity network could not be loaded: {one_line(exc)}") from exc
     if threshold is not None:
         net.threshold = float(threshold)
     return net

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from library.files.messages import UserError
+
 __all__ = ["DLIB_CHIP_SIZE", "DLIB_RESNET_FILE", "DlibFaceResNet", "DlibModelError", "dlib_model_dir",
            "load_dlib_resnet", "read_dlib_resnet"]
 
@@ -77,7 +79,7 @@ def _header() -> list[int]:
     return versions + [2, 2, 2, 3]  # max_pool, relu, affine, con (on the input)
 
 
-class DlibModelError(ValueError):
+class DlibModelError(UserError, ValueError):
     """The file is not dlib's face-recognition ResNet v1 (damaged, truncated or another network); one line."""
 
 
@@ -119,8 +121,8 @@ class _Reader:
             raise self.fail(f"string of {n} bytes in {what}")
         try:
             return self.take(n, what).decode("ascii")
-        except UnicodeDecodeError:
-            raise self.fail(f"non-text name in {what}") from None
+        except UnicodeDecodeError as cause:
+            raise self.fail(f"non-text name in {what}") from cause
 
     def expect(self, name: str, what: str) -> None:
         got = self.string(what)

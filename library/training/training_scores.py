@@ -74,7 +74,7 @@ class PreviewScorer:
         try:
             network = (load or _load_network)(identity_weights)
         except (ImportError, ValueError, OSError, RuntimeError) as err:
-            raise ScoringUnavailable(f"the identity network did not load ({err})") from None
+            raise ScoringUnavailable(f"the identity network did not load ({err})") from err
         images, landmarks = [], []
         for name in names:
             try:
@@ -85,7 +85,7 @@ class PreviewScorer:
         try:
             return cls(network, images, landmarks)
         except ValueError as err:  # the network refused an image or landmarks
-            raise ScoringUnavailable(f"the source faces could not be embedded ({err})") from None
+            raise ScoringUnavailable(f"the source faces could not be embedded ({err})") from err
 
     def score(self, images: Sequence[Image.Image]) -> dict[str, float]:
         """`images` (the preview samples) -> {eval/face_found, eval/same_person[, eval/csim]}; see
@@ -146,7 +146,7 @@ class StyleScorer:
         try:  # the reader evaluate.py uses: the same images, the same masks
             references = read_folder(reference_dir, reference_masks=True, warn=warn)
         except FolderError as err:
-            raise ScoringUnavailable(f"no reference image for the style score ({err})") from None
+            raise ScoringUnavailable(f"no reference image for the style score ({err})") from err
         self.embedder = embedder
         self.references = embedder.embed([r.rgb for r in references], [r.face_mask for r in references])  # [R, D]
 
