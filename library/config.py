@@ -415,6 +415,11 @@ def validate(cfg: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: model.vae = '{cfg.model.vae}' does not exist; give a VAE .safetensors file or folder")
     if cfg.loss.identity_weights and not Path(cfg.loss.identity_weights).is_file():
         raise ConfigError(f"{origin}: loss.identity_weights = '{cfg.loss.identity_weights}' does not exist")
+    for key, value in (("model.config_dir", cfg.model.config_dir), ("evaluation.clip", cfg.evaluation.clip)):
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"{origin}: {key} = '{value}' is not a folder; give a diffusers / transformers model folder")
+    if cfg.evaluation.aesthetic and not Path(cfg.evaluation.aesthetic).is_file():
+        raise ConfigError(f"{origin}: evaluation.aesthetic = '{cfg.evaluation.aesthetic}' does not exist")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), check_paths: bool = True) -> Config:

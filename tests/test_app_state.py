@@ -206,6 +206,10 @@ def test_brush_layers_set_and_clear_mask_pixels(tmp_path):
 def test_second_start_is_refused_and_stop_frees_the_folder(tmp_path, fake_python):
     out = tmp_path / "run"
     pid = training_runs.start_run("[model]\n", out, python=fake_python)
+    for _ in range(6000):  # the event: the started process has said what it was given (else Stop may come first)
+        if "started " in (out / training_runs.LOG).read_text():
+            break
+        time.sleep(0.01)
     try:
         lock = json.loads((out / training_runs.LOCK).read_text())
         assert lock["pid"] == pid and lock["since"] == [1, 0]

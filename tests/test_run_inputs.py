@@ -204,3 +204,15 @@ def test_broken_model_files_are_refused_before_anything_is_built(tiny_model, pre
     assert nothing_built == {"models": 0} and model_loads["n"] == 0
     assert peak < 200 * 2**20, peak
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, says", [("model.config_dir", "is not a folder; give a diffusers / transformers model folder"),
+                                       ("evaluation.clip", "is not a folder; give a diffusers / transformers model folder"),
+                                       ("evaluation.aesthetic", "does not exist")])
+def test_every_path_a_run_reads_is_checked_when_the_config_loads(tmp_path, key, says):
+    (tmp_path / "s").mkdir()
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['model.pretrained="x"', f'data.source_dir="{tmp_path / "s"}"',
+                           f'data.reference_dir="{tmp_path / "s"}"', f'{key}="{missing}"'])
+    assert str(err.value) == f"<defaults>: {key} = '{missing}' {says}"  # a config from overrides alone
