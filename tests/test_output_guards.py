@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_magicapture
+from cli_output import one_error_line
 from library.training import checkpoint as ckpt
 from library.training.run_lock import LOCK_NAME, hold_output_folder, lock_holder
 
@@ -36,11 +37,7 @@ def tiny_args(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> l
 
 
 def error_line(capsys) -> str:
-    """The one `error:` line of stderr (progress bars of a loading model share stderr); no traceback."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------- kind 1: names and folders
@@ -230,10 +227,8 @@ def test_a_disk_that_fills_during_training_is_one_line_and_keeps_the_last_checkp
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1, stderr
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    line = lines[0]
+    line = one_error_line(stderr)
     assert line.startswith("error: cannot write ") and f" in {out}" in line, line
     assert ": No space left on device; free some space on that disk, or choose a folder on another disk; " \
            "last good checkpoint: checkpoint-p1-" in line, line

@@ -21,6 +21,7 @@ import pytest
 
 import generate
 import train_magicapture
+from cli_output import one_error_line
 from library.config import ConfigError, load_config
 from library.training.resume import compare_configs
 
@@ -28,10 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------------- kind 5: paths
