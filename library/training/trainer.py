@@ -449,7 +449,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     stopping = self.stop_requested(stop)
                     if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or self.preview_tag(phase, done, pcfg) is not None):
                         continue
-                    entries = steps.take(self.reduce_sum)  # every process's figures, so all take one decision
+                    entries = steps.take(lambda v: reduce_sum(self.acc, v))  # every process's figures, so all take one decision
                     for entry in entries:
                         self.check_finite(entry)  # before a preview or a checkpoint is made of broken weights
                     bar.set_postfix({k: f"{v:.4g}" for k, v in entries[-1].figures.items() if "/" not in k})
@@ -457,7 +457,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     scores = {}
                     if tag and not stop.requested:
                         with self.clock.stage("previews"):
-                            scores = self.on_main(lambda: self.scoring(write_previews(self, tag))) or {}
+                            scores = on_main(self.acc, lambda: self.scoring(write_previews(self, tag))) or {}
                         if scores:
                             self.print(f"phase {phase} step {done}/{pcfg.steps}: samples {self.scoring.describe(scores)}")
                             if self.cfg.logging.tensorboard:
@@ -473,7 +473,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                         from library.training.outputs import export_outputs
 
                         with self.clock.stage("export"):  # the last step's are the final files
-                            self.on_main(lambda: export_outputs(self, step=done))
+                            on_main(self.acc, lambda: export_outputs(self, step=done))
             except KeyboardInterrupt as cause:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
@@ -522,23 +522,20 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 raise TrainingStopped(f"{what}; stopped (loss.attn_collapse_action = stop), last checkpoint: {kept}")
             self.print(f"warning: {what}; last checkpoint: {kept}")
 
-    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        return reduce_sum(self.acc, values)
-
-    def on_main(self, work):
-        return on_main(self.acc, work)
-
     def save(self, phase: int, step: int, optimizer, scheduler, sampler: TaskSampler) -> Path | None:
-        """A checkpoint of this step, written by the main process (on every process: :meth:`on_main`)."""
-        inner = getattr(optimizer, "optimizer", optimizer)
-        state = {
-            "optimizer": inner.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state(),
-            "generator": self.gen.get_state(),
-            "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
-            "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
-            "processes": self.acc.num_processes,  # every process's state follows from this one (processes.py)
-        }
-        return self.on_main(lambda: ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
-                                                         self.cfg.output.keep_checkpoints, config=self.cfg.to_dict()))
+        """A checkpoint of this step, written by the main process (called on every process: :func:`on_main`)."""
+        def write() -> Path:  # the state is gathered where it is written, on the main process only
+            inner = getattr(optimizer, "optimizer", optimizer)
+            state = {
+                "optimizer": inner.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state(),
+                "generator": self.gen.get_state(),
+                "guard": self.guard.state() if self.guard is not None and phase == 2 else None,
+                "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
+                "processes": self.acc.num_processes,  # every process's state follows from this one (processes.py)
+            }
+            return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
+                                        self.cfg.output.keep_checkpoints, config=self.cfg.to_dict())
+
+        return on_main(self.acc, write)
