@@ -27,6 +27,7 @@ from library.files.atomic import append_text, write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 from library.training.run_lock import LOCK_NAME, lock_holder
+from library.training.training_scores import CSIM, best_step
 
 QUEUED = "app_queued.json"
 QUEUE_LOCK = ".app_queue.lock"  # in the output folder: two pages' timers never start two runs at once
@@ -35,7 +36,6 @@ RUN_FILES = ("effective_config.toml", training_runs.CONFIG, training_runs.HISTOR
 LOSS_TERMS = ("loss", "mask", "attn", "id")  # the trainer's loss_history.jsonl keys worth a chart
 SCORE_PREFIX = "eval/"
 SCORES = ("csim", "face_found", "same_person", "style")  # library/training/training_scores.py's eval/* keys
-SCORE = "eval/csim"  # the likeness of the samples to the source faces (library/training/training_scores.py)
 
 
 @dataclass
@@ -96,11 +96,10 @@ def last_error(log: Path) -> str:
 
 def best_score(history: list[dict] | tuple) -> tuple[str, float | None]:
     """("phase P step S", csim) of the record with the highest eval/csim, ("", None) when none has one."""
-    scored = [r for r in history if isinstance(r.get(SCORE), (int, float)) and r[SCORE] == r[SCORE]]
-    if not scored:
+    top = best_step(history)  # the trainer's own rule, so the page names the step the run's last line names
+    if top is None:
         return "", None
-    top = max(scored, key=lambda r: r[SCORE])
-    return f"phase {int(top.get('phase', 1))} step {int(top['step'])}", float(top[SCORE])
+    return f"phase {int(top.get('phase', 1))} step {int(top['step'])}", float(top[CSIM])
 
 
 def holder(folder: Path) -> dict | None:
