@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from library.files.messages import one_line
 from library.files.weights import load_pickled_weights
 from library.models.dlib_resnet import DlibFaceResNet, load_dlib_resnet
 from library.models.iresnet import IBasicBlock, IResNet
@@ -99,8 +100,7 @@ def _iresnet_from_state_dict(sd: dict[str, Tensor], path: Path) -> IResNet:
         net = IResNet(IBasicBlock, **iresnet_config(sd))
         net.load_state_dict(sd, strict=True)
     except (KeyError, RuntimeError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not an arcface_torch iresnet state_dict ({msg[:200]})") from e
+        raise ValueError(f"{path}: not an arcface_torch iresnet state_dict ({one_line(e, 200, first_line=True)})") from e
     return net.eval()
 
 
@@ -131,7 +131,7 @@ def _load_onnx(path: Path) -> ArcFace:
         net.requires_grad_(False)
     except Exception as e:  # noqa: BLE001 - conversion failures come in every type
         raise ValueError(f"{path}: ONNX model could not be converted to torch ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                         f"{one_line(e, 200, first_line=True)})") from e
     # Check the conversion against onnxruntime on a fixed input before trusting it.
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, *hw, generator=g) * 2 - 1
@@ -146,7 +146,7 @@ def _load_onnx(path: Path) -> ArcFace:
         out = out.float().numpy()
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: converted ONNX model could not be checked against onnxruntime "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+                         f"({type(e).__name__}: {one_line(e, 200, first_line=True)})") from e
     diff = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf")
     tol = 1e-3 * max(1.0, float(np.abs(ref).max()))
     if not diff <= tol:

@@ -144,7 +144,7 @@ def load_vae(vae: str, config_source: Path, dtype: torch.dtype = torch.float32, 
         try:
             model = AutoencoderKL.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{where}: cannot load this VAE folder ({str(err).splitlines()[0]})") from err
+            raise ModelLoadError(f"{where}: cannot load this VAE folder ({one_line(err, first_line=True)})") from err
         return model.to(dtype)
     if not path.is_file():
         raise ModelLoadError(f"{where}: not found; give a VAE .safetensors file or a diffusers VAE folder")
