@@ -1,0 +1,5 @@
+import sys
+
+from testkit.toyworld.sets import main
+
+sys.exit(main())
