@@ -31,6 +31,7 @@ SLOW_TESTS = {
     "test_evaluate": {"test_real_photos_same_person_beats_every_other_person", "test_cli_all_metrics",
                       "test_cli_skips_and_report", "test_a_45px_face_is_found_and_scored"},
     "test_config": {"test_cli_error_is_one_line"},
+    "test_toyworld": {"test_pretraining_resumes_exactly"},
     "test_face_identity": {"test_same_person_scores_above_every_different_person", "test_group_photo_every_face_largest_first",
                            "test_random_arcface_loads_and_embeds", "test_small_face_beside_a_larger_one_is_found",
                            "test_bad_arcface_file_is_one_line"},
