@@ -489,3 +489,20 @@ def test_default_config_trains_with_dlibs_identity_loss(tiny_model, prepared_dat
     ident.sum().backward()
     grads = [p.grad for n, p in trainer.unet.named_parameters() if "lora_B" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "no LoRA gradient through dlib's chip"
+
+
+def test_a_source_set_without_faces_trains_with_the_identity_loss_off(tiny_model, tmp_path, capsys):
+    """Photos in which prepare found no face (here the toy world's subject, which has none) leave the
+    identity loss nothing to compare with: the default config says so in one line and trains on."""
+    from testkit.toyworld.sets import write_sets
+
+    folder, _ = tiny_model
+    sets = write_sets(tmp_path / "world", n=2)
+    cfg = load_config("configs/test_tiny.toml", [f'model.pretrained="{folder}"', f'data.source_dir="{sets["source"]}"',
+                                                 f'data.reference_dir="{sets["reference"]}"', f'output.dir="{tmp_path / "out"}"',
+                                                 "data.resolution=64", "sample.every=0"])
+    assert cfg.loss.id_weight > 0
+    trainer = MagiCaptureTrainer(cfg)
+    assert trainer.id_term is None
+    said = [line for line in capsys.readouterr().out.splitlines() if "identity (ID) loss" in line]
+    assert said == [f"identity (ID) loss off: no face was found in any source photo ({sets['source']})"]

@@ -138,7 +138,10 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.unet.train()  # diffusers only checkpoints in training mode; there is no dropout to worry about
 
         self.id_term: IdentityTerm | None = None
-        if cfg.loss.id_weight > 0:
+        if cfg.loss.id_weight > 0 and not bool(self.source.has_face.any()):
+            # nothing to compare a sample's face with; the masked reconstruction still trains the subject
+            self.print(f"identity (ID) loss off: no face was found in any source photo ({cfg.data.source_dir})")
+        elif cfg.loss.id_weight > 0:
             from library.models.identity import load_identity_encoder
 
             with self.clock.stage("cache"):  # the source faces' embeddings
@@ -170,8 +173,6 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         items = load_prepared_folder(folder, kind, self.resolution, captions=sidecar)
         if len(items) < self.cfg.data.min_images:
             self.print(f"warning: {folder} has {len(items)} {kind} images; the paper uses 4 to 6")
-        if kind == "source" and not any(it.landmarks is not None for it in items):
-            self.print(f"warning: no face landmarks in {folder}: the identity loss cannot run")
         if sidecar:
             warning = check_caption_tokens(
                 folder, token, self.token_ids[token], [(f"{it.name}.txt", it.caption) for it in items],
