@@ -115,3 +115,17 @@ def test_pretraining_resumes_exactly(tmp_path):
     # the finished folder carries the measured latent scale
     scale = json.loads((tmp_path / "a" / "state" / "progress.json").read_text())["scaling_factor"]
     assert json.loads((tmp_path / "a" / "toy_base" / "vae" / "config.json").read_text())["scaling_factor"] == scale
+
+
+def test_evidence_colour_shares_by_hand():
+    """The evidence bench counts a pixel for the subject / the style by its nearest world colour."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.method_evidence import colour_shares
+
+    near = lambda c, d: tuple(min(255, max(0, v + d)) for v in c)  # noqa: E731  a pixel a little off a colour
+    pixels = [near(SUBJECT.colour, 6), SUBJECT.second, near(SUBJECT.second, -5),  # 3 subject
+              STYLE[1], STYLE[2], near(STYLE[1], 4), STYLE[2], STYLE[2],  # 5 style
+              (128, 128, 128), COLOURS["red"]]  # 2 neither
+    assert colour_shares(np.array(pixels, np.uint8).reshape(1, 2, 5, 3)) == (0.3, 0.5)
