@@ -44,8 +44,10 @@ def test_the_list_shows_command_line_runs_with_best_step_and_likeness(tmp_path):
     out = tmp_path / "out"
     cli = out / "from_terminal"  # no page files: what train_magicapture.py writes
     _history(cli, [{"phase": 1, "step": 10, "loss": 1.0},
-                   {"phase": 2, "step": 10, "loss": 0.5, "eval/csim": 0.41, "eval/face_found": 1.0},
-                   {"phase": 2, "step": 20, "loss": 0.4, "eval/csim": 0.37}])
+                   {"phase": 2, "step": 10, "loss": 0.5, "eval/identity": 0.41, "eval/copy_share": 0.25,
+                    "eval/face_found": 1.0},
+                   # more alike but copying a photo: the trainer's rule passes it over, so the page does
+                   {"phase": 2, "step": 20, "loss": 0.4, "eval/identity": 0.47, "eval/copy_share": 0.75}])
     (cli / "effective_config.toml").write_text(CONFIG)
     (out / "not_a_run").mkdir()
     other = out / "half"
