@@ -58,6 +58,10 @@ def test_the_list_shows_command_line_runs_with_best_step_and_likeness(tmp_path):
     assert rows["from_terminal"] == ["from_terminal", "finished: phase 2 step 20/20", "30/30", "phase 2 step 10",
                                      "0.410"]
     assert rows["half"] == ["half", "stopped: phase 1 step 3", "3", "", ""]
+    # every scored step copies: the page names the trainer's fallback and says so
+    assert runs.best_score([{"phase": 2, "step": 10, "eval/identity": 0.5, "eval/copy_share": 0.75},
+                            {"phase": 2, "step": 20, "eval/identity": 0.6, "eval/copy_share": 1.0}]) == (
+        "phase 2 step 10 (copies: no step under the copy limit)", 0.5)
 
 
 def test_saved_config_is_what_the_form_shows_again(tmp_path):
