@@ -136,8 +136,10 @@ def test_results_show_the_scores_the_step_files_and_what_is_missing(tmp_path):
     (run / "evaluation").mkdir(parents=True)
     (run / "evaluation" / "metrics.json").write_text(json.dumps({"folders": {}, "summary": {
         "csim": {"mean": 0.4125, "std": 0.02, "n": 2}, "style": {"mean": None, "std": None, "n": 0},
-        "face_found": {"mean": 1.0, "std": 0.0, "n": 2}}}))
+        "face_found": {"mean": 1.0, "std": 0.0, "n": 2}, "copied": {"mean": 0.5, "std": 0.5, "n": 2}}}))
     assert results.evaluation_scores(run) == [["identity (CSIM, higher is more alike)", "0.412", "0.020", "2"],
+                                              ["copy share (nearer one photo than the photos are to each other)",
+                                               "0.500", "0.500", "2"],
                                               ["face found (share of images)", "1.000", "0.000", "2"],
                                               ["style (masked CLIP)", "skipped", "", "0"]]
     assert results.evaluation_scores(tmp_path / "none") == []

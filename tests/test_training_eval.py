@@ -96,6 +96,9 @@ def test_scores_of_known_images():
     assert PreviewScoring.describe(scores) == ("csim 0.402 | identity 0.569 | copy 0.000 | copy share 0.67 | "
                                                "face found 0.75 | same person 0.25")
 
+    assert PreviewScoring.describe({training_scores.FACE_FOUND: 1.0, training_scores.SAME_PERSON: 1.0, "pose/frontal": 3.0,
+                                    "pose/left": 1.0, "pose/up": 0.0}) == (
+        "csim - (no face) | face found 1.00 | same person 1.00 | poses frontal 3, left 1")
     none = scorer.score([solid((0, 0, 0))])
     assert none == {training_scores.FACE_FOUND: 0.0, training_scores.SAME_PERSON: 0.0}
     with pytest.raises(training_scores.ScoringUnavailable, match="finds no face in the source images"):
