@@ -219,8 +219,8 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
         "output.keep_checkpoints=5", "logging.print_every=0",
     ])
     MagiCaptureTrainer(cfg).run()
-    printed = capsys.readouterr()
-    printed = printed.out + printed.err
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
     assert loaded == [str(arcface)], "the network is loaded once, from loss.identity_weights"
 
     # the scores, from the saved PNGs by hand: one stand-in embedding per source PNG and per sample tile
@@ -290,12 +290,13 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
         assert not torch.equal(f1.get_tensor(up), fin.get_tensor(up)), "step 1's file holds the final LoRA"
 
     # the plot, and the best step named with its files
-    with Image.open(out / "progress.png") as plot:
-        assert plot.format == "PNG" and plot.size == (1000, 600)
-    assert f"wrote {out / 'progress.png'}" in printed
     top = best_step(history)
     best = top.entry
-    line = next(l for l in printed.splitlines() if l.startswith("best step"))
+    line = captured.out.strip().splitlines()[-1]  # the run's last line
+    assert line.startswith("best step: ")
+    with Image.open(out / "progress.png") as plot:
+        assert plot.format == "PNG" and plot.size == (1000, 600) and plot.text["Description"] == line
+    assert f"wrote {out / 'progress.png'}" in printed
     assert f"phase {best['phase']} step {best['step']} (identity {best['eval/identity']:.3f}" in line
     if best["phase"] == 2:
         stem = "run" if best["step"] == 3 else f"run-step{best['step']:08d}"
