@@ -55,6 +55,10 @@ def test_copy_score_and_share_by_hand():
     assert summary["copy_share"] == pytest.approx(2 / 3) and summary["faces"] == 3
     assert summary["poses"]["frontal"] == {"n": 0, "identity": None}  # no parts: no pose
     assert summarise_faces([None])["identity"] is None
+    degenerate = score_face(np.array([1.0, 0, 0]), np.zeros((5, 2)), SOURCE, ceiling)  # eyes in one point: no pose
+    assert degenerate.pose is None and degenerate.likeness.copied is True
+    assert score_face(np.array([1.0, 0, 0]), np.array([[210, 200], [190, 200], [90, 200], [110, 200], [150, 275]]),
+                      SOURCE, ceiling).pose == "frontal"
 
 
 def _parts(eye_left, eye_right, nose, half_width: float = 10.0) -> np.ndarray:

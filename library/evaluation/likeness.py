@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from library.evaluation.head_pose import POSE_BINS, head_pose, pose_bin
+
 __all__ = ["FaceLikeness", "ScoredFace", "centroid", "copy_ceiling", "face_likeness", "leave_one_out", "score_face",
            "summarise_faces", "unit_rows"]
 
@@ -105,14 +107,14 @@ class ScoredFace:
 
 def score_face(embedding: np.ndarray, parts: np.ndarray | None, source: np.ndarray,
                ceiling: float | None) -> ScoredFace:
-    """face_likeness and, when dlib's 5 `parts` ([5, 2]) are known, head_pose and pose_bin of one face."""
-    from library.evaluation.head_pose import head_pose, pose_bin
-
+    """face_likeness and, when dlib's 5 `parts` ([5, 2]) are known, head_pose and pose_bin of one face
+    (no pose for parts head_pose refuses, e.g. eyes in one point: the likeness still counts)."""
     like = face_likeness(embedding, source, ceiling)
-    if parts is None:
-        return ScoredFace(like)
-    yaw, pitch, _ = head_pose(parts)
-    return ScoredFace(like, yaw, pitch, pose_bin(yaw, pitch))
+    try:
+        yaw, pitch, _ = head_pose(parts) if parts is not None else (None, None, None)
+    except ValueError:
+        yaw = pitch = None
+    return ScoredFace(like) if yaw is None else ScoredFace(like, yaw, pitch, pose_bin(yaw, pitch))
 
 
 def summarise_faces(faces: list[ScoredFace | None]) -> dict:
@@ -122,8 +124,6 @@ def summarise_faces(faces: list[ScoredFace | None]) -> dict:
     (None when no face has a known ceiling), "faces": number of faces, "poses": {bin: {"n": count,
     "identity": mean identity of that bin's faces or None}} for every bin of POSE_BINS}; the means are
     None without a face."""
-    from library.evaluation.head_pose import POSE_BINS
-
     found = [f for f in faces if f is not None]
     mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
     judged = [f.likeness.copied for f in found if f.likeness.copied is not None]

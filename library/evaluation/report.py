@@ -95,7 +95,7 @@ def likeness_lines(likeness: dict) -> list[str]:
         return []
     share = likeness["copy_share"]
     lines = [f"identity (centroid): {likeness['identity']:.3f} | copy score {likeness['copy']:.3f} | copy share "
-             + ("not measured (one source face)" if share is None else
+             + ("not measured (one source face)" if share is None else  # faces exist here: None means no ceiling
                 f"{share:.0%} (nearest source photo above the photos' own highest pairwise {likeness['ceiling']:.3f})")]
     lines.append("poses: " + ", ".join(f"{name} {b['n']}" + ("" if b["identity"] is None else f" (identity {b['identity']:.3f})")
                                        for name, b in likeness["poses"].items()))
@@ -118,7 +118,7 @@ def likeness_html(likeness: dict) -> str:
     rows = [("identity (cosine with the source faces' centroid)", _fmt(likeness["identity"])),
             ("copy score (nearest source face minus centroid)", _fmt(likeness["copy"])),
             ("copy share (nearer to one source photo than any two source photos are)",
-             "not measured (one source face)" if share is None else f"{share:.0%}"),
+             "not measured (one source face)" if ceiling is None else ("-" if share is None else f"{share:.0%}")),
             ("source photos' highest pairwise cosine (the copy ceiling)", _fmt(ceiling))]
     table = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     poses = "".join(f"<tr><th>{e(name)}</th><td>{b['n']}</td><td>{_fmt(b['identity'])}</td></tr>"
