@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.evaluation.clip_scores import ClipImageEmbedder, load_aesthetic
     from library.evaluation.folders import read_folder
     from library.evaluation.metrics import evaluate_images
-    from library.evaluation.report import COMPARABILITY, write_outputs
+    from library.evaluation.report import COMPARABILITY, likeness_lines, write_outputs
     from library.files.messages import UserError, one_line, report_error
 
     def say(line: str) -> None:
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         elif key == "csim" and identity is not None:
             print("CSIM: none (no face found in any generated image)" if ev.source_faces else
                   "CSIM: none (no face found in any source image)")
+    for line in likeness_lines(ev.likeness):
+        print(line)
     if identity is not None:
         print(f"identity network: {identity.name}. {COMPARABILITY}")
     print(f"wrote {', '.join(p.name for p in paths)} to {out}")

@@ -44,8 +44,10 @@ def test_the_list_shows_command_line_runs_with_best_step_and_likeness(tmp_path):
     out = tmp_path / "out"
     cli = out / "from_terminal"  # no page files: what train_magicapture.py writes
     _history(cli, [{"phase": 1, "step": 10, "loss": 1.0},
-                   {"phase": 2, "step": 10, "loss": 0.5, "eval/csim": 0.41, "eval/face_found": 1.0},
-                   {"phase": 2, "step": 20, "loss": 0.4, "eval/csim": 0.37}])
+                   {"phase": 2, "step": 10, "loss": 0.5, "eval/identity": 0.41, "eval/copy_share": 0.25,
+                    "eval/face_found": 1.0},
+                   # more alike but copying a photo: the trainer's rule passes it over, so the page does
+                   {"phase": 2, "step": 20, "loss": 0.4, "eval/identity": 0.47, "eval/copy_share": 0.75}])
     (cli / "effective_config.toml").write_text(CONFIG)
     (out / "not_a_run").mkdir()
     other = out / "half"
@@ -56,6 +58,10 @@ def test_the_list_shows_command_line_runs_with_best_step_and_likeness(tmp_path):
     assert rows["from_terminal"] == ["from_terminal", "finished: phase 2 step 20/20", "30/30", "phase 2 step 10",
                                      "0.410"]
     assert rows["half"] == ["half", "stopped: phase 1 step 3", "3", "", ""]
+    # every scored step copies: the page names the trainer's fallback and says so
+    assert runs.best_score([{"phase": 2, "step": 10, "eval/identity": 0.5, "eval/copy_share": 0.75},
+                            {"phase": 2, "step": 20, "eval/identity": 0.6, "eval/copy_share": 1.0}]) == (
+        "phase 2 step 10 (copies: no step under the copy limit)", 0.5)
 
 
 def test_saved_config_is_what_the_form_shows_again(tmp_path):
@@ -130,8 +136,10 @@ def test_results_show_the_scores_the_step_files_and_what_is_missing(tmp_path):
     (run / "evaluation").mkdir(parents=True)
     (run / "evaluation" / "metrics.json").write_text(json.dumps({"folders": {}, "summary": {
         "csim": {"mean": 0.4125, "std": 0.02, "n": 2}, "style": {"mean": None, "std": None, "n": 0},
-        "face_found": {"mean": 1.0, "std": 0.0, "n": 2}}}))
+        "face_found": {"mean": 1.0, "std": 0.0, "n": 2}, "copied": {"mean": 0.5, "std": 0.5, "n": 2}}}))
     assert results.evaluation_scores(run) == [["identity (CSIM, higher is more alike)", "0.412", "0.020", "2"],
+                                              ["copy share (nearer one photo than the photos are to each other)",
+                                               "0.500", "0.500", "2"],
                                               ["face found (share of images)", "1.000", "0.000", "2"],
                                               ["style (masked CLIP)", "skipped", "", "0"]]
     assert results.evaluation_scores(tmp_path / "none") == []

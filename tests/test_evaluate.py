@@ -246,8 +246,22 @@ def test_cli_skips_and_report(folders, tmp_path, capsys):
     assert metrics["summary"]["same_person"] == {"mean": 0.5, "std": 0.5, "n": 2}
     assert metrics["summary"]["style"] == {"mean": None, "std": None, "n": 0}
     csv_rows = (outdir / "metrics.csv").read_text().splitlines()
-    assert csv_rows[0] == "image,csim,style,aesthetic,face_found,same_person"
-    assert csv_rows[1].startswith("0001.png,0.99") and csv_rows[1].endswith(",,,1,1") and csv_rows[3].startswith("mean,")
+    assert csv_rows[0] == "image,csim,identity,copy,copied,style,aesthetic,face_found,same_person,yaw,pitch,pose"
+    first = csv_rows[1].split(",")
+    assert first[0] == "0001.png" and first[1].startswith("0.99") and first[4:9] == ["1", "", "", "1", "1"]
+    assert first[11] == "frontal" and csv_rows[2].split(",")[4] == "0" and csv_rows[3].startswith("mean,")
+    # 0001 is source photo a itself: nearest 1 > the photos' own 0.9925 (a and its mirror b): copied; the
+    # pasted face is not, so the copy share is 1/2
+    likeness = metrics["likeness"]
+    assert likeness["copy_share"] == 0.5 and likeness["ceiling"] == pytest.approx(0.9925, abs=0.002)
+    assert metrics["images"][0]["nearest"] == "a.png" and metrics["images"][0]["copied"] is True
+    assert [s["name"] for s in likeness["sources"]] == ["a.png", "b.png"]
+    assert likeness["sources"][0]["leave_one_out"] == pytest.approx(likeness["ceiling"], abs=1e-6)  # two photos: each other
+    assert f"copy share 50% (nearest source photo above the photos' own highest pairwise {likeness['ceiling']:.3f})" in out
+    # the pasted face is Tom Hanks's, chin tucked: "down" (as in tests/test_likeness.py)
+    assert "poses: frontal 1 (identity 0.99" in out and "left 0, right 0, up 0, down 1 (identity 0.87" in out
+    page = (outdir / "report.html").read_text()
+    assert 'id="likeness"' in page and "<td>50%</td>" in page and 'id="poses"' in page and 'id="sources"' in page
     report = _Report()
     report.feed((outdir / "report.html").read_text())
     assert report.figures == {"generated": ["0001.png", "0002.png"], "source": ["a.png", "b.png"], "reference": ["r.png"]}
@@ -361,7 +375,9 @@ def test_a_45px_face_is_found_and_scored(dlib_net):
     lines: list[str] = []
     ev = evaluate_images(gen, src, [], identity=dlib_net, note=lines.append)
     both, alone = ev.images
-    assert lines == [] and ev.source_faces == 1
+    assert lines == ["copy share not measured: one source face, so no pair of source photos to compare with ; give "
+                     "more photos"] and ev.source_faces == 1
+    assert alone.copied is None and ev.likeness["copy_share"] is None and ev.likeness["ceiling"] is None
     assert both.face_found is True and both.csim == pytest.approx(0.86, abs=0.02) and both.same_person is False
     assert alone.face_found is True and alone.same_person is True
     assert alone.csim == pytest.approx(0.99, abs=0.01)  # measured 0.990: her own face at 45 px

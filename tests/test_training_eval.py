@@ -24,7 +24,7 @@ import library.training.training_scores as training_scores
 from library.config import ConfigError, load_config
 from testkit.tiny import save_random_arcface
 from library.training.trainer import MagiCaptureTrainer
-from library.training.training_scores import PreviewScorer, PreviewScoring, best_step_message
+from library.training.training_scores import PreviewScorer, PreviewScoring, best_step, best_step_message
 
 SAME_PERSON_COSINE = -0.12  # between the cosines this run gives, so both answers occur
 
@@ -87,8 +87,18 @@ def test_scores_of_known_images():
     assert scores[training_scores.CSIM] == pytest.approx((0.5 + 1 / math.sqrt(2) + 0.0) / 3, abs=1e-6)
     # same person as the majority of the 2 source faces (cos > 0.5 with both): only yellow
     assert scores[training_scores.SAME_PERSON] == pytest.approx(1 / 4)
-    assert PreviewScoring.describe(scores) == "csim 0.402 | face found 0.75 | same person 0.25"
+    # centroid (1, 1, 0)/sqrt(2); ceiling red.green = 0. red: identity 1/sqrt(2), nearest 1, copy 1 - 1/sqrt(2),
+    # copied; yellow: identity 1, nearest 1/sqrt(2), copy 1/sqrt(2) - 1, copied; blue: 0, 0, 0, not copied
+    assert scores[training_scores.IDENTITY] == pytest.approx((1 / math.sqrt(2) + 1 + 0) / 3, abs=1e-6)
+    assert scores[training_scores.COPY] == pytest.approx(0.0, abs=1e-6)
+    assert scores[training_scores.COPY_SHARE] == pytest.approx(2 / 3)
+    assert not any(k.startswith("pose/") for k in scores)  # the stand-in network gives no dlib parts
+    assert PreviewScoring.describe(scores) == ("csim 0.402 | identity 0.569 | copy 0.000 | copy share 0.67 | "
+                                               "face found 0.75 | same person 0.25")
 
+    assert PreviewScoring.describe({training_scores.FACE_FOUND: 1.0, training_scores.SAME_PERSON: 1.0, "pose/frontal": 3.0,
+                                    "pose/left": 1.0, "pose/up": 0.0}) == (
+        "csim - (no face) | face found 1.00 | same person 1.00 | poses frontal 3, left 1")
     none = scorer.score([solid((0, 0, 0))])
     assert none == {training_scores.FACE_FOUND: 0.0, training_scores.SAME_PERSON: 0.0}
     with pytest.raises(training_scores.ScoringUnavailable, match="finds no face in the source images"):
@@ -108,26 +118,62 @@ def test_scoring_that_cannot_load_says_so_once(monkeypatch, tmp_path):
 
 
 def test_best_step_message(tmp_path):
+    """The rule on a hand-made table: the highest identity among the steps whose copy share is under 0.5;
+    a higher-identity step that copies is passed over; ties go to the earlier step."""
     history = [
-        {"phase": 1, "step": 3, "eval/csim": 0.30},
+        {"phase": 1, "step": 3, "eval/identity": 0.30, "eval/copy_share": 0.0},
         {"phase": 2, "step": 1, "loss": 1.0},
-        {"phase": 2, "step": 2, "eval/csim": 0.71},
-        {"phase": 2, "step": 3, "eval/csim": float("nan")},
-        {"phase": 2, "step": 4, "eval/csim": 0.71},  # a tie: the earlier step is kept
-        {"phase": 2, "step": 6, "eval/csim": 0.52},
+        {"phase": 2, "step": 2, "eval/identity": 0.71, "eval/copy_share": 0.25},
+        {"phase": 2, "step": 3, "eval/identity": float("nan"), "eval/copy_share": 0.0},
+        {"phase": 2, "step": 4, "eval/identity": 0.71, "eval/copy_share": 0.0},  # a tie: the earlier step is kept
+        {"phase": 2, "step": 5, "eval/identity": 0.93, "eval/copy_share": 0.75},  # most alike, but copies
+        {"phase": 2, "step": 6, "eval/identity": 0.88, "eval/copy_share": 0.5},  # at the limit: copies too
+        {"phase": 2, "step": 7, "eval/identity": 0.52, "eval/copy_share": 0.0},
     ]
+    best = best_step(history)
+    assert (best.phase, best.step, best.passed, best.identity, best.copy_share) == (2, 2, True, 0.71, 0.25)
     kept = tmp_path / "run-step00000002.safetensors"
     kept.write_bytes(b"x")
     files = {(2, 2): [kept, tmp_path / "missing.safetensors"]}
     message = best_step_message(history, lambda phase, step: files.get((phase, step), []))
-    assert message == (f"best identity (CSIM 0.710) at phase 2 step 2: {kept} (rename the embeddings without "
-                       f"-stepNNNNNNNN to prompt with the usual words)")
+    assert message == (f"best step: phase 2 step 2 (identity 0.710, copy share 0.25 < 0.5): {kept} (rename the "
+                       f"embeddings without -stepNNNNNNNN to prompt with the usual words)")
     assert best_step_message(history, lambda phase, step: []) == (
-        "best identity (CSIM 0.710) at phase 2 step 2 (no LoRA was saved at that step: set "
+        "best step: phase 2 step 2 (identity 0.710, copy share 0.25 < 0.5) (no LoRA was saved at that step: set "
         "output.save_lora_every to keep one)")
     assert best_step_message(history[:2], lambda p, s: []) == (
-        "best identity (CSIM 0.300) at phase 1 step 3 (phase 1: the embeddings alone, no LoRA yet)")
+        "best step: phase 1 step 3 (identity 0.300, copy share 0.00 < 0.5) (phase 1: the embeddings alone, no LoRA yet)")
     assert best_step_message([{"phase": 2, "step": 1, "loss": 1.0}], lambda p, s: []) is None
+    assert best_step_message([{"phase": 2, "step": 1, "eval/csim": 0.9}], lambda p, s: []) is None  # no identity
+    # one source face: no copy share, nothing to pass over
+    assert best_step([{"phase": 2, "step": 1, "eval/identity": 0.6}, {"phase": 2, "step": 2, "eval/identity": 0.7}]).step == 2
+
+
+def test_best_step_falls_back_to_the_least_copying_step():
+    """Every scored step copies: the lowest copy share is named (then the higher identity), and the line says so."""
+    history = [{"phase": 2, "step": 1, "eval/identity": 0.95, "eval/copy_share": 1.0},
+               {"phase": 2, "step": 2, "eval/identity": 0.80, "eval/copy_share": 0.5},
+               {"phase": 2, "step": 3, "eval/identity": 0.85, "eval/copy_share": 0.5},
+               {"phase": 2, "step": 4, "eval/identity": 0.90, "eval/copy_share": 0.75}]
+    best = best_step(history)
+    assert (best.step, best.passed) == (3, False)
+    assert best_step_message(history, lambda p, s: []) == (
+        "best step: none kept its copy share under 0.5 (the samples copy training photos; give more varied photos "
+        "or train fewer steps); the least copying is phase 2 step 3 (identity 0.850, copy share 0.50) (no LoRA was "
+        "saved at that step: set output.save_lora_every to keep one)")
+
+
+def test_progress_png_marks_the_best_step(tmp_path):
+    """The best-step line (with its files) is written under the plots and kept as the PNG's Description."""
+    from library.training.progress_plot import plot_progress
+
+    history = [{"phase": 2, "step": 1, "loss": 0.5, "eval/identity": 0.9, "eval/copy_share": 0.0},
+               {"phase": 2, "step": 2, "loss": 0.4, "eval/identity": 0.8, "eval/copy_share": 0.0}]
+    line = best_step_message(history, lambda p, s: [])
+    path = plot_progress(history, tmp_path / "progress.png", 2, best_step(history).entry, training_scores.IDENTITY, line)
+    with Image.open(path) as plot:
+        assert plot.size == (1000, 600) and plot.text["Description"] == line
+        assert line.startswith("best step: phase 2 step 1 ")
 
 
 def test_save_lora_every_is_checked_and_its_temporaries_found(prepared_data, tmp_path):
@@ -173,8 +219,8 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
         "output.keep_checkpoints=5", "logging.print_every=0",
     ])
     MagiCaptureTrainer(cfg).run()
-    printed = capsys.readouterr()
-    printed = printed.out + printed.err
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
     assert loaded == [str(arcface)], "the network is loaded once, from loss.identity_weights"
 
     # the scores, from the saved PNGs by hand: one stand-in embedding per source PNG and per sample tile
@@ -199,6 +245,10 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
         if faces:
             seen_face = True
             assert h["eval/csim"] == pytest.approx(np.mean([np.mean(row) for row in cos]), abs=1e-5)
+            unit = [np.asarray(s, np.float64) / np.linalg.norm(s) for s in sources]
+            centre = np.mean(unit, 0) / np.linalg.norm(np.mean(unit, 0))
+            assert h["eval/identity"] == pytest.approx(np.mean([f @ centre / np.linalg.norm(f) for f in faces]), abs=1e-5)
+            assert h["eval/copy"] == pytest.approx(np.mean([max(row) for row in cos]) - h["eval/identity"], abs=1e-5)
         else:
             seen_none = True
             assert "eval/csim" not in h
@@ -240,13 +290,14 @@ def test_training_logs_scores_saves_steps_and_plots(tiny_model, prepared_data, t
         assert not torch.equal(f1.get_tensor(up), fin.get_tensor(up)), "step 1's file holds the final LoRA"
 
     # the plot, and the best step named with its files
+    top = best_step(history)
+    best = top.entry
+    line = captured.out.strip().splitlines()[-1]  # the run's last line
+    assert line.startswith("best step: ")
     with Image.open(out / "progress.png") as plot:
-        assert plot.format == "PNG" and plot.size == (1000, 600)
+        assert plot.format == "PNG" and plot.size == (1000, 600) and plot.text["Description"] == line
     assert f"wrote {out / 'progress.png'}" in printed
-    scored = [h for h in history if "eval/csim" in h]
-    best = max(scored, key=lambda h: h["eval/csim"])  # the first of equals, as best_step
-    line = next(l for l in printed.splitlines() if l.startswith("best identity"))
-    assert line.startswith(f"best identity (CSIM {best['eval/csim']:.3f}) at phase {best['phase']} step {best['step']}")
+    assert f"phase {best['phase']} step {best['step']} (identity {best['eval/identity']:.3f}" in line
     if best["phase"] == 2:
         stem = "run" if best["step"] == 3 else f"run-step{best['step']:08d}"
         assert str(out / f"{stem}.safetensors") in line
@@ -294,8 +345,19 @@ def test_real_network_scores_the_person_above_another(tmp_path):
     sources = [net.faces(np.asarray(im))[0].embedding for im in (astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
     per_image = [np.mean([net.similarity(net.faces(np.asarray(im))[0].embedding, s) for s in sources]) for im in samples[:2]]
     assert per_image[0] > 0.95 > per_image[1]  # measured: 0.98-1.0 for the astronaut, 0.82-0.89 for others
+    embedded = [net.faces(np.asarray(im))[0].embedding.astype(np.float64) for im in samples[:2]]
+    centre = (sources[0] + sources[1]) / np.linalg.norm(sources[0] + sources[1])  # both unit already
+    identity = [float(e @ centre) for e in embedded]
+    nearest = [max(float(e @ s) for s in sources) for e in embedded]
     assert scores == pytest.approx({"eval/face_found": 2 / 3, "eval/same_person": 1 / 3,
-                                    "eval/csim": float(np.mean(per_image))}, abs=1e-6)
+                                    "eval/csim": float(np.mean(per_image)), "eval/identity": float(np.mean(identity)),
+                                    "eval/copy": float(np.mean(nearest)) - float(np.mean(identity)),
+                                    # the half-size astronaut is less like either photo (0.990) than they are
+                                    # like each other (0.9925): not a copy; nor is the stranger
+                                    "eval/copy_share": 0.0,
+                                    # both faces near-frontal (yaw 4 and 5 degrees, pitch 0 and 10, measured)
+                                    "pose/frontal": 2.0, "pose/left": 0.0, "pose/right": 0.0, "pose/up": 0.0,
+                                    "pose/down": 0.0}, abs=1e-5)
 
 
 def test_style_score_masks_faces_and_averages_over_references(tmp_path, monkeypatch):

@@ -92,7 +92,10 @@ def evaluate(out_dir: Path, source: Path, reference: Path) -> tuple[int, str]:
     return proc.returncode, "\n".join(lines[-15:])
 
 
-SCORE_NAMES = {"csim": "identity (CSIM, higher is more alike)", "face_found": "face found (share of images)",
+SCORE_NAMES = {"csim": "identity (CSIM, higher is more alike)",
+               "identity": "identity against the source faces' centroid", "copy": "copy score (nearest photo minus centroid)",
+               "copied": "copy share (nearer one photo than the photos are to each other)",
+               "face_found": "face found (share of images)",
                "same_person": "same person (share of images)", "style": "style (masked CLIP)",
                "aesthetic": "aesthetic"}
 

@@ -27,7 +27,7 @@ from library.files.atomic import append_text, write_text
 from library.files.messages import one_line
 from library.files.text import TextFileError, read_text_file
 from library.training.run_lock import LOCK_NAME, lock_holder
-from library.training.training_scores import CSIM, best_step
+from library.training.training_scores import best_step
 
 QUEUED = "app_queued.json"
 QUEUE_LOCK = ".app_queue.lock"  # in the output folder: two pages' timers never start two runs at once
@@ -51,7 +51,7 @@ class RunInfo:
     step: int = 0
     total: tuple[int, int] = (0, 0)  # (phase-1, phase-2) steps of its config, 0 when unknown
     best_step: str = ""  # "phase 2 step 20": the step whose samples looked most like the person
-    likeness: float | None = None  # eval/csim at best_step
+    likeness: float | None = None  # eval/identity (cosine with the source faces' centroid) at best_step
     pid: int | None = None
     history: tuple = ()
 
@@ -95,11 +95,12 @@ def last_error(log: Path) -> str:
 
 
 def best_score(history: list[dict] | tuple) -> tuple[str, float | None]:
-    """("phase P step S", csim) of the record with the highest eval/csim, ("", None) when none has one."""
+    """("phase P step S", identity) of training_scores.best_step (the step with the highest centroid
+    identity whose copy share is under the limit; "..., copies" when no step was), ("", None) without one."""
     top = best_step(history)  # the trainer's own rule, so the page names the step the run's last line names
     if top is None:
         return "", None
-    return f"phase {int(top.get('phase', 1))} step {int(top['step'])}", float(top[CSIM])
+    return f"phase {top.phase} step {top.step}" + ("" if top.passed else " (copies: no step under the copy limit)"), top.identity
 
 
 def holder(folder: Path) -> dict | None:

@@ -92,6 +92,9 @@ class FoundFace:
     embedding: np.ndarray  # [d] float32, L2-normalised (d = 128 for dlib, 512 for w600k_r50)
     score: float = 0.0  # the HOG detector's score (higher: surer); 0 for faces given by landmarks
     landmarks_source: str = "dlib"  # "dlib" (mouth from the template), "mediapipe" (mesh), "given"
+    # dlib's 5 parts [5, 2] (image-right eye outer, inner corner, image-left eye outer, inner, nose base):
+    # measured for every network's faces (the head pose, library.evaluation.head_pose, is read from them)
+    parts: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -235,13 +238,13 @@ class IdentityNetwork:
         found = []
         for box, score in self._detect(rgb):
             shape, parts = self._shape(rgb, box)
-            found.append((box, score, shape, arcface_points_from_dlib(parts)))
+            found.append((box, score, shape, arcface_points_from_dlib(parts), parts))
         found.sort(key=lambda f: -(f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
         if not found:
             return []
         embeddings, landmarks, sources = self._embed_found(rgb, found)
-        return [FoundFace(box=tuple(float(v) for v in f[0]), landmarks=lm, embedding=e, score=f[1], landmarks_source=src)
-                for f, e, lm, src in zip(found, embeddings, landmarks, sources)]
+        return [FoundFace(box=tuple(float(v) for v in f[0]), landmarks=lm, embedding=e, score=f[1], landmarks_source=src,
+                          parts=f[4].astype(np.float32)) for f, e, lm, src in zip(found, embeddings, landmarks, sources)]
 
     def embed(self, rgb: np.ndarray, landmarks: np.ndarray) -> FoundFace:
         """Embed the face at known ArcFace-order `landmarks` ([5, 2] pixels), without running the detector
@@ -251,10 +254,10 @@ class IdentityNetwork:
         rgb = _check_rgb(rgb)
         landmarks = np.asarray(landmarks, np.float32).reshape(5, 2)
         box = _box_from_points(landmarks)
-        shape, _ = self._shape(rgb, box)
-        embeddings, points, _ = self._embed_found(rgb, [(box, 0.0, shape, landmarks)], given=True)
+        shape, parts = self._shape(rgb, box)
+        embeddings, points, _ = self._embed_found(rgb, [(box, 0.0, shape, landmarks, parts)], given=True)
         return FoundFace(box=tuple(float(v) for v in box), landmarks=points[0], embedding=embeddings[0],
-                         score=0.0, landmarks_source="given")
+                         score=0.0, landmarks_source="given", parts=parts.astype(np.float32))
 
     def _embed_found(self, rgb, found, given: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
         raise NotImplementedError
@@ -322,7 +325,7 @@ class ArcFaceIdentity(IdentityNetwork):
 
         meshes = detect_face_landmarks(rgb)
         points, sources, used = [], [], set()
-        for box, _, _, derived in found:
+        for box, _, _, derived, _ in found:
             x0, y0, x1, y1 = box
             match = next((i for i, m in enumerate(meshes) if i not in used
                           and x0 <= m[2][0] <= x1 and y0 <= m[2][1] <= y1), None)

@@ -6,6 +6,11 @@
 - style: cosine similarity of CLIP image embeddings of the generated image and each reference image,
   faces masked out in both, averaged over the references.
 - aesthetic: the LAION improved aesthetic predictor on the generated image's CLIP embedding.
+- identity: cosine with the centroid of the source faces; copy: cosine with the nearest single source
+  face minus identity; copied: that nearest cosine above the highest cosine two source faces reach
+  between themselves (library.evaluation.likeness says why); yaw, pitch and pose bin from dlib's 5 parts
+  (library.evaluation.head_pose). `Evaluation.likeness` holds the copy share, identity per pose bin and
+  each source photo's leave-one-out identity.
 - face found: whether the identity network finds a face; same person: whether the face passes the
   network's own same-person threshold against at least half of the source faces.
 
@@ -20,8 +25,9 @@ from typing import Callable
 import numpy as np
 
 from library.evaluation.folders import EvalImage
+from library.evaluation.likeness import ScoredFace, copy_ceiling, leave_one_out, score_face, summarise_faces
 
-METRICS = ("csim", "style", "aesthetic", "face_found", "same_person")
+METRICS = ("csim", "identity", "copy", "copied", "style", "aesthetic", "face_found", "same_person")
 
 
 @dataclass
@@ -30,6 +36,13 @@ class ImageScores:
 
     name: str
     csim: float | None = None
+    identity: float | None = None  # cosine with the source faces' centroid
+    copy: float | None = None  # cosine with the nearest source face minus identity
+    copied: bool | None = None  # nearer to one source face than any two source faces are to each other
+    nearest: str | None = None  # that source face's file name
+    yaw: float | None = None  # degrees, + = nose to the image's right
+    pitch: float | None = None  # degrees, + = looking up
+    pose: str | None = None  # frontal, left, right, up or down
     style: float | None = None
     aesthetic: float | None = None
     face_found: bool | None = None
@@ -43,6 +56,9 @@ class Evaluation:
     networks: dict[str, str | None]  # "identity", "clip", "aesthetic" -> what produced it (None: skipped)
     notes: list[str] = field(default_factory=list)  # skip lines and per-file warnings, in order
     source_faces: int = 0  # source images whose face the identity network found
+    # library.evaluation.likeness.summarise_faces of the generated faces, plus "ceiling" (the source
+    # faces' highest pairwise cosine) and "sources" ([{"name", "leave_one_out"}]); {} without identity
+    likeness: dict = field(default_factory=dict)
 
 
 def summarise(images: list[ImageScores]) -> dict[str, dict]:
@@ -57,15 +73,16 @@ def summarise(images: list[ImageScores]) -> dict[str, dict]:
     return out
 
 
-def _source_embeddings(identity, source: list[EvalImage], note: Callable[[str], None]) -> np.ndarray:
-    rows = []
+def _source_embeddings(identity, source: list[EvalImage], note: Callable[[str], None]) -> tuple[np.ndarray, list[str]]:
+    rows, names = [], []
     for item in source:
         faces = identity.faces(item.rgb)
         if not faces:
             note(f"warning: {item.path}: no face found by {identity.name} ; left out of the source faces")
             continue
         rows.append(np.asarray(faces[0].embedding, np.float32))
-    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+        names.append(item.path.name)
+    return (np.stack(rows) if rows else np.zeros((0, 0), np.float32)), names
 
 
 def evaluate_images(
@@ -95,9 +112,12 @@ def evaluate_images(
 
     networks = {"identity": getattr(identity, "name", None), "clip": getattr(clip, "name", None),
                 "aesthetic": "LAION improved aesthetic predictor" if (aesthetic is not None and clip is not None) else None}
-    src = np.zeros((0, 0), np.float32)
+    src, src_names, ceiling = np.zeros((0, 0), np.float32), [], None
     if identity is not None:
-        src = _source_embeddings(identity, source, say)
+        src, src_names = _source_embeddings(identity, source, say)
+        ceiling = copy_ceiling(src) if len(src) else None
+        if len(src) == 1:
+            say("copy share not measured: one source face, so no pair of source photos to compare with ; give more photos")
         if len(src) == 0:
             say(f"skipped CSIM: {identity.name} found no face in any source image ; give photos where the face is visible")
     ref = None
@@ -109,6 +129,7 @@ def evaluate_images(
         ref = clip.embed([r.rgb for r in reference], masks)
 
     scores: list[ImageScores] = []
+    scored: list[ScoredFace | None] = []
     for item in progress(generated):
         s = ImageScores(item.path.name)
         if identity is not None:
@@ -119,6 +140,10 @@ def evaluate_images(
                 s.csim = float(np.mean([identity.similarity(emb, e) for e in src]))
                 votes = sum(bool(identity.same_person(emb, e)) for e in src)
                 s.same_person = 2 * votes >= len(src)
+                face = score_face(emb, getattr(faces[0], "parts", None), src, ceiling)
+                s.identity, s.copy, s.copied = face.likeness.identity, face.likeness.copy, face.likeness.copied
+                s.nearest, s.yaw, s.pitch, s.pose = src_names[face.likeness.nearest_index], face.yaw, face.pitch, face.pose
+                scored.append(face)
             elif len(src):
                 s.same_person = False  # no face is not the same person: the share is over all images
         if clip is not None:
@@ -129,4 +154,8 @@ def evaluate_images(
 
                 s.aesthetic = float(aesthetic_scores(aesthetic, clip.embed([item.rgb]))[0])
         scores.append(s)
-    return Evaluation(scores, summarise(scores), networks, notes, int(len(src)))
+    likeness = {}
+    if len(src):
+        likeness = summarise_faces(scored) | {"ceiling": ceiling, "sources": [
+            {"name": n, "leave_one_out": v} for n, v in zip(src_names, leave_one_out(src))]}
+    return Evaluation(scores, summarise(scores), networks, notes, int(len(src)), likeness)

@@ -21,10 +21,13 @@ def read_history(path: str | Path) -> list[dict]:
             if isinstance(entry, dict) and "phase" in entry and "step" in entry]
 
 
-def plot_progress(history: list[dict], path: str | Path, phase1_steps: int) -> Path:
+def plot_progress(history: list[dict], path: str | Path, phase1_steps: int, best: dict | None = None,
+                  best_key: str = "", best_line: str = "") -> Path:
     """Write a 1000 x 600 px PNG to `path` atomically: the loss terms (top, log scale) and the ``eval/*``
     scores (bottom) over the run's global step (phase-2 steps follow `phase1_steps`), with a
-    line where phase 2 starts. Returns `path`."""
+    line where phase 2 starts. `best` (the history entry training_scores.best_step picked) is marked by a
+    dashed line and a star on its `best_key` score (the one the rule chose on); `best_line` (the run's best-step line, naming the files saved
+    at it) is written under the plots and kept in the PNG's ``Description`` text. Returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training machine
@@ -50,14 +53,22 @@ def plot_progress(history: list[dict], path: str | Path, phase1_steps: int) -> P
         for ax in (losses, scores):
             if any(e["phase"] == 2 for e in history):
                 ax.axvline(phase1_steps + 0.5, color="grey", linestyle=":", linewidth=1)
+            if best is not None:
+                ax.axvline(x_of(best), color="tab:red", linestyle="--", linewidth=1)
+        if best is not None and isinstance(best.get(best_key), (int, float)):
+            scores.plot([x_of(best)], [best[best_key]], marker="*", markersize=16, color="tab:red", linestyle="",
+                        label=f"best step ({best_key.split('/', 1)[-1]})")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="upper right", fontsize="small")
         if not score_keys:
             scores.text(0.5, 0.5, "no preview scores (sample.every = 0, or no face found)", ha="center",
                         va="center", transform=scores.transAxes)
         fig.tight_layout()
+        if best_line:  # the line is long (it names files): small, wrapped, under the plots
+            fig.subplots_adjust(bottom=0.16)
+            fig.text(0.01, 0.01, best_line, fontsize=7, wrap=True, va="bottom")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI)
+            fig.savefig(tmp, format="png", dpi=DPI, metadata={"Description": best_line} if best_line else None)
     finally:
         plt.close(fig)
     return Path(path)

@@ -316,12 +316,12 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             with self.clock.stage("export"):
                 result = export_outputs(self)
             self.clock.write(self.out_dir / "timings.json")
-            report_progress(self.cfg, self.print)
             lora = {"UNet": self.unet} if self.lora_added else {}
             for i, encoder in enumerate(self.text_encoders if self.lora_added else ()):
                 lora["text encoder" + (f" {i + 1}" if i else "")] = encoder
             for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
                 self.print(line)
+            report_progress(self.cfg, self.print)  # last: the run's last line names the best step
         self.acc.end_training()
         return result
 

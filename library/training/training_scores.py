@@ -4,24 +4,40 @@ Users cannot tell from the losses when identity peaks (a LoRA trained past it dr
 person); the previews already draw the composed prompt at every ``sample.every``, so their faces are
 embedded with the evaluation's identity network and compared with the source set's faces, embedded once.
 The figures go into the history entry of that step as ``eval/*`` keys (``loss_history.jsonl``,
-TensorBoard, the log line).
+TensorBoard, the log line): the paper's CSIM, and library.evaluation.likeness's identity against the
+source faces' centroid, copy score and copy share (evaluate.py's figures, the same code), with the
+preview faces' pose bins as ``pose/*`` counts.
+
+The BEST STEP (:func:`best_step`, the one rule: the run's last line, ``progress.png`` and the web page's
+run list all call it): the scored step with the highest ``eval/identity`` among those whose
+``eval/copy_share`` is under COPY_SHARE_LIMIT = 0.5, i.e. where fewer than half of the previews with a
+face are nearer to one training photo than any two training photos are to each other (a step whose
+samples mostly paste a selfie is passed over however alike they look). A step without a copy share (one
+source face: nothing to compare with) is not passed over. When every scored step is over the limit, the
+step with the lowest copy share (then the highest identity) is named instead, and the line says so.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from library.evaluation.head_pose import POSE_BINS
+from library.evaluation.likeness import copy_ceiling, score_face, summarise_faces
 from library.files.images import read_image
 from library.files.text import read_text_file
 
 # the keys one scoring adds to a history entry
 CSIM, FACE_FOUND, SAME_PERSON, STYLE = "eval/csim", "eval/face_found", "eval/same_person", "eval/style"
+IDENTITY, COPY, COPY_SHARE = "eval/identity", "eval/copy", "eval/copy_share"
+POSE_KEYS = {name: f"pose/{name}" for name in POSE_BINS}  # how many preview faces in each pose bin
+COPY_SHARE_LIMIT = 0.5  # a step is the best step only with a copy share under this (see the module's text)
 
 
 class ScoringUnavailable(RuntimeError):
@@ -64,6 +80,7 @@ class PreviewScorer:
                 self.source_embeddings.append(np.asarray(face.embedding, np.float32))
         if not self.source_embeddings:
             raise ScoringUnavailable(f"{self.name} finds no face in the source images")
+        self.ceiling = copy_ceiling(np.stack(self.source_embeddings))  # None with one source face
 
     @classmethod
     def from_folder(cls, identity_weights: str, folder: str | Path, names: Sequence[str],
@@ -99,10 +116,14 @@ class PreviewScorer:
         face_found: the share of images where the network finds a face. csim: over the images with a
         face, the mean of each one's largest face's cosine similarity to every source face, averaged
         (absent when no image has a face). same_person: the share of all images whose face the network
-        calls the same person as the majority of the source faces.
+        calls the same person as the majority of the source faces. identity, copy, copy_share and the
+        pose counts: library.evaluation.likeness.summarise_faces of the largest faces (identity and copy
+        absent without a face, copy_share also with one source face; pose counts need dlib's ``parts``).
         """
         csims, same = [], 0
         found = 0
+        scored = []
+        source = np.stack(self.source_embeddings)
         for faces in faces_per_image:
             if not faces:
                 continue
@@ -111,10 +132,17 @@ class PreviewScorer:
             csims.append(float(np.mean([self.network.similarity(emb, s) for s in self.source_embeddings])))
             votes = sum(bool(self.network.same_person(emb, s)) for s in self.source_embeddings)
             same += votes * 2 > len(self.source_embeddings)
+            scored.append(score_face(emb, getattr(faces[0], "parts", None), source, self.ceiling))
         n = max(len(faces_per_image), 1)
         scores = {FACE_FOUND: found / n, SAME_PERSON: same / n}
         if csims:
             scores[CSIM] = float(np.mean(csims))
+        summary = summarise_faces(scored)
+        for key, value in ((IDENTITY, summary["identity"]), (COPY, summary["copy"]), (COPY_SHARE, summary["copy_share"])):
+            if value is not None:
+                scores[key] = value
+        if any(f.pose is not None for f in scored):
+            scores |= {POSE_KEYS[name]: float(b["n"]) for name, b in summary["poses"].items()}
         return scores
 
 
@@ -213,55 +241,96 @@ class PreviewScoring:
 
     @staticmethod
     def describe(scores: dict[str, float]) -> str:
-        """The log line's part: ``csim 0.512 | face found 1.00 | same person 0.50``."""
+        """The log line's part: ``csim 0.512 | identity 0.530 | copy 0.012 | copy share 0.25 | face found 1.00 |
+        same person 0.50 | poses frontal 3, left 1``."""
         parts = [f"csim {scores[CSIM]:.3f}"] if CSIM in scores else ["csim - (no face)"]
+        parts += [f"{label} {scores[key]:{form}}" for key, label, form in
+                  ((IDENTITY, "identity", ".3f"), (COPY, "copy", ".3f"), (COPY_SHARE, "copy share", ".2f")) if key in scores]
         parts += [f"face found {scores[FACE_FOUND]:.2f}", f"same person {scores[SAME_PERSON]:.2f}"]
         if STYLE in scores:
             parts.append(f"style {scores[STYLE]:.3f}")
+        poses = [f"{name} {int(scores[key])}" for name, key in POSE_KEYS.items() if scores.get(key)]
+        if poses:
+            parts.append("poses " + ", ".join(poses))
         return " | ".join(parts)
 
 
-def best_step(history: Iterable[dict]) -> dict | None:
-    """The history entry with the highest ``eval/csim`` (the earliest of equals), or None if none has one."""
-    best = None
-    for entry in history:
-        value = entry.get(CSIM)
-        if value is None or not math.isfinite(value):
-            continue
-        if best is None or value > best[CSIM]:
-            best = entry
-    return best
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class BestStep:
+    """The step :func:`best_step` picks: its history entry, and whether it passed the copy rule (False:
+    no scored step did, and this is the least-copying one)."""
+
+    entry: dict
+    passed: bool
+
+    @property
+    def phase(self) -> int:
+        return int(self.entry.get("phase", 1))
+
+    @property
+    def step(self) -> int:
+        return int(self.entry["step"])
+
+    @property
+    def identity(self) -> float:
+        return float(self.entry[IDENTITY])
+
+    @property
+    def copy_share(self) -> float | None:
+        value = self.entry.get(COPY_SHARE)
+        return float(value) if _finite(value) else None
+
+
+def best_step(history: Iterable[dict], limit: float = COPY_SHARE_LIMIT) -> BestStep | None:
+    """The best step of a run's history entries (the module's text gives the rule), or None when no
+    entry has a finite ``eval/identity``. Ties go to the earliest entry."""
+    scored = [e for e in history if _finite(e.get(IDENTITY))]
+    passing = [e for e in scored if not (_finite(e.get(COPY_SHARE)) and e[COPY_SHARE] >= limit)]
+    if passing:  # max() keeps the first of equals
+        return BestStep(max(passing, key=lambda e: e[IDENTITY]), True)
+    if scored:
+        return BestStep(min(scored, key=lambda e: (e[COPY_SHARE], -e[IDENTITY])), False)
+    return None
 
 
 def best_step_message(history: Iterable[dict], files_of: Callable[[int, int], list[Path]]) -> str | None:
-    """One line naming the step where the samples' CSIM peaked and the files saved at it, or None.
+    """One line naming the best step (:func:`best_step`) and the files saved at it, or None.
 
     `files_of(phase, step)`: the LoRA and embedding files written at that step (empty when none were).
     """
     best = best_step(history)
     if best is None:
         return None
-    files = [p for p in files_of(best["phase"], best["step"]) if p.is_file()]
+    files = [p for p in files_of(best.phase, best.step) if p.is_file()]
     if files:
         kept = f": {', '.join(str(p) for p in files)}"
         if any("-step" in p.stem for p in files):  # frontends name an embedding after its file
             kept += " (rename the embeddings without -stepNNNNNNNN to prompt with the usual words)"
-    elif best["phase"] == 1:
+    elif best.phase == 1:
         kept = " (phase 1: the embeddings alone, no LoRA yet)"
     else:
         kept = " (no LoRA was saved at that step: set output.save_lora_every to keep one)"
-    return f"best identity (CSIM {best[CSIM]:.3f}) at phase {best['phase']} step {best['step']}{kept}"
+    share = "copy share not measured" if best.copy_share is None else f"copy share {best.copy_share:.2f}"
+    where = f"phase {best.phase} step {best.step}"
+    if best.passed:
+        return f"best step: {where} (identity {best.identity:.3f}, {share} < {COPY_SHARE_LIMIT:g}){kept}"
+    return (f"best step: none kept its copy share under {COPY_SHARE_LIMIT:g} (the samples copy training photos; "
+            f"give more varied photos or train fewer steps); the least copying is {where} "
+            f"(identity {best.identity:.3f}, {share}){kept}")
 
 
 def report_progress(cfg, say: Callable[[str], None]) -> None:
     """The end of a run: ``progress.png`` (losses and scores over the steps, from the whole
-    ``loss_history.jsonl``, a resumed run's too) and a line naming the step where the CSIM peaked."""
+    ``loss_history.jsonl``, a resumed run's too, the best step marked) and a line naming the best step."""
     from library.training.outputs import PROGRESS_PLOT, output_paths
     from library.training.progress_plot import plot_progress, read_history
 
     out = Path(cfg.output.dir)
     history = read_history(out / "loss_history.jsonl")
-    say(f"wrote {plot_progress(history, out / PROGRESS_PLOT, cfg.phase1.steps)}")
 
     def files_of(phase: int, step: int) -> list[Path]:
         if phase != 2:
@@ -270,5 +339,7 @@ def report_progress(cfg, say: Callable[[str], None]) -> None:
         return [paths["lora"], paths[cfg.tokens.source], paths[cfg.tokens.reference]]
 
     message = best_step_message(history, files_of)
+    best = best_step(history)
+    say(f"wrote {plot_progress(history, out / PROGRESS_PLOT, cfg.phase1.steps, best and best.entry, IDENTITY, message or '')}")
     if message:
         say(message)
