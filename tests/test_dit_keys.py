@@ -115,6 +115,8 @@ def test_zimage_is_told_from_lumina2_by_its_caption_width_and_turbo_from_base_no
     assert (found.family, found.in_channels) == ("zimage", 16)
     lumina = {**zimage, "cap_embedder.1.weight": (2304, 2304)}
     assert identify_transformer_keys(lumina).found == "Lumina Image 2.0 (a 2304-wide Gemma caption input), not Z-Image"
+    # the caption width is the second dimension: a 2304-wide model reading 2560-wide captions is Z-Image-shaped
+    assert identify_transformer_keys({**zimage, "cap_embedder.1.weight": (2304, 2560)}).family == "zimage"
     omni = {**zimage, "siglip_embedder.1.weight": (3840, 1152)}
     assert identify_transformer_keys(omni).family == "other"
     kind = identify_state(zimage)
