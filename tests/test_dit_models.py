@@ -5,6 +5,7 @@ rule, loads in diffusers and, applied the way ComfyUI applies it, reproduces the
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,18 @@ def test_what_is_missing_or_does_not_fit_is_one_line(tiny, tmp_path):
     save_file(wide, tmp_path / "wide.safetensors")
     with pytest.raises(ModelLoadError, match=r"a Qwen3 of width 48; .* reads width 32 \(Qwen3-4B\); give that text encoder$"):
         _load_split(split, text_encoder=tmp_path / "wide.safetensors")
+    # a whole 48-wide Qwen3 with its own config: loads, but is not what the transformer reads
+    from testkit.tiny_qwen3 import build_text_encoder, qwen3_config, qwen3_to_comfy
+
+    other = build_text_encoder(qwen3_config(48, 2, len(load_dit_folder(folder).tokenizer)), causal_lm=name != "zimage", seed=3)
+    save_file(qwen3_to_comfy(other.state_dict()), tmp_path / "qwen48.safetensors")
+    configs = tmp_path / "configs"
+    shutil.copytree(split.config_dir, configs)
+    other.config.to_json_file(configs / "text_encoder" / "config.json")
+    with pytest.raises(ModelLoadError) as err:
+        _load_split(split, text_encoder=tmp_path / "qwen48.safetensors", config_dir=configs)
+    assert str(err.value) == (f"model.text_encoder: a Qwen3 of width 48; this {label} transformer reads width 32; "
+                              "give the text encoder that came with it")
     with pytest.raises(ModelLoadError, match=rf"not found; give the model's transformer .safetensors file$"):
         _load_split(split, transformer=tmp_path / "none.safetensors")
     for p in (folder / "vae").iterdir():
