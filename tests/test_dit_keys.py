@@ -154,3 +154,32 @@ def test_metadata_names_the_base_as_musubi_tuner_does():
     z = dit_lora_metadata(ZIMAGE_FAMILY, "me", "2026-12-07T06:00:00", 16, 8.0)
     assert (z["modelspec.architecture"], z["ss_base_model_version"], z["modelspec.resolution"]) == ("Z-Image/lora", "z_image", "1024x1024")
     assert dit_lora_metadata(KLEIN4B, "me", "d", 4, 4.0)["modelspec.architecture"] == "Flux.2-klein-4b/lora"
+
+
+@pytest.mark.parametrize("family,qkv,text,blocks", [
+    # Z-Image: dim 3840 = 30 heads x 128, caption width 2560 (Qwen3-4B), 30 layers
+    (ZIMAGE_FAMILY, ("layers.29.attention.qkv.weight", (3 * 3840, 3840)), ("cap_embedder.1.weight", (3840, 2560)), None),
+    # Klein 4B: 24 heads x 128 = 3072, text input 3 x 2560; Klein 9B: 32 x 128 = 4096, 3 x 4096
+    (KLEIN4B, ("double_blocks.4.img_attn.qkv.weight", (3 * 3072, 3072)), ("txt_in.weight", (3072, 7680)), "single_blocks.19.linear1.weight"),
+    (KLEIN9B, ("double_blocks.7.txt_attn.qkv.weight", (3 * 4096, 4096)), ("txt_in.weight", (4096, 12288)), "single_blocks.23.linear1.weight"),
+])
+def test_shipped_configs_build_the_real_shapes_which_detection_names(family, qkv, text, blocks):
+    """configs/<family>/ holds the real models' configs (what split files load with): built on the meta
+    device, converted to ComfyUI's layout, the keys have the real shapes and are identified as the family."""
+    import diffusers
+    import transformers
+
+    from library.models.dit_keys import transformer_to_native
+
+    with torch.device("meta"):
+        cls = getattr(diffusers, family.transformer_class)
+        model = cls.from_config(cls.load_config(family.config_dir / "transformer"))
+        text_config = transformers.AutoConfig.from_pretrained(family.config_dir / "text_encoder")
+        encoder = getattr(transformers, family.text_encoder_class)(text_config)
+    native = {k: tuple(v.shape) for k, v in transformer_to_native(model.state_dict(), family.arch).items()}
+    assert native[qkv[0]] == qkv[1] and native[text[0]] == text[1]
+    assert blocks is None or blocks in native
+    assert identify_transformer_keys(native).family == family.name
+    assert identify_transformer_keys({"model.diffusion_model." + k: v for k, v in native.items()}).family == family.name
+    assert (text_config.hidden_size, text_config.num_hidden_layers) == (family.text_width, 36)
+    assert tuple(encoder.get_input_embeddings().weight.shape) == (151936, family.text_width)

@@ -17,8 +17,10 @@ them (from the files, never a flag). The names written into exported files come 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from library.models.dit_keys import FLUX2, ZIMAGE
+from library.models.family import CONFIGS
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class DitFamily:
     embedding_key: the tensor name of a textual-inversion file ComfyUI reads for this family.
     architecture: ``modelspec.architecture`` before "/lora"; implementation: ``modelspec.implementation``;
     base_model_version: ``ss_base_model_version``; resolution: the default side, pixels.
+    config_dir: the real model's component configs shipped in ``configs/<name>/``.
     """
 
     name: str
@@ -49,6 +52,12 @@ class DitFamily:
     implementation: str
     base_model_version: str
     resolution: int = 1024
+
+    @property
+    def config_dir(self) -> Path:
+        """The real model's component configs (``configs/<name>/``: transformer, text_encoder, vae and
+        scheduler, as its diffusers repository has them, no weights, no tokenizer), what split files load with."""
+        return CONFIGS / self.name
 
 
 ZIMAGE_FAMILY = DitFamily(

@@ -141,7 +141,8 @@ def load_dit_files(transformer: str | Path, text_encoder: str | Path | None, vae
     transformer: the ``diffusion_models`` file (original or diffusers layout); text_encoder: the Qwen3
     ``text_encoders`` file; vae: the VAE file; tokenizer: a Qwen3 tokenizer folder (tokenizer.json with its
     chat template); config_dir: a folder laid out as the family's diffusers folder without weights
-    (``transformer/``, ``text_encoder/``, ``vae/`` configs and ``scheduler/scheduler_config.json``).
+    (``transformer/``, ``text_encoder/``, ``vae/`` configs and ``scheduler/scheduler_config.json``);
+    None: the real model's, shipped in ``configs/<family>/`` (DitFamily.config_dir).
     Raises ModelLoadError, one line: for another model, naming everything that is missing, or for a
     component that does not fit (the text encoder's width, a weight missing or of another shape).
     """
@@ -154,11 +155,11 @@ def load_dit_files(transformer: str | Path, text_encoder: str | Path | None, vae
     family = _family_of(identify_state(safetensors_shapes(transformer)), str(transformer))
     given = {"model.text_encoder (the Qwen3 .safetensors)": text_encoder, "model.vae (the VAE .safetensors)": vae,
              "model.tokenizer (a Qwen3 tokenizer folder)": tokenizer,
-             "model.config_dir (the component configs: a diffusers folder of this model)": config_dir}
+             "model.config_dir (the component configs: a diffusers folder of this model)": config_dir or family.config_dir}
     absent = [name for name, path in given.items() if not path or not Path(path).exists()]
     if absent:
         raise ModelLoadError(f"{transformer}: a {family.label} transformer alone; also needs {', '.join(absent)}")
-    config_dir = Path(config_dir)
+    config_dir = Path(config_dir or family.config_dir)
     no_config = [p for p in ("transformer/config.json", "text_encoder/config.json", "vae/config.json",
                              "scheduler/scheduler_config.json") if not (config_dir / p).is_file()]
     if no_config:
