@@ -146,6 +146,17 @@ def test_embedding_files_use_comfyuis_key_per_family():
         dit_embedding_tensors(torch.zeros(2, 2560), KLEIN9B)
 
 
+def test_an_embedding_is_one_file_named_after_its_token(tmp_path):
+    from safetensors.torch import load_file
+
+    from library.export.dit_embeddings import save_dit_embedding
+
+    path = save_dit_embedding(tmp_path, "sks", torch.ones(2, 4096), KLEIN9B)
+    assert path == tmp_path / "sks.safetensors"
+    saved = load_file(path)
+    assert list(saved) == ["qwen3_8b"] and torch.equal(saved["qwen3_8b"], torch.ones(2, 4096))
+
+
 def test_metadata_names_the_base_as_musubi_tuner_does():
     meta = dit_lora_metadata(KLEIN9B, "me", "2026-12-07T06:00:00", 16, 8.0)
     assert meta["modelspec.architecture"] == "Flux.2-klein-9b/lora"

@@ -32,6 +32,7 @@ RULES = {
 }
 COMFY_SUFFIXES = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"),
                   (".lora.up.weight", ".lora.down.weight"))
+RULES["klein9b"] = RULES["klein4b"]
 TARGETS = {  # diffusers module names the LoRA trains
     "zimage": r".*\.(attention\.to_[qkv]|attention\.to_out\.0|feed_forward\.w[123])$",
     "klein4b": r"(.*transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|ff\.linear_(in|out)"
@@ -39,7 +40,7 @@ TARGETS = {  # diffusers module names the LoRA trains
 }
 
 
-@pytest.fixture(scope="module", params=["zimage", "klein4b"])
+@pytest.fixture(scope="module", params=["zimage", "klein4b", "klein9b"])
 def tiny(request, tmp_path_factory):
     """(family name, diffusers folder, SplitFiles) of a tiny model written by its command line."""
     dest = tmp_path_factory.mktemp(request.param) / request.param
@@ -48,8 +49,8 @@ def tiny(request, tmp_path_factory):
     else:
         from testkit.tiny_klein import main, split_names
 
-        names = split_names("4b")
-    assert main([str(dest)]) == 0
+        names = split_names(request.param[-2:])
+    assert main([str(dest)] + (["--9b"] if request.param == "klein9b" else [])) == 0
     comfy = dest.parent / f"{dest.name}_comfy"
     from testkit.tiny_dit import SplitFiles
 
@@ -106,7 +107,7 @@ def test_both_forms_load_offline_identify_alike_and_agree(tiny):
 
 def test_what_is_missing_or_does_not_fit_is_one_line(tiny, tmp_path):
     name, folder, split = tiny
-    label = {"zimage": "Z-Image", "klein4b": "FLUX.2 Klein 4B"}[name]
+    label = {"zimage": "Z-Image", "klein4b": "FLUX.2 Klein 4B", "klein9b": "FLUX.2 Klein 9B"}[name]
     with pytest.raises(ModelLoadError) as err:
         _load_split(split, vae=None, tokenizer=tmp_path / "nowhere")
     assert str(err.value) == (f"{split.transformer}: a {label} transformer alone; also needs model.vae (the VAE .safetensors), "
@@ -114,7 +115,7 @@ def test_what_is_missing_or_does_not_fit_is_one_line(tiny, tmp_path):
     wide = {k: (torch.zeros(v.shape[0], 48) if k.endswith("embed_tokens.weight") else v)
             for k, v in load_file(split.text_encoder).items()}
     save_file(wide, tmp_path / "wide.safetensors")
-    with pytest.raises(ModelLoadError, match=r"a Qwen3 of width 48; .* reads width 32 \(Qwen3-4B\); give that text encoder$"):
+    with pytest.raises(ModelLoadError, match=rf"a Qwen3 of width 48; {label} reads width 32 \(Qwen3-{'8B' if name == 'klein9b' else '4B'}\); give that text encoder$"):
         _load_split(split, text_encoder=tmp_path / "wide.safetensors")
     # a whole 48-wide Qwen3 with its own config: loads, but is not what the transformer reads
     from testkit.tiny_qwen3 import build_text_encoder, qwen3_config, qwen3_to_comfy
@@ -196,3 +197,6 @@ def test_exported_lora_follows_comfyui_rule_and_reproduces_in_diffusers_and_comf
     merged = _load_split(split, transformer=tmp_path / "patched.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(run(merged.transformer), trained, rtol=1e-4, atol=1e-5)
+
+
+TARGETS["klein9b"] = TARGETS["klein4b"]
