@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.export.dit_lora import peft_pieces, save_dit_lora
-from library.models.dit_loading import ModelLoadError, load_dit_files, load_dit_folder
+from library.models.dit_loading import ModelLoadError, load_dit, load_dit_files, load_dit_folder
 from library.models.kind import identify_folder, identify_state, safetensors_shapes
 
 pytestmark = pytest.mark.slow  # builds and runs tiny models
@@ -83,7 +83,8 @@ def _forward(parts):
 def test_both_forms_load_offline_identify_alike_and_agree(tiny):
     name, folder, split = tiny
     assert identify_folder(folder).family == identify_state(safetensors_shapes(split.transformer)).family == name
-    a, b = load_dit_folder(folder), _load_split(split)
+    a = load_dit(folder)
+    b = load_dit(split.transformer, split.text_encoder, split.vae, split.tokenizer, split.config_dir)
     for part in ("transformer", "text_encoder", "vae"):  # the same weights, bit for bit
         sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
         assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), part
@@ -129,6 +130,17 @@ def test_what_is_missing_or_does_not_fit_is_one_line(tiny, tmp_path):
         _load_split(split, text_encoder=tmp_path / "qwen48.safetensors", config_dir=configs)
     assert str(err.value) == (f"model.text_encoder: a Qwen3 of width 48; this {label} transformer reads width 32; "
                               "give the text encoder that came with it")
+    with pytest.raises(ModelLoadError) as err:  # the tiny weights against the real model's shipped configs
+        _load_split(split, config_dir=None)
+    real = {"zimage": "configs/zimage", "klein4b": "configs/klein4b", "klein9b": "configs/klein9b"}[name]
+    assert str(err.value).startswith(f"{split.transformer}: does not fit the configs in ")
+    assert str(err.value).endswith("; set model.config_dir to this model's configs (a diffusers folder of it)")
+    assert real in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError) as err:
+        _load_split(split, tokenizer=tmp_path / "empty")
+    assert str(err.value) == (f"model.tokenizer = '{tmp_path / 'empty'}': no tokenizer.json (or vocab.json and merges.txt) "
+                              "inside; give the Qwen3 tokenizer folder")
     with pytest.raises(ModelLoadError, match=rf"not found; give the model's transformer .safetensors file$"):
         _load_split(split, transformer=tmp_path / "none.safetensors")
     for p in (folder / "vae").iterdir():

@@ -22,7 +22,7 @@ from library.files.messages import one_line
 from library.models.dit_family import DIT_FAMILIES, DitFamily
 from library.models.kind import ModelKind, ModelLoadError, identify_folder, identify_state, read_json, safetensors_shapes
 
-__all__ = ["DitParts", "load_dit_folder", "load_dit_files"]
+__all__ = ["DitParts", "load_dit", "load_dit_folder", "load_dit_files"]
 
 
 @dataclass
@@ -172,11 +172,20 @@ def load_dit_files(transformer: str | Path, text_encoder: str | Path | None, vae
     try:
         model = getattr(diffusers, family.transformer_class).from_single_file(
             str(transformer), config=str(config_dir), subfolder="transformer", local_files_only=True, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir, subfolder="scheduler")
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # e.g. weights of other shapes than the configs'
+        why = one_line(str(err).split(". ")[0], 160, first_line=True)
+        raise ModelLoadError(f"{transformer}: does not fit the configs in {config_dir} ({why}); set model.config_dir "
+                             "to this model's configs (a diffusers folder of it)") from err
+    folder = Path(tokenizer)
+    if not ((folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+        raise ModelLoadError(f"model.tokenizer = '{tokenizer}': no tokenizer.json (or vocab.json and merges.txt) inside; "
+                             "give the Qwen3 tokenizer folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelLoadError(f"{transformer}: cannot load it with the configs in {config_dir} and the tokenizer "
-                             f"{tokenizer}: {one_line(err, 200, first_line=True)}") from err
+        raise ModelLoadError(f"model.tokenizer = '{tokenizer}': not a tokenizer folder ({one_line(err, 160, first_line=True)}); "
+                             "give the Qwen3 tokenizer folder (tokenizer.json, tokenizer_config.json)") from err
     parts = DitParts(transformer=model.eval(), vae=_vae(Path(vae), config_dir, family, dtype),
                      text_encoder=_text_encoder(Path(text_encoder), config_dir, family, dtype), tokenizer=tok,
                      scheduler=scheduler, family=family, kind=identify_state(safetensors_shapes(transformer)),
@@ -194,3 +203,13 @@ def _check_widths(parts: DitParts) -> None:
     if width != wanted:
         raise ModelLoadError(f"model.text_encoder: a Qwen3 of width {width}; this {parts.family.label} transformer "
                              f"reads width {wanted}; give the text encoder that came with it")
+
+
+def load_dit(pretrained: str | Path, text_encoder: str | Path | None = None, vae: str | Path | None = None,
+             tokenizer: str | Path | None = None, config_dir: str | Path | None = None,
+             dtype: torch.dtype = torch.float32) -> DitParts:
+    """model.pretrained as a diffusers folder (:func:`load_dit_folder`; the other arguments are not used) or
+    as a transformer file with its companions (:func:`load_dit_files`)."""
+    if Path(pretrained).is_dir():
+        return load_dit_folder(pretrained, dtype)
+    return load_dit_files(pretrained, text_encoder, vae, tokenizer, config_dir, dtype)
