@@ -18,6 +18,8 @@ from typing import Mapping
 from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, check_weights_file, open_safetensors
+from library.models.dit_family import DIT_FAMILIES
+from library.models.dit_kind import DitIdentity, identify_dit_configs, identify_transformer_keys
 from library.models.family import FAMILIES
 
 UNET_PREFIX = "model.diffusion_model."
@@ -31,7 +33,7 @@ USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safeten
 USE_SUPPORTED = ("use an SD 1.x or SDXL text-to-image model such as v1-5-pruned-emaonly.safetensors "
                  "or sd_xl_base_1.0.safetensors")
 # what ModelKind.missing calls a pipeline component
-PART_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder",
+PART_NAMES = {"unet": "UNet", "transformer": "transformer", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder",
               "tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "scheduler"}
 
 
@@ -43,9 +45,13 @@ class ModelLoadError(UserError, ValueError):
 class ModelKind:
     """What a model path holds.
 
-    family: "sd1" | "sd2" | "sdxl" | "other" (a model but not a Stable Diffusion UNet: `found` says what)
-    prediction: "epsilon" | "v_prediction" | "sample" (what the UNet predicts)
-    in_channels: the UNet's conv_in input channels (4 text-to-image, 9 inpainting, 8 InstructPix2Pix)
+    family: "sd1" | "sd2" | "sdxl" | a flow-matching transformer base, a key of
+        :data:`~library.models.dit_family.DIT_FAMILIES` ("zimage", "klein4b", "klein9b") | "other" (a model
+        but not one of these: `found` says what)
+    prediction: "epsilon" | "v_prediction" | "sample" (what the UNet predicts) | "flow" (the transformer
+        bases predict the flow-matching velocity)
+    in_channels: the UNet's conv_in input channels (4 text-to-image, 9 inpainting, 8 InstructPix2Pix); a
+        transformer's latent channels
     missing: components absent from the checkpoint, from PART_NAMES' values ("UNet", "VAE", "text encoder",
         "second text encoder", ...)
     evidence: what the family and prediction were read from, for the messages
@@ -67,6 +73,8 @@ class ModelKind:
         "sd_v2" for SD 2.x, which is identified but not trained."""
         if self.family in FAMILIES:
             return FAMILIES[self.family].base_model_version
+        if self.family in DIT_FAMILIES:
+            return DIT_FAMILIES[self.family].base_model_version
         return {"sd2": "sd_v2"}.get(self.family, self.family)
 
     @property
@@ -77,6 +85,8 @@ class ModelKind:
         """'an SD 1.x inpainting model (9-channel conv_in)', 'an SD 1.x v-prediction model (...)', ..."""
         if self.family == "other":
             return self.found
+        if self.family in DIT_FAMILIES:
+            return f"a {DIT_FAMILIES[self.family].label} model" + (f" ({self.evidence})" if self.evidence else "")
         name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.family]
         extra = []
         if self.in_channels == 9:
@@ -171,6 +181,9 @@ def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str 
     scheduler config). A `v_pred` key (the marker ComfyUI and Forge read) also means v-prediction.
     """
     keys = list(shapes)
+    dit = identify_transformer_keys(shapes)
+    if dit is not None:  # a Z-Image / FLUX transformer file: the other components come as files of their own
+        return _dit_kind(dit, missing=())
 
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
@@ -208,6 +221,14 @@ def identify_state(shapes: Mapping[str, tuple[int, ...]], parameterization: str 
         parts.append(("text encoder", text))
     missing = tuple(name for name, ok in parts if not ok)
     return ModelKind(family=family, prediction=prediction, in_channels=in_channels, missing=missing, evidence=evidence)
+
+
+def _dit_kind(dit: DitIdentity, missing: tuple[str, ...]) -> ModelKind:
+    """The ModelKind of what library/models/dit_kind.py identified."""
+    if dit.family == "other":
+        return ModelKind(family="other", found=dit.found, advice=dit.advice)
+    return ModelKind(family=dit.family, prediction="flow", in_channels=dit.in_channels, missing=missing,
+                     evidence=dit.evidence)
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -253,6 +274,12 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
     """
     cls = str(model_index.get("_class_name", ""))
     listed = {k for k, v in model_index.items() if isinstance(v, list) and len(v) == 2 and v[0] and v[1]}
+    dit = identify_dit_configs(model_index, configs)
+    if dit is not None:
+        parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+        missing = [PART_NAMES[p] for p in parts if configs.get(p) is None or (
+            p in ("transformer", "vae", "text_encoder") and check_weights is not None and not _has_weights(check_weights / p))]
+        return _dit_kind(dit, missing=tuple(missing))
     if "transformer" in listed or ("unet" not in listed and model_index):
         return ModelKind(family="other", found=f"a {cls or 'diffusers'} model without a UNet, not Stable Diffusion 1.x",
                          advice=USE_SD1)
@@ -285,7 +312,7 @@ def identify_configs(model_index: dict, configs: Mapping[str, dict | None], chec
 def read_folder_configs(folder: Path) -> tuple[dict, dict[str, dict | None]]:
     """(model_index.json, {component: config dict or None}) of a diffusers folder, through read_json."""
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-    names = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json",
+    names = {"unet": "config.json", "transformer": "config.json", "vae": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json",
              "tokenizer": "tokenizer_config.json", "tokenizer_2": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
     configs: dict[str, dict | None] = {}
     for part, name in names.items():
