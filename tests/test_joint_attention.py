@@ -15,7 +15,7 @@ from library.training.joint_attention import (
     install_joint_attention_capture,
     remove_joint_attention_capture,
 )
-from library.training.joint_lse import chunked_logsumexp
+from library.training.joint_lse import chunked_logsumexp, float32_matmul_t
 from library.training.losses import attention_refocus_loss
 
 B = 2
@@ -117,14 +117,48 @@ def test_chunked_logsumexp_values_and_gradients():
     k = torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(2, 1, 1, 9, dtype=torch.float64)
     bias[1, ..., 6:] = float("-inf")  # sample 1's last three keys masked
-    # 2 x 3 x 9 float32 logits per row: 216 bytes; 500 bytes -> chunks of 2 rows (7 rows: 4 chunks)
-    got = chunked_logsumexp(q, k, 0.5, bias, chunk_bytes=500)
+    # 200 bytes: one head at a time (a head's float32 keys and gradient: 2 x 4 x 2 x 9 x 4 = 576 bytes), and
+    # 200 // (4 x 2 x 1 x 9) = 2 query rows per chunk (7 rows: 4 chunks, the last of one row)
+    got = chunked_logsumexp(q, k, 0.5, bias, chunk_bytes=200)
     expect = torch.logsumexp(q @ k.transpose(-1, -2) * 0.5 + bias, dim=-1)
     torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
     # by hand: one query, two keys: log(e^1 + e^2) with q.k = 2 and 4, scale 0.5
     one = chunked_logsumexp(torch.tensor([[[[2.0, 0.0]]]]), torch.tensor([[[[1.0, 5.0], [2.0, -1.0]]]]), 0.5)
     assert one.item() == pytest.approx(math.log(math.exp(1) + math.exp(2)), abs=1e-6)
-    assert torch.autograd.gradcheck(lambda a, b: chunked_logsumexp(a, b, 0.5, bias, chunk_bytes=500), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: chunked_logsumexp(a, b, 0.5, bias, chunk_bytes=200), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: chunked_logsumexp(a, b, 0.5, bias), (q, k))  # one chunk
+    # bf16 inputs: float32 LSE of the upcast inputs, the bf16 tensors saved (no float32 copies kept)
+    q16, k16 = q.detach().bfloat16().requires_grad_(True), k.detach().bfloat16().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        lse16 = chunked_logsumexp(q16, k16, 0.5, bias, chunk_bytes=200)
+    assert lse16.dtype == torch.float32 and saved[:2] == [torch.bfloat16, torch.bfloat16]
+    expect16 = torch.logsumexp(q16.float() @ k16.float().transpose(-1, -2) * 0.5 + bias.float(), dim=-1)
+    torch.testing.assert_close(lse16, expect16, rtol=0, atol=1e-5)
+    lse16.sum().backward()
+    assert q16.grad.dtype == torch.bfloat16 and k16.grad.dtype == torch.bfloat16
+
+
+def test_float32_matmul_matches_upcast_autograd_in_bf16():
+    """bf16 inputs: the product and the gradients autograd gives through a.float() @ b.float().mT, but the
+    float32 copies are not what is saved (a and b are)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 5, 4, generator=g).bfloat16().requires_grad_(True)
+    b = torch.randn(2, 3, 4, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(2, 5, 3, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = float32_matmul_t(a, b)
+    assert out.dtype == torch.float32 and saved == [torch.bfloat16, torch.bfloat16]
+    (out * w).sum().backward()
+    got = (a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    expect = a.float() @ b.float().transpose(-1, -2)
+    (expect * w).sum().backward()
+    assert torch.equal(out, expect) and torch.equal(got[0], a.grad) and torch.equal(got[1], b.grad)
+    a64 = torch.randn(1, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    b64 = torch.randn(1, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(float32_matmul_t, (a64, b64))
 
 
 # --- the maps against a materialised attention ---------------------------------------------------------

@@ -38,6 +38,7 @@ forward builds once and hands to every block unchanged, so a recomputation repla
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Sequence
 
@@ -52,7 +53,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF, ZSingleStreamAttnProcessor
 
 from library.training.attention import AttentionMapStore
-from library.training.joint_lse import DEFAULT_CHUNK_BYTES, chunked_logsumexp
+from library.training.joint_lse import DEFAULT_CHUNK_BYTES, chunked_logsumexp, float32_matmul_t
 
 __all__ = [
     "NORMALISATIONS",
@@ -138,12 +139,15 @@ def special_token_maps(
         raise ValueError(f"{layer}: token positions are for {positions.shape[0]} samples, the batch has {b}")
     k = positions.shape[1]
     bias = _mask_bias(mask, b, seq, layer)
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        q = query[:, i0:i0 + n_img].float().transpose(1, 2)  # [B, H, N, d]
-        keys = key.float().transpose(1, 2)  # [B, H, S, d]
+    # float32 whatever autocast says; meta tensors (bench/measure_joint_attention.py's accounting) have no autocast
+    no_autocast = torch.autocast(query.device.type, enabled=False) if query.device.type != "meta" else contextlib.nullcontext()
+    with no_autocast:
+        # views of the kernel's q and k, not float32 copies: the functions below upcast chunk by chunk
+        q = query[:, i0:i0 + n_img].transpose(1, 2)  # [B, H, N, d]
+        keys = key.transpose(1, 2)  # [B, H, S, d]
         index = (t0 + positions.clamp(min=0)).view(b, 1, k, 1)
         special = keys.gather(2, index.expand(b, heads, k, d))  # [B, H, K, d]
-        logits = torch.matmul(q, special.transpose(-1, -2)) / math.sqrt(d)  # [B, H, N, K]
+        logits = float32_matmul_t(q, special) / math.sqrt(d)  # [B, H, N, K] float32
         if bias is not None:
             logits = logits + bias[:, :, :, t0:t0 + n_txt].gather(-1, (index - t0).view(b, 1, 1, k))
         if normalisation == "joint":
