@@ -236,21 +236,22 @@ def _lora_grads(model):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_refocus_gradient_reaches_lora_under_checkpointing(family):
+@pytest.mark.parametrize("normalisation", ["joint", "text"])
+def test_refocus_gradient_reaches_lora_under_checkpointing(family, normalisation):
     """The refocusing loss alone: its LoRA gradients from the capture (with and without gradient
     checkpointing, the store cleared before backward) equal those of the materialised attention."""
     _, inputs, layers, grid, positions, module, starts = FAMILIES[family]
     model = _with_lora(family)
     with _recorded_attention(module) as calls:
         model(**inputs())
-    expect = torch.cat([_reference_maps(c, s, grid, positions, "joint").transpose(1, 2)
+    expect = torch.cat([_reference_maps(c, s, grid, positions, normalisation).transpose(1, 2)
                         for c, s in zip(calls[-len(layers):], starts)], dim=2).float()
     _refocus(expect, grid).backward()
     reference = _lora_grads(model)
     assert reference and all(g.abs().sum() > 0 for n, g in reference.items() if f"{layers[0]}." in n)
 
     store = JointAttentionMapStore()
-    install_joint_attention_capture(model, store, layers, normalisation="joint")
+    install_joint_attention_capture(model, store, layers, normalisation=normalisation)
     for checkpointing in (False, True):
         model.zero_grad(set_to_none=True)
         model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
@@ -286,3 +287,22 @@ def test_bad_layers_grid_and_positions():
     store.set_token_positions(Z_POSITIONS, grid=(10, 10))
     with pytest.raises(ValueError, match="10x10 token grid does not fit"), torch.no_grad():
         z(**_z_inputs())
+
+
+def test_bf16_model_maps_in_float32_from_the_kernels_q_and_k():
+    """A bf16 Klein: the maps are float32 and equal the materialised attention of the very bf16 q and k the
+    kernel got (upcast), under autocast too."""
+    model = _klein().to(torch.bfloat16).eval()
+    inputs = {n: (v.bfloat16() if v.is_floating_point() and n != "timestep" else v) for n, v in _k_inputs().items()}
+    with torch.no_grad(), _recorded_attention(flux2_module) as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)  # diffusers' processors: the reference's q and k
+    store = JointAttentionMapStore()
+    install_joint_attention_capture(model, store, K_LAYERS, normalisation="joint")
+    store.set_token_positions(K_POSITIONS, grid=K_GRID)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)
+    assert len(calls) == len(K_LAYERS)
+    for layer, call in zip(K_LAYERS, calls):
+        assert call[0].dtype == torch.bfloat16 and store.layer_maps()[layer].dtype == torch.float32
+        expect = _reference_maps(call, (K_TEXT, 0, K_TEXT), K_GRID, K_POSITIONS, "joint")
+        torch.testing.assert_close(store.layer_maps()[layer].double(), expect, rtol=0, atol=1e-6)

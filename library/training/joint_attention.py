@@ -26,7 +26,7 @@ text sequence the transformer is given (Z-Image's ``cap_feats`` item, Klein's ``
 Use::
 
     store = JointAttentionMapStore()
-    install_joint_attention_capture(transformer, store, ["layers.14", "layers.15"], normalisation="joint")
+    install_joint_attention_capture(transformer, store, ["layers.14", "layers.15"], normalisation="text")
     store.set_token_positions(positions, grid=(h, w))     # [B, K], -1 absent; grid = latent / patch size
     pred = transformer(...)
     maps = store.maps()                                   # [B, K, M, h, w], M = layers x heads
@@ -56,6 +56,7 @@ from library.training.attention import AttentionMapStore
 from library.training.joint_lse import DEFAULT_CHUNK_BYTES, chunked_logsumexp, float32_matmul_t
 
 __all__ = [
+    "DEFAULT_NORMALISATION",
     "NORMALISATIONS",
     "JointAttentionMapStore",
     "special_token_maps",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 NORMALISATIONS = ("joint", "text")
+# "text": the quantity the SD path captures (a softmax over the prompt's keys); "joint" multiplies it, query by
+# query, by the share of that query's attention that goes to the text at all (measured 0.016 to 0.48 on the
+# tiny Z-Image), a token-independent factor eq. 8 could lower instead of moving a token (bench/RESULTS.md)
+DEFAULT_NORMALISATION = "text"
 
 
 class _Call(NamedTuple):
@@ -342,7 +347,7 @@ def install_joint_attention_capture(
     model,
     store: JointAttentionMapStore,
     layers: Sequence[str],
-    normalisation: str = "joint",
+    normalisation: str = DEFAULT_NORMALISATION,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> list[str]:
     """Put the capturing twin of each named block's attention processor on it (every other attention
