@@ -306,3 +306,20 @@ def test_bf16_model_maps_in_float32_from_the_kernels_q_and_k():
         assert call[0].dtype == torch.bfloat16 and store.layer_maps()[layer].dtype == torch.float32
         expect = _reference_maps(call, (K_TEXT, 0, K_TEXT), K_GRID, K_POSITIONS, "joint")
         torch.testing.assert_close(store.layer_maps()[layer].double(), expect, rtol=0, atol=1e-6)
+
+
+def test_capture_saves_no_float32_copies_of_q_and_k():
+    """bf16 Klein, one capture layer: the bytes autograd saves grow by the float32 LSE [H, N] and exp's output
+    [H, N, K] only (4 x 2 x 12 x (1 + 2) = 288 bytes, batch 2: 576), plus index-sized bookkeeping; float32
+    copies of the image queries and all keys would add 4 x 2 x 2 x (12 + 18) x 16 = 7680 bytes."""
+    from bench.measure_joint_attention import saved_bytes
+
+    model = _klein().to(torch.bfloat16).train()
+    inputs = {n: (v.bfloat16() if v.is_floating_point() and n != "timestep" else v) for n, v in _k_inputs().items()}
+    params = list(model.parameters())
+    base = saved_bytes(lambda: model(**inputs), params)
+    store = JointAttentionMapStore()
+    install_joint_attention_capture(model, store, K_LAYERS[:1], normalisation="joint")
+    store.set_token_positions(K_POSITIONS, grid=K_GRID)
+    extra = saved_bytes(lambda: model(**inputs), params) - base
+    assert 576 <= extra <= 576 + 512, extra
