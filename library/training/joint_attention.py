@@ -22,6 +22,8 @@ batch padding masked by a [B, S] bool mask; RoPE (complex, ``freqs_cis``) after 
 joins ``[text, image]`` (``Flux2AttnProcessor``: encoder q/k/v first; single blocks get the joined
 sequence), RoPE (``image_rotary_emb``, text then image) after the q/k norms. Token positions index the
 text sequence the transformer is given (Z-Image's ``cap_feats`` item, Klein's ``encoder_hidden_states``).
+Text-to-image training only: Z-Image's omni mode ([caption, image, SigLIP]) and Klein's reference-image
+tokens (``num_ref_tokens``, the KV cache) join other sequences, which these layouts do not describe.
 
 Use::
 
@@ -119,27 +121,33 @@ def special_token_maps(
     key: torch.Tensor,
     image: tuple[int, int],
     text: tuple[int, int],
-    call: _Call,
+    positions: torch.Tensor,
+    grid: tuple[int, int],
     normalisation: str,
     mask: torch.Tensor | None = None,
     layer: str = "layer",
+    max_position: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """The special tokens' attention probabilities from the image queries -> [B, H, K, h, w] float32.
 
     query, key [B, S, H, d]: the joint sequence after the norms and RoPE, as the attention kernel gets them;
-    image = (start, count) of the image tokens in it (count = h * w), text = (start, length) of the text
-    segment; call.positions [B, K] index the text segment (-1: absent -> a zero map). Logits use SDPA's
-    default scale 1/sqrt(d) (what ``dispatch_attention_fn`` is called with). ``normalisation`` "joint":
-    exp(l - LSE over all S keys, mask applied); "text": exp(l - LSE over the text segment's keys).
-    Raises ValueError when a position is past the text or the grid does not fit the sequence.
+    image = (start, count) of the image tokens in it (count = h * w for grid (h, w)), text = (start, length)
+    of the text segment; positions [B, K] index the text segment (-1: absent -> a zero map), mask the
+    attention's key mask ([B, S] or [B, 1, 1, S], bool or additive) or None. Logits use SDPA's default scale
+    1/sqrt(d) (what ``dispatch_attention_fn`` is called with). ``normalisation`` "joint": exp(l - LSE over
+    all S keys, mask applied); "text": exp(l - LSE over the text segment's keys, mask applied).
+    Raises ValueError when the grid does not fit the sequence or ``max_position`` (the largest position,
+    a host int given by the caller so that nothing waits on the device) is past the text.
     """
     b, seq, heads, d = query.shape
-    h, w = call.grid
+    h, w = grid
     (i0, n_img), (t0, n_txt) = image, text
-    positions = call.positions
-    if n_img != h * w or i0 + n_img > seq or n_txt < 1:
-        raise ValueError(f"{layer}: a {h}x{w} token grid does not fit a joint sequence of {seq} tokens")
+    if n_img != h * w or i0 + n_img > seq or n_txt < 1 or t0 + n_txt > seq:
+        raise ValueError(f"{layer}: a {h}x{w} token grid does not fit a joint sequence of {seq} tokens "
+                         "(grid = latent size / patch size)")
+    if max_position is not None and max_position >= n_txt:
+        raise ValueError(f"{layer}: token position {max_position} >= {n_txt} text positions")
     if positions.shape[0] != b:
         raise ValueError(f"{layer}: token positions are for {positions.shape[0]} samples, the batch has {b}")
     k = positions.shape[1]
@@ -188,14 +196,8 @@ class _JointCapture:
         if call is None:
             return
         image, text = layout(call.grid)
-        if image[0] + image[1] > query.shape[1] or text[1] < 1:
-            h, w = call.grid
-            raise ValueError(f"{self.layer_name}: a {h}x{w} token grid does not fit a joint sequence of "
-                             f"{query.shape[1]} tokens (grid = latent size / patch size)")
-        if record and self.store._max_position >= text[1]:
-            raise ValueError(f"{self.layer_name}: token position {self.store._max_position} >= {text[1]} text positions")
-        maps = special_token_maps(query, key, image, text, call, self.normalisation, mask, self.layer_name,
-                                  self.chunk_bytes)
+        maps = special_token_maps(query, key, image, text, call.positions, call.grid, self.normalisation, mask,
+                                  self.layer_name, self.store._max_position if record else None, self.chunk_bytes)
         if record:
             self.store._record(self.layer_name, maps)
 
