@@ -323,3 +323,12 @@ def test_capture_saves_no_float32_copies_of_q_and_k():
     store.set_token_positions(K_POSITIONS, grid=K_GRID)
     extra = saved_bytes(lambda: model(**inputs), params) - base
     assert 576 <= extra <= 576 + 512, extra
+
+
+def test_capture_memory_formula_by_hand():
+    """bench's formula at 1024 px for Z-Image (30 heads x 128, 4096 image tokens, 4608 keys, K = 2): saved
+    4 x 30 x 4096 x (1 + 2) = 1 474 560 bytes, held maps 983 040, transient 2 x 30 x 8704 x 128 = 66 846 720
+    plus twice 16 MiB twice (the chunks are full) = 133 955 584 bytes (127.75 MiB)."""
+    from bench.measure_joint_attention import capture_bytes_formula
+
+    assert capture_bytes_formula(30, 128, 4096, 4608) == {"saved": 1474560, "held": 983040, "transient_backward": 133955584}
