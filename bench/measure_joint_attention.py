@@ -109,6 +109,21 @@ def _mask():
     return m
 
 
+def _capture(model, family, layers, normalisation, positions, grad=False) -> torch.Tensor:
+    """One forward with the capture installed -> store.maps() [1, K, M, h, w]."""
+    store = JointAttentionMapStore()
+    install_joint_attention_capture(model, store, layers, normalisation=normalisation)
+    store.set_token_positions(positions, grid=GRID)
+    with torch.set_grad_enabled(grad):
+        model(**_inputs(family, model, GRID, TEXT))
+    return store.maps()
+
+
+def _text_share(model, family, layers) -> torch.Tensor:
+    """The text's share of each image query's joint attention, [1, M, h, w]: "text" maps = "joint" / it."""
+    return _capture(model, family, layers, "joint", torch.arange(TEXT).view(1, -1)).sum(dim=1)
+
+
 def contrast(family: str) -> dict:
     build, layers = FAMILIES[family]
     torch.manual_seed(0)
@@ -116,12 +131,8 @@ def contrast(family: str) -> dict:
     mask = _mask()
     out = {}
     for normalisation in NORMALISATIONS:
-        store = JointAttentionMapStore()
-        install_joint_attention_capture(model, store, layers, normalisation=normalisation)
-        store.set_token_positions(POSITIONS, grid=GRID)
         model.zero_grad(set_to_none=True)
-        model(**_inputs(family, model, GRID, TEXT))
-        maps = store.maps()[:, 0]  # token 0: [1, M, h, w]
+        maps = _capture(model, family, layers, normalisation, POSITIONS, grad=True)[:, 0]  # token 0: [1, M, h, w]
         loss = attention_refocus_loss(maps, mask).mean()
         loss.backward()
         grad = math.sqrt(sum(float(p.grad.pow(2).sum()) for n, p in model.named_parameters()
@@ -136,13 +147,7 @@ def contrast(family: str) -> dict:
             "eq8_loss": float(loss.detach()),
             "lora_grad_norm": grad,
         }
-    # the text's share of each image query's joint attention: "text" maps = "joint" maps / that share
-    store = JointAttentionMapStore()
-    install_joint_attention_capture(model, store, layers, normalisation="joint")
-    store.set_token_positions(torch.arange(TEXT).view(1, -1), grid=GRID)
-    with torch.no_grad():
-        model(**_inputs(family, model, GRID, TEXT))
-    text_share = store.maps().sum(dim=1)  # [1, M, h, w]
+    text_share = _text_share(model, family, layers)
     out["text_share_of_joint_attention"] = {"mean": float(text_share.mean()), "min": float(text_share.min()),
                                             "max": float(text_share.max())}
     return out
@@ -154,19 +159,9 @@ def _shares(model, family, layers) -> dict:
     mask = _mask()
     out = {}
     for normalisation in NORMALISATIONS:
-        store = JointAttentionMapStore()
-        install_joint_attention_capture(model, store, layers, normalisation=normalisation)
-        store.set_token_positions(POSITIONS, grid=GRID)
-        with torch.no_grad():
-            model(**_inputs(family, model, GRID, TEXT))
-        maps = store.maps()[:, 0]
+        maps = _capture(model, family, layers, normalisation, POSITIONS)[:, 0]
         out[f"outside_share_{normalisation}"] = float((maps * (1 - mask)).sum() / maps.sum())
-    store = JointAttentionMapStore()
-    install_joint_attention_capture(model, store, layers, normalisation="joint")
-    store.set_token_positions(torch.arange(TEXT).view(1, -1), grid=GRID)
-    with torch.no_grad():
-        model(**_inputs(family, model, GRID, TEXT))
-    text_share = store.maps().sum(dim=1)  # [1, M, h, w]
+    text_share = _text_share(model, family, layers)
     out["text_share_outside"] = float((text_share * (1 - mask)).sum() / ((1 - mask).sum() * text_share.shape[1]))
     out["text_share_inside"] = float((text_share * mask).sum() / (mask.sum() * text_share.shape[1]))
     return out
