@@ -52,7 +52,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
     # ---------------------------------------------------------------- photos
     def gallery_items(kind: str) -> list[tuple]:
-        return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
+        return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.gallery_label(r)) for r in ws.items(kind)]
 
     def photo_views():
         notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k), ws.outside_links(k)) for k in KINDS)
@@ -294,10 +294,15 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 ref_folder = gr.Textbox(label="or a folder of reference photos", elem_id="ref_folder")
             prep_btn = gr.Button("Prepare photos", variant="primary", elem_id="prepare")
             photo_status = gr.Textbox(label="Status", interactive=False, elem_id="photo_status")
+            # the key here, not in the galleries' labels: a label longer than one line covers the first photos
+            gr.Markdown("Red: the part of the photo that trains; blue: the face box; **⚠ n**: the photo has n "
+                        "warnings. Click a photo to read them, edit its caption or paint its mask below.",
+                        elem_id="gallery_key")
             with gr.Row():
-                src_gallery = gr.Gallery(label="Source (red: the mask that trains; blue: the face box)", columns=5,
-                                         height=300, elem_id="src_gallery", allow_preview=False)
-                ref_gallery = gr.Gallery(label="Reference", columns=5, height=300, elem_id="ref_gallery",
+                # 3 columns: Gradio's thumbnails are at least 100 px, and 5 overflowed half a 1000 px page
+                src_gallery = gr.Gallery(label="Source", columns=3, height=340, elem_id="src_gallery",
+                                         allow_preview=False)
+                ref_gallery = gr.Gallery(label="Reference", columns=3, height=340, elem_id="ref_gallery",
                                          allow_preview=False)
             notes = gr.Markdown(elem_id="photo_notes")
             with gr.Row():
@@ -305,7 +310,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                                         type="pil", brush=gr.Brush(colors=["#ffffff", "#000000"], color_mode="fixed"),
                                         layers=False, interactive=True, elem_id="mask_editor", height=360)
                 with gr.Column():
-                    item_info = gr.Textbox(label="Selected photo", lines=6, interactive=False, elem_id="item_info")
+                    # grows to the whole text: every warning of the photo shown beside it, never behind a scroll bar
+                    item_info = gr.Textbox(label="Selected photo (its state, caption and every warning)", lines=4,
+                                           max_lines=40, interactive=False, elem_id="item_info")
                     caption = gr.Textbox(label="Caption", elem_id="caption")
                     with gr.Row():
                         cap_btn = gr.Button("Save caption", elem_id="save_caption")
