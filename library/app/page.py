@@ -16,6 +16,8 @@ from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
 
 log = logging.getLogger(__name__)
+# for launch(head=...): strokes begun beside the photo in the mask editor paint (see the file's comment)
+HEAD = f"<script>{(Path(__file__).with_name('brush_edge.js')).read_text(encoding='utf-8')}</script>"
 POLL_SECONDS = 2.0
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
@@ -75,11 +77,15 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 lines.append(summary.lines()[0])
         return (*photo_views(), "\n".join(lines) or "no photos given")
 
+    def photo_size(img) -> str:  # where brush_edge.js finds the photo in the mask editor's canvas
+        return f"<span data-width='{img.width}' data-height='{img.height}'></span>"
+
     def selected(kind: str, evt: gr.SelectData):
         rec = ws.items(kind)[evt.index]
         img = photos.overlay(Path(rec["folder"]), rec["stem"], rec)
         editor = {"background": img, "layers": [], "composite": img}
-        return {"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec)
+        return ({"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec),
+                photo_size(img))
 
     @_guard(5)
     def toggle_exclude(sel):
@@ -310,6 +316,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                                         type="pil", brush=gr.Brush(colors=["#ffffff", "#000000"], color_mode="fixed"),
                                         layers=False, interactive=True, elem_id="mask_editor", height=360)
                 with gr.Column():
+                    mask_photo_size = gr.HTML(elem_id="mask_photo_size", container=False, padding=False)
                     # grows to the whole text: every warning of the photo shown beside it, never behind a scroll bar
                     item_info = gr.Textbox(label="Selected photo (its state, caption and every warning)", lines=4,
                                            max_lines=40, interactive=False, elem_id="item_info")
@@ -406,8 +413,9 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         def select_reference(evt: gr.SelectData):
             return selected("reference", evt)
 
-        src_gallery.select(select_source, None, [selection, editor, caption, item_info])
-        ref_gallery.select(select_reference, None, [selection, editor, caption, item_info])
+        picked = [selection, editor, caption, item_info, mask_photo_size]
+        src_gallery.select(select_source, None, picked)
+        ref_gallery.select(select_reference, None, picked)
         excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
