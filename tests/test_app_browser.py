@@ -245,6 +245,7 @@ def test_the_whole_page(app):
         _wait_value(page, "item_info", "^iphone", 30)
         page.click("#delete_photo")
         _wait_value(page, "photo_status", "iphone: deleted", 30)
+        assert _value(page, "item_info") == "" and _value(page, "caption") == ""  # no longer shown as selected
         assert not (prepared / "iphone.json").exists() and not (data / "photos" / "source" / "iphone.heic").exists()
         stems.remove("iphone")
         assert gallery.locator("img").count() == n_before - 1

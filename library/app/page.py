@@ -97,12 +97,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         return src, ref, details, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
             f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
 
-    @_guard(4)
+    @_guard(9)
     def delete_photo(sel):
         if not sel:
             raise ValueError("select a photo first")
         ws.delete(sel["kind"], sel["stem"])
-        return (*photo_views(), f"{sel['stem']}: deleted (its upload too)")
+        # the editor and the Selected photo box let go of it: they showed a photo that is gone
+        return (*photo_views(), None, None, "", "", "", f"{sel['stem']}: deleted (its upload too)")
 
     @_guard(4)
     def save_caption(sel, text):
@@ -133,7 +134,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             family, text = presets.identify_model(p)
         except Exception as exc:  # noqa: BLE001
             return training_runs.error_line(exc), gr.update()
-        label = presets.preset_for_family(family)
+        label = presets.preset_for_model(p, family)
         return text, (gr.update(value=label) if label else gr.update())
 
     def model_list():
@@ -419,7 +420,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
-        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, photo_status])
+        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, *picked, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
         model_pick.change(model_picked, [model_pick], [model, family, preset])
