@@ -14,10 +14,11 @@ from library.app import photos, presets, results, runs, training_runs
 from library.app.state import KINDS, Sandbox, Workspace, relative, within
 from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
+from library.files.text import read_text_file
 
 log = logging.getLogger(__name__)
 # for launch(head=...): strokes begun beside the photo in the mask editor paint (see the file's comment)
-HEAD = f"<script>{(Path(__file__).with_name('brush_edge.js')).read_text(encoding='utf-8')}</script>"
+HEAD = f"<script>{read_text_file(Path(__file__).with_name('brush_edge.js'))}</script>"
 POLL_SECONDS = 2.0
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
