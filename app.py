@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
-    from library.app.page import build_page
+    from library.app.page import HEAD, build_page
     from library.app.state import Sandbox
 
     try:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     page = build_page(sandbox, data, out)
     # the data folder (models under it too) holds the pictures the page shows; nothing else is served
     page.queue().launch(server_name=args.host, server_port=args.port, allowed_paths=[str(r) for r in sandbox.readable],
-                        show_error=False, inbrowser=False)
+                        show_error=False, inbrowser=False, head=HEAD)
     return 0
 
 

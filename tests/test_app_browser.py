@@ -1,9 +1,12 @@
 """The web page in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright, on the tiny
-model and the demo photos. One run through the whole page, as a user would: upload (a HEIC photo among
-them), check every photo with its mask and warnings, exclude one, paint a mask, prepare again (the mask
-stays), delete a photo, pick the model and a preset, train (the progress bar with a speed, a chart and a
+model and the demo photos. One run through the whole page, as a user would: upload (a HEIC photo and a
+group photo among them), check every photo with its mask and warnings (a warning read in full beside its
+photo), exclude one, paint a mask with a stroke begun beside the photo, prepare again (the mask stays),
+delete a photo, pick the model and a preset, train (the progress bar with a speed, a chart and a
 sample), queue a second run, stop, resume, reload and find the run in the list with its config, Start on
-the finished run asks, a refused resume shows its reason in the list, generate, evaluate, download the LoRA. Saves docs/images/app_{photos,train,results}.png."""
+the finished run asks, a refused resume shows its reason in the list, generate, evaluate (the report
+opens in the page; files outside the allowed folders are refused), download the LoRA. Saves
+docs/images/app_{photos,train,results}.png."""
 
 from __future__ import annotations
 
@@ -15,10 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +62,15 @@ def app(tmp_path_factory):
     subprocess.run([env_py, "-m", "dataset_tools.demo_photos", str(data / "demo_raw")], cwd=ROOT, check=True,
                    capture_output=True)
     import pillow_heif
-    from PIL import Image
 
     pillow_heif.register_heif_opener()
     first = sorted((data / "demo_raw" / "source").iterdir())[0]
     Image.open(first).convert("RGB").save(data / "iphone.heic", quality=90)  # an iPhone photo's format
+    face = Image.open(first).convert("RGB")  # two faces side by side: prepare warns of a group photo
+    group = Image.new("RGB", (face.width * 2, face.height))
+    group.paste(face, (0, 0))
+    group.paste(face.resize((face.width * 3 // 4, face.height * 3 // 4)), (face.width, face.height // 8))
+    group.save(data / "group.png")
     port = _free_port()
     log = open(base / "app.log", "wb")
     proc = subprocess.Popen([env_py, "app.py", "--port", str(port), "--data-dir", str(data), "--output-dir", str(out)],
@@ -97,6 +108,30 @@ def _wait_value(page, elem_id: str, pattern: str, timeout: float) -> str:
     raise AssertionError(f"#{elem_id} never matched {pattern!r}; it shows {text!r}")
 
 
+def _click_and_settle(page, selector: str, output: str, timeout: float = 60_000) -> None:
+    """Click `selector` and wait until Gradio has answered into the component `output`: its loading
+    overlay (the status tracker) was shown and hidden again, seen through the tracker's class changes."""
+    page.evaluate("""(id) => {
+        const tracker = document.querySelector(`#${id} [data-testid=status-tracker]`);
+        window.mcSettled = false;
+        let busy = false;
+        new MutationObserver((records, observer) => {
+            busy = busy || records.some(r => !(r.oldValue || "").split(" ").includes("hide"));
+            if (busy && tracker.classList.contains("hide")) { observer.disconnect(); window.mcSettled = true; }
+        }).observe(tracker, {attributes: true, attributeFilter: ["class"], attributeOldValue: true});
+    }""", output)
+    page.click(selector)
+    page.wait_for_function("window.mcSettled === true", timeout=timeout)
+
+
+def _fully_shown(page, selector: str) -> None:
+    """Assert that the text box `selector` shows its whole text: what its scroll bar would hide is under
+    half a line (Gradio sizes a growing box to its text, borders aside), and the box lies inside the page."""
+    hidden, right = page.locator(selector).evaluate("""e => [(e.scrollHeight - e.clientHeight)
+        / parseFloat(getComputedStyle(e).lineHeight), e.getBoundingClientRect().right <= window.innerWidth]""")
+    assert hidden < 0.5 and right, (selector, hidden, right)
+
+
 def _fill(page, elem_id: str, text: str) -> None:
     box = page.locator(f"#{elem_id} :is(textarea, input)").first
     box.fill(text)
@@ -106,8 +141,6 @@ def _fill(page, elem_id: str, text: str) -> None:
 def _shot(page, name: str, top_of: str | None = None) -> None:
     """Save docs/images/NAME: the page 1000 px wide, at most 1100 px tall from the element `top_of`
     (default the top), 128 colours, optimised."""
-    from PIL import Image
-
     IMAGES.mkdir(parents=True, exist_ok=True)
     png = page.screenshot(full_page=True)
     im = Image.open(io.BytesIO(png)).convert("RGB")
@@ -129,10 +162,12 @@ def test_the_whole_page(app):
 
         # -------------------------------------------------------------- photos
         raw = data / "demo_raw"
-        page.locator("#src_files input[type=file]").set_input_files(
-            [str(p) for p in sorted((raw / "source").iterdir())] + [str(data / "iphone.heic")])
-        page.locator("#ref_files input[type=file]").set_input_files([str(p) for p in sorted((raw / "reference").iterdir())])
-        time.sleep(2)  # the uploads land on the server
+        uploads = {"src_files": [*sorted((raw / "source").iterdir()), data / "group.png", data / "iphone.heic"],
+                   "ref_files": sorted((raw / "reference").iterdir())}
+        for elem_id, files in uploads.items():
+            page.locator(f"#{elem_id} input[type=file]").set_input_files([str(f) for f in files])
+        for elem_id, files in uploads.items():  # each file is listed with its server copy once it landed
+            playwright.expect(page.locator(f"#{elem_id} tr.file a.download-link")).to_have_count(len(files))
         page.click("#prepare")
         status = _wait_value(page, "photo_status", r"prepare reference|error", 240)
         assert "error" not in status, status
@@ -149,6 +184,17 @@ def test_the_whole_page(app):
             assert s in text and s in notes
             for w in rec["warnings"]:
                 assert w in notes
+        # the group photo's warning: counted at the start of its gallery caption (the part Gradio never
+        # cuts), and its whole text beside the photo once it is clicked
+        assert [w[:16] for w in records["group"]["warnings"]] == ["2 faces found; u"]
+        label = gallery.locator(".caption-label", has_text="group")
+        assert label.inner_text().startswith("⚠ 1 group (trains")
+        assert label.evaluate("""e => { const r = document.createRange(); r.setStart(e.firstChild, 0);
+            r.setEnd(e.firstChild, 3); return r.getBoundingClientRect().right <= e.getBoundingClientRect().right; }""")
+        _click_and_settle(page, f"#src_gallery img >> nth={stems.index('group')}", "item_info")
+        shown = _value(page, "item_info")
+        assert shown.startswith("group (trains)") and f"warning: {records['group']['warnings'][0]}" in shown, shown
+        _fully_shown(page, "#item_info textarea")
 
         # exclude the first photo: its files leave the folder the trainer reads
         gallery.locator("img").first.click()
@@ -158,28 +204,33 @@ def test_the_whole_page(app):
         assert (prepared / "excluded" / f"{stems[0]}.json").is_file() and not (prepared / f"{stems[0]}.json").exists()
         assert f"{stems[0]} (excluded)" in page.locator("#photo_notes").inner_text()
 
-        # paint on the next photo's mask with the white brush and save it
-        gallery.locator("img").first.click()  # excluded photos are listed last
-        _wait_value(page, "item_info", stems[1], 30)
+        # paint on the next photo's mask with the white brush, in one stroke that starts beside the photo
+        # (on the editor's blank canvas) and ends at the canvas's centre (the photo's centre), and save it
+        _click_and_settle(page, "#src_gallery img >> nth=0", "mask_editor")  # excluded photos are listed last
+        assert _value(page, "item_info").startswith(stems[1])
         before = (prepared / f"{stems[1]}.mask.png").read_bytes()
+        old = np.asarray(Image.open(io.BytesIO(before)))
+        h, w = old.shape
+        assert old[h // 2, 0] == 0  # the photo's left edge at the stroke's height does not train yet
         editor = page.locator("#mask_editor")
         editor.scroll_into_view_if_needed()
-        for attempt in range(3):  # the editor draws the new photo a moment after the selection shows
-            time.sleep(2)
+        for attempt in range(3):  # the editor may still be drawing the new photo when the selection settled
             editor.get_by_role("button", name="Brush", exact=True).first.click()  # the first colour: white
-            box = editor.locator("canvas").first.bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+            box = editor.locator(".pixi-target canvas").bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + 4, y)  # the blank canvas left of the photo (a 30 px border at least)
             page.mouse.down()
-            for k in range(1, 15):
-                page.mouse.move(box["x"] + box["width"] * (0.2 + 0.04 * k),
-                                box["y"] + box["height"] * (0.3 + 0.02 * k), steps=3)
+            page.mouse.move(box["x"] + box["width"] / 2, y, steps=25)
             page.mouse.up()
-            page.click("#save_mask")
-            time.sleep(3)  # the answer replaces the status; a failed attempt's line may still show until then
-            if "mask saved" in _wait_value(page, "photo_status", "mask saved|paint on the photo first", 30):
+            _click_and_settle(page, "#save_mask", "photo_status")
+            if "mask saved" in _value(page, "photo_status"):
                 break
-        _wait_value(page, "photo_status", "mask saved", 1)
-        assert (prepared / f"{stems[1]}.mask.png").read_bytes() != before
+        assert "mask saved" in _value(page, "photo_status"), _value(page, "photo_status")
+        new = np.asarray(Image.open(prepared / f"{stems[1]}.mask.png"))
+        # painted from the photo's left edge to its centre along the middle row; nothing far from the stroke
+        assert (new[h // 2, : w // 2 - w // 20] == 255).all()
+        assert (new[:, w // 2 + w // 8:] == old[:, w // 2 + w // 8:]).all()
+        assert (new[: h // 4] == old[: h // 4]).all() and (new[3 * h // 4:] == old[3 * h // 4:]).all()
         assert (prepared / "original_masks" / f"{stems[1]}.mask.png").read_bytes() == before
         # prepare again (as after adding a photo): the painted mask is the user's and stays
         painted = (prepared / f"{stems[1]}.mask.png").read_bytes()
@@ -194,16 +245,14 @@ def test_the_whole_page(app):
         _wait_value(page, "item_info", "^iphone", 30)
         page.click("#delete_photo")
         _wait_value(page, "photo_status", "iphone: deleted", 30)
+        assert _value(page, "item_info") == "" and _value(page, "caption") == ""  # no longer shown as selected
         assert not (prepared / "iphone.json").exists() and not (data / "photos" / "source" / "iphone.heic").exists()
         stems.remove("iphone")
         assert gallery.locator("img").count() == n_before - 1
         _shot(page, "app_photos.png", "#src_gallery")
         page.reload()  # nothing lives only in the browser: the galleries come back from the folders
         gallery = page.locator("#src_gallery")
-        deadline = time.time() + 60
-        while gallery.locator("img").count() != len(stems) and time.time() < deadline:
-            time.sleep(0.5)
-        assert gallery.locator("img").count() == len(stems)
+        playwright.expect(gallery.locator("img")).to_have_count(len(stems), timeout=60_000)
         assert "(EXCLUDED)" in gallery.inner_text() and "mask edited" in gallery.inner_text()
 
         # -------------------------------------------------------------- train
@@ -295,6 +344,24 @@ def test_the_whole_page(app):
         status = _wait_value(page, "results_status", r"evaluation written|error", 300)
         assert status == "evaluation written to " + str(out / "t1" / "evaluation"), status
         assert "face found (share of images)" in page.locator("#evaluation").inner_text()
-        page.locator("#report iframe").wait_for()
+        # the report opens in the page: its address serves evaluation/report.html, thumbnails and all
+        frame = page.locator("#report iframe")
+        frame.wait_for()
+        report = out / "t1" / "evaluation" / "report.html"
+        src = urllib.parse.urljoin(url, frame.get_attribute("src"))
+        assert urllib.request.urlopen(src, timeout=30).read() == report.read_bytes()
+        shown = page.frame_locator("#report iframe")
+        shown.locator("#summary").wait_for()
+        counts = [shown.locator(f"#{part} figure img").count() for part in ("generated", "source", "reference")]
+        assert counts == [1, len(stems) - 1, len(list((raw / "reference").iterdir()))]  # stems[0] is excluded
+        loaded = shown.locator("figure img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+        assert loaded == [True] * sum(counts)
+        # the same address for a file outside the data, output and models folders is refused, and so is a
+        # link inside the output folder that leads out of it
+        (out / "t1" / "evaluation" / "leak.log").symlink_to(out.parent / "app.log")
+        for outside in (out.parent / "app.log", out / "t1" / "evaluation" / "leak.log"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.parse.urljoin(url, f"gradio_api/file={outside}"), timeout=30)
+            assert refused.value.code == 403, outside
         _shot(page, "app_results.png")
         browser.close()

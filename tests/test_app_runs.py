@@ -151,3 +151,35 @@ def test_results_show_the_scores_the_step_files_and_what_is_missing(tmp_path):
                                           "training ends)")
     assert [p.name for p in results.step_files(cfg)] == ["mcv1-step00000002.safetensors",
                                                          "t1-step00000002.safetensors"]
+
+
+def _fake_smi(folder: Path, output: str) -> Path:
+    """A fake `nvidia-smi` in `folder` that prints `output` and keeps its arguments in folder/args."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {folder / 'args'}\nprintf '{output}'\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+def test_device_memory_is_the_training_process_rows_of_nvidia_smi(tmp_path, monkeypatch):
+    # pid 4242 on two GPUs, 1536 + 614.4 MiB = 2150.4 MiB = 2.1 GiB; another process's 7000 MiB is not ours
+    bin_dir = _fake_smi(tmp_path / "bin", "999, 7000\\n4242, 1536\\n4242, 614.4\\n")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert runs.device_memory(4242) == "2.1 GiB of device memory in use"
+    assert (bin_dir / "args").read_text() == "--query-compute-apps=pid,used_memory --format=csv,noheader,nounits\n"
+    info = runs.RunInfo(name="t1", folder=tmp_path, state="running", pid=4242, total=(10, 20), phase=1, step=4)
+    assert runs.progress_html(info, 0.5, runs.device_memory(info.pid)).endswith(
+        "\n<div class='mc-memory'>2.1 GiB of device memory in use</div>")
+    assert runs.device_memory(42) == ""  # the process holds no device memory (a CPU run beside a GPU job)
+    assert runs.device_memory(None) == ""
+
+
+def test_no_device_memory_figure_without_nvidia_smi_or_its_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all: no figure, no error
+    assert runs.device_memory(4242) == ""
+    info = runs.RunInfo(name="t1", folder=tmp_path, state="running", pid=4242, total=(10, 20), phase=1, step=4)
+    assert "mc-memory" not in runs.progress_html(info, 0.5, runs.device_memory(info.pid))
+    # MIG and some drivers print [N/A] where the figure should be
+    monkeypatch.setenv("PATH", str(_fake_smi(tmp_path / "na", "4242, [N/A]\\n")))
+    assert runs.device_memory(4242) == ""

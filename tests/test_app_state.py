@@ -281,6 +281,12 @@ def test_presets_follow_the_family():
     assert presets.preset_for_family("sd1") == "paper (SD 1.5)"
     assert presets.preset_for_family("sdxl") == "SDXL"  # ModelFamily.preset: magicapture_sdxl.toml
     assert presets.preset_for_family("sd2") is None
+    # the model a preset names gets that preset (configs/demo.toml: data/tiny_sd), others the family's
+    root = presets.CONFIGS.parent
+    assert presets.preset_for_model(root / "data" / "tiny_sd", "sd1") == "demo (tiny model, CPU)"
+    assert presets.preset_for_model(root / "data" / "other_sd", "sd1") == "paper (SD 1.5)"
+    # two presets name models/v1-5-pruned-emaonly.safetensors: the first in PRESETS order
+    assert presets.preset_for_model(root / "models" / "v1-5-pruned-emaonly.safetensors", "sd1") == "paper (SD 1.5)"
 
 
 def test_usage_lines_name_the_files_and_prompts():

@@ -14,8 +14,11 @@ from library.app import photos, presets, results, runs, training_runs
 from library.app.state import KINDS, Sandbox, Workspace, relative, within
 from library.files.images import IMAGE_EXTENSIONS
 from library.files.messages import one_line
+from library.files.text import read_text_file
 
 log = logging.getLogger(__name__)
+# for launch(head=...): strokes begun beside the photo in the mask editor paint (see the file's comment)
+HEAD = f"<script>{read_text_file(Path(__file__).with_name('brush_edge.js'))}</script>"
 POLL_SECONDS = 2.0
 SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
@@ -52,7 +55,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
     # ---------------------------------------------------------------- photos
     def gallery_items(kind: str) -> list[tuple]:
-        return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.item_caption(r)) for r in ws.items(kind)]
+        return [(photos.overlay(Path(r["folder"]), r["stem"], r), photos.gallery_label(r)) for r in ws.items(kind)]
 
     def photo_views():
         notes = "\n".join(photos.details_markdown(k, ws.items(k), ws.prepare_log(k), ws.outside_links(k)) for k in KINDS)
@@ -75,11 +78,15 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 lines.append(summary.lines()[0])
         return (*photo_views(), "\n".join(lines) or "no photos given")
 
+    def photo_size(img) -> str:  # where brush_edge.js finds the photo in the mask editor's canvas
+        return f"<span data-width='{img.width}' data-height='{img.height}'></span>"
+
     def selected(kind: str, evt: gr.SelectData):
         rec = ws.items(kind)[evt.index]
         img = photos.overlay(Path(rec["folder"]), rec["stem"], rec)
         editor = {"background": img, "layers": [], "composite": img}
-        return {"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec)
+        return ({"kind": kind, "stem": rec["stem"]}, editor, rec["caption"], photos.item_caption(rec),
+                photo_size(img))
 
     @_guard(5)
     def toggle_exclude(sel):
@@ -91,12 +98,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         return src, ref, details, photos.item_caption({**rec, "excluded": not rec["excluded"]}), \
             f"{sel['stem']}: {'excluded from' if not rec['excluded'] else 'back in'} training"
 
-    @_guard(4)
+    @_guard(9)
     def delete_photo(sel):
         if not sel:
             raise ValueError("select a photo first")
         ws.delete(sel["kind"], sel["stem"])
-        return (*photo_views(), f"{sel['stem']}: deleted (its upload too)")
+        # the editor and the Selected photo box let go of it: they showed a photo that is gone
+        return (*photo_views(), None, None, "", "", "", f"{sel['stem']}: deleted (its upload too)")
 
     @_guard(4)
     def save_caption(sel, text):
@@ -127,7 +135,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             family, text = presets.identify_model(p)
         except Exception as exc:  # noqa: BLE001
             return training_runs.error_line(exc), gr.update()
-        label = presets.preset_for_family(family)
+        label = presets.preset_for_model(p, family)
         return text, (gr.update(value=label) if label else gr.update())
 
     def model_list():
@@ -294,10 +302,15 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 ref_folder = gr.Textbox(label="or a folder of reference photos", elem_id="ref_folder")
             prep_btn = gr.Button("Prepare photos", variant="primary", elem_id="prepare")
             photo_status = gr.Textbox(label="Status", interactive=False, elem_id="photo_status")
+            # the key here, not in the galleries' labels: a label longer than one line covers the first photos
+            gr.Markdown("Red: the part of the photo that trains; blue: the face box; **⚠ n**: the photo has n "
+                        "warnings. Click a photo to read them, edit its caption or paint its mask below.",
+                        elem_id="gallery_key")
             with gr.Row():
-                src_gallery = gr.Gallery(label="Source (red: the mask that trains; blue: the face box)", columns=5,
-                                         height=300, elem_id="src_gallery", allow_preview=False)
-                ref_gallery = gr.Gallery(label="Reference", columns=5, height=300, elem_id="ref_gallery",
+                # 3 columns: Gradio's thumbnails are at least 100 px, and 5 overflowed half a 1000 px page
+                src_gallery = gr.Gallery(label="Source", columns=3, height=340, elem_id="src_gallery",
+                                         allow_preview=False)
+                ref_gallery = gr.Gallery(label="Reference", columns=3, height=340, elem_id="ref_gallery",
                                          allow_preview=False)
             notes = gr.Markdown(elem_id="photo_notes")
             with gr.Row():
@@ -305,7 +318,10 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                                         type="pil", brush=gr.Brush(colors=["#ffffff", "#000000"], color_mode="fixed"),
                                         layers=False, interactive=True, elem_id="mask_editor", height=360)
                 with gr.Column():
-                    item_info = gr.Textbox(label="Selected photo", lines=6, interactive=False, elem_id="item_info")
+                    mask_photo_size = gr.HTML(elem_id="mask_photo_size", container=False, padding=False)
+                    # grows to the whole text: every warning of the photo shown beside it, never behind a scroll bar
+                    item_info = gr.Textbox(label="Selected photo (its state, caption and every warning)", lines=4,
+                                           max_lines=40, interactive=False, elem_id="item_info")
                     caption = gr.Textbox(label="Caption", elem_id="caption")
                     with gr.Row():
                         cap_btn = gr.Button("Save caption", elem_id="save_caption")
@@ -399,12 +415,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         def select_reference(evt: gr.SelectData):
             return selected("reference", evt)
 
-        src_gallery.select(select_source, None, [selection, editor, caption, item_info])
-        ref_gallery.select(select_reference, None, [selection, editor, caption, item_info])
+        picked = [selection, editor, caption, item_info, mask_photo_size]
+        src_gallery.select(select_source, None, picked)
+        ref_gallery.select(select_reference, None, picked)
         excl_btn.click(toggle_exclude, [selection], [src_gallery, ref_gallery, notes, item_info, photo_status])
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
-        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, photo_status])
+        del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, *picked, photo_status])
         model.submit(model_changed, [model], [family, preset])
         model.blur(model_changed, [model], [family, preset])
         model_pick.change(model_picked, [model_pick], [model, family, preset])

@@ -79,12 +79,22 @@ def overlay(folder: Path, stem: str, rec: dict) -> Image.Image:
 
 
 def item_caption(rec: dict) -> str:
-    """The gallery caption: name, state, the caption text and every warning, one per line."""
-    state = "EXCLUDED" if rec.get("excluded") else "trains"
-    lines = [f"{rec['stem']} ({state}{', mask edited' if rec.get('mask_edited') else ''})",
-             f"caption: {rec.get('caption', '')}"]
+    """The Selected photo panel's text: name, state, the caption text and every warning, one per line."""
+    lines = [f"{rec['stem']} ({_state(rec)})", f"caption: {rec.get('caption', '')}"]
     lines += [f"warning: {w}" for w in rec.get("warnings") or []]
     return "\n".join(lines)
+
+
+def gallery_label(rec: dict) -> str:
+    """The gallery's caption under a thumbnail, short because Gradio cuts it to one line of the thumbnail's
+    width: the warning count first ("⚠ 2 ", so a cut still shows it), then name and state. The full text
+    is item_caption's, shown when the photo is clicked."""
+    n = len(rec.get("warnings") or [])
+    return f"{f'⚠ {n} ' if n else ''}{rec['stem']} ({_state(rec)})"
+
+
+def _state(rec: dict) -> str:
+    return ("EXCLUDED" if rec.get("excluded") else "trains") + (", mask edited" if rec.get("mask_edited") else "")
 
 
 def mask_from_editor(mask_path: Path, layers: list) -> bytes:
@@ -131,5 +141,5 @@ def details_markdown(kind: str, items: list[dict], log: dict, links: list[str] =
     return "\n".join(rows) + "\n"
 
 
-__all__ = ["PrepareError", "add_uploads", "item_caption", "mask_from_editor", "overlay", "prepare_kind",
-           "strokes", "details_markdown"]
+__all__ = ["PrepareError", "add_uploads", "gallery_label", "item_caption", "mask_from_editor", "overlay",
+           "prepare_kind", "strokes", "details_markdown"]

@@ -37,6 +37,20 @@ def preset_for_family(family: str, configs: Path = CONFIGS) -> str | None:
     return next((label for label, path in available_presets(configs).items() if path.name == name), None)
 
 
+def preset_for_model(path: Path, family: str, configs: Path = CONFIGS) -> str | None:
+    """The label of the preset made for the model at `path`: the first (PRESETS order) whose
+    model.pretrained, relative to the project, is that path (the demo preset for data/tiny_sd, so that
+    the demo model never starts with the paper's 2700 steps), else the family's (preset_for_family)."""
+    import tomllib
+
+    chosen = Path(path).resolve()
+    for label, file in available_presets(configs).items():
+        pretrained = tomllib.loads(read_text_file(file)).get("model", {}).get("pretrained", "")
+        if pretrained and (configs.parent / pretrained).resolve() == chosen:
+            return label
+    return preset_for_family(family, configs)
+
+
 def identify_model(path: Path) -> tuple[str, str]:
     """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers
     by the trainer's own cheap check (library.models.kind.check_model_files): ModelLoadError (one line)

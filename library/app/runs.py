@@ -271,7 +271,12 @@ def device_memory(pid: int | None) -> str:
                              capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
-    mib = sum(float(r.split(",")[1]) for r in out.splitlines() if r.count(",") == 1 and r.split(",")[0].strip() == str(pid))
+    mib = 0.0
+    for row in out.splitlines():  # one row per GPU the process uses: "PID, MiB"
+        cells = [c.strip() for c in row.split(",")]
+        # "[N/A]" or "[Not Supported]" (MIG, some drivers) is no figure, not an error on the page
+        if len(cells) == 2 and cells[0] == str(pid) and cells[1].replace(".", "", 1).isdigit():
+            mib += float(cells[1])
     return f"{mib / 1024:.1f} GiB of device memory in use" if mib else ""
 
 
