@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.files.text import read_text_file
+from library.models.objectives import EpsilonObjective
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -62,6 +63,12 @@ class ModelFamily:
         incomplete one.
     preset: the training config in ``configs/`` a new run of this family starts from (the web page's
         default preset once the base model is identified).
+    objective: the prediction objective's class (:mod:`library.models.objectives`): the loss target, x0
+        from a prediction, the noisy latents and the noise levels a training step draws;
+        ``objective.from_scheduler(scheduler, image_seq_len)`` builds it from the family's scheduler.
+    image_token_pixels: the side in pixels of one image token (8x VAE and 2x2 patches: 16), whose count
+        sets a flow model's resolution-dependent shift (:meth:`make_objective`).
+    preview_sampler: the diffusers scheduler class the training previews sample with.
     """
 
     name: str
@@ -87,6 +94,14 @@ class ModelFamily:
     complete_parts: str
     bundle_embedding_keys: tuple[str, ...]
     preset: str
+    objective: type = EpsilonObjective
+    image_token_pixels: int = 16
+    preview_sampler: str = "EulerAncestralDiscreteScheduler"
+
+    def make_objective(self, scheduler, resolution: int):
+        """The :attr:`objective` of `scheduler` for square images of `resolution` pixels
+        ((resolution / image_token_pixels)^2 image tokens)."""
+        return self.objective.from_scheduler(scheduler, (resolution // self.image_token_pixels) ** 2)
 
     def component_config(self, component: str) -> dict:
         """One component's shipped config (``config_dir/<component>/config.json``, or the scheduler's

@@ -33,7 +33,7 @@ def sample_images(trainer, prompt: str, n: int, steps: int, cfg_scale: float, se
     import diffusers
 
     family = trainer.family
-    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(trainer.noise_scheduler.config)
+    scheduler = getattr(diffusers, family.preview_sampler).from_config(trainer.noise_scheduler.config)
     modules = dict(zip(family.text_encoders, trainer.text_encoders)) | dict(zip(family.tokenizers, trainer.tokenizers))
     pipe = getattr(diffusers, family.pipeline_class)(
         vae=trainer.vae, unet=trainer.unet, scheduler=scheduler, feature_extractor=None, **modules,
@@ -72,12 +72,12 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     gen = torch.Generator().manual_seed(0)
     latents = ref.latents[idx].to(trainer.device)
     noise = torch.randn(latents.shape, generator=gen).to(trainer.device)
-    t = torch.full((n,), ATTENTION_TIMESTEP, dtype=torch.long)
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, t).to(trainer.weight_dtype)
+    t = trainer.objective.levels_at(n, ATTENTION_TIMESTEP)
+    noisy = trainer.objective.add_noise(latents, noise, t.to(trainer.device)).to(trainer.weight_dtype)
     trainer.store.set_token_positions(trainer.token_positions(ids["input_ids"]))
     with trainer.acc.autocast():
         hidden, pooled = trainer.encode_prompts(ids["unique_input_ids"].to(trainer.device), ids["prompt_index"].to(trainer.device))
-        trainer.unet_call(noisy, t.to(trainer.device), hidden, pooled, ref.time_ids[idx.to(ref.time_ids.device)])
+        trainer.unet_call(noisy, trainer.objective.model_timesteps(t.to(trainer.device)), hidden, pooled, ref.time_ids[idx.to(ref.time_ids.device)])
     raw = trainer.store.maps().float()  # [n, 2, M, h, w]
     trainer.store.clear()
     size = latents.shape[-1]

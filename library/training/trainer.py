@@ -98,7 +98,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.vae.to(torch.float32)
         if cfg.train.channels_last:
             use_channels_last(self.unet), use_channels_last(self.vae)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        # the loss target, the noisy latents, x0 and the noise levels: the family's objective
+        self.objective = self.family.make_objective(self.noise_scheduler, self.resolution).to(self.device)
 
         tok = cfg.tokens
         self.token_ids, self.norm_targets = add_tokens_to_encoders(
@@ -146,7 +147,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     encoder = load_identity_encoder(cfg.loss.identity_weights, self.device)
                 except (ValueError, FileNotFoundError) as err:
                     raise ConfigError(f"loss.identity_weights: {err}") from err
-                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device,
+                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.objective, cfg.loss, self.device,
                                             self.reference)
             self.print(f"identity (ID) loss: {cfg.loss.identity_weights or 'dlib ResNet v1 (face_recognition_models)'}")
         self.lora_added = False
@@ -193,7 +194,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one micro-batch on the device: :func:`library.training.batching.sample_tensors` (the
         first-half weight while ``phase_step < steps / 2``), the prompts' ``input_ids`` and the tokens'
-        ``positions``, then ``noise`` and ``timesteps`` ~ U(0, max_timestep): as given (the step's, drawn by
+        ``positions``, then ``noise`` and ``timesteps`` (the objective's noise levels): as given (the step's, drawn by
         :meth:`optimizer_step`), else drawn here from the trainer's generator."""
         late = phase_step >= pcfg.steps / 2
         batch = sample_tensors(samples, self.source, self.reference, self.cfg.loss.id_tasks,
@@ -216,7 +217,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         (``inside/<token>``) and the share outside it (``outside/<token>``) where the token is in the
         batch (:func:`attention_figures`); each token's mean embedding norm (``norm/<token>``).
         """
-        noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
+        noisy = self.objective.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
         use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
         if use_attn:
             self.store.set_token_positions(batch["positions"])
@@ -224,8 +225,9 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             self.store.clear()
         with self.acc.autocast():
             hidden, pooled = self.encode_prompts(batch["unique_input_ids"], batch["prompt_index"])
-            pred = self.unet_call(noisy, batch["timesteps"], hidden, pooled, batch["time_ids"])
-        recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
+            pred = self.unet_call(noisy, self.objective.model_timesteps(batch["timesteps"]), hidden, pooled, batch["time_ids"])
+        target = self.objective.target(batch["latents"].float(), batch["noise"].float())
+        recon = masked_reconstruction_loss(pred.float(), target, batch["recon_masks"], self.cfg.loss.area_normalize)
         attn = attn_mask = None
         figures: dict[str, torch.Tensor] = {}
         if use_attn:
@@ -354,9 +356,9 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
     def _draw_noise(self, n: int, shape: torch.Size, pcfg: PhaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise [n, *shape] and timesteps [n] ~ U(0, max_timestep) from the trainer's generator."""
+        """Noise [n, *shape] and noise levels [n] (the objective's, up to max_timestep) from the trainer's generator."""
         noise = torch.randn((n, *shape), generator=self.gen)
-        return noise, torch.randint(0, pcfg.max_timestep, (n,), generator=self.gen)
+        return noise, self.objective.sample_levels(n, pcfg.max_timestep, self.gen)
 
     def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> FigureSums:
         """One optimiser step; `samples` is the step of every process (num_processes x batch_size, drawn alike on
