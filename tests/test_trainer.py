@@ -47,23 +47,23 @@ def test_each_phase_trains_only_its_parameters(tiny_model, prepared_data, tmp_pa
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0")
     trainer = MagiCaptureTrainer(cfg)
     unet0, te0, vae0 = snapshot(trainer.unet), snapshot(trainer.text_encoder), snapshot(trainer.vae)
-    vectors0 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+    vectors0 = trainer.trainables.named(1)["token_embedding.new_vectors"].detach().clone()
 
     trainer.run_phase(1, 0, None, None)
-    assert not trainer.lora_added
-    vectors1 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+    assert not trainer.trainables.lora_added
+    vectors1 = trainer.trainables.named(1)["token_embedding.new_vectors"].detach().clone()
     assert not torch.equal(vectors0, vectors1), "phase 1 must move the token embeddings"
     for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
         after = snapshot(model)
         assert all(torch.equal(before[n], after[n]) for n in before)
 
     trainer.run_phase(2, 0, None, None)
-    lora = {n: p for n, p in trainer.named_trainables(2).items() if "lora_" in n}
+    lora = {n: p for n, p in trainer.trainables.named(2).items() if "lora_" in n}
     assert any(n.startswith("unet.") for n in lora) and any(n.startswith("text_encoder.") for n in lora)
     # peft zero-initialises lora_B; after phase 2 every UNet lora_B of the cross-attention has moved
     moved = [n for n, p in lora.items() if "lora_B" in n and n.startswith("unet.") and p.abs().sum() > 0]
     assert len(moved) == sum(1 for n in lora if "lora_B" in n and n.startswith("unet."))
-    assert not torch.equal(vectors1, trainer.named_trainables(2)["token_embedding.new_vectors"])
+    assert not torch.equal(vectors1, trainer.trainables.named(2)["token_embedding.new_vectors"])
     for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
         after = {n.replace(".base_layer", ""): v for n, v in snapshot(model).items()}
         assert set(before) == set(after)
@@ -402,7 +402,7 @@ def test_compute_loss_matches_the_formulas_by_hand(tiny_model, prepared_data, tm
                 outside.append((up * (1 - m)).sum() / up.sum())
             torch.testing.assert_close(losses[f"inside/{word}"].double(), torch.stack(inside).mean(), rtol=1e-5, atol=0)
             torch.testing.assert_close(losses[f"outside/{word}"].double(), torch.stack(outside).mean(), rtol=1e-5, atol=0)
-        vectors = trainer.named_trainables(2)["token_embedding.new_vectors"].detach()
+        vectors = trainer.trainables.named(2)["token_embedding.new_vectors"].detach()
         torch.testing.assert_close(losses["norm/mcv1"], vectors[0].norm())
         torch.testing.assert_close(losses["norm/mcv2"], vectors[1].norm())
 
