@@ -70,6 +70,9 @@ class ModelFamily:
     image_token_pixels: the side in pixels of one image token (8x VAE and 2x2 patches: 16), whose count
         sets a flow model's resolution-dependent shift (:meth:`make_objective`).
     preview_sampler: the diffusers scheduler class the training previews sample with.
+    denoiser: the pipeline's attribute for the denoising network ("unet"; a DiT pipeline's "transformer").
+    assembly_kwargs: what :meth:`assemble_pipeline` passes besides the components and
+        :attr:`pipeline_kwargs` (the SD pipelines' optional ``feature_extractor``, left out).
     """
 
     name: str
@@ -98,6 +101,19 @@ class ModelFamily:
     objective: type = EpsilonObjective
     image_token_pixels: int = 16
     preview_sampler: str = "EulerAncestralDiscreteScheduler"
+    denoiser: str = "unet"
+    assembly_kwargs: tuple[tuple[str, object], ...] = (("feature_extractor", None),)
+
+    def assemble_pipeline(self, denoiser, vae, scheduler, text_encoders, tokenizers):
+        """The family's diffusers pipeline (:attr:`pipeline_class`) around modules already loaded:
+        `text_encoders` / `tokenizers` in :attr:`text_encoders` / :attr:`tokenizers` order, `denoiser` as
+        :attr:`denoiser`, plus :attr:`assembly_kwargs` and :attr:`pipeline_kwargs`."""
+        import diffusers
+
+        modules = dict(zip(self.text_encoders, text_encoders)) | dict(zip(self.tokenizers, tokenizers))
+        return getattr(diffusers, self.pipeline_class)(
+            **{self.denoiser: denoiser}, vae=vae, scheduler=scheduler, **modules,
+            **dict(self.assembly_kwargs), **dict(self.pipeline_kwargs))
 
     def make_objective(self, scheduler, resolution: int):
         """The :attr:`objective` of `scheduler` for square images of `resolution` pixels

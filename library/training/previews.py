@@ -35,11 +35,7 @@ def sample_images(trained: TrainedRecord, prompt: str, n: int, steps: int, cfg_s
 
     family = trained.family
     scheduler = getattr(diffusers, family.preview_sampler).from_config(trained.scheduler_config)
-    modules = dict(zip(family.text_encoders, trained.text_encoders)) | dict(zip(family.tokenizers, trained.tokenizers))
-    pipe = getattr(diffusers, family.pipeline_class)(
-        vae=trained.vae, unet=trained.unet, scheduler=scheduler, feature_extractor=None, **modules,
-        **dict(family.pipeline_kwargs),
-    )
+    pipe = family.assemble_pipeline(trained.unet, trained.vae, scheduler, trained.text_encoders, trained.tokenizers)
     pipe.set_progress_bar_config(disable=True)
     res = trained.resolution
     generator = torch.Generator("cpu").manual_seed(seed)
