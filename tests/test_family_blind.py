@@ -50,3 +50,19 @@ def test_the_family_answers_the_conditioning():
     assert calls[-1][0] is h and calls[-1][1] is None
     SDXL.predict(model, x, torch.tensor([1, 2]), {"hidden": h, "pooled": pooled, "size_ids": ids})
     assert calls[-1][1]["text_embeds"] is pooled and torch.equal(calls[-1][1]["time_ids"], ids)
+
+
+def test_latents_follow_the_vae_config():
+    """(mean - shift) * scale and back; SD's VAEs have no shift_factor (0)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from library.models.family import SD1
+
+    sd = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5, shift_factor=None))
+    dit = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5, shift_factor=0.25))
+    mean = torch.tensor([1.0, 2.0])
+    assert SD1.latents_from_vae(sd, mean).tolist() == [0.5, 1.0]
+    assert SD1.latents_from_vae(dit, mean).tolist() == [0.375, 0.875]  # (1 - 0.25) / 2, (2 - 0.25) / 2
+    assert SD1.latents_to_vae(dit, torch.tensor([0.375, 0.875])).tolist() == [1.0, 2.0]

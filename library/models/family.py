@@ -163,6 +163,16 @@ class ModelFamily:
             return num_layers
         return num_layers + 1 + self.hidden_layer
 
+    def latents_from_vae(self, vae, mean: "torch.Tensor") -> "torch.Tensor":
+        """The denoiser's latents of a VAE posterior mean [B, C, h, w]: (mean - shift) * scale with the VAE
+        config's ``scaling_factor`` and ``shift_factor`` (0 where absent or None, as in SD's VAEs; Z-Image's
+        and FLUX.1's VAEs have one), the normalisation diffusers' pipelines undo before decoding."""
+        return (mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+    def latents_to_vae(self, vae, latents: "torch.Tensor") -> "torch.Tensor":
+        """The VAE decoder's input of denoiser latents: latents / scale + shift (:meth:`latents_from_vae` undone)."""
+        return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+
     def size_ids(self, original_hw: tuple[int, int], crop_box: tuple[int, int, int], resolution: int,
                  flipped: bool = False) -> "torch.Tensor | None":
         """One training image's extra conditioning: with :attr:`pooled`, the 6 size / crop ids

@@ -14,7 +14,6 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -301,17 +300,16 @@ def _to_latent_mask(masks: np.ndarray, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_set(items: list[PreparedImage], vae, flip: bool, mask_eps: float, batch_size: int = 4,
-              size_ids: Callable[..., torch.Tensor | None] | None = None) -> CachedSet:
+def cache_set(items: list[PreparedImage], vae, family, flip: bool, mask_eps: float, batch_size: int = 4) -> CachedSet:
     """VAE latents, latent-grid masks, landmarks and the images of `items`, their mirror images appended with
-    `flip`. `size_ids(original_hw, crop_box, resolution, flipped=...)` (the family's
-    :meth:`~library.models.family.ModelFamily.size_ids`) gives each image's extra conditioning, or None."""
+    `flip`. The model `family` normalises the latents (:meth:`~library.models.family.ModelFamily.latents_from_vae`)
+    and gives each image's extra conditioning (:meth:`~library.models.family.ModelFamily.size_ids`), or None."""
     device, dtype = vae.device, vae.dtype
     images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = [it.mask for it in items]
     face = [it.face_mask for it in items]
     resolution = images.shape[-1]
-    ids = [size_ids(it.original_hw, it.crop_box, resolution) for it in items] if size_ids else [None]
+    ids = [family.size_ids(it.original_hw, it.crop_box, resolution) for it in items]
     lms = torch.stack(
         [torch.from_numpy(it.landmarks) if it.landmarks is not None else torch.zeros(5, 2) for it in items]
     ).float()
@@ -325,12 +323,11 @@ def cache_set(items: list[PreparedImage], vae, flip: bool, mask_eps: float, batc
         lms = torch.cat([lms, flipped])
         has_face = torch.cat([has_face, has_face])
         if ids[0] is not None:
-            ids += [size_ids(it.original_hw, it.crop_box, resolution, flipped=True) for it in items]
+            ids += [family.size_ids(it.original_hw, it.crop_box, resolution, flipped=True) for it in items]
     latents = []
-    scale = vae.config.scaling_factor
     for chunk in images.split(batch_size):
         dist = vae.encode(chunk.to(device, dtype)).latent_dist
-        latents.append((dist.mean * scale).float().cpu())
+        latents.append(family.latents_from_vae(vae, dist.mean).float().cpu())
     latents = torch.cat(latents)
     size = latents.shape[-1]
     region = _to_latent_mask(masks, size)

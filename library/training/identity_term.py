@@ -48,8 +48,9 @@ class IdentityTerm:
     (``source_embeddings`` [N, d], zeros where an image has no face)."""
 
     def __init__(self, encoder, source: CachedSet, vae, objective, cfg: LossConfig,
-                 device: torch.device, reference: CachedSet | None = None) -> None:
+                 device: torch.device, reference: CachedSet | None = None, *, family) -> None:
         self.encoder, self.source, self.vae, self.cfg, self.device = encoder, source, vae, cfg, device
+        self.family = family  # how its latents map to the VAE's (ModelFamily.latents_to_vae)
         self.objective = objective  # x0 from a prediction; which noise levels are under T' (models/objectives.py)
         # one decode window for the run: the largest face of both sets (a composed sample keeps the
         # reference's layout), so the loss of a sample is the same however the batch is split
@@ -111,7 +112,7 @@ class IdentityTerm:
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """VAE decode with gradient, in the VAE's own dtype (fp32 with train.vae_fp32, even under autocast)."""
-        latents = (x0 / self.vae.config.scaling_factor).to(self.vae.dtype)
+        latents = self.family.latents_to_vae(self.vae, x0).to(self.vae.dtype)
         with torch.autocast(device_type=self.device.type, enabled=self.vae.dtype != torch.float32):
             return self.vae.decode(latents).sample
 

@@ -147,7 +147,7 @@ class MagiCaptureTrainer:
                 except (ValueError, FileNotFoundError) as err:
                     raise ConfigError(f"loss.identity_weights: {err}") from err
                 self.id_term = IdentityTerm(encoder, self.source, self.vae, self.objective, cfg.loss, self.device,
-                                            self.reference)
+                                            self.reference, family=self.family)
             self.print(f"identity (ID) loss: {cfg.loss.identity_weights or 'dlib ResNet v1 (face_recognition_models)'}")
         self.unet_forward = self.unet
         self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
@@ -185,7 +185,7 @@ class MagiCaptureTrainer:
         return items
 
     def _cache(self, items: list[PreparedImage]) -> CachedSet:
-        cached = cache_set(items, self.vae, self.cfg.data.flip, self.cfg.loss.mask_eps, size_ids=self.family.size_ids)
+        cached = cache_set(items, self.vae, self.family, self.cfg.data.flip, self.cfg.loss.mask_eps)
         if self.cfg.data.captions != "sidecar":
             cached.captions = []
         return cached
