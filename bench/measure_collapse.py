@@ -83,7 +83,7 @@ def run(args, root: Path, detach: bool) -> dict:
 
     trainer.print = note
     trainer.run_phase(2, 0, None, None)
-    result = {"detach_extremes": detach, "tripped_at": tripped, **figures(trainer.history, trainer.token_words())}
+    result = {"detach_extremes": detach, "tripped_at": tripped, **figures(trainer.history, trainer.prompts.words)}
     print(json.dumps(result), flush=True)
     return result
 

@@ -4,10 +4,10 @@
     python bench/measure_prompt_dedupe.py --device cuda --sd15
 
 The trainer encodes the U distinct prompts of a batch and indexes the result back to the B samples
-(MagiCaptureTrainer.prompt_batch / encode_prompts); the other variant encodes all B rows, as one text
+(PromptEncoder.batch / encode, the trainer's ``prompts``); the other variant encodes all B rows, as one text
 encoder call per sample row would. Both run MagiCaptureTrainer.optimizer_step on the same samples drawn
 by the phase's TaskSampler (templates repeat: U < B in most steps). Prints seconds per step and the
-text encoders' share measured alone (forward + backward of encode_prompts).
+text encoders' share measured alone (forward + backward of PromptEncoder.encode).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from testkit.tiny import build_components, save_random_arcface, write_prepared  
 
 
 def every_row(trainer):
-    """prompt_batch without the dedupe: U = B, each sample its own row."""
+    """PromptEncoder.batch without the dedupe: U = B, each sample its own row."""
     def prompt_batch(prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.stack([trainer.prompt_ids(p) for p in prompts]),
-                "unique_input_ids": torch.stack([trainer.encoder_ids(p) for p in prompts], 1),
+        return {"input_ids": torch.stack([trainer.prompts.ids(p) for p in prompts]),
+                "unique_input_ids": torch.stack([trainer.prompts.encoder_ids(p) for p in prompts], 1),
                 "prompt_index": torch.arange(len(prompts))}
     return prompt_batch
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             f"phase1.batch_size={args.batch}", f"phase2.batch_size={args.batch}",
         ])
         trainer = MagiCaptureTrainer(cfg, parts=parts)
-        deduped = trainer.prompt_batch
+        deduped = trainer.prompts.batch
         print(f"{'phase':6} {'variant':10} {'s/step':>8} {'encode s':>9} {'mean U/B':>9}")
         for phase in (1, 2):
             pcfg, optimizer, scheduler, sampler, params = trainer.setup_phase(phase)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             share = sum(len({s.prompt for s in d}) for d in draws) / sum(len(d) for d in draws)
             times = {}
             for name, batcher in (("every row", every_row(trainer)), ("deduped", deduped)):
-                trainer.prompt_batch = batcher
+                trainer.prompts.batch = batcher
                 trainer.optimizer_step(draws[0], 0, phase, pcfg, optimizer, scheduler, params)  # warm-up
                 start = time.perf_counter()
                 for d in draws[1:]:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 for d in draws[1:]:  # the text encoders alone, forward and backward
                     batch = trainer.build_batch(d, 0, pcfg)
-                    hidden, _ = trainer.encode_prompts(batch["unique_input_ids"], batch["prompt_index"])
+                    hidden = trainer.prompts.encode(batch["unique_input_ids"], batch["prompt_index"])["hidden"]
                     hidden.float().square().mean().backward()
                 optimizer.zero_grad(set_to_none=True)
                 encode = (time.perf_counter() - start) / args.steps
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{phase:<6} {name:10} {step:8.4f} {encode:9.4f} {share if name == 'deduped' else 1.0:9.2f}")
             (s0, e0), (s1, e1) = times["every row"], times["deduped"]
             print(f"phase {phase}: deduped / every row = {s1 / s0:.2f} per step, {e1 / e0:.2f} for the text encoder")
-        trainer.prompt_batch = deduped
+        trainer.prompts.batch = deduped
     return 0
 
 

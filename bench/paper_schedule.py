@@ -55,7 +55,7 @@ def scaled_every(every: int, scale: float) -> int:
 
 def preview_count(phase: int, steps: int, every: int) -> int:
     """Previews a phase makes: one every `every` steps, plus one at the end of phase 1 when that is not on a
-    multiple (the trainer's preview_tag)."""
+    multiple (step_log.preview_tag)."""
     if not every or not steps:
         return 0
     return steps // every + (1 if phase == 1 and steps % every else 0)
@@ -244,7 +244,7 @@ def run_levers(args, batch: int, save_row=lambda rows: None) -> list[dict]:
     trainer, (pcfg, optimizer, scheduler, sampler, params), device = _harness(args)
 
     def state_with(name: str, kernel: dict | None = None):
-        groups = trainer.param_groups(2, pcfg)
+        groups = trainer.trainables.param_groups(2, pcfg)
         if kernel is None:
             opt = build_optimizer(OptimizerConfig(name=name), groups)
         else:

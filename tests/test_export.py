@@ -553,7 +553,7 @@ def test_trained_files_reproduce_the_trained_model(tiny_model, prepared_data, tm
     latents = torch.randn(1, 4, 8, 8)
     t = torch.tensor([500])
     with torch.no_grad():
-        ids = trainer.prompt_ids(prompt)[None]
+        ids = trainer.prompts.ids(prompt)[None]
         trained_text = trainer.text_encoder(ids)[0]
         trained_unet = trainer.unet(latents, t, trained_text).sample
 

@@ -345,8 +345,7 @@ def test_export_outputs_writes_the_sdxl_files(trained, tmp_path, monkeypatch):
         cfg=cfg, family=SDXL, unet=c["unet"], text_encoder=c["text_encoder"], text_encoders=(c["text_encoder"], c["text_encoder_2"]),
         resolution=cfg.data.resolution,
         token_ids=ids, lora_added=True, model_name="sd_xl_base_1.0.safetensors", vae_name=None, print=said.append,
-        model_kind=SimpleNamespace(base_model_version="sdxl_base_v1-0", v_parameterization=False),
-        acc=SimpleNamespace(num_processes=1),
+        v_parameterization=False, num_processes=1,
     )
     lora_path = outputs.export_outputs(trainer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["magicapture.safetensors", "mcv1.safetensors", "mcv2.safetensors"]

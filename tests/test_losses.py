@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from library.training.losses import (attention_refocus_loss, combine_losses, identity_loss, masked_reconstruction_loss,
-                            multi_token_refocus_loss, normalize_attention_maps, resize_mask, soften_mask, tweedie_x0)
+                            multi_token_refocus_loss, normalize_attention_maps, resize_mask, soften_mask)
+from library.models.objectives import tweedie_x0
 
 
 def t(x, **kw):

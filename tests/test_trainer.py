@@ -47,23 +47,23 @@ def test_each_phase_trains_only_its_parameters(tiny_model, prepared_data, tmp_pa
     cfg = make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0")
     trainer = MagiCaptureTrainer(cfg)
     unet0, te0, vae0 = snapshot(trainer.unet), snapshot(trainer.text_encoder), snapshot(trainer.vae)
-    vectors0 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+    vectors0 = trainer.trainables.named(1)["token_embedding.new_vectors"].detach().clone()
 
     trainer.run_phase(1, 0, None, None)
-    assert not trainer.lora_added
-    vectors1 = trainer.named_trainables(1)["token_embedding.new_vectors"].detach().clone()
+    assert not trainer.trainables.lora_added
+    vectors1 = trainer.trainables.named(1)["token_embedding.new_vectors"].detach().clone()
     assert not torch.equal(vectors0, vectors1), "phase 1 must move the token embeddings"
     for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
         after = snapshot(model)
         assert all(torch.equal(before[n], after[n]) for n in before)
 
     trainer.run_phase(2, 0, None, None)
-    lora = {n: p for n, p in trainer.named_trainables(2).items() if "lora_" in n}
+    lora = {n: p for n, p in trainer.trainables.named(2).items() if "lora_" in n}
     assert any(n.startswith("unet.") for n in lora) and any(n.startswith("text_encoder.") for n in lora)
     # peft zero-initialises lora_B; after phase 2 every UNet lora_B of the cross-attention has moved
     moved = [n for n, p in lora.items() if "lora_B" in n and n.startswith("unet.") and p.abs().sum() > 0]
     assert len(moved) == sum(1 for n in lora if "lora_B" in n and n.startswith("unet."))
-    assert not torch.equal(vectors1, trainer.named_trainables(2)["token_embedding.new_vectors"])
+    assert not torch.equal(vectors1, trainer.trainables.named(2)["token_embedding.new_vectors"])
     for before, model in ((unet0, trainer.unet), (te0, trainer.text_encoder), (vae0, trainer.vae)):
         after = {n.replace(".base_layer", ""): v for n, v in snapshot(model).items()}
         assert set(before) == set(after)
@@ -147,7 +147,7 @@ def test_identity_term_on_several_composed_samples_reaches_lora(tiny_model, prep
         # by hand: x0 = (z_t - sqrt(1 - a) eps) / sqrt(a); decoded; aligned on the reference's landmarks;
         # 1 - cos against the embedding of the sample's source image
         with torch.no_grad():
-            a = trainer.alphas_cumprod[100]
+            a = trainer.noise_scheduler.alphas_cumprod[100]
             x0 = (noisy - (1 - a).sqrt() * pred) / a.sqrt()
             lms = trainer.reference.landmarks[:3]
             if window:  # one window for the run: the largest face of both sets, whatever the batch holds
@@ -402,9 +402,34 @@ def test_compute_loss_matches_the_formulas_by_hand(tiny_model, prepared_data, tm
                 outside.append((up * (1 - m)).sum() / up.sum())
             torch.testing.assert_close(losses[f"inside/{word}"].double(), torch.stack(inside).mean(), rtol=1e-5, atol=0)
             torch.testing.assert_close(losses[f"outside/{word}"].double(), torch.stack(outside).mean(), rtol=1e-5, atol=0)
-        vectors = trainer.named_trainables(2)["token_embedding.new_vectors"].detach()
+        vectors = trainer.trainables.named(2)["token_embedding.new_vectors"].detach()
         torch.testing.assert_close(losses["norm/mcv1"], vectors[0].norm())
         torch.testing.assert_close(losses["norm/mcv2"], vectors[1].norm())
+
+
+def test_compute_loss_asks_the_family_objective(tiny_model, prepared_data, tmp_path):
+    """The loop takes the noisy latents, the model's timestep and the loss target from the objective: with a
+    flow-matching objective in place of DDPM, x_t = (1 - s) x0 + s noise, the UNet gets t = 1000 s and the
+    reconstruction is taken against v = noise - x0 (a loss on epsilon fails here)."""
+    from library.models.objectives import FlowMatchObjective
+    from library.training.data import Sample
+
+    trainer = MagiCaptureTrainer(make_config(tiny_model, prepared_data, tmp_path / "out", "sample.every=0"))
+    trainer.objective = trainer.id_term.objective = FlowMatchObjective(shift=3.0)
+    trainer.setup_phase(2)
+    samples = [Sample("source", 1, "a photo of a mcv1 person", 1), Sample("reference", 2, "a painting in the style of mcv2", 0)]
+    calls = []
+    real = trainer.unet_forward
+    trainer.unet_forward = lambda noisy, t, *a, **k: calls.append((noisy.detach(), t)) or real(noisy, t, *a, **k)
+    batch, losses, seen = _one_step(trainer, samples, trainer.cfg.phase2.steps, [0.25, 0.75])
+    x0, noise = batch["latents"].double(), batch["noise"].double()
+    s = torch.tensor([0.25, 0.75], dtype=torch.float64)[:, None, None, None]
+    torch.testing.assert_close(calls[0][0].double(), (1 - s) * x0 + s * noise, rtol=1e-5, atol=1e-6)
+    assert calls[0][1].tolist() == [250.0, 750.0]
+    pred, v = seen["pred"].double(), noise - x0
+    masks = [trainer.source.recon_masks[1], trainer.reference.recon_masks[2]]
+    recon = torch.stack([_reconstruction_by_hand(pred[b], v[b], masks[b].double()) for b in range(2)])
+    torch.testing.assert_close(losses["mask"].double(), recon.mean(), rtol=1e-5, atol=0)
 
 
 def test_collapse_guard_on_the_tiny_model(tiny_model, prepared_data, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,8 @@ from library.config import Config, ConfigError, load_config, validate
 from testkit.tiny import save_random_arcface, write_prepared
 from testkit.tiny_sdxl import build_sdxl_parts
 from library.training import checkpoint as ckpt
-from library.training.data import Sample, sdxl_time_ids
+from library.models.conditioning import size_crop_ids as sdxl_time_ids
+from library.training.data import Sample
 from library.training.resume import compare_configs
 from library.training.trainer import MagiCaptureTrainer
 
@@ -105,10 +106,10 @@ def test_sdxl_two_phases_all_tasks(tmp_path):
     assert trainer.norm_targets == pytest.approx((0.4, 0.4 * ratio))
 
     # -- size / crop ids (test_time_ids_rule_by_hand's numbers); the square 96 px images: whole image, no offset
-    assert trainer.source.time_ids[0].tolist() == [120, 200, 0, 28, 64, 64]
-    assert trainer.source.time_ids[3].tolist() == [120, 200, 0, 14, 64, 64]  # img0 flipped
-    assert trainer.source.time_ids[1].tolist() == [96, 96, 0, 0, 64, 64]
-    assert trainer.reference.time_ids[2].tolist() == [96, 96, 0, 0, 64, 64]
+    assert trainer.source.size_ids[0].tolist() == [120, 200, 0, 28, 64, 64]
+    assert trainer.source.size_ids[3].tolist() == [120, 200, 0, 14, 64, 64]  # img0 flipped
+    assert trainer.source.size_ids[1].tolist() == [96, 96, 0, 0, 64, 64]
+    assert trainer.reference.size_ids[2].tolist() == [96, 96, 0, 0, 64, 64]
 
     # -- prompt encoding, written out with transformers calls
     def ids(tokenizer, prompt):
@@ -119,9 +120,10 @@ def test_sdxl_two_phases_all_tasks(tmp_path):
         out_g = te2(torch.cat([ids(tk2, p) for p in PROMPTS]), output_hidden_states=True)
         expected_hidden = torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1)  # [3, 77, 32 + 64]
         expected_pooled = out_g.text_embeds  # [3, 48]
-        batch = trainer.prompt_batch(PROMPTS)
+        batch = trainer.prompts.batch(PROMPTS)
         assert batch["unique_input_ids"].shape == (2, 2, 77) and batch["prompt_index"].tolist() == [0, 1, 0]
-        hidden, pooled = trainer.encode_prompts(batch["unique_input_ids"], batch["prompt_index"])
+        cond = trainer.prompts.encode(batch["unique_input_ids"], batch["prompt_index"])
+        hidden, pooled = cond["hidden"], cond["pooled"]
     assert hidden.shape == (3, 77, 96) and torch.allclose(hidden, expected_hidden, atol=1e-6)
     assert torch.allclose(pooled, expected_pooled, atol=1e-6)
 
@@ -148,7 +150,7 @@ def test_sdxl_two_phases_all_tasks(tmp_path):
 
     # -- phase 2: LoRA on the UNet and both text encoders, every loss term, both encoders' norms logged
     trainer.run_phase(2, 0, None, None)
-    names = trainer.named_trainables(2)
+    names = trainer.trainables.named(2)
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(n.startswith(prefix) and "lora_B" in n for n in names), prefix
     assert [h["phase"] for h in trainer.history] == [1, 1, 2, 2, 2]
@@ -174,7 +176,7 @@ def test_sdxl_two_phases_all_tasks(tmp_path):
     trainable, state = ckpt.load_checkpoint(info)
     resumed = MagiCaptureTrainer(cfg, parts=build_sdxl_parts())
     resumed.setup_phase(2, state, trainable)
-    for name, p in resumed.named_trainables(2).items():
+    for name, p in resumed.trainables.named(2).items():
         assert torch.equal(p.detach(), saved[name]), name
 
 

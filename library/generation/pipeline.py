@@ -175,21 +175,12 @@ def load_model(
     # hashed after the merge: a LoRA that does not fit fails before its file is read a second time
     hashes = a1111_hashes(trained.lora, trained.embeddings)
 
-    import diffusers
-
     scheduler_config = scheduler_base_config(cfg, parts)
-    text_parts = {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
-    pipe = getattr(diffusers, family.pipeline_class)(
-        vae=parts.vae,
-        unet=parts.unet,
-        scheduler=make_scheduler(scheduler, scheduler_config),
-        feature_extractor=None,
-        **text_parts,
-        **dict(family.pipeline_kwargs),
-    )
+    pipe = family.assemble_pipeline(parts.unet, parts.vae, make_scheduler(scheduler, scheduler_config),
+                                    parts.text_encoders, parts.tokenizers)
     pipe.to(dev)
     if dtype != torch.float32:  # merged in fp32 above; cast once, after the merge
-        for part in (pipe.unet, pipe.vae, *parts.text_encoders):
+        for part in (getattr(pipe, family.denoiser), pipe.vae, *parts.text_encoders):
             part.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return GenerationModel(

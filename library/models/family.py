@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.files.text import read_text_file
+from library.models.conditioning import size_crop_ids
+from library.models.objectives import EpsilonObjective
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -62,6 +64,15 @@ class ModelFamily:
         incomplete one.
     preset: the training config in ``configs/`` a new run of this family starts from (the web page's
         default preset once the base model is identified).
+    objective: the prediction objective's class (:mod:`library.models.objectives`): the loss target, x0
+        from a prediction, the noisy latents and the noise levels a training step draws;
+        ``objective.from_scheduler(scheduler, image_seq_len)`` builds it from the family's scheduler.
+    image_token_pixels: the side in pixels of one image token (8x VAE and 2x2 patches: 16), whose count
+        sets a flow model's resolution-dependent shift (:meth:`make_objective`).
+    preview_sampler: the diffusers scheduler class the training previews sample with.
+    denoiser: the pipeline's attribute for the denoising network ("unet"; a DiT pipeline's "transformer").
+    assembly_kwargs: what :meth:`assemble_pipeline` passes besides the components and
+        :attr:`pipeline_kwargs` (the SD pipelines' optional ``feature_extractor``, left out).
     """
 
     name: str
@@ -87,6 +98,27 @@ class ModelFamily:
     complete_parts: str
     bundle_embedding_keys: tuple[str, ...]
     preset: str
+    objective: type = EpsilonObjective
+    image_token_pixels: int = 16
+    preview_sampler: str = "EulerAncestralDiscreteScheduler"
+    denoiser: str = "unet"
+    assembly_kwargs: tuple[tuple[str, object], ...] = (("feature_extractor", None),)
+
+    def assemble_pipeline(self, denoiser, vae, scheduler, text_encoders, tokenizers):
+        """The family's diffusers pipeline (:attr:`pipeline_class`) around modules already loaded:
+        `text_encoders` / `tokenizers` in :attr:`text_encoders` / :attr:`tokenizers` order, `denoiser` as
+        :attr:`denoiser`, plus :attr:`assembly_kwargs` and :attr:`pipeline_kwargs`."""
+        import diffusers
+
+        modules = dict(zip(self.text_encoders, text_encoders)) | dict(zip(self.tokenizers, tokenizers))
+        return getattr(diffusers, self.pipeline_class)(
+            **{self.denoiser: denoiser}, vae=vae, scheduler=scheduler, **modules,
+            **dict(self.assembly_kwargs), **dict(self.pipeline_kwargs))
+
+    def make_objective(self, scheduler, resolution: int):
+        """The :attr:`objective` of `scheduler` for square images of `resolution` pixels
+        ((resolution / image_token_pixels)^2 image tokens)."""
+        return self.objective.from_scheduler(scheduler, (resolution // self.image_token_pixels) ** 2)
 
     def component_config(self, component: str) -> dict:
         """One component's shipped config (``config_dir/<component>/config.json``, or the scheduler's
@@ -96,9 +128,10 @@ class ModelFamily:
         raw = json.loads(read_text_file(self.config_dir / component / name))
         return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
-    def encode_prompt(self, text_encoders, input_ids) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-        """Prompt ids -> what conditions the UNet: (hidden [B, 77, sum of the encoders' widths], pooled
-        [B, projection_dim] or None).
+    def encode_prompt(self, text_encoders, input_ids) -> dict[str, "torch.Tensor"]:
+        """Prompt ids -> what conditions the UNet: ``{"hidden": [B, 77, sum of the encoders' widths]}``, and
+        with :attr:`pooled` ``"pooled"``: [B, projection_dim] (every entry is per prompt, so a caller may
+        index them all alike).
 
         `text_encoders` and `input_ids` ([B, 77] int64 per encoder) are in :attr:`text_encoders` order.
         Each encoder gives hidden state :attr:`hidden_layer` (-1: ``last_hidden_state``, after CLIP's final
@@ -112,13 +145,14 @@ class ModelFamily:
         if len(text_encoders) != len(self.text_encoders) or len(input_ids) != len(self.text_encoders):
             raise ValueError(f"{self.label} encodes with {len(self.text_encoders)} text encoders; got "
                              f"{len(text_encoders)} encoders and {len(input_ids)} id tensors")
-        hidden, pooled = [], None
+        hidden = []
         for encoder, ids in zip(text_encoders, input_ids):
             out = encoder(ids, output_hidden_states=self.hidden_layer != -1)
             hidden.append(out[0] if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer])
+        cond = {"hidden": torch.cat(hidden, dim=-1)}
         if self.pooled:  # `out` is the last encoder's (CLIPTextModelWithProjection)
-            pooled = out.text_embeds
-        return torch.cat(hidden, dim=-1), pooled
+            cond["pooled"] = out.text_embeds
+        return cond
 
     def text_layers_trained(self, index: int, num_layers: int) -> int:
         """How many of text encoder `index`'s `num_layers` layers reach the UNet, so get a gradient and a LoRA:
@@ -129,14 +163,33 @@ class ModelFamily:
             return num_layers
         return num_layers + 1 + self.hidden_layer
 
-    def added_cond_kwargs(self, pooled, time_ids) -> dict | None:
-        """The UNet's ``added_cond_kwargs``: ``{"text_embeds": pooled [B, Dg], "time_ids": [B, 6]}`` when
-        the family is conditioned on them (SDXL's ``addition_embed_type = "text_time"``), else None.
-        time_ids: (original height, original width, crop top, crop left, target height, target width)
-        per sample, pixels (see :func:`library.training.data.sdxl_time_ids`)."""
-        if not self.pooled:
-            return None
-        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+    def latents_from_vae(self, vae, mean: "torch.Tensor") -> "torch.Tensor":
+        """The denoiser's latents of a VAE posterior mean [B, C, h, w]: (mean - shift) * scale with the VAE
+        config's ``scaling_factor`` and ``shift_factor`` (0 where absent or None, as in SD's VAEs; Z-Image's
+        and FLUX.1's VAEs have one), the normalisation diffusers' pipelines undo before decoding."""
+        return (mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+    def latents_to_vae(self, vae, latents: "torch.Tensor") -> "torch.Tensor":
+        """The VAE decoder's input of denoiser latents: latents / scale + shift (:meth:`latents_from_vae` undone)."""
+        return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def size_ids(self, original_hw: tuple[int, int], crop_box: tuple[int, int, int], resolution: int,
+                 flipped: bool = False) -> "torch.Tensor | None":
+        """One training image's extra conditioning: with :attr:`pooled`, the 6 size / crop ids
+        (:func:`library.models.conditioning.size_crop_ids`), else None (the family takes none)."""
+        return size_crop_ids(original_hw, crop_box, resolution, flipped) if self.pooled else None
+
+    def predict(self, model, noisy, timesteps, cond: dict) -> "torch.Tensor":
+        """The denoiser's prediction [B, C, h, w] of `noisy` at `timesteps` (the objective's model
+        timesteps) under `cond`: :meth:`encode_prompt`'s entries per sample, plus ``"size_ids"`` [B, 6]
+        where :meth:`size_ids` gives them. The family builds the call: the UNet's
+        ``encoder_hidden_states`` and, with :attr:`pooled`, ``added_cond_kwargs = {"text_embeds": pooled,
+        "time_ids": size ids}`` (SDXL's ``addition_embed_type = "text_time"``); ids in pixels, as
+        (original height, original width, crop top, crop left, target height, target width)."""
+        added = None
+        if self.pooled:
+            added = {"text_embeds": cond["pooled"], "time_ids": cond["size_ids"].to(cond["pooled"].dtype)}
+        return model(noisy, timesteps, cond["hidden"], added_cond_kwargs=added).sample
 
 
 SD1 = ModelFamily(

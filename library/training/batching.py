@@ -29,16 +29,17 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
     - ``id_task`` [B] bool (the task is in `id_tasks`), ``face_landmarks`` [B, 5, 2] pixels and
       ``face_ok`` [B] bool (where the sample's image has its face), ``id_source`` [B] (the source image
       whose embedding is the identity target);
-    - ``time_ids`` [B, 6]: the image's SDXL size / crop ids (:func:`library.training.data.sdxl_time_ids`;
-      a flipped copy has its own).
+    - ``size_ids`` [B, k]: the image's per-image conditioning ids (``CachedSet.size_ids``; a flipped copy
+      has its own), only where the family has them.
     """
-    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok, time_ids = [], [], [], [], [], [], [], []
+    latents, recon, ar_masks, ar_valid, weights, landmarks, face_ok, size_ids = [], [], [], [], [], [], [], []
     for s in samples:
         data = source if s.task == "source" else reference
         latents.append(data.latents[s.index])
         recon.append(data.recon_masks[s.index])
         landmarks.append(data.landmarks[s.index])
-        time_ids.append(data.time_ids[s.index])
+        if data.size_ids is not None:
+            size_ids.append(data.size_ids[s.index])
         face_ok.append(data.has_face[s.index])
         empty = torch.zeros_like(data.region_masks[s.index])
         if s.task == "source":
@@ -51,7 +52,8 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
             ar_masks.append(torch.stack([reference.face_masks[s.index], reference.region_masks[s.index]]))
             ar_valid.append([bool(reference.has_face[s.index]), True])
         weights.append(1.0 if s.task == "source" else recon_weight)
-    return {
+    extra = {"size_ids": torch.stack(size_ids)} if size_ids else {}
+    return extra | {
         "latents": torch.stack(latents),
         "recon_masks": torch.stack(recon),
         "ar_masks": torch.stack(ar_masks),
@@ -61,7 +63,6 @@ def sample_tensors(samples: Sequence[Sample], source: CachedSet, reference: Cach
         "face_landmarks": torch.stack(landmarks),
         "face_ok": torch.stack(face_ok),
         "id_source": torch.tensor([s.id_source for s in samples]),
-        "time_ids": torch.stack(time_ids),
     }
 
 

@@ -79,36 +79,8 @@ class PreparedImage:
     face_mask: np.ndarray  # [R, R] float: the face (source: = mask; reference: its complement, 0 without a face)
     landmarks: np.ndarray | None  # [5, 2] pixels in the R x R image
     caption: str
-    original_hw: tuple[int, int] = (0, 0)  # (height, width) of the prepared image before the crop, pixels
+    original_hw: tuple[int, int] = (0, 0)  # (height, width) of the prepared image before the crop, pixels (size ids)
     crop_box: tuple[int, int, int] = (0, 0, 0)  # (left, top, side) of the square crop, original pixels
-
-
-def sdxl_time_ids(original_hw: tuple[int, int], crop_box: tuple[int, int, int], resolution: int,
-                  flipped: bool = False) -> torch.Tensor:
-    """SDXL's size / crop conditioning of one training image: [6] float32 =
-    (original height, original width, crop top, crop left, target height, target width), pixels.
-
-    The rule of diffusers' ``train_text_to_image_sdxl.py`` (``original_sizes`` = the image's size before
-    resizing, ``crop_top_left`` = the crop's offset in the resized image, ``compute_time_ids`` = original
-    + crop + target) and of kohya sd-scripts (``library/train_util.py``: ``original_sizes_hw``,
-    ``crop_top_lefts`` in bucket-resolution pixels, ``target_sizes_hw``). Here the square crop
-    (`crop_box` = left, top, side in the original's pixels) is taken first and resized to `resolution`,
-    which is the same as resizing the whole image by ``s = resolution / side`` and cropping there, so
-    the offset is ``round(top * s), round(left * s)``. For a horizontally flipped copy the left offset
-    is measured in the mirrored image: ``round((width - left - side) * s)``, as kohya's train_util does
-    ("target_size[0] - crop_ltrb[2] is left in flipped image") and as diffusers gets by flipping before
-    it crops. A centred crop of a square image gives (H, W, 0, 0, R, R).
-    """
-    height, width = original_hw
-    left, top, side = crop_box
-    if side <= 0:  # no crop recorded (an image made in memory): the image is the training square
-        height = width = side = resolution
-        left = top = 0
-    scale = resolution / side
-    if flipped:
-        left = width - left - side
-    return torch.tensor([height, width, round(top * scale), round(left * scale), resolution, resolution],
-                        dtype=torch.float32)
 
 
 def _square_crop_box(width: int, height: int, center: tuple[float, float] | None) -> tuple[int, int, int]:
@@ -268,7 +240,7 @@ def load_prepared_folder(folder: str | Path, kind: str, resolution: int, caption
             continue
         box = meta.get("face_box")
         center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2) if box else None
-        width, height = image.size  # before the crop: SDXL's "original size"
+        width, height = image.size  # before the crop: the "original size" of size ids
         left, top, side = _square_crop_box(width, height, center)
         crop = (left, top, left + side, top + side)
         for line in crop_warnings(image_path, kind, width, height, box is not None, resolution):
@@ -305,7 +277,7 @@ class CachedSet:
     landmarks: torch.Tensor  # [N, 5, 2] pixels at training resolution (zeros where has_face is false)
     has_face: torch.Tensor  # [N] bool
     images: torch.Tensor  # [N, 3, R, R] in [-1, 1] (for identity embeddings and pictures)
-    time_ids: torch.Tensor | None = None  # [N, 6] SDXL size / crop ids (:func:`sdxl_time_ids`); SD 1.x ignores them
+    size_ids: torch.Tensor | None = None  # [N, k] the family's per-image ids (ModelFamily.size_ids), None without
     captions: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
@@ -317,7 +289,7 @@ class CachedSet:
         `has_face` and `landmarks`: a step decides on the host which samples take the identity term and
         where its face window lies, and reading them off the GPU would stall it once per step."""
         moved = {name: getattr(self, name).to(device) for name in
-                 ("latents", "recon_masks", "region_masks", "face_masks", "time_ids")
+                 ("latents", "recon_masks", "region_masks", "face_masks", "size_ids")
                  if getattr(self, name) is not None}
         return dataclasses.replace(self, **moved)
 
@@ -328,13 +300,16 @@ def _to_latent_mask(masks: np.ndarray, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_set(items: list[PreparedImage], vae, flip: bool, mask_eps: float, batch_size: int = 4) -> CachedSet:
+def cache_set(items: list[PreparedImage], vae, family, flip: bool, mask_eps: float, batch_size: int = 4) -> CachedSet:
+    """VAE latents, latent-grid masks, landmarks and the images of `items`, their mirror images appended with
+    `flip`. The model `family` normalises the latents (:meth:`~library.models.family.ModelFamily.latents_from_vae`)
+    and gives each image's extra conditioning (:meth:`~library.models.family.ModelFamily.size_ids`), or None."""
     device, dtype = vae.device, vae.dtype
     images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = [it.mask for it in items]
     face = [it.face_mask for it in items]
     resolution = images.shape[-1]
-    time_ids = [sdxl_time_ids(it.original_hw, it.crop_box, resolution) for it in items]
+    ids = [family.size_ids(it.original_hw, it.crop_box, resolution) for it in items]
     lms = torch.stack(
         [torch.from_numpy(it.landmarks) if it.landmarks is not None else torch.zeros(5, 2) for it in items]
     ).float()
@@ -347,12 +322,12 @@ def cache_set(items: list[PreparedImage], vae, flip: bool, mask_eps: float, batc
         flipped[..., 0] = resolution - flipped[..., 0]
         lms = torch.cat([lms, flipped])
         has_face = torch.cat([has_face, has_face])
-        time_ids += [sdxl_time_ids(it.original_hw, it.crop_box, resolution, flipped=True) for it in items]
+        if ids[0] is not None:
+            ids += [family.size_ids(it.original_hw, it.crop_box, resolution, flipped=True) for it in items]
     latents = []
-    scale = vae.config.scaling_factor
     for chunk in images.split(batch_size):
         dist = vae.encode(chunk.to(device, dtype)).latent_dist
-        latents.append((dist.mean * scale).float().cpu())
+        latents.append(family.latents_from_vae(vae, dist.mean).float().cpu())
     latents = torch.cat(latents)
     size = latents.shape[-1]
     region = _to_latent_mask(masks, size)
@@ -365,7 +340,7 @@ def cache_set(items: list[PreparedImage], vae, flip: bool, mask_eps: float, batc
         landmarks=lms,
         has_face=has_face,
         images=images,
-        time_ids=torch.stack(time_ids),
+        size_ids=torch.stack(ids) if ids[0] is not None else None,
         captions=[it.caption for it in items] * (2 if flip else 1),
         names=[it.name for it in items] + ([f"{it.name} (flipped)" for it in items] if flip else []),
     )

@@ -1,4 +1,5 @@
-"""Eq. 7 inside a training step: Tweedie's x0_hat, decoded by the VAE with gradient, aligned, embedded by
+"""Eq. 7 inside a training step: x0_hat from the prediction (the family's objective: Tweedie's formula for
+epsilon prediction, x_t - sigma v for flow matching), decoded by the VAE with gradient, aligned, embedded by
 the frozen identity network (dlib's ResNet v1 in PyTorch by default, or an ArcFace file), compared with
 the embedding of the sample's source image.
 
@@ -15,7 +16,7 @@ import torch
 
 from library.config import LossConfig
 from library.training.data import CachedSet
-from library.training.losses import identity_loss, tweedie_x0
+from library.training.losses import identity_loss
 
 __all__ = ["IdentityTerm", "face_window", "window_side"]
 
@@ -46,10 +47,11 @@ class IdentityTerm:
     pixels) to embeddings [n, d]; ``source`` is the cached source set, whose faces are embedded once here
     (``source_embeddings`` [N, d], zeros where an image has no face)."""
 
-    def __init__(self, encoder, source: CachedSet, vae, alphas_cumprod: torch.Tensor, cfg: LossConfig,
-                 device: torch.device, reference: CachedSet | None = None) -> None:
+    def __init__(self, encoder, source: CachedSet, vae, objective, cfg: LossConfig,
+                 device: torch.device, reference: CachedSet | None = None, *, family) -> None:
         self.encoder, self.source, self.vae, self.cfg, self.device = encoder, source, vae, cfg, device
-        self.alphas_cumprod = alphas_cumprod
+        self.family = family  # how its latents map to the VAE's (ModelFamily.latents_to_vae)
+        self.objective = objective  # x0 from a prediction; which noise levels are under T' (models/objectives.py)
         # one decode window for the run: the largest face of both sets (a composed sample keeps the
         # reference's layout), so the loss of a sample is the same however the batch is split
         sets = [source] + ([reference] if reference is not None else [])
@@ -67,7 +69,7 @@ class IdentityTerm:
         ``valid`` [B] bool (a task of ``loss.id_tasks``, a face in the image and in its identity target,
         t < T'), ``idx`` [n] their indices, ``corner`` [n, 2] (and as a list, ``corner_xy``) / ``side`` the
         latent windows (see :func:`face_window`; None without ``loss.id_decode_window``)."""
-        valid = batch["id_task"] & batch["face_ok"] & (batch["timesteps"] < self.cfg.id_max_timestep)
+        valid = batch["id_task"] & batch["face_ok"] & self.objective.below(batch["timesteps"], self.cfg.id_max_timestep)
         valid &= self.source.has_face.cpu()[batch["id_source"]]
         idx = valid.nonzero().squeeze(1)
         corner = side = xy = None
@@ -89,8 +91,7 @@ class IdentityTerm:
         if not len(host_idx):
             return out, valid
         idx = host_idx.to(self.device, non_blocking=True)
-        a_t = self.alphas_cumprod[batch["timesteps"][idx]]
-        x0 = tweedie_x0(noisy[idx].float(), pred[idx].float(), a_t)
+        x0 = self.objective.x0(noisy[idx].float(), pred[idx].float(), batch["timesteps"][idx])
         landmarks = batch["face_landmarks"][idx]
         if self.cfg.id_face == "detector":
             return self._by_detector(x0, idx, valid, batch, out)
@@ -111,7 +112,7 @@ class IdentityTerm:
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """VAE decode with gradient, in the VAE's own dtype (fp32 with train.vae_fp32, even under autocast)."""
-        latents = (x0 / self.vae.config.scaling_factor).to(self.vae.dtype)
+        latents = self.family.latents_to_vae(self.vae, x0).to(self.vae.dtype)
         with torch.autocast(device_type=self.device.type, enabled=self.vae.dtype != torch.float32):
             return self.vae.decode(latents).sample
 

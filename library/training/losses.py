@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["soften_mask", "resize_mask", "masked_reconstruction_loss", "normalize_attention_maps",
-           "attention_refocus_loss", "multi_token_refocus_loss", "tweedie_x0", "identity_loss", "combine_losses"]
+           "attention_refocus_loss", "multi_token_refocus_loss", "identity_loss", "combine_losses"]
 
 
 def soften_mask(mask: Tensor, eps: float = 0.01) -> Tensor:
@@ -117,18 +117,6 @@ def multi_token_refocus_loss(maps: Tensor, masks: Tensor, present: Tensor, detac
         term = attention_refocus_loss(maps[:, k], masks[:, k], detach_extremes)
         total = total + torch.where(present[:, k], term, torch.zeros_like(term))
     return total / present.sum(1).clamp_min(1).to(total.dtype)
-
-
-def tweedie_x0(z_t: Tensor, eps_hat: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
-    """x0_hat = (z_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t); a_t [B] (or a scalar) broadcast per sample.
-
-    Computed in at least float32, returned in ``z_t``'s dtype."""
-    ct = torch.promote_types(z_t.dtype, torch.float32)
-    a = torch.as_tensor(alphas_cumprod_t, device=z_t.device).to(ct)
-    if a.dim() > 0:
-        a = a.reshape(-1, *([1] * (z_t.dim() - 1)))
-    x0 = (z_t.to(ct) - (1.0 - a).sqrt() * eps_hat.to(ct)) / a.sqrt()
-    return x0.to(z_t.dtype)
 
 
 def identity_loss(emb: Tensor, emb_ref: Tensor) -> Tensor:

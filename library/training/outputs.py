@@ -1,8 +1,8 @@
 """The end of a run: the kohya LoRA, one A1111 embedding per token, and a note of what to load where.
 
-The family of the trained model (``trainer.family``) decides the names: kohya's SD 1.x or SDXL LoRA
-names (``lora_te_`` / ``lora_te1_`` + ``lora_te2_``, diffusers or SGM UNet paths) and the embedding's
-tensors (``emb_params`` / ``clip_l`` + ``clip_g``, one per text encoder in ``trainer.text_encoders``).
+The family of the trained model (``trained.family``, of the run's :class:`TrainedRecord`) decides the
+names: kohya's LoRA names per family (text-encoder prefixes, diffusers or SGM UNet paths) and the
+embedding's tensors (one per text encoder in ``trained.text_encoders``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from library.models.loading import DTYPES
 from library.files.weights import non_finite_summary
 from library.training.checkpoint import NonFiniteCheckpoint
 from library.training.tokens import token_vectors
+from library.training.trained import TrainedRecord
 
 
 PROGRESS_PLOT = "progress.png"  # the losses and the preview scores over steps (library/training/progress_plot.py)
@@ -59,30 +60,30 @@ def remove_stale_temporaries(cfg) -> list[Path]:
     return stale
 
 
-def export_outputs(trainer, step: int | None = None) -> Path:
+def export_outputs(trained: TrainedRecord, step: int | None = None) -> Path:
     """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path.
 
     With `step`: the intermediate files of that phase-2 step (:func:`output_paths`), the same tensors the
     run holds at that step, and no note on how to load them.
     """
-    cfg = trainer.cfg
+    cfg = trained.cfg
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
     prompt = composed_prompt(cfg.tokens.source, cfg.tokens.reference)
     paths = output_paths(cfg, step)
-    family, encoders = trainer.family, trainer.text_encoders
+    family, encoders = trained.family, trained.text_encoders
     vectors = {
-        word: {key: token_vectors(encoder, trainer.token_ids[word]) for key, encoder in zip(family.embedding_keys, encoders)}
+        word: {key: token_vectors(encoder, trained.token_ids[word]) for key, encoder in zip(family.embedding_keys, encoders)}
         for word in tokens.values()
     }
     # A1111's legacy .pt holds one text encoder's vectors: only one-encoder families have it
     write_pt = cfg.output.embeddings_pt and len(family.embedding_keys) == 1
     if cfg.output.embeddings_pt and not write_pt:
-        trainer.print(f"note: output.embeddings_pt is ignored: {family.label} embeddings exist as .safetensors only")
+        trained.print(f"note: output.embeddings_pt is ignored: {family.label} embeddings exist as .safetensors only")
     lora_path = paths["lora"]
     state = None
-    if trainer.lora_added:
-        state = lora_state_dict(trainer.unet, encoders if cfg.lora.text_encoder else None, family, dtype=dtype)
+    if trained.lora_added:
+        state = lora_state_dict(trained.unet, encoders if cfg.lora.text_encoder else None, family, dtype=dtype)
     broken = non_finite_summary({"embeddings": vectors, "LoRA": state or {}})
     if broken:  # a file of NaNs must not replace a good one
         raise NonFiniteCheckpoint(f"the trained tensors are no longer finite ({broken}); {lora_path.name} and the "
@@ -104,11 +105,11 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             unet_targets_preset=cfg.lora.targets,
             train_text_encoder=cfg.lora.text_encoder,
             tokens=tokens,
-            base_model_name=trainer.model_name,
+            base_model_name=trained.model_name,
             base_model_hash=file_sha256(pretrained) if pretrained.is_file() else None,
             base_model_version=family.base_model_version,
-            v_parameterization=trainer.model_kind.v_parameterization,
-            vae_name=trainer.vae_name,
+            v_parameterization=trained.v_parameterization,
+            vae_name=trained.vae_name,
             vae_hash=file_sha256(vae) if vae is not None and vae.is_file() else None,
             training={
                 "phase1_steps": cfg.phase1.steps,
@@ -118,13 +119,13 @@ def export_outputs(trainer, step: int | None = None) -> Path:
                 "text_encoder_lr": cfg.phase2.lr_text_encoder,
                 "embedding_lr": cfg.phase2.lr_embeddings,
                 "seed": cfg.train.seed,
-                "resolution": trainer.resolution,  # data.resolution, or the family's side when it is 0
+                "resolution": trained.resolution,  # data.resolution, or the family's side when it is 0
                 "mixed_precision": cfg.train.mixed_precision,
                 "optimizer": cfg.optimizer.name,
                 # kohya's names; a phase-2 step holds batch_size samples per process (library/training/processes.py)
-                "num_processes": trainer.acc.num_processes,
+                "num_processes": trained.num_processes,
                 "batch_size_per_device": cfg.phase2.batch_size,
-                "total_batch_size": cfg.phase2.batch_size * trainer.acc.num_processes,
+                "total_batch_size": cfg.phase2.batch_size * trained.num_processes,
                 "gradient_accumulation_steps": cfg.phase2.grad_accum,
                 "composed_prompt": prompt,
             },
@@ -138,12 +139,12 @@ def export_outputs(trainer, step: int | None = None) -> Path:
             save_lora(paths["bundle"], state, metadata, bundle_embeddings=bundle, family=family)
     if step is not None:
         return lora_path
-    trainer.print(
+    trained.print(
         f"wrote {lora_path} and {', '.join(str(paths[w]) for w in vectors)}\n"
         f"A1111: copy the LoRA to models/Lora and the embeddings to embeddings/, then prompt: "
         f"\"{prompt} <lora:{cfg.output.name}:0.6>\""
         + (f"\nA1111 only: {paths['bundle'].name} is the LoRA with both embeddings inside, one file for models/Lora "
            f"(prompt <lora:{paths['bundle'].stem}:0.6>); other frontends take the separate files"
-           if "bundle" in paths and trainer.lora_added else "")
+           if "bundle" in paths and trained.lora_added else "")
     )
     return lora_path

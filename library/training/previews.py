@@ -17,6 +17,7 @@ from PIL import Image
 from library import config
 from library.files.atomic import write_text
 from library.export.infotext import image_grid, save_png
+from library.training.trained import TrainedRecord
 
 ATTENTION_TIMESTEP = 500  # a mid-noise step: the layout is decided, the details are not
 
@@ -26,24 +27,19 @@ def composed_prompt(cfg) -> str:
 
 
 @torch.no_grad()
-def sample_images(trainer, prompt: str, n: int, steps: int, cfg_scale: float, seed: int) -> list[Image.Image]:
-    """`n` images of `prompt` from the family's pipeline (StableDiffusionPipeline / StableDiffusionXLPipeline)
-    built around the trainer's own modules (LoRA and new token rows included), Euler ancestral, at the
-    training resolution."""
+def sample_images(trained: TrainedRecord, prompt: str, n: int, steps: int, cfg_scale: float, seed: int) -> list[Image.Image]:
+    """`n` images of `prompt` from the family's pipeline built around the run's own modules (LoRA and new
+    token rows included), with the family's preview sampler, at the training resolution. The caller turns
+    the attention capture off first (the pipeline's UNet calls must not record maps)."""
     import diffusers
 
-    family = trainer.family
-    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(trainer.noise_scheduler.config)
-    modules = dict(zip(family.text_encoders, trainer.text_encoders)) | dict(zip(family.tokenizers, trainer.tokenizers))
-    pipe = getattr(diffusers, family.pipeline_class)(
-        vae=trainer.vae, unet=trainer.unet, scheduler=scheduler, feature_extractor=None, **modules,
-        **dict(family.pipeline_kwargs),
-    )
+    family = trained.family
+    scheduler = getattr(diffusers, family.preview_sampler).from_config(trained.scheduler_config)
+    pipe = family.assemble_pipeline(trained.unet, trained.vae, scheduler, trained.text_encoders, trained.tokenizers)
     pipe.set_progress_bar_config(disable=True)
-    trainer.store.clear()
-    res = trainer.resolution
+    res = trained.resolution
     generator = torch.Generator("cpu").manual_seed(seed)
-    with trainer.acc.autocast():
+    with trained.autocast():
         out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg_scale,
                    height=res, width=res, generator=generator)
     return out.images
@@ -68,16 +64,16 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     n = min(count, len(ref) // (2 if trainer.cfg.data.flip else 1))
     idx = torch.arange(n)
     prompt = composed_prompt(trainer.cfg)
-    ids = trainer.prompt_batch([prompt] * n)
+    ids = trainer.prompts.batch([prompt] * n)
     gen = torch.Generator().manual_seed(0)
     latents = ref.latents[idx].to(trainer.device)
     noise = torch.randn(latents.shape, generator=gen).to(trainer.device)
-    t = torch.full((n,), ATTENTION_TIMESTEP, dtype=torch.long)
-    noisy = trainer.noise_scheduler.add_noise(latents, noise, t).to(trainer.weight_dtype)
-    trainer.store.set_token_positions(trainer.token_positions(ids["input_ids"]))
+    t = trainer.objective.levels_at(n, ATTENTION_TIMESTEP)
+    noisy = trainer.objective.add_noise(latents, noise, t.to(trainer.device)).to(trainer.weight_dtype)
+    trainer.store.set_token_positions(trainer.prompts.positions(ids["input_ids"]))
     with trainer.acc.autocast():
-        hidden, pooled = trainer.encode_prompts(ids["unique_input_ids"].to(trainer.device), ids["prompt_index"].to(trainer.device))
-        trainer.unet_call(noisy, t.to(trainer.device), hidden, pooled, ref.time_ids[idx.to(ref.time_ids.device)])
+        size_ids = ref.size_ids[idx.to(ref.size_ids.device)] if ref.size_ids is not None else None
+        trainer.predict(noisy, t.to(trainer.device), {k: v.to(trainer.device) for k, v in ids.items()}, size_ids)
     raw = trainer.store.maps().float()  # [n, 2, M, h, w]
     trainer.store.clear()
     size = latents.shape[-1]
@@ -134,7 +130,8 @@ def write_previews(trainer, tag: str) -> list[Image.Image]:
     samples (sample.n images, in the grid's order) for scoring."""
     cfg = trainer.cfg
     out = Path(cfg.output.dir)
-    images = sample_images(trainer, composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
+    trainer.store.clear()
+    images = sample_images(trainer.trained(), composed_prompt(cfg), cfg.sample.n, cfg.sample.steps, cfg.sample.cfg, cfg.sample.seed)
     save_png(image_grid(images, cols=len(images)), out / "samples" / f"{tag}.png", None)
     picture, shares = attention_report(trainer)
     save_png(picture, out / "attention" / f"{tag}.png", None)

@@ -1,12 +1,13 @@
 """Prompts in a training step: each tokenizer's ids (cached), the family's encoding of a batch's distinct
-prompts, the UNet call with the family's added conditioning, the special tokens' positions.
+prompts, the special tokens' positions.
 
-A mixin of :class:`~library.training.trainer.MagiCaptureTrainer` (it reads ``cfg``, ``family``,
-``tokenizers``, ``text_encoders``, ``token_ids``, ``unet_forward`` and ``_prompt_cache``), kept apart so
-that the trainer module holds the loop.
+:class:`PromptEncoder` is an object the trainer owns, built from the loaded tokenizers and text encoders
+and the family; it never tests which family it has (the family encodes, :meth:`ModelFamily.encode_prompt`).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -14,46 +15,44 @@ from library.models.prompts import prompt_input_ids
 from library.training.batching import prompt_rows, token_positions
 
 
-class PromptsMixin:
-    """Prompt ids, encoding and the conditioned UNet call of a training step."""
+class PromptEncoder:
+    """Prompt ids and their encoding for `family`.
 
-    def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """[77] the first tokenizer's ids of `prompt` (where the tokens' positions are read)."""
+    tokenizers / text_encoders: in the family's order (:attr:`ModelFamily.text_encoders`); token_ids: word ->
+    the ids of its vectors (the same in every tokenizer); words: ([V1], [V2]); vectors: tokens.vectors (each
+    word expands to that many ids in a prompt)."""
+
+    def __init__(self, family, tokenizers: Sequence, text_encoders: Sequence, token_ids: dict[str, list[int]],
+                 words: tuple[str, str], vectors: int) -> None:
+        self.family, self.tokenizers, self.text_encoders = family, tuple(tokenizers), tuple(text_encoders)
+        self.token_ids, self.words = token_ids, tuple(words)
+        self.vector_counts = {w: vectors for w in self.words}  # as expand_prompt takes it
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, prompt: str, truncate: bool = True) -> torch.Tensor:
+        """[77] the first tokenizer's ids of `prompt` (where the tokens' positions are read); `truncate`
+        False keeps every id (to tell whether a caption's token would be cut)."""
+        if not truncate:
+            return prompt_input_ids(self.tokenizers[0], prompt, self.vector_counts, truncate)
         return self.encoder_ids(prompt)[0]
 
     def encoder_ids(self, prompt: str) -> torch.Tensor:
         """[E, 77] the ids of `prompt` in each tokenizer, family order (cached per prompt)."""
-        if prompt not in self._prompt_cache:
-            self._prompt_cache[prompt] = torch.stack(
-                [prompt_input_ids(tk, prompt, self.vector_counts()) for tk in self.tokenizers])
-        return self._prompt_cache[prompt]
+        if prompt not in self._cache:
+            self._cache[prompt] = torch.stack([prompt_input_ids(tk, prompt, self.vector_counts) for tk in self.tokenizers])
+        return self._cache[prompt]
 
-    def prompt_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """:func:`library.training.batching.prompt_rows` of `prompts` with this trainer's ids."""
+    def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """:func:`library.training.batching.prompt_rows` of `prompts` with these tokenizers' ids."""
         return prompt_rows(prompts, self.encoder_ids)
 
-    def encode_prompts(self, unique_input_ids: torch.Tensor, prompt_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden [B, 77, D], pooled [B, Dg] or None) of :meth:`prompt_batch`'s ids: the family's
-        encoding (:meth:`~library.models.family.ModelFamily.encode_prompt`) of the distinct prompts (each once), indexed
-        back to the samples (gradients of repeated rows add up in the shared encoding)."""
-        hidden, pooled = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
-        return hidden[prompt_index], (pooled[prompt_index] if pooled is not None else None)
+    def encode(self, unique_input_ids: torch.Tensor, prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's conditioning (:meth:`~library.models.family.ModelFamily.encode_prompt`: ``hidden``
+        [B, 77, D], and ``pooled`` [B, Dg] where the family has one) of :meth:`batch`'s ids: each distinct
+        prompt encoded once, indexed back to the samples (gradients of repeated rows add up)."""
+        cond = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
+        return {k: v[prompt_index] for k, v in cond.items()}
 
-    def unet_call(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor | None,
-                  time_ids: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction [B, 4, h, w], with the family's added conditioning (SDXL: pooled text
-        embedding and the size / crop ids)."""
-        return self.unet_forward(noisy, timesteps, hidden,
-                                 added_cond_kwargs=self.family.added_cond_kwargs(pooled, time_ids)).sample
-
-    def vector_counts(self) -> dict[str, int]:
-        """Token word -> its number of vectors (tokens.vectors), as expand_prompt takes it."""
-        return {self.cfg.tokens.source: self.cfg.tokens.vectors, self.cfg.tokens.reference: self.cfg.tokens.vectors}
-
-    def token_positions(self, ids: torch.Tensor) -> torch.Tensor:
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, 2] position of the first vector of [V1] and [V2] in each prompt (-1 where absent)."""
-        return token_positions(ids, [self.token_ids[w][0] for w in self.token_words()])
-
-    def token_words(self) -> tuple[str, str]:
-        """([V1], [V2]) as configured: tokens.source, tokens.reference."""
-        return self.cfg.tokens.source, self.cfg.tokens.reference
+        return token_positions(ids, [self.token_ids[w][0] for w in self.words])

@@ -103,6 +103,16 @@ def logs_due(cfg: Config, phase: int, done: int, steps: int, event: bool) -> boo
     return done == steps or event or any(n and done % n == 0 for n in hits)
 
 
+def preview_tag(cfg: Config, phase: int, done: int, steps: int) -> str | None:
+    """The samples' name after step `done` of `steps`, or None: every sample.every steps, and at the end of phase 1."""
+    every = cfg.sample.every
+    if not every:
+        return None
+    if done % every == 0:
+        return f"p{phase}-{done:06d}"
+    return "p1-end" if phase == 1 and done == steps else None
+
+
 def non_finite_message(entry: StepEntry, kept: str) -> str:
     """The one-line stop message for a step whose loss is not finite; `kept` names the last checkpoint."""
     values = entry.figures

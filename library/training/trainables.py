@@ -1,54 +1,60 @@
 """What trains, by checkpoint name: each text encoder's new token rows, then (phase 2) the LoRA weights.
 
-A mixin of :class:`~library.training.trainer.MagiCaptureTrainer` (it reads the trainer's ``cfg``,
-``family``, ``unet``, ``text_encoders`` and ``lora_added``), kept apart so that the trainer module holds
-the loop. Checkpoint names: ``token_embedding.new_vectors`` (the first encoder's rows, as SD 1.x
-checkpoints always had them), ``token_embedding_2.new_vectors`` (text_encoder_2's), ``unet.<param>``,
-``text_encoder.<param>``, ``text_encoder_2.<param>`` for LoRA.
+:class:`Trainables` is an object the trainer owns, built with the denoiser, the text encoders and the
+family. Checkpoint names: ``token_embedding<suffix>.new_vectors`` per text encoder (the suffix is the
+encoder's attribute name after ``text_encoder``: "" for the first, as older checkpoints have it),
+``unet.<param>`` and ``<text encoder attribute>.<param>`` for LoRA.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from library.config import PhaseConfig
+from library.config import LoraConfig, PhaseConfig
 from library.training.interrupt import TrainingStopped
 from library.training.lora import add_text_encoder_lora, add_unet_lora
 from library.training.tokens import get_token_embedding
 
 
-class TrainablesMixin:
-    """Adding LoRA, naming the trainable tensors, their optimiser groups and their restore from a checkpoint."""
+class Trainables:
+    """Adding LoRA, naming the trainable tensors, their optimiser groups and their restore from a checkpoint.
+    ``lora_added`` says whether LoRA is on the models (phase 2)."""
+
+    def __init__(self, family, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module]) -> None:
+        self.family, self.unet, self.text_encoders = family, unet, tuple(text_encoders)
+        self.lora_added = False
 
     def encoder_suffix(self, index: int) -> str:
-        """"" for the first text encoder, "_2" for text_encoder_2: what its checkpoint and log names carry."""
+        """What encoder `index`'s checkpoint and log names carry: its attribute name after "text_encoder"
+        ("" for the first, "_2" for the second)."""
         return self.family.text_encoders[index][len("text_encoder"):]
 
     def embedding_key(self, index: int) -> str:
-        """The checkpoint name of encoder `index`'s new rows: token_embedding.new_vectors (the first, as
-        SD 1.x checkpoints always had it), token_embedding_2.new_vectors (text_encoder_2's)."""
+        """The checkpoint name of encoder `index`'s new rows: ``token_embedding<suffix>.new_vectors``."""
         return f"token_embedding{self.encoder_suffix(index)}.new_vectors"
 
-    def add_lora(self) -> None:
-        """LoRA (lora.rank, lora.alpha, lora.targets) on the UNet and, with lora.text_encoder, on every text
-        encoder's layers that reach the UNet; the init is drawn from train.seed. Its weights train in fp32. Once per run."""
+    def add_lora(self, lcfg: LoraConfig, seed: int) -> None:
+        """LoRA (lcfg.rank, lcfg.alpha, lcfg.targets) on the denoiser and, with lcfg.text_encoder, on every text
+        encoder's layers that reach it (the family's rule); the init is drawn from `seed`. Its weights train
+        in fp32. Once per run."""
         if self.lora_added:
             return
-        lcfg = self.cfg.lora
-        torch.manual_seed(self.cfg.train.seed)  # peft draws the LoRA init from the global RNG
+        torch.manual_seed(seed)  # peft draws the LoRA init from the global RNG
         add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
         if lcfg.text_encoder:
-            for i, encoder in enumerate(self.text_encoders):  # only the layers that reach the UNet (the family's)
+            for i, encoder in enumerate(self.text_encoders):
                 layers = self.family.text_layers_trained(i, encoder.config.num_hidden_layers)
                 add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha, layers=layers)
-        for name, p in self.named_trainables(phase=2).items():
+        for name, p in self.named(phase=2).items():
             if "lora_" in name:
                 p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights
         self.lora_added = True
 
-    def named_trainables(self, phase: int) -> dict[str, torch.nn.Parameter]:
-        """What trains in `phase`, by checkpoint name: each encoder's new rows (:meth:`embedding_key`),
-        then in phase 2 the LoRA weights as ``unet.<name>``, ``text_encoder.<name>``, ``text_encoder_2.<name>``."""
+    def named(self, phase: int) -> dict[str, torch.nn.Parameter]:
+        """What trains in `phase`, by checkpoint name: each encoder's new rows (:meth:`embedding_key`), then in
+        phase 2 the LoRA weights as ``unet.<name>`` and ``<text encoder attribute>.<name>``."""
         params = {self.embedding_key(i): get_token_embedding(te).new_vectors for i, te in enumerate(self.text_encoders)}
         if phase == 2:
             models = [("unet.", self.unet)] + [(f"{n}.", te) for n, te in zip(self.family.text_encoders, self.text_encoders)]
@@ -59,9 +65,9 @@ class TrainablesMixin:
         return params
 
     def param_groups(self, phase: int, pcfg: PhaseConfig) -> list[dict]:
-        """Optimiser groups: the embedding rows (lr_embeddings), the UNet's LoRA (lr_unet), the text encoders'
-        LoRA (lr_text_encoder); empty groups left out."""
-        named = self.named_trainables(phase)
+        """Optimiser groups: the embedding rows (lr_embeddings), the denoiser's LoRA (lr_unet), the text
+        encoders' LoRA (lr_text_encoder); empty groups left out."""
+        named = self.named(phase)
         groups = [{"params": [named.pop(self.embedding_key(i)) for i in range(len(self.text_encoders))],
                    "lr": pcfg.lr_embeddings}]
         unet = [p for n, p in named.items() if n.startswith("unet.")]
@@ -72,10 +78,9 @@ class TrainablesMixin:
             groups.append({"params": te, "lr": pcfg.lr_text_encoder})
         return groups
 
-
-    def load_trainables(self, named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
-        """Copy a checkpoint's trainable tensors into `named` (:meth:`named_trainables`); TrainingStopped
-        naming the first tensor that is missing, unexpected or of another shape."""
+    def load(self, named: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's trainable tensors into `named` (:meth:`named`); TrainingStopped naming the first
+        tensor that is missing, unexpected or of another shape."""
         # a checkpoint without config.toml (older versions) is only checked here
         missing, extra = set(named) - set(trainable), set(trainable) - set(named)
         if missing or extra:

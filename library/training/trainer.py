@@ -31,10 +31,11 @@ from library.files.atomic import OutputWriteError, append_text, ensure_folder
 from library.training.data import CachedSet, PreparedImage, Sample, TaskSampler, cache_set, load_prepared_folder
 from library.training.identity_term import IdentityTerm
 from library.training.interrupt import StopAfterStep, TrainingInterrupted, TrainingStopped
-from library.training.prompting import PromptsMixin
-from library.training.trainables import TrainablesMixin
+from library.training.prompting import PromptEncoder
+from library.training.trainables import Trainables
+from library.training.trained import TrainedRecord
 from library.training.speed import compile_enabled, compile_unet, use_channels_last
-from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, non_finite_message
+from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, non_finite_message, preview_tag
 from library.training.timing import StageClock
 from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
 from library.training.losses import combine_losses, masked_reconstruction_loss, multi_token_refocus_loss
@@ -43,21 +44,16 @@ from library.training.optim import build_lr_scheduler, build_optimizer, load_tra
 from library.training.precision import settle_precision
 from library.training.processes import on_main, processes_line, rank_slice, reduce_sum
 from library.training.resume import ResumePoint, prepare_resume, rewind_history
-from library.models.prompts import prompt_input_ids
 from library.training.tokens import add_tokens_to_encoders, get_token_embedding, norm_regulariser, pull_norms, token_vectors
 from library.training.training_scores import PreviewScoring, report_progress
 
 log = logging.getLogger(__name__)
 
 
-class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
+class MagiCaptureTrainer:
     """Both phases on one model of any :class:`~library.models.family.ModelFamily`; the family answers
-    every difference (text encoders, prompt encoding, added conditioning, resolution, capture layers).
-
-    What the exporter reads: ``family``, ``text_encoders`` / ``tokenizers`` (family order; ``text_encoder``
-    / ``tokenizer`` are the first), ``token_ids`` (word -> ids, the same in every tokenizer), ``unet``,
-    ``lora_added``, ``resolution`` (``data.resolution``, or the family's when that is 0), ``acc.num_processes``.
-    """
+    every difference (objective, text encoders, prompt encoding and conditioning, resolution, capture
+    layers). The exporter and the preview sampler get :meth:`trained`, not the trainer."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None, parts: StableDiffusionParts | None = None):
         self.cfg = cfg
@@ -91,14 +87,14 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         for model in (self.unet, self.vae, *self.text_encoders):
             model.requires_grad_(False)
             model.to(self.device, self.weight_dtype)
-        # kohya's no_half_vae; SDXL's VAE overflows in fp16 and says so (config.force_upcast, which
-        # StableDiffusionXLPipeline honours and SD 1.x's pipeline ignores: the family says which)
+        # kohya's no_half_vae; or the family's VAE overflows in fp16 (ModelFamily.upcast_vae)
         upcast = self.family.upcast_vae and getattr(self.vae.config, "force_upcast", False)
         if cfg.train.vae_fp32 or (upcast and self.weight_dtype == torch.float16):
             self.vae.to(torch.float32)
         if cfg.train.channels_last:
             use_channels_last(self.unet), use_channels_last(self.vae)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        # the loss target, the noisy latents, x0 and the noise levels: the family's objective
+        self.objective = self.family.make_objective(self.noise_scheduler, self.resolution).to(self.device)
 
         tok = cfg.tokens
         self.token_ids, self.norm_targets = add_tokens_to_encoders(
@@ -111,7 +107,10 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     rows.copy_(broadcast(rows.detach().clone(), from_process=0))
         # to tell at the end whether a token learned anything (a resumed run rebuilds the same ones)
         self.initial_vectors = {w: token_vectors(self.text_encoder, ids) for w, ids in self.token_ids.items()}
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        # the trainer's parts: prompt ids and their encoding; what trains (new rows, then LoRA)
+        self.prompts = PromptEncoder(self.family, self.tokenizers, self.text_encoders, self.token_ids,
+                                     (tok.source, tok.reference), tok.vectors)
+        self.trainables = Trainables(self.family, self.unet, self.text_encoders)
         load.__exit__(None, None, None)
 
         with self.clock.stage("cache"), self.acc.main_process_first():
@@ -130,7 +129,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
         self.store = AttentionMapStore()
         try:
-            install_attention_capture(self.unet, self.store, self.capture_layers, cfg.attention.backend)
+            layers = tuple(cfg.attention.layers) or self.family.capture_layers  # empty: the family's
+            install_attention_capture(self.unet, self.store, layers, cfg.attention.backend)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"[attention] {err}") from err
         if cfg.train.gradient_checkpointing:
@@ -149,19 +149,21 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     encoder = load_identity_encoder(cfg.loss.identity_weights, self.device)
                 except (ValueError, FileNotFoundError) as err:
                     raise ConfigError(f"loss.identity_weights: {err}") from err
-                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.alphas_cumprod, cfg.loss, self.device,
-                                            self.reference)
+                self.id_term = IdentityTerm(encoder, self.source, self.vae, self.objective, cfg.loss, self.device,
+                                            self.reference, family=self.family)
             self.print(f"identity (ID) loss: {cfg.loss.identity_weights or 'dlib ResNet v1 (face_recognition_models)'}")
-        self.lora_added = False
         self.unet_forward = self.unet
         self.history: list[dict] = []  # one entry per optimiser step: phase, step and each loss term
         self.guard: AttentionCollapseGuard | None = None  # phase 2's attention-collapse watch
 
     # ---------------------------------------------------------------- setup
-    @property
-    def capture_layers(self) -> tuple[str, ...]:
-        """attention.layers, or the family's capture layers when that list is empty."""
-        return tuple(self.cfg.attention.layers) or self.family.capture_layers
+    def trained(self) -> TrainedRecord:
+        """What this run trained, for the exporter and the preview sampler (:class:`TrainedRecord`)."""
+        return TrainedRecord(
+            self.cfg, self.family, self.model_name, self.vae_name, self.model_kind.v_parameterization, self.resolution,
+            self.acc.num_processes, self.unet, self.vae, tuple(self.text_encoders), tuple(self.tokenizers),
+            dict(self.noise_scheduler.config), self.token_ids, self.prompts.words, self.trainables.lora_added,
+            self.acc.autocast, self.print)
 
     def print(self, message: str) -> None:
         if self.acc.is_main_process:
@@ -176,7 +178,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         if sidecar:
             warning = check_caption_tokens(
                 folder, token, self.token_ids[token], [(f"{it.name}.txt", it.caption) for it in items],
-                lambda caption, truncate: prompt_input_ids(self.tokenizer, caption, self.vector_counts(), truncate),
+                lambda caption, truncate: self.prompts.ids(caption, truncate),
                 self.tokenizer.model_max_length,
             )
             if warning:
@@ -184,23 +186,32 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         return items
 
     def _cache(self, items: list[PreparedImage]) -> CachedSet:
-        cached = cache_set(items, self.vae, self.cfg.data.flip, self.cfg.loss.mask_eps)
+        cached = cache_set(items, self.vae, self.family, self.cfg.data.flip, self.cfg.loss.mask_eps)
         if self.cfg.data.captions != "sidecar":
             cached.captions = []
         return cached
 
     # ---------------------------------------------------------------- one step
+    def predict(self, noisy: torch.Tensor, levels: torch.Tensor, prompts: dict, size_ids: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's prediction [B, C, h, w] of `noisy` at the objective's noise `levels` [B], conditioned on
+        :meth:`PromptEncoder.batch`'s ids in `prompts` (on the device) and the images' size ids (None where the
+        family has none): the family encodes the prompts and builds the call."""
+        cond = self.prompts.encode(prompts["unique_input_ids"], prompts["prompt_index"])
+        if size_ids is not None:
+            cond["size_ids"] = size_ids
+        return self.family.predict(self.unet_forward, noisy, self.objective.model_timesteps(levels), cond)
+
     def build_batch(self, samples: list[Sample], phase_step: int, pcfg: PhaseConfig, noise: torch.Tensor | None = None,
                     timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one micro-batch on the device: :func:`library.training.batching.sample_tensors` (the
         first-half weight while ``phase_step < steps / 2``), the prompts' ``input_ids`` and the tokens'
-        ``positions``, then ``noise`` and ``timesteps`` ~ U(0, max_timestep): as given (the step's, drawn by
+        ``positions``, then ``noise`` and ``timesteps`` (the objective's noise levels): as given (the step's, drawn by
         :meth:`optimizer_step`), else drawn here from the trainer's generator."""
         late = phase_step >= pcfg.steps / 2
         batch = sample_tensors(samples, self.source, self.reference, self.cfg.loss.id_tasks,
                                1.0 if late else pcfg.first_half_weight)
-        batch |= self.prompt_batch([s.prompt for s in samples])
-        batch["positions"] = self.token_positions(batch["input_ids"])
+        batch |= self.prompts.batch([s.prompt for s in samples])
+        batch["positions"] = self.prompts.positions(batch["input_ids"])
         if noise is None:
             noise, timesteps = self._draw_noise(len(samples), batch["latents"].shape[1:], pcfg)
         batch["noise"], batch["timesteps"] = noise, timesteps
@@ -217,16 +228,16 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         (``inside/<token>``) and the share outside it (``outside/<token>``) where the token is in the
         batch (:func:`attention_figures`); each token's mean embedding norm (``norm/<token>``).
         """
-        noisy = self.noise_scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
+        noisy = self.objective.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
         use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
         if use_attn:
             self.store.set_token_positions(batch["positions"])
         else:
             self.store.clear()
         with self.acc.autocast():
-            hidden, pooled = self.encode_prompts(batch["unique_input_ids"], batch["prompt_index"])
-            pred = self.unet_call(noisy, batch["timesteps"], hidden, pooled, batch["time_ids"])
-        recon = masked_reconstruction_loss(pred.float(), batch["noise"].float(), batch["recon_masks"], self.cfg.loss.area_normalize)
+            pred = self.predict(noisy, batch["timesteps"], batch, batch.get("size_ids"))
+        target = self.objective.target(batch["latents"].float(), batch["noise"].float())
+        recon = masked_reconstruction_loss(pred.float(), target, batch["recon_masks"], self.cfg.loss.area_normalize)
         attn = attn_mask = None
         figures: dict[str, torch.Tensor] = {}
         if use_attn:
@@ -235,7 +246,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             attn = multi_token_refocus_loss(maps, batch["ar_masks"], valid, self.cfg.loss.attn_detach_extremes)
             attn_mask = valid.any(1)
             inside, outside, count = attention_figures(maps.detach(), batch["ar_masks"], valid)
-            for k, word in enumerate(self.token_words()):
+            for k, word in enumerate(self.prompts.words):
                 figures[f"inside/{word}"], figures[f"outside/{word}"], figures[f"_count/{word}"] = inside[k], outside[k], count[k]
         ident = id_mask = None
         if phase == 2 and self.id_term is not None:
@@ -253,8 +264,8 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 penalty = penalty + norm_regulariser(vectors, self.norm_targets[i])
             with torch.no_grad():
                 norms = vectors.float().norm(dim=-1).view(2, -1).mean(1)  # rows: [V1] vectors, then [V2]'s
-            for k, word in enumerate(self.token_words()):  # norm/<word>, then norm_2/<word> for text_encoder_2
-                losses[f"norm{self.encoder_suffix(i)}/{word}"] = norms[k]
+            for k, word in enumerate(self.prompts.words):  # norm/<word>, then norm<suffix>/<word> per further encoder
+                losses[f"norm{self.trainables.encoder_suffix(i)}/{word}"] = norms[k]
         if use_penalty:
             losses["loss"] = losses["loss"] + self.cfg.tokens.norm_weight * penalty
             losses["norm_penalty"] = penalty.detach()
@@ -314,10 +325,10 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             from library.training.outputs import export_outputs
 
             with self.clock.stage("export"):
-                result = export_outputs(self)
+                result = export_outputs(self.trained())
             self.clock.write(self.out_dir / "timings.json")
-            lora = {"UNet": self.unet} if self.lora_added else {}
-            for i, encoder in enumerate(self.text_encoders if self.lora_added else ()):
+            lora = {"UNet": self.unet} if self.trainables.lora_added else {}
+            for i, encoder in enumerate(self.text_encoders if self.trainables.lora_added else ()):
                 lora["text encoder" + (f" {i + 1}" if i else "")] = encoder
             for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
                 self.print(line)
@@ -329,13 +340,13 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         """LoRA (phase 2), trainable flags, optimiser, LR scheduler and sampler; restored from a checkpoint if given."""
         pcfg = self.cfg.phase1 if phase == 1 else self.cfg.phase2
         if phase == 2:
-            self.add_lora()
-        named = self.named_trainables(phase)
+            self.trainables.add_lora(self.cfg.lora, self.cfg.train.seed)
+        named = self.trainables.named(phase)
         for p in named.values():
             p.requires_grad_(True)
         if trainable is not None:
-            self.load_trainables(named, trainable)
-        optimizer = build_optimizer(self.cfg.optimizer, self.param_groups(phase, pcfg))
+            self.trainables.load(named, trainable)
+        optimizer = build_optimizer(self.cfg.optimizer, self.trainables.param_groups(phase, pcfg))
         scheduler = build_lr_scheduler(pcfg, optimizer)
         sampler = TaskSampler(
             pcfg.tasks, len(self.source), len(self.reference), self.cfg.tokens.source, self.cfg.tokens.reference,
@@ -355,9 +366,9 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
         return pcfg, optimizer, scheduler, sampler, list(named.values())
 
     def _draw_noise(self, n: int, shape: torch.Size, pcfg: PhaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise [n, *shape] and timesteps [n] ~ U(0, max_timestep) from the trainer's generator."""
+        """Noise [n, *shape] and noise levels [n] (the objective's, up to max_timestep) from the trainer's generator."""
         noise = torch.randn((n, *shape), generator=self.gen)
-        return noise, torch.randint(0, pcfg.max_timestep, (n,), generator=self.gen)
+        return noise, self.objective.sample_levels(n, pcfg.max_timestep, self.gen)
 
     def optimizer_step(self, samples: list[Sample], step: int, phase: int, pcfg: PhaseConfig, optimizer, scheduler, params) -> FigureSums:
         """One optimiser step; `samples` is the step of every process (num_processes x batch_size, drawn alike on
@@ -414,7 +425,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 append_text(self.out_dir / "loss_history.jsonl", json.dumps(self.history[-1]) + "\n")
             every = self.cfg.logging.print_every
             if every and (done % every == 0 or done == pcfg.steps):
-                self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.token_words())}")
+                self.print(f"phase {phase} step {done}/{pcfg.steps}: {format_figures(logs, self.prompts.words)}")
             if self.cfg.logging.tensorboard and done % self.cfg.logging.every == 0:
                 self.acc.log({(k if "/" in k else f"loss/{k}"): v for k, v in logs.items() if not k.startswith("eval/")}
                              | {"lr": entry.lr}, step=offset + done)
@@ -428,7 +439,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
             pcfg, optimizer, scheduler, sampler, params = self.setup_phase(phase, state, trainable)
         self.guard = None
         if phase == 2 and self.cfg.loss.attn_weight > 0:
-            self.guard = AttentionCollapseGuard(list(self.token_words()), self.cfg.loss.attn_collapse_ratio)
+            self.guard = AttentionCollapseGuard(list(self.prompts.words), self.cfg.loss.attn_collapse_ratio)
             if state is not None and state.get("guard"):
                 self.guard.load_state(state["guard"])
         offset = self.cfg.phase1.steps if phase == 2 else 0
@@ -448,13 +459,13 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     self.clock.steps[f"phase{phase}"] = self.clock.steps.get(f"phase{phase}", 0) + 1
                     # one decision per step that every process shares (an all-reduce with several): whether to stop
                     stopping = self.stop_requested(stop)
-                    if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or self.preview_tag(phase, done, pcfg) is not None):
+                    if not logs_due(self.cfg, phase, done, pcfg.steps, stopping or preview_tag(self.cfg, phase, done, pcfg.steps) is not None):
                         continue
                     entries = steps.take(lambda v: reduce_sum(self.acc, v))  # every process's figures, so all take one decision
                     for entry in entries:
                         self.check_finite(entry)  # before a preview or a checkpoint is made of broken weights
                     bar.set_postfix({k: f"{v:.4g}" for k, v in entries[-1].figures.items() if "/" not in k})
-                    tag = self.preview_tag(phase, done, pcfg)
+                    tag = preview_tag(self.cfg, phase, done, pcfg.steps)
                     scores = {}
                     if tag and not stop.requested:
                         with self.clock.stage("previews"):
@@ -474,7 +485,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                         from library.training.outputs import export_outputs
 
                         with self.clock.stage("export"):  # the last step's are the final files
-                            on_main(self.acc, lambda: export_outputs(self, step=done))
+                            on_main(self.acc, lambda: export_outputs(self.trained(), step=done))
             except KeyboardInterrupt as cause:  # a second signal, or one the handlers could not catch: mid-step
                 last = ckpt.list_checkpoints(self.out_dir)
                 then = (f"last checkpoint: {last[-1].path.name}; continue with --resume latest" if last
@@ -494,15 +505,6 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                     stop.requested,
                 )
 
-    def preview_tag(self, phase: int, done: int, pcfg: PhaseConfig) -> str | None:
-        """The samples' name at this step, or None: every sample.every steps, and at the end of phase 1."""
-        every = self.cfg.sample.every
-        if not every:
-            return None
-        if done % every == 0:
-            return f"p{phase}-{done:06d}"
-        return "p1-end" if phase == 1 and done == pcfg.steps else None
-
     def stop_requested(self, stop: StopAfterStep) -> bool:
         """Whether a signal asked to stop; with several processes, whether any got one (all stop together)."""
         if self.acc.num_processes > 1:
@@ -513,7 +515,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
 
     def check_attention(self, logs: dict[str, float], phase: int, done: int) -> None:
         """Feed the collapse guard; warn once per collapsed token, or stop (loss.attn_collapse_action)."""
-        words = self.token_words()
+        words = self.prompts.words
         # `logs` hold every process's figures (StepLog.take), so every process takes the same decision
         tripped = self.guard.update({w: logs[f"inside/{w}"] for w in words if f"inside/{w}" in logs})
         for word in tripped:
@@ -536,7 +538,7 @@ class MagiCaptureTrainer(PromptsMixin, TrainablesMixin):
                 "grad_scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,  # fp16 only
                 "processes": self.acc.num_processes,  # every process's state follows from this one (processes.py)
             }
-            return ckpt.save_checkpoint(self.out_dir, phase, step, self.named_trainables(phase), state,
+            return ckpt.save_checkpoint(self.out_dir, phase, step, self.trainables.named(phase), state,
                                         self.cfg.output.keep_checkpoints, config=self.cfg.to_dict())
 
         return on_main(self.acc, write)
