@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from library.files.atomic import write_text
-from library.files.messages import one_line
+from library.files.pids import pid_alive
 from library.files.text import TextFileError, read_text_file
 from library.app.state import for_people, relative
 from library.training.run_lock import lock_holder
@@ -36,20 +36,6 @@ START_MARK = "--- the page starts training ---"  # in the log before each start:
 
 class RunRefused(RuntimeError):
     """Start refused (a run already holds the output folder) or Stop with nothing to stop; one line."""
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (a finished child not yet waited for)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a zombie still answers kill(0)
-        return read_text_file(f"/proc/{pid}/stat").split(")")[-1].split()[0] != "Z"
-    except (OSError, TextFileError, IndexError):
-        return True
 
 
 def read_lock(out_dir: Path) -> dict | None:

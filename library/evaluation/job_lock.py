@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 from library.files.atomic import ensure_folder, file_mode
 from library.files.messages import one_line
+from library.files.pids import pid_alive
 
 LOCK_NAME = ".sweep-job.lock"
 DEFAULT_TIMEOUT_S = 300.0
@@ -89,15 +90,8 @@ def read_lock(folder: str | os.PathLike) -> dict:
 
 
 def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # unknown: only the heartbeat can tell
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it runs
-        return True
-    return True
+    """A record's pid that is not a positive int cannot be checked: only the heartbeat can tell."""
+    return pid_alive(pid) if isinstance(pid, int) and pid > 0 else True
 
 
 def _describe(rec: dict, age: float) -> str:
