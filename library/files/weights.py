@@ -185,6 +185,25 @@ def not_weights(path: str | os.PathLike) -> str | None:
     return None
 
 
+COMPONENT_SUFFIXES = (".safetensors", ".bin")  # what diffusers and transformers read from a component folder
+
+
+def check_weights_in(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The weights files `path` stands for, each checked by :func:`check_weights_file`: `path` itself when
+    it is a file, else the ``.safetensors`` / ``.bin`` files in the folder (and its sub-folders when
+    `recursive`), sorted. Raises FileNotFoundError when `path` does not exist, WeightsFileError (one line
+    naming the file) for the first file that could not be read."""
+    path = Path(path)
+    if not path.is_dir():
+        check_weights_file(path)
+        return [path]
+    found = path.rglob("*") if recursive else path.iterdir()
+    files = sorted(p for p in found if p.suffix in COMPONENT_SUFFIXES and p.is_file())
+    for file in files:
+        check_weights_file(file)
+    return files
+
+
 def check_weights_file(path: str | os.PathLike) -> None:
     """Check, cheaply, that a weights file could be read, before anything is built from it.
 

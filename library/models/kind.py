@@ -17,7 +17,7 @@ from typing import Mapping
 
 from library.files.messages import UserError, one_line
 from library.files.text import TextFileError, read_text_file
-from library.files.weights import WeightsFileError, check_weights_file, open_safetensors
+from library.files.weights import WeightsFileError, check_weights_file, check_weights_in, open_safetensors
 from library.models.dit_family import DIT_FAMILIES
 from library.models.dit_kind import DitIdentity, identify_dit_configs, identify_transformer_keys
 from library.models.family import FAMILIES
@@ -246,22 +246,18 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what diffusers and transformers read from a component folder
 
 
 def _has_weights(folder: Path) -> bool:
-    """Whether a component folder holds a weights file, each one checked cheaply (check_weights_file):
+    """Whether a component folder holds a weights file, each one checked cheaply (check_weights_in):
     a Git LFS pointer, a web page or a truncated file is a one-line ModelLoadError here, before any
     component is built, not when diffusers reaches that component."""
     if not folder.is_dir():
         return False
-    files = [p for p in sorted(folder.iterdir()) if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
-    for file in files:
-        try:
-            check_weights_file(file)
-        except WeightsFileError as err:
-            raise ModelLoadError(str(err)) from err
-    return bool(files)
+    try:
+        return bool(check_weights_in(folder))
+    except WeightsFileError as err:
+        raise ModelLoadError(str(err)) from err
 
 
 def identify_configs(model_index: dict, configs: Mapping[str, dict | None], check_weights: Path | None = None) -> ModelKind:

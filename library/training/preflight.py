@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from library.config import Config, ConfigError
-from library.files.weights import WeightsFileError, check_weights_file
+from library.files.weights import WeightsFileError, check_weights_in
 from library.models.kind import check_model_files
 from library.training.data import check_prepared_sets
 from library.training.outputs import output_paths
@@ -53,13 +53,10 @@ def check_output_names(cfg: Config) -> None:
 
 def _check_weights(key: str, value: str) -> None:
     """A weights file (or a folder of them) a config key names: each file checked cheaply."""
-    path = Path(value)
-    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin"))
-    for file in files:
-        try:
-            check_weights_file(file)
-        except (WeightsFileError, FileNotFoundError) as err:
-            raise ConfigError(f"{key}: {err}") from err
+    try:
+        check_weights_in(value, recursive=True)
+    except (WeightsFileError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def check_run_inputs(cfg: Config) -> None:
