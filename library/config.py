@@ -19,6 +19,7 @@ from typing import Any, Literal
 import toml
 
 from library.files.atomic import write_text
+from library.files.paths import looks_like_hub_id
 from library.files.text import TextFileError, read_text_file
 from library.files.messages import UserError, one_line
 
@@ -328,12 +329,6 @@ def path_keys() -> list[str]:
             for f in dataclasses.fields(sections[section.name]) if f.metadata.get("path")]
 
 
-def _looks_like_hub_id(value: str) -> bool:
-    """'runwayml/stable-diffusion-v1-5': an `owner/name` that is not on disk and not written as a path."""
-    return (not Path(value).expanduser().exists() and value.count("/") == 1 and not Path(value).suffix
-            and not value.startswith((".", "/", "~")))
-
-
 def resolve_path(value: str) -> str:
     """A path key's value as an absolute path: ``~`` expanded, relative to the working directory (the rule of
     kohya's scripts), ``..`` folded, links kept. Empty stays empty."""
@@ -348,7 +343,7 @@ def resolve_paths(cfg: Config) -> None:
         section, key = dotted.split(".")
         obj = getattr(cfg, section)
         value = getattr(obj, key)
-        if dotted == "model.pretrained" and _looks_like_hub_id(value):
+        if dotted == "model.pretrained" and looks_like_hub_id(value):
             continue
         setattr(obj, key, resolve_path(value))
 

@@ -159,3 +159,21 @@ def test_the_readme_configuration_table_is_generated_from_the_config():
     keys = [line.split("|")[1].strip().strip("`") for line in generated.splitlines() if line.startswith("| `")]
     assert len(keys) == sum(len(dataclasses.fields(getattr(Config(), f.name))) for f in dataclasses.fields(Config)
                             if not f.metadata.get("internal"))
+
+
+def test_one_hub_id_rule_for_the_config_and_the_loader(tmp_path, monkeypatch):
+    """config.resolve_paths leaves a hub id as written and the loader then treats it as one; anything else
+    is a path (made absolute, then 'not found')."""
+    from library.files.paths import looks_like_hub_id
+    from library.models.kind import ModelLoadError, local_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt3").mkdir()  # on disk: a folder, whatever its name looks like
+    cases = {"runwayml/stable-diffusion-v1-5": True, "gpt2": True, "gpt3": False, "./models/x": False,
+             "/models/x": False, "~/x": False, "a/b/c": False, "owner/model.safetensors": False, "": False}
+    assert {v: looks_like_hub_id(v) for v in cases} == cases
+    with pytest.raises(ModelLoadError, match="looks like a hub id but model.offline is true"):
+        local_model_path("gpt2", offline=True)
+    assert local_model_path("gpt2", offline=False) is None
+    with pytest.raises(ModelLoadError, match="not found or not a model"):
+        local_model_path("a/b/c", offline=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from library.files.messages import UserError, one_line
+from library.files.paths import looks_like_hub_id
 from library.files.text import TextFileError, read_text_file
 from library.files.weights import WeightsFileError, check_weights_file, check_weights_in, open_safetensors
 from library.models.dit_family import DIT_FAMILIES
@@ -343,7 +344,7 @@ def local_model_path(pretrained: str, offline: bool) -> Path | None:
     path = Path(pretrained)
     if path.is_dir() or (path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()):
         return path
-    if path.suffix or path.exists() or str(pretrained).startswith((".", "/", "~")):
+    if not looks_like_hub_id(pretrained):
         raise ModelLoadError(
             f"{pretrained}: not found or not a model; give a diffusers folder or an SD 1.x or SDXL .safetensors file"
         )
