@@ -33,6 +33,7 @@ NormPull = Literal["renormalize", "penalty", "none"]  # library/training/tokens.
 LoraTargets = Literal["cross_attn", "attn_geglu", "kohya_all"]  # library/training/lora.py
 CollapseAction = Literal["warn", "stop"]  # library/training/attention_guard.py
 IdFace = Literal["landmarks", "detector"]  # library/training/identity_term.py
+JointNormalisation = Literal["text", "joint"]  # library/training/joint_attention.py
 AttentionBackend = Literal["sdpa", "xformers"]  # library/training/attention.py
 MixedPrecision = Literal["no", "fp16", "bf16"]  # library/training/precision.py
 SavePrecision = Literal["fp16", "bf16", "fp32"]  # library/models/loading.py DTYPES
@@ -62,6 +63,10 @@ class ModelConfig:
     # a VAE file (.safetensors, original or diffusers layout) or diffusers VAE folder that replaces the
     # checkpoint's; required when the checkpoint ships without one
     vae: str = field(default="", metadata=PATH)
+    # Z-Image / FLUX.2 Klein as ComfyUI's split files (pretrained = the transformer .safetensors): the Qwen3
+    # text-encoder .safetensors and a Qwen3 tokenizer folder (tokenizer.json); unused for a diffusers folder
+    text_encoder: str = field(default="", metadata=PATH)
+    tokenizer: str = field(default="", metadata=PATH)
 
 
 @dataclass
@@ -155,6 +160,9 @@ class AttentionConfig:
     # else transformer models ("down_blocks.2.attentions.0": its first block's attn2) or full attn2 paths
     layers: list[str] = field(default_factory=list)
     backend: AttentionBackend = "sdpa"  # sdpa | xformers
+    # flow-matching DiTs (joint text + image attention): "text" normalises a special token's logits over the
+    # text keys only, "joint" takes its exact probability in the joint softmax (library/training/joint_attention.py)
+    normalisation: JointNormalisation = "text"
 
 
 @dataclass
