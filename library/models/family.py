@@ -22,6 +22,7 @@ from pathlib import Path
 
 from library.files.text import read_text_file
 from library.models.conditioning import size_crop_ids
+from library.models.lora_targets import unet_lora_target_modules
 from library.models.objectives import EpsilonObjective
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -103,6 +104,33 @@ class ModelFamily:
     preview_sampler: str = "EulerAncestralDiscreteScheduler"
     denoiser: str = "unet"
     assembly_kwargs: tuple[tuple[str, object], ...] = (("feature_extractor", None),)
+    latent_pixels: int = 8  # image pixels per latent cell (the face windows of the identity term)
+    export_format: str = "kohya"  # library/training/outputs.py EXPORTERS
+    attention_kind: str = "cross"  # library/training/capture.py: the UNet's cross-attention
+
+    def prompt_ids(self, tokenizer, text: str, truncate: bool = True) -> "torch.Tensor":
+        """[77] CLIP ids of `text` (multi-vector tokens already expanded), padded and cut to the tokenizer's
+        ``model_max_length``; without `truncate` every id between BOS and EOS (to see what is cut)."""
+        if truncate:
+            return tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                             return_tensors="pt").input_ids[0]
+        return tokenizer(text, verbose=False, return_tensors="pt").input_ids[0]  # verbose: no too-long warning
+
+    def prompt_length(self, tokenizer) -> int:
+        """How many ids a prompt keeps: CLIP's 77."""
+        return tokenizer.model_max_length
+
+    def token_grid(self, latent_hw: tuple[int, int]) -> None:
+        """None: a cross-attention map's side follows from its query count."""
+        return None
+
+    def default_capture_layers(self, model) -> tuple[str, ...]:
+        """:attr:`capture_layers` (fixed module paths of the family's UNet)."""
+        return self.capture_layers
+
+    def lora_target_modules(self, model, preset: str) -> list[str]:
+        """The UNet modules LoRA preset `preset` covers (:func:`library.models.lora_targets.unet_lora_target_modules`)."""
+        return unet_lora_target_modules(model, preset)
 
     def assemble_pipeline(self, denoiser, vae, scheduler, text_encoders, tokenizers):
         """The family's diffusers pipeline (:attr:`pipeline_class`) around modules already loaded:
@@ -128,7 +156,7 @@ class ModelFamily:
         raw = json.loads(read_text_file(self.config_dir / component / name))
         return {k: v for k, v in raw.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
-    def encode_prompt(self, text_encoders, input_ids) -> dict[str, "torch.Tensor"]:
+    def encode_prompt(self, text_encoders, input_ids, tokenizers=()) -> dict[str, "torch.Tensor"]:
         """Prompt ids -> what conditions the UNet: ``{"hidden": [B, 77, sum of the encoders' widths]}``, and
         with :attr:`pooled` ``"pooled"``: [B, projection_dim] (every entry is per prompt, so a caller may
         index them all alike).

@@ -31,8 +31,8 @@ SDXL_EMBEDDERS = "conditioner.embedders."  # SDXL's two text encoders (the refin
 SDXL_REFINER_TEXT = "conditioner.embedders.0.model."  # the refiner's one text encoder (OpenCLIP-G)
 # what the user should give instead, said once
 USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safetensors"
-USE_SUPPORTED = ("use an SD 1.x or SDXL text-to-image model such as v1-5-pruned-emaonly.safetensors "
-                 "or sd_xl_base_1.0.safetensors")
+USE_SUPPORTED = ("use an SD 1.x, SDXL, Z-Image or FLUX.2 Klein text-to-image model such as "
+                 "v1-5-pruned-emaonly.safetensors or sd_xl_base_1.0.safetensors")
 # what ModelKind.missing calls a pipeline component
 PART_NAMES = {"unet": "UNet", "transformer": "transformer", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder",
               "tokenizer": "tokenizer", "tokenizer_2": "second tokenizer", "scheduler": "scheduler"}
@@ -395,13 +395,21 @@ def check_model_files(pretrained: str, vae: str = "", offline: bool = True) -> M
 
 
 def check_trainable(kind: ModelKind, where: str, vae_given: bool = False) -> None:
-    """Refuse, in one line naming `where`, anything but a complete SD 1.x or SDXL epsilon text-to-image model.
+    """Refuse, in one line naming `where`, anything but a complete SD 1.x or SDXL epsilon text-to-image model,
+    or a Z-Image / FLUX.2 Klein base (a whole diffusers folder, or a transformer file whose companions
+    library/models/dit_loading.py checks as it loads them).
 
     A missing VAE is accepted when `vae_given` (model.vae replaces it). Raises ModelLoadError.
     """
     what = kind.describe()
     if kind.family == "other":
         raise ModelLoadError(f"{where}: {what}; {kind.advice}")
+    if kind.family in DIT_FAMILIES:
+        if kind.missing:
+            label = DIT_FAMILIES[kind.family].label
+            raise ModelLoadError(f"{where}: an incomplete {label} folder: no {' and no '.join(kind.missing)}; "
+                                 f"give the whole {DIT_FAMILIES[kind.family].pipeline_class} folder")
+        return
     if kind.family not in FAMILIES:
         raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x and SDXL only: {USE_SUPPORTED}")
     family = FAMILIES[kind.family]

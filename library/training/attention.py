@@ -114,9 +114,11 @@ class AttentionMapStore:
         self._replay: dict[str, list[tuple[weakref.ref, torch.Tensor | None]]] = {}
 
     # -- set up ----------------------------------------------------------------------------------
-    def set_token_positions(self, positions: torch.Tensor) -> None:
+    def set_token_positions(self, positions: torch.Tensor, grid: tuple[int, int] | None = None) -> None:
         """Token positions for the next forward: integer tensor [B, K], index into the text sequence
-        (0..76), -1 where token k is absent from sample b's prompt. Drops maps of an earlier forward."""
+        (0..76), -1 where token k is absent from sample b's prompt. Drops maps of an earlier forward.
+        `grid` (image tokens of a joint attention, :class:`JointAttentionMapStore`) is not needed here:
+        a cross-attention's query count gives its square map."""
         positions = torch.as_tensor(positions)
         if positions.dim() != 2:
             raise ValueError(f"token positions must be [B, K], got shape {tuple(positions.shape)}")

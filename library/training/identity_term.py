@@ -21,23 +21,25 @@ from library.training.losses import identity_loss
 __all__ = ["IdentityTerm", "face_window", "window_side"]
 
 
-def window_side(landmarks: torch.Tensor, latent_size: int) -> int:
+def window_side(landmarks: torch.Tensor, latent_size: int, scale: int = 8) -> int:
     """The side (latent pixels, a multiple of 8, at most `latent_size`) of a window that holds the largest
-    of the faces whose landmarks [n, 5, 2] (image pixels, 8 per latent pixel) are given: the ArcFace crop
-    spans about 3x the landmarks' spread (dlib's padded chip about 2.9 eye distances), so the window does too."""
+    of the faces whose landmarks [n, 5, 2] (image pixels, `scale` per latent pixel: the family's
+    ``latent_pixels``) are given: the ArcFace crop spans about 3x the landmarks' spread (dlib's padded chip
+    about 2.9 eye distances), so the window does too."""
     if not len(landmarks):
         return latent_size
     spread = (landmarks.amax(1) - landmarks.amin(1)).amax(-1)  # [n] pixels
-    return int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / 8 / 8) * 8)))
+    return int(min(latent_size, max(8, math.ceil(spread.max().item() * 3.2 / scale / 8) * 8)))
 
 
-def face_window(landmarks: torch.Tensor, latent_size: int, side: int | None = None) -> tuple[torch.Tensor, int]:
+def face_window(landmarks: torch.Tensor, latent_size: int, side: int | None = None,
+                scale: int = 8) -> tuple[torch.Tensor, int]:
     """Top-left latent corner [b, 2] (x, y) and side (latent pixels) of a window that holds each face;
-    landmarks [b, 5, 2] in image pixels (8 per latent pixel). `side` defaults to :func:`window_side` of
+    landmarks [b, 5, 2] in image pixels (`scale` per latent pixel). `side` defaults to :func:`window_side` of
     these faces; the trainer passes the side of every face in its sets, so that a sample's window does
     not depend on which other samples share its micro-batch or process."""
-    side = window_side(landmarks, latent_size) if side is None else side
-    centre = landmarks.mean(1) / 8
+    side = window_side(landmarks, latent_size, scale) if side is None else side
+    centre = landmarks.mean(1) / scale
     corner = (centre - side / 2).round().clamp(0, latent_size - side).long()
     return corner, side
 
@@ -56,7 +58,8 @@ class IdentityTerm:
         # reference's layout), so the loss of a sample is the same however the batch is split
         sets = [source] + ([reference] if reference is not None else [])
         faces = torch.cat([c.landmarks[c.has_face.cpu()].cpu() for c in sets])
-        self.window = window_side(faces, source.latents.shape[-1])
+        self.scale = family.latent_pixels  # image pixels per latent cell
+        self.window = window_side(faces, source.latents.shape[-1], self.scale)
         with torch.no_grad():
             faces = source.has_face.cpu()
             emb = encoder(source.images[faces].to(device), source.landmarks[faces].to(device))
@@ -74,7 +77,7 @@ class IdentityTerm:
         idx = valid.nonzero().squeeze(1)
         corner = side = xy = None
         if self.cfg.id_decode_window and self.cfg.id_face != "detector" and len(idx):
-            corner, side = face_window(batch["face_landmarks"][idx], batch["latents"].shape[-1], self.window)
+            corner, side = face_window(batch["face_landmarks"][idx], batch["latents"].shape[-1], self.window, self.scale)
             xy = corner.tolist()
         return {"valid": valid, "idx": idx, "corner": corner, "side": side, "corner_xy": xy}
 
@@ -98,7 +101,7 @@ class IdentityTerm:
         if plan["corner"] is not None:
             corner, side = plan["corner"], plan["side"]
             x0 = torch.stack([x0[i, :, y : y + side, x : x + side] for i, (x, y) in enumerate(plan["corner_xy"])])
-            landmarks = landmarks - corner.to(landmarks.device, non_blocking=True).float()[:, None, :] * 8
+            landmarks = landmarks - corner.to(landmarks.device, non_blocking=True).float()[:, None, :] * self.scale
         return self._loss_at(self.decode(x0), landmarks, idx, batch, out), valid
 
     def _loss_at(self, image, landmarks, idx, batch, out) -> torch.Tensor:

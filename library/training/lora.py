@@ -30,72 +30,11 @@ from __future__ import annotations
 
 from torch import nn
 
-LORA_TARGET_PRESETS: dict[str, str] = {
-    "cross_attn": "attn2 to_q/to_k/to_v/to_out.0 of every UNet transformer block (paper)",
-    "attn_geglu": "attn1 and attn2 to_q/to_k/to_v/to_out.0 plus ff.net.0.proj (released code)",
-    "kohya_all": "every Linear and 1x1 Conv2d inside the UNet's Transformer2DModel blocks (kohya's default)",
-}
+from library.models.lora_targets import LORA_TARGET_PRESETS, is_lora_internal, unet_lora_target_modules
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
-_ATTN_PARTS = ("to_q", "to_k", "to_v", "to_out.0")
-
 DEFAULT_ADAPTER = "default"
-
-
-def _is_lora_internal(name: str) -> bool:
-    """Modules peft creates inside a LoRA layer (not targets of their own)."""
-    parts = name.split(".")
-    return any(p.startswith("lora_") or p == "base_layer" for p in parts)
-
-
-def _transformer_models(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"]
-
-
-def _is_kohya_module(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
-
-
-def _wanted(rel: str, preset: str, module: nn.Module) -> bool:
-    """Does the module at `rel` (relative to a Transformer2DModel) belong to the preset?"""
-    parts = rel.split(".")
-    if preset == "kohya_all":
-        # a peft-wrapped target (second call) is a LoraLayer around the Linear/Conv2d
-        base = getattr(module, "base_layer", module)
-        return _is_kohya_module(base)
-    if len(parts) < 3 or parts[0] != "transformer_blocks":
-        return False
-    tail = ".".join(parts[3:])
-    attn = parts[2]
-    if preset == "cross_attn":
-        return attn == "attn2" and tail in _ATTN_PARTS
-    if preset == "attn_geglu":
-        if attn in ("attn1", "attn2") and tail in _ATTN_PARTS:
-            return True
-        return ".".join(parts[2:]) == "ff.net.0.proj"
-    raise AssertionError(preset)
-
-
-def unet_lora_target_modules(unet: nn.Module, preset: str) -> list[str]:
-    """Full module names (in module order) of the UNet layers the preset puts a LoRA on."""
-    if preset not in LORA_TARGET_PRESETS:
-        raise ValueError(
-            f"unknown LoRA target preset {preset!r}; valid presets: {', '.join(sorted(LORA_TARGET_PRESETS))}"
-        )
-    names: list[str] = []
-    for tname, tmodel in _transformer_models(unet):
-        for rel, module in tmodel.named_modules():
-            if not rel or _is_lora_internal(rel):
-                continue
-            if _wanted(rel, preset, module):
-                names.append(f"{tname}.{rel}")
-    if not names:
-        raise ValueError(f"preset {preset!r} selected no module: is this a Stable Diffusion UNet with transformer blocks?")
-    return names
-
 
 def text_encoder_lora_target_modules(text_encoder: nn.Module, layers: int | None = None) -> list[str]:
     """Full module names of the CLIP self-attention projections of encoder layers 0 to `layers` - 1 (all
@@ -107,7 +46,7 @@ def text_encoder_lora_target_modules(text_encoder: nn.Module, layers: int | None
     names = [
         n
         for n, _ in text_encoder.named_modules()
-        if not _is_lora_internal(n) and ".self_attn." in n and n.rsplit(".", 1)[-1] in TEXT_ENCODER_TARGETS
+        if not is_lora_internal(n) and ".self_attn." in n and n.rsplit(".", 1)[-1] in TEXT_ENCODER_TARGETS
         and (layers is None or layer(n) < layers)
     ]
     if not names:
@@ -115,7 +54,9 @@ def text_encoder_lora_target_modules(text_encoder: nn.Module, layers: int | None
     return names
 
 
-def _config(rank: int, alpha: float, targets: list[str]):
+def lora_config(rank: int, alpha: float, targets: list[str]):
+    """peft's LoraConfig: rank, alpha, gaussian A / zero B init, `targets` as full module names.
+    ValueError for a rank below 1."""
     from peft import LoraConfig
 
     if rank < 1:
@@ -126,7 +67,7 @@ def _config(rank: int, alpha: float, targets: list[str]):
 def add_unet_lora(unet: nn.Module, rank: int, alpha: float, preset: str, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Add a LoRA (lora_A gaussian, lora_B zero, scale alpha / rank) to the preset's UNet modules."""
     targets = unet_lora_target_modules(unet, preset)
-    unet.add_adapter(_config(rank, alpha, targets), adapter_name=adapter_name)
+    unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=adapter_name)
 
 
 def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, adapter_name: str = DEFAULT_ADAPTER,
@@ -137,7 +78,7 @@ def add_text_encoder_lora(text_encoder: nn.Module, rank: int, alpha: float, adap
     targets = text_encoder_lora_target_modules(text_encoder, layers)
     # transformers 5.24's PreTrainedModel.add_adapter requires peft >= 0.22 (not released as of peft 0.21.2);
     # inject_adapter_in_model is what it would call.
-    inject_adapter_in_model(_config(rank, alpha, targets), text_encoder, adapter_name)
+    inject_adapter_in_model(lora_config(rank, alpha, targets), text_encoder, adapter_name)
 
 
 def lora_layers(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> list[tuple[str, nn.Module]]:

@@ -61,11 +61,17 @@ def remove_stale_temporaries(cfg) -> list[Path]:
 
 
 def export_outputs(trained: TrainedRecord, step: int | None = None) -> Path:
-    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings); returns the LoRA path.
+    """Write out/<name>.safetensors (LoRA) and out/<token>.safetensors (embeddings) in the family's format
+    (``family.export_format``: :data:`EXPORTERS`); returns the LoRA path.
 
     With `step`: the intermediate files of that phase-2 step (:func:`output_paths`), the same tensors the
     run holds at that step, and no note on how to load them.
     """
+    return EXPORTERS[trained.family.export_format](trained, step)
+
+
+def _export_kohya(trained: TrainedRecord, step: int | None) -> Path:
+    """SD 1.x / SDXL: kohya's LoRA and A1111 embeddings (library/export/kohya.py)."""
     cfg = trained.cfg
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
@@ -148,3 +154,52 @@ def export_outputs(trained: TrainedRecord, step: int | None = None) -> Path:
            if "bundle" in paths and trained.lora_added else "")
     )
     return lora_path
+
+
+def _export_comfy_dit(trained: TrainedRecord, step: int | None) -> Path:
+    """Z-Image / FLUX.2 Klein: the transformer's LoRA with ComfyUI-native keys (library/export/dit_lora.py,
+    which diffusers' loaders read too) and one ``<word>.safetensors`` per token holding ``qwen3_4b`` /
+    ``qwen3_8b`` rows [n, width] (library/export/dit_embeddings.py)."""
+    from datetime import datetime, timezone
+
+    from library.export.dit_embeddings import dit_embedding_tensors
+    from library.export.dit_lora import dit_lora_metadata, dit_lora_state_dict, peft_pieces
+    from library.files.atomic import write_safetensors
+
+    cfg, family = trained.cfg, trained.family
+    dtype = DTYPES[cfg.output.save_precision]
+    paths = output_paths(cfg, step)
+    encoder = trained.text_encoders[0]
+    width = encoder.get_input_embeddings().embedding_dim
+    words = (cfg.tokens.source, cfg.tokens.reference)
+    embeddings = {w: dit_embedding_tensors(token_vectors(encoder, trained.token_ids[w]), family.spec, width) for w in words}
+    state = dit_lora_state_dict(peft_pieces(trained.unet), family.spec, dtype) if trained.lora_added else None
+    lora_path = paths["lora"]
+    broken = non_finite_summary({"embeddings": embeddings, "LoRA": state or {}})
+    if broken:  # a file of NaNs must not replace a good one
+        raise NonFiniteCheckpoint(f"the trained tensors are no longer finite ({broken}); {lora_path.name} and the "
+                                  f"embeddings not written")
+    for word, tensors in embeddings.items():
+        write_safetensors(paths[word], tensors, metadata={"magicapture.token": word, "modelspec.architecture":
+                                                          f"{family.spec.architecture}/textual-inversion"})
+    if state is not None:
+        date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        metadata = dit_lora_metadata(family.spec, cfg.output.name, date, cfg.lora.rank, cfg.lora.alpha)
+        metadata |= {"ss_output_name": cfg.output.name, "magicapture.tokens": " ".join(words),
+                     "magicapture.composed_prompt": composed_prompt(*words),
+                     "ss_steps": str(cfg.phase1.steps + (cfg.phase2.steps if step is None else step))}
+        write_safetensors(lora_path, state, metadata=metadata)
+    if step is not None:
+        return lora_path
+    if cfg.lora.text_encoder:
+        trained.print(f"note: lora.text_encoder is ignored for {family.label}: its Qwen3 encoder takes no LoRA here; "
+                      f"the embeddings carry {words[0]} and {words[1]}")
+    prompt = composed_prompt(*(f"embedding:{w}" for w in words))
+    trained.print(f"wrote {lora_path} and {', '.join(str(paths[w]) for w in words)}\n"
+                  f"ComfyUI: copy the LoRA to models/loras and the embeddings to models/embeddings, load the LoRA with a "
+                  f"LoraLoaderModelOnly node, then prompt: \"{prompt}\" (docs/dit.md for Forge Neo and InvokeAI)")
+    return lora_path
+
+
+# family.export_format -> the writer of a run's files
+EXPORTERS = {"kohya": _export_kohya, "comfy_dit": _export_comfy_dit}

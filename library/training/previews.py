@@ -70,7 +70,7 @@ def attention_report(trainer, count: int = 4) -> tuple[Image.Image, dict[str, fl
     noise = torch.randn(latents.shape, generator=gen).to(trainer.device)
     t = trainer.objective.levels_at(n, ATTENTION_TIMESTEP)
     noisy = trainer.objective.add_noise(latents, noise, t.to(trainer.device)).to(trainer.weight_dtype)
-    trainer.store.set_token_positions(trainer.prompts.positions(ids["input_ids"]))
+    trainer.store.set_token_positions(trainer.prompts.positions(ids["input_ids"]), trainer.family.token_grid(latents.shape[-2:]))
     with trainer.acc.autocast():
         size_ids = ref.size_ids[idx.to(ref.size_ids.device)] if ref.size_ids is not None else None
         trainer.predict(noisy, t.to(trainer.device), {k: v.to(trainer.device) for k, v in ids.items()}, size_ids)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from library.models.prompts import prompt_input_ids
+from library.models.prompts import expand_prompt
 from library.training.batching import prompt_rows, token_positions
 
 
@@ -33,13 +33,14 @@ class PromptEncoder:
         """[77] the first tokenizer's ids of `prompt` (where the tokens' positions are read); `truncate`
         False keeps every id (to tell whether a caption's token would be cut)."""
         if not truncate:
-            return prompt_input_ids(self.tokenizers[0], prompt, self.vector_counts, truncate)
+            return self.family.prompt_ids(self.tokenizers[0], expand_prompt(prompt, self.vector_counts), truncate)
         return self.encoder_ids(prompt)[0]
 
     def encoder_ids(self, prompt: str) -> torch.Tensor:
         """[E, 77] the ids of `prompt` in each tokenizer, family order (cached per prompt)."""
         if prompt not in self._cache:
-            self._cache[prompt] = torch.stack([prompt_input_ids(tk, prompt, self.vector_counts) for tk in self.tokenizers])
+            text = expand_prompt(prompt, self.vector_counts)
+            self._cache[prompt] = torch.stack([self.family.prompt_ids(tk, text) for tk in self.tokenizers])
         return self._cache[prompt]
 
     def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ class PromptEncoder:
         """The family's conditioning (:meth:`~library.models.family.ModelFamily.encode_prompt`: ``hidden``
         [B, 77, D], and ``pooled`` [B, Dg] where the family has one) of :meth:`batch`'s ids: each distinct
         prompt encoded once, indexed back to the samples (gradients of repeated rows add up)."""
-        cond = self.family.encode_prompt(self.text_encoders, list(unique_input_ids))
+        cond = self.family.encode_prompt(self.text_encoders, list(unique_input_ids), self.tokenizers)
         return {k: v[prompt_index] for k, v in cond.items()}
 
     def positions(self, ids: torch.Tensor) -> torch.Tensor:

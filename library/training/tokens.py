@@ -45,10 +45,10 @@ class TrainableTokenEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new, old)
 
 
-def _token_embedding_holder(text_encoder: nn.Module) -> nn.Module:
-    # transformers 5 CLIPTextModel: .embeddings; transformers 4: .text_model.embeddings
-    holder = getattr(text_encoder, "text_model", text_encoder).embeddings
-    return holder
+def _input_embedding(text_encoder: nn.Module) -> nn.Module:
+    """The token table the encoder reads its input ids through (CLIP's ``token_embedding``, Qwen3's
+    ``embed_tokens``): transformers' ``get_input_embeddings``, the same call for every text encoder."""
+    return text_encoder.get_input_embeddings()
 
 
 def add_special_tokens(
@@ -66,13 +66,14 @@ def add_special_tokens(
     when the init word is empty (the released code: [V1] from "person", [V2] random N(0, 0.017)).
     Returns word -> token ids.
     """
-    holder = _token_embedding_holder(text_encoder)
-    base = holder.token_embedding
+    base = _input_embedding(text_encoder)
     if isinstance(base, TrainableTokenEmbedding):
         raise ValueError("special tokens were already added to this text encoder")
-    first_new_id = base.num_embeddings
-    if len(tokenizer) != first_new_id:
-        raise ValueError(f"tokenizer has {len(tokenizer)} entries but the text encoder {first_new_id} rows")
+    # the tokenizer numbers new entries from its length; Qwen3's table has unused rows past it (151936 rows,
+    # 151669 entries), which no prompt reaches, so the new rows take over from the tokenizer's length
+    first_new_id = len(tokenizer)
+    if first_new_id > base.num_embeddings:
+        raise ValueError(f"tokenizer has {len(tokenizer)} entries but the text encoder {base.num_embeddings} rows")
     ids: dict[str, list[int]] = {}
     rows = []
     for word, init in zip(words, init_words):
@@ -94,13 +95,13 @@ def add_special_tokens(
                 rows.append(torch.randn(dim, generator=generator) * random_std)
     wrapped = TrainableTokenEmbedding(base, first_new_id, torch.stack(rows))
     base.weight.requires_grad_(False)
-    holder.token_embedding = wrapped
-    text_encoder.config.vocab_size = wrapped.num_embeddings
+    text_encoder.set_input_embeddings(wrapped)
+    text_encoder.config.vocab_size = max(wrapped.num_embeddings, text_encoder.config.vocab_size)
     return ids
 
 
 def get_token_embedding(text_encoder: nn.Module) -> TrainableTokenEmbedding:
-    emb = _token_embedding_holder(text_encoder).token_embedding
+    emb = _input_embedding(text_encoder)
     if not isinstance(emb, TrainableTokenEmbedding):
         raise ValueError("the text encoder has no special tokens (add_special_tokens was not called)")
     return emb
@@ -140,7 +141,7 @@ def embedding_scale(text_encoder: nn.Module) -> tuple[float, float]:
     ``tokens.norm_target = 0.4`` is) and an element std of about 0.014; OpenCLIP-G's table is on its
     own scale, so [V1] / [V2] in it are held to that table's scale, not CLIP-L's.
     """
-    emb = _token_embedding_holder(text_encoder).token_embedding
+    emb = _input_embedding(text_encoder)
     table = (emb.base if isinstance(emb, TrainableTokenEmbedding) else emb).weight.detach().float()
     return float(table.norm(dim=-1).mean()), float(table.std())
 

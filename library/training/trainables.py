@@ -14,7 +14,7 @@ import torch
 
 from library.config import LoraConfig, PhaseConfig
 from library.training.interrupt import TrainingStopped
-from library.training.lora import add_text_encoder_lora, add_unet_lora
+from library.training.lora import add_text_encoder_lora, lora_config
 from library.training.tokens import get_token_embedding
 
 
@@ -42,11 +42,12 @@ class Trainables:
         if self.lora_added:
             return
         torch.manual_seed(seed)  # peft draws the LoRA init from the global RNG
-        add_unet_lora(self.unet, lcfg.rank, lcfg.alpha, lcfg.targets)
+        self.unet.add_adapter(lora_config(lcfg.rank, lcfg.alpha, self.family.lora_target_modules(self.unet, lcfg.targets)))
         if lcfg.text_encoder:
             for i, encoder in enumerate(self.text_encoders):
                 layers = self.family.text_layers_trained(i, encoder.config.num_hidden_layers)
-                add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha, layers=layers)
+                if layers:  # 0: the family's text encoder takes no LoRA
+                    add_text_encoder_lora(encoder, lcfg.rank, lcfg.alpha, layers=layers)
         for name, p in self.named(phase=2).items():
             if "lora_" in name:
                 p.data = p.data.float()  # LoRA weights train in fp32 over fp16/bf16 frozen weights

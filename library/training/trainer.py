@@ -23,7 +23,7 @@ from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from library.training import checkpoint as ckpt
-from library.training.attention import AttentionMapStore, install_attention_capture
+from library.training.capture import install_capture
 from library.training.attention_guard import AttentionCollapseGuard, attention_figures, format_figures
 from library.training.batching import sample_tensors, to_device
 from library.config import Config, ConfigError, PhaseConfig, save_config
@@ -39,7 +39,8 @@ from library.training.step_log import FigureSums, StepEntry, StepLog, logs_due, 
 from library.training.timing import StageClock
 from library.training.learning_checks import check_caption_tokens, nothing_learned_warnings
 from library.training.losses import combine_losses, masked_reconstruction_loss, multi_token_refocus_loss
-from library.models.loading import DTYPES, StableDiffusionParts, load_stable_diffusion
+from library.models.base_model import load_base_model
+from library.models.loading import DTYPES, StableDiffusionParts
 from library.training.optim import build_lr_scheduler, build_optimizer, load_training_state
 from library.training.precision import settle_precision
 from library.training.processes import on_main, processes_line, rank_slice, reduce_sum
@@ -76,8 +77,7 @@ class MagiCaptureTrainer:
         load.__enter__()  # the load stage ends once the models sit on the device (below)
 
         if parts is None:  # benchmarks hand over models built in memory
-            parts = load_stable_diffusion(cfg.model.pretrained, cfg.model.config_dir or None, cfg.model.offline,
-                                          vae=cfg.model.vae)
+            parts = load_base_model(cfg.model)
         self.model_name, self.model_kind, self.vae_name = parts.name, parts.kind, parts.vae_name
         self.family = parts.family
         self.unet, self.vae, self.noise_scheduler = parts.unet, parts.vae, parts.noise_scheduler
@@ -127,10 +127,10 @@ class MagiCaptureTrainer:
         if self.acc.is_main_process:  # only now: a model or data refused above leaves no output folder behind
             ensure_folder(self.out_dir)
 
-        self.store = AttentionMapStore()
         try:
-            layers = tuple(cfg.attention.layers) or self.family.capture_layers  # empty: the family's
-            install_attention_capture(self.unet, self.store, layers, cfg.attention.backend)
+            layers = tuple(cfg.attention.layers) or self.family.default_capture_layers(self.unet)  # empty: the family's
+            self.store = install_capture(self.family.attention_kind, self.unet, layers, cfg.attention.backend,
+                                         cfg.attention.normalisation)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"[attention] {err}") from err
         if cfg.train.gradient_checkpointing:
@@ -179,7 +179,7 @@ class MagiCaptureTrainer:
             warning = check_caption_tokens(
                 folder, token, self.token_ids[token], [(f"{it.name}.txt", it.caption) for it in items],
                 lambda caption, truncate: self.prompts.ids(caption, truncate),
-                self.tokenizer.model_max_length,
+                self.family.prompt_length(self.tokenizer),
             )
             if warning:
                 self.print(warning)
@@ -231,7 +231,7 @@ class MagiCaptureTrainer:
         noisy = self.objective.add_noise(batch["latents"], batch["noise"], batch["timesteps"]).to(self.weight_dtype)
         use_attn = phase == 2 and self.cfg.loss.attn_weight > 0
         if use_attn:
-            self.store.set_token_positions(batch["positions"])
+            self.store.set_token_positions(batch["positions"], self.family.token_grid(batch["latents"].shape[-2:]))
         else:
             self.store.clear()
         with self.acc.autocast():
