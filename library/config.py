@@ -63,10 +63,8 @@ class ModelConfig:
     # a VAE file (.safetensors, original or diffusers layout) or diffusers VAE folder that replaces the
     # checkpoint's; required when the checkpoint ships without one
     vae: str = field(default="", metadata=PATH)
-    # Z-Image / FLUX.2 Klein as ComfyUI's split files (pretrained = the transformer .safetensors): the Qwen3
-    # text-encoder .safetensors and a Qwen3 tokenizer folder (tokenizer.json); unused for a diffusers folder
-    text_encoder: str = field(default="", metadata=PATH)
-    tokenizer: str = field(default="", metadata=PATH)
+    text_encoder: str = field(default="", metadata=PATH)  # Z-Image / Klein split files (pretrained = the transformer .safetensors): the Qwen3 text-encoder .safetensors
+    tokenizer: str = field(default="", metadata=PATH)  # Z-Image / Klein split files: a Qwen3 tokenizer folder (tokenizer.json); unused for a diffusers folder
 
 
 @dataclass

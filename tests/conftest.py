@@ -80,20 +80,20 @@ def fresh_accelerator_state():
 
 @pytest.fixture
 def model_loads(monkeypatch) -> dict[str, int]:
-    """Counts base-model loads (``load_stable_diffusion``, where the trainer calls it): a refusal "before any
+    """Counts base-model loads (``load_base_model``, where the trainer calls it): a refusal "before any
     work" must leave ``model_loads["n"]`` at 0."""
-    import library.models.loading
+    import library.models.base_model
     import library.training.trainer
 
     calls = {"n": 0}
-    real = library.models.loading.load_stable_diffusion
+    real = library.models.base_model.load_base_model
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(library.models.loading, "load_stable_diffusion", counted)
-    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", counted)
+    monkeypatch.setattr(library.models.base_model, "load_base_model", counted)
+    monkeypatch.setattr(library.training.trainer, "load_base_model", counted)
     return calls
 
 

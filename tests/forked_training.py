@@ -67,13 +67,13 @@ def install_hook(hook: str) -> None:
     elif kind == "term-at-load":
         import library.training.trainer
 
-        real_load = library.training.trainer.load_stable_diffusion
+        real_load = library.training.trainer.load_base_model
 
-        def load_stable_diffusion(*args, **kwargs):
+        def load_base_model(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             return real_load(*args, **kwargs)
 
-        library.training.trainer.load_stable_diffusion = load_stable_diffusion
+        library.training.trainer.load_base_model = load_base_model
     elif hook:
         raise ValueError(f"unknown hook {hook!r}")
 

@@ -95,10 +95,11 @@ def test_each_choice_is_declared_once_and_acted_on_as_declared():
 
     from library import config as c
     from library.models.loading import DTYPES
-    from library.training import attention, lora, precision, speed
+    from library.training import attention, joint_attention, lora, precision, speed
 
     assert set(lora.LORA_TARGET_PRESETS) == set(typing.get_args(c.LoraTargets))
     assert attention._BACKENDS == typing.get_args(c.AttentionBackend)
+    assert set(joint_attention.NORMALISATIONS) == set(typing.get_args(c.JointNormalisation))
     assert speed.COMPILE_CHOICES == typing.get_args(c.Compile)
     assert set(precision.NAMES) == set(typing.get_args(c.MixedPrecision))
     assert set(DTYPES) == set(typing.get_args(c.SavePrecision))
@@ -108,7 +109,7 @@ def test_each_choice_is_declared_once_and_acted_on_as_declared():
     literal = {key for key, t in hints.items()
                if typing.get_origin(t) is typing.Literal or typing.get_origin(typing.get_args(t)[0] if typing.get_args(t) else t) is typing.Literal}
     assert literal == {"data.captions", "tokens.norm_pull", "phase1.tasks", "phase2.tasks", "lora.targets",
-                       "loss.attn_collapse_action", "loss.id_tasks", "loss.id_face", "attention.backend",
+                       "loss.attn_collapse_action", "loss.id_tasks", "loss.id_face", "attention.backend", "attention.normalisation",
                        "train.mixed_precision", "train.compile", "output.save_precision"}
     for override, line in (('lora.targets="cross"', "command line: lora.targets = 'cross': use cross_attn, attn_geglu or "
                                                     "kohya_all (did you mean 'cross_attn'?)"),

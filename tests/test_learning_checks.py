@@ -171,6 +171,9 @@ class _TextEncoder(nn.Module):
         self.embeddings = nn.Module()
         self.embeddings.token_embedding = TrainableTokenEmbedding(nn.Embedding(4, 2), 4, vectors)
 
+    def get_input_embeddings(self) -> nn.Module:  # transformers' accessor, as CLIPTextModel has it
+        return self.embeddings.token_embedding
+
 
 @pytest.mark.parametrize("one_minus_cos, warned", [(0.0, True), (5e-5, True), (2e-4, False), (1.0, False)])
 def test_token_still_means_its_direction_kept(one_minus_cos, warned):

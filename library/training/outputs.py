@@ -71,7 +71,7 @@ def export_outputs(trained: TrainedRecord, step: int | None = None) -> Path:
 
 
 def _export_kohya(trained: TrainedRecord, step: int | None) -> Path:
-    """SD 1.x / SDXL: kohya's LoRA and A1111 embeddings (library/export/kohya.py)."""
+    """"kohya": kohya's LoRA and A1111 embeddings (library/export/kohya.py)."""
     cfg = trained.cfg
     dtype = DTYPES[cfg.output.save_precision]
     tokens = {"source": cfg.tokens.source, "reference": cfg.tokens.reference}
@@ -157,9 +157,9 @@ def _export_kohya(trained: TrainedRecord, step: int | None) -> Path:
 
 
 def _export_comfy_dit(trained: TrainedRecord, step: int | None) -> Path:
-    """Z-Image / FLUX.2 Klein: the transformer's LoRA with ComfyUI-native keys (library/export/dit_lora.py,
-    which diffusers' loaders read too) and one ``<word>.safetensors`` per token holding ``qwen3_4b`` /
-    ``qwen3_8b`` rows [n, width] (library/export/dit_embeddings.py)."""
+    """"comfy_dit": a transformer's LoRA with ComfyUI-native keys (library/export/dit_lora.py, which
+    diffusers' loaders read too) and one ``<word>.safetensors`` per token holding the family's embedding
+    key, rows [n, text-encoder width] (library/export/dit_embeddings.py)."""
     from datetime import datetime, timezone
 
     from library.export.dit_embeddings import dit_embedding_tensors
