@@ -137,7 +137,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         except Exception as exc:  # noqa: BLE001
             return training_runs.error_line(exc), gr.update(), gr.update()
         label = presets.preset_for_model(p, family)
-        split = gr.update(visible=True) if presets.is_split_transformer(p, family) else gr.update()
+        split = gr.update(visible=presets.is_split_transformer(p, family))  # hidden again for a folder
         return text, (gr.update(value=label) if label else gr.update()), split
 
     def model_list():
