@@ -412,6 +412,7 @@ def tiny_dits(tmp_path_factory):
     return models, zimage, split
 
 
+@pytest.mark.slow  # builds three tiny DiT models
 def test_the_model_picker_shows_the_dit_families_and_picks_their_presets(tiny_dits):
     models, _, _ = tiny_dits
     found = {p.name: p for p in presets.model_candidates([models])}
@@ -427,6 +428,7 @@ def test_the_model_picker_shows_the_dit_families_and_picks_their_presets(tiny_di
         assert not presets.is_split_transformer(found[name], family)  # a folder holds every part
 
 
+@pytest.mark.slow  # builds three tiny DiT models
 def test_a_transformer_file_alone_asks_for_the_other_parts(tiny_dits, tmp_path):
     models, _, split = tiny_dits
     family, text = presets.identify_model(split.transformer)

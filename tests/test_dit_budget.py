@@ -82,3 +82,16 @@ def test_shipped_configs_are_read_as_runs():
     small = db.Run.from_toml(db.ROOT / "configs" / "magicapture_klein_24gb.toml")
     assert (default.micro, default.checkpointing, default.steps1, default.steps2) == (4, False, 1200, 1500)
     assert (small.micro, small.grad_accum, small.checkpointing, small.rank) == (1, 4, True, 16)
+
+
+@pytest.mark.slow  # builds the real-size Klein 4B and Qwen3-4B on the meta device (a few seconds, no memory)
+def test_counts_on_meta_match_the_shipped_configs_and_a_hand_count_of_the_lora():
+    m = db.count_family("klein4b", id_window=64)
+    assert (m.dit_params, m.te_params) == (3_875_544_576, 4_022_468_096)
+    # LoRA rank 1: 5 double blocks x 8 projections 3072 -> 3072 (in + out = 6144) on their stream's tokens,
+    # 20 single blocks x (to_qkv_mlp_proj 3072 -> 27648, to_out 12288 -> 3072) on the joint tokens
+    assert m.lora_linear == {"image": 5 * 4 * 6144, "text": 5 * 4 * 6144, "joint": 20 * (30720 + 15360)}
+    assert [(b.kind, b.count, b.tokens, b.d, b.f) for b in m.blocks] == [
+        ("double_stream", 5, "image", 3072, 9216), ("double_stream", 5, "text", 3072, 9216),
+        ("single_stream", 20, "joint", 3072, 9216)]
+    assert m.vae_decode["flops"] > 0 and not m.vae_fp32  # FLUX.2's VAE has no force_upcast
