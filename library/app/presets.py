@@ -70,8 +70,10 @@ def preset_for_model(path: Path, family: str, configs: Path = CONFIGS) -> str | 
 def identify_model(path: Path) -> tuple[str, str]:
     """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers
     by the trainer's own cheap check (library.models.kind.check_model_files): ModelLoadError (one line)
-    when it is not a model this trainer trains. A pickled checkpoint is not opened here (opening one runs
-    its code): ("", a line saying the family is read when training loads it)."""
+    when it is not a model this trainer trains. A Z-Image / FLUX.2 Klein folder or transformer file is named
+    even where that check still refuses it (:func:`dit_kind`), a transformer file alone with a note that
+    the page asks for its other parts. A pickled checkpoint is not opened here (opening one runs its
+    code): ("", a line saying the family is read when training loads it)."""
     from library.models.kind import ModelLoadError, check_model_files
 
     try:
@@ -88,7 +90,7 @@ def identify_model(path: Path) -> tuple[str, str]:
     return kind.family, kind.describe()
 
 
-def dit_kind(path: Path):
+def dit_kind(path: Path) -> "ModelKind | None":  # noqa: F821 - library.models.kind.ModelKind
     """The ModelKind of a Z-Image / FLUX.2 Klein diffusers folder or transformer .safetensors at `path`,
     read from its configs or header (library/models/kind.py, after the weights-file check); None for
     anything else or anything unreadable."""
