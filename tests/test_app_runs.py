@@ -71,7 +71,12 @@ def test_saved_config_is_what_the_form_shows_again(tmp_path):
     text, values = runs.saved_config(run)
     assert text.startswith("[model]\npretrained = \"data/tiny_sd\"")
     assert values == {"model": "data/tiny_sd", "steps1": 10, "steps2": 20, "tok_src": "sks", "tok_ref": "mcv2",
-                      "id_weights": "a.pth", "resolution": 0}
+                      "id_weights": "a.pth", "resolution": 0, "text_encoder": "", "vae": "", "tokenizer": ""}
+    # a DiT transformer file's three other parts come back into their fields
+    (run / "app_config.toml").write_text('[model]\npretrained = "z.safetensors"\ntext_encoder = "q.safetensors"\n'
+                                         'vae = "ae.safetensors"\ntokenizer = "tok"\n')
+    assert {k: runs.saved_config(run)[1][k] for k in ("text_encoder", "vae", "tokenizer")} == {
+        "text_encoder": "q.safetensors", "vae": "ae.safetensors", "tokenizer": "tok"}
     assert runs.saved_config(tmp_path / "none") == ("", {})
 
 

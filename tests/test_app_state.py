@@ -394,3 +394,67 @@ def test_the_model_picker_lists_models_with_their_family(tiny_model, tmp_path):
     labels = [presets.model_choice(p) for p in found]
     assert labels[0].startswith("not usable: ") and "page.ckpt" in labels[0]
     assert labels[1].startswith("an SD 1.x") and labels[2].startswith("an SD 1.x")
+
+
+# ------------------------------------------------------------------------------------------------ DiT bases
+
+@pytest.fixture(scope="module")
+def tiny_dits(tmp_path_factory):
+    """A models folder holding a tiny Z-Image and a tiny FLUX.2 Klein 4B and 9B as diffusers folders, and
+    the Z-Image's ComfyUI split files (testkit/tiny_zimage.py, tiny_klein.py)."""
+    from testkit.tiny_klein import save_klein_model
+    from testkit.tiny_zimage import save_zimage_model
+
+    models = tmp_path_factory.mktemp("dit") / "models"
+    zimage, split = save_zimage_model(models / "z_image")
+    save_klein_model(models / "klein4b", "4b")
+    save_klein_model(models / "klein9b", "9b")
+    return models, zimage, split
+
+
+@pytest.mark.slow  # builds three tiny DiT models
+def test_the_model_picker_shows_the_dit_families_and_picks_their_presets(tiny_dits):
+    models, _, _ = tiny_dits
+    found = {p.name: p for p in presets.model_candidates([models])}
+    assert {"z_image", "klein4b", "klein9b"} <= set(found)
+    expected = {"z_image": ("zimage", "a Z-Image model", "Z-Image"),
+                "klein4b": ("klein4b", "a FLUX.2 Klein 4B model", "FLUX.2 Klein"),
+                "klein9b": ("klein9b", "a FLUX.2 Klein 9B model", "FLUX.2 Klein")}
+    for name, (family, label, preset) in expected.items():
+        assert presets.model_choice(found[name]).startswith(label), presets.model_choice(found[name])
+        assert presets.identify_model(found[name])[0] == family
+        assert presets.preset_for_model(found[name], family) == preset
+        assert presets.available_presets()[preset].name == presets.DIT_PRESETS[family]
+        assert not presets.is_split_transformer(found[name], family)  # a folder holds every part
+
+
+@pytest.mark.slow  # builds three tiny DiT models
+def test_a_transformer_file_alone_asks_for_the_other_parts(tiny_dits, tmp_path):
+    models, _, split = tiny_dits
+    family, text = presets.identify_model(split.transformer)
+    assert family == "zimage" and presets.is_split_transformer(split.transformer, family)
+    assert text.startswith("a Z-Image model") and text.endswith("give its text encoder, VAE and tokenizer below")
+    assert presets.preset_for_model(split.transformer, family) == "Z-Image"
+    # the Start check's line, for people: what is missing, nothing else
+    where = presets.missing_split_files(str(split.transformer), "", "", "")
+    assert where.endswith(" is a Z-Image transformer file alone (ComfyUI's split files): also give its "
+                          "text-encoder file (Qwen3-4B), VAE file and tokenizer folder") and "\n" not in where
+    assert presets.missing_split_files(str(split.transformer), str(split.text_encoder), "", "").endswith(
+        "also give its VAE file and tokenizer folder")
+    assert presets.missing_split_files(str(split.transformer), str(split.text_encoder), str(split.vae), "").endswith(
+        "also give its tokenizer folder")
+    assert presets.missing_split_files(str(split.transformer), str(split.text_encoder), str(split.vae),
+                                       str(split.tokenizer)) is None
+    assert presets.missing_split_files(str(models / "z_image"), "", "", "") is None  # a diffusers folder
+
+    # Start refuses the composed config with that line, before the trainer's checks
+    sb = Sandbox.make(tmp_path / "data", tmp_path / "out", split.transformer.parent.parent)
+    (tmp_path / "data" / "src").mkdir(parents=True)
+    s = presets.Settings(pretrained=str(split.transformer), source_dir=str(tmp_path / "data" / "src"),
+                         reference_dir=str(tmp_path / "data" / "src"), output_dir=str(tmp_path / "out" / "run"),
+                         output_name="run", phase1_steps=1, phase2_steps=1, vae=str(split.vae))
+    text = presets.compose(presets.read_preset("Z-Image"), s)
+    assert f'vae = "{split.vae}"' in text and 'text_encoder = ""' in text
+    with pytest.raises(ValueError, match=r"transformer file alone \(ComfyUI's split files\): also give its "
+                                         r"text-encoder file \(Qwen3-4B\) and tokenizer folder$"):
+        training_runs.check_config(text, tmp_path / "out" / "run", sb)

@@ -130,13 +130,15 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
     # ---------------------------------------------------------------- train
     def model_changed(path):
+        """(the Detected line, the preset, the split-files row shown for a DiT transformer file alone)."""
         try:
             p = sandbox.resolve(path)
             family, text = presets.identify_model(p)
         except Exception as exc:  # noqa: BLE001
-            return training_runs.error_line(exc), gr.update()
+            return training_runs.error_line(exc), gr.update(), gr.update()
         label = presets.preset_for_model(p, family)
-        return text, (gr.update(value=label) if label else gr.update())
+        split = gr.update(visible=presets.is_split_transformer(p, family))  # hidden again for a folder
+        return text, (gr.update(value=label) if label else gr.update()), split
 
     def model_list():
         folders = [r for r in sandbox.readable if r != output_dir]
@@ -144,7 +146,7 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 if within(p, sandbox.readable)]
 
     def model_picked(path):
-        return (path, *model_changed(path)) if path else (gr.update(), gr.update(), gr.update())
+        return (path, *model_changed(path)) if path else (gr.update(),) * 4
 
     def preset_changed(label):
         try:
@@ -153,14 +155,19 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
             return gr.update(), gr.update(), gr.update()
         return v["steps1"], v["steps2"], v["resolution"]
 
+    def optional_path(text: str) -> str:
+        return str(sandbox.resolve(text)) if text and text.strip() else ""
+
     @_guard(2)
-    def compose(model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights):
+    def compose(model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights, te_file, vae_file,
+                tok_dir):
         s = presets.Settings(
             pretrained=str(sandbox.resolve(model)), source_dir=str(ws.prepared("source")),
             reference_dir=str(ws.prepared("reference")), output_dir=str(run_dir(name)), output_name=name.strip(),
             phase1_steps=int(steps1), phase2_steps=int(steps2), resolution=int(resolution or 0),
             source_token=tok_src, reference_token=tok_ref,
-            identity_weights=str(sandbox.resolve(id_weights)) if id_weights and id_weights.strip() else "")
+            identity_weights=optional_path(id_weights), text_encoder=optional_path(te_file), vae=optional_path(vae_file),
+            tokenizer=optional_path(tok_dir))
         return presets.compose(presets.read_preset(preset), s), "config composed; edit it below if needed"
 
     def launch(out: Path, text: str, resume: bool) -> str:
@@ -230,12 +237,13 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
 
     def open_run(picked):
         if not picked:
-            return (gr.update(), *[gr.update()] * 8, "")
+            return (gr.update(), *[gr.update()] * 12, "")
         text, v = runs.saved_config(run_dir(picked))
         if not text:
-            return (picked, *[gr.update()] * 8, f"{picked}: no config kept in its folder")
+            return (picked, *[gr.update()] * 12, f"{picked}: no config kept in its folder")
+        split = gr.update(visible=True) if any(v[k] for k in ("text_encoder", "tokenizer")) else gr.update()
         return (picked, text, v["model"], v["steps1"], v["steps2"], v["resolution"], v["tok_src"], v["tok_ref"],
-                v["id_weights"],
+                v["id_weights"], v["text_encoder"], v["vae"], v["tokenizer"], split,
                 f"{picked}: its config is loaded; Resume continues it")
 
     # ---------------------------------------------------------------- results
@@ -343,6 +351,11 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
                 family = gr.Textbox(label="Detected", interactive=False, elem_id="family")
                 preset = gr.Dropdown(list(presets.available_presets()), label="Preset", elem_id="preset",
                                      value=default_preset)
+            # a Z-Image / FLUX.2 Klein transformer file alone (ComfyUI's split files) needs the other three
+            with gr.Row(visible=False) as split_row:
+                te_file = gr.Textbox(label="Text-encoder file (Qwen3 .safetensors)", elem_id="text_encoder_file")
+                vae_file = gr.Textbox(label="VAE file (.safetensors)", elem_id="vae_file")
+                tok_dir = gr.Textbox(label="Tokenizer folder (holds tokenizer.json)", elem_id="tokenizer_dir")
             with gr.Row():
                 name = gr.Textbox(label="Output name", value="magicapture", elem_id="output_name")
                 steps1 = gr.Number(label="Phase 1 steps", value=first.get("steps1", 0), precision=0, elem_id="steps1")
@@ -422,12 +435,12 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         cap_btn.click(save_caption, [selection, caption], [src_gallery, ref_gallery, notes, photo_status])
         mask_btn.click(save_mask, [selection, editor], [src_gallery, ref_gallery, notes, photo_status])
         del_btn.click(delete_photo, [selection], [src_gallery, ref_gallery, notes, *picked, photo_status])
-        model.submit(model_changed, [model], [family, preset])
-        model.blur(model_changed, [model], [family, preset])
-        model_pick.change(model_picked, [model_pick], [model, family, preset])
+        model.submit(model_changed, [model], [family, preset, split_row])
+        model.blur(model_changed, [model], [family, preset, split_row])
+        model_pick.change(model_picked, [model_pick], [model, family, preset, split_row])
         preset.change(preset_changed, [preset], [steps1, steps2, resolution])
-        compose_btn.click(compose, [model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights],
-                          [toml_box, train_status])
+        compose_btn.click(compose, [model, preset, name, steps1, steps2, resolution, tok_src, tok_ref, id_weights,
+                                    te_file, vae_file, tok_dir], [toml_box, train_status])
         asked = [ask_row, ask_text, train_status]
         start_btn.click(start, [name, toml_box], asked)
         resume_btn.click(resume, [name, toml_box], asked)
@@ -437,7 +450,8 @@ def build_page(sandbox: Sandbox, data_dir: Path, output_dir: Path) -> gr.Blocks:
         stop_btn.click(stop, [name], [train_status])
         watch_outputs = [runs_df, progress_line, progress_bar, loss_plot, score_plot, samples, attention, log_tail,
                          run_pick]
-        opened = [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref, id_weights, train_status]
+        opened = [name, toml_box, model, steps1, steps2, resolution, tok_src, tok_ref, id_weights, te_file, vae_file,
+                  tok_dir, split_row, train_status]
         runs_df.select(pick_run, None, opened)
         run_pick.input(open_run, [run_pick], opened)
         timer.tick(watch, [name], watch_outputs)

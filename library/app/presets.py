@@ -1,5 +1,10 @@
 """The Train tab's settings: the presets in configs/, the base model's family, and the TOML the page shows
-(the preset with the few settings the page asks for written into it; comments kept)."""
+(the preset with the few settings the page asks for written into it; comments kept).
+
+The flow-matching DiT bases (Z-Image, FLUX.2 Klein 4B / 9B; library/models/dit_family.py) are offered like
+SD 1.x and SDXL: the picker shows their family, :data:`DIT_PRESETS` gives each its config, and a
+transformer file alone (ComfyUI's split files) makes the page ask for the text-encoder file, the VAE file
+and the tokenizer folder (model.text_encoder, model.vae, model.tokenizer; :func:`missing_split_files`)."""
 
 from __future__ import annotations
 
@@ -18,8 +23,18 @@ PRESETS = {
     "low VRAM (8 GB)": "low_vram.toml",
     "SDXL": "magicapture_sdxl.toml",
     "SDXL, low VRAM": "low_vram_sdxl.toml",
+    "Z-Image": "magicapture_zimage.toml",
+    "Z-Image, 24 GB": "magicapture_zimage_24gb.toml",
+    "FLUX.2 Klein": "magicapture_klein.toml",
+    "FLUX.2 Klein, 24 GB": "magicapture_klein_24gb.toml",
     "demo (tiny model, CPU)": "demo.toml",
 }
+# The DiT families' configs. ModelFamily.preset says this for SD 1.x / SDXL; DitFamily
+# (library/models/dit_family.py) has no such field yet, so the page keeps the mapping here, in one place.
+DIT_PRESETS = {"zimage": "magicapture_zimage.toml", "klein4b": "magicapture_klein.toml",
+               "klein9b": "magicapture_klein.toml"}
+# what a transformer file alone needs besides itself: (ModelConfig key, what the page calls it)
+SPLIT_PARTS = (("text_encoder", "text-encoder file"), ("vae", "VAE file"), ("tokenizer", "tokenizer folder"))
 
 
 def available_presets(configs: Path = CONFIGS) -> dict[str, Path]:
@@ -28,10 +43,11 @@ def available_presets(configs: Path = CONFIGS) -> dict[str, Path]:
 
 
 def preset_for_family(family: str, configs: Path = CONFIGS) -> str | None:
-    """The label of the preset a model of `family` ("sd1", "sdxl") starts from (ModelFamily.preset), or
-    None when the family has none or its file is missing."""
+    """The label of the preset a model of `family` ("sd1", "sdxl", "zimage", "klein4b", "klein9b") starts
+    from (ModelFamily.preset, or DIT_PRESETS for a DiT base), or None when the family has none or its file
+    is missing."""
     try:
-        name = family_for(family).preset
+        name = DIT_PRESETS[family] if family in DIT_PRESETS else family_for(family).preset
     except ValueError:
         return None
     return next((label for label, path in available_presets(configs).items() if path.name == name), None)
@@ -54,14 +70,77 @@ def preset_for_model(path: Path, family: str, configs: Path = CONFIGS) -> str | 
 def identify_model(path: Path) -> tuple[str, str]:
     """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers
     by the trainer's own cheap check (library.models.kind.check_model_files): ModelLoadError (one line)
-    when it is not a model this trainer trains. A pickled checkpoint is not opened here (opening one runs
-    its code): ("", a line saying the family is read when training loads it)."""
-    from library.models.kind import check_model_files
+    when it is not a model this trainer trains. A Z-Image / FLUX.2 Klein folder or transformer file is named
+    even where that check still refuses it (:func:`dit_kind`), a transformer file alone with a note that
+    the page asks for its other parts. A pickled checkpoint is not opened here (opening one runs its
+    code): ("", a line saying the family is read when training loads it)."""
+    from library.models.kind import ModelLoadError, check_model_files
 
-    kind = check_model_files(str(path))
+    try:
+        kind = check_model_files(str(path))
+    except ModelLoadError:
+        # the trainer's check refuses what it cannot train yet; a DiT base is still named for what it is
+        kind = dit_kind(Path(path))
+        if kind is None:
+            raise
     if kind is None:
         return "", f"{Path(path).name}: a pickled checkpoint; its family is read when training loads it"
+    if is_split_transformer(Path(path), kind.family):
+        return kind.family, f"{kind.describe()}; a transformer file alone: give its text encoder, VAE and tokenizer below"
     return kind.family, kind.describe()
+
+
+def dit_kind(path: Path) -> "ModelKind | None":  # noqa: F821 - library.models.kind.ModelKind
+    """The ModelKind of a Z-Image / FLUX.2 Klein diffusers folder or transformer .safetensors at `path`,
+    read from its configs or header (library/models/kind.py, after the weights-file check); None for
+    anything else or anything unreadable."""
+    from library.files.weights import check_weights_file
+    from library.models.dit_family import DIT_FAMILIES
+    from library.models.kind import identify_folder, identify_state, safetensors_shapes
+
+    try:
+        if path.is_dir():
+            kind = identify_folder(path)
+        elif path.suffix.lower() == ".safetensors":
+            check_weights_file(path)
+            kind = identify_state(safetensors_shapes(path))
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - not readable as a DiT: the caller's error stands
+        return None
+    return kind if kind.family in DIT_FAMILIES else None
+
+
+def is_split_transformer(path: Path, family: str) -> bool:
+    """Whether `path` is a DiT base given as its transformer file alone (ComfyUI's diffusion_models file):
+    a file, not a diffusers folder, of a DiT family; its text encoder, VAE and tokenizer come separately."""
+    from library.models.dit_family import DIT_FAMILIES
+
+    return family in DIT_FAMILIES and Path(path).is_file()
+
+
+def missing_split_files(pretrained: str, text_encoder: str, vae: str, tokenizer: str) -> str | None:
+    """One line for people saying what a transformer file alone still needs (the empty ones of
+    model.text_encoder, model.vae, model.tokenizer), e.g. "models/z.safetensors is a Z-Image transformer
+    file alone (ComfyUI's split files): also give its text-encoder file (Qwen3-4B), VAE file and tokenizer
+    folder"; None when `pretrained` is no such file or nothing is missing."""
+    from library.app.state import relative
+    from library.models.dit_family import DIT_FAMILIES
+
+    path = Path(pretrained) if pretrained else None
+    kind = dit_kind(path) if path is not None and path.is_file() else None
+    if kind is None:
+        return None
+    given = {"text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
+    missing = [words for key, words in SPLIT_PARTS if not str(given[key] or "").strip()]
+    if not missing:
+        return None
+    family = DIT_FAMILIES[kind.family]
+    qwen = "Qwen3-8B" if family.text_width == 4096 else "Qwen3-4B"
+    missing = [f"{m} ({qwen})" if m.startswith("text-encoder") else m for m in missing]
+    listed = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+    return (f"{relative(path)} is a {family.label} transformer file alone (ComfyUI's split files): "
+            f"also give its {listed}")
 
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -101,11 +180,14 @@ class Settings:
     reference_token: str = "mcv2"
     identity_weights: str = ""
     resolution: int = 0  # 0: the preset's
+    text_encoder: str = ""  # a DiT transformer file alone: its Qwen3 text-encoder file (model.text_encoder)
+    vae: str = ""  # ... its VAE file (model.vae)
+    tokenizer: str = ""  # ... its tokenizer folder (model.tokenizer)
 
 
 def compose(preset_text: str, s: Settings) -> str:
     """The preset's TOML with the page's settings written into their keys (model.pretrained,
-    data.source_dir / reference_dir / resolution, phase1.steps, phase2.steps, tokens.source / reference,
+    model.text_encoder / vae / tokenizer, data.source_dir / reference_dir / resolution, phase1.steps, phase2.steps, tokens.source / reference,
     loss.identity_weights, output.dir / name); a setting left "" keeps the preset's value, and the
     preset's comments and other keys are kept.
     ValueError (one line) when the preset is not valid TOML."""
@@ -115,6 +197,9 @@ def compose(preset_text: str, s: Settings) -> str:
         raise ValueError(f"the preset is not valid TOML: {one_line(err)}") from None
     values = {
         ("model", "pretrained"): s.pretrained,
+        ("model", "text_encoder"): s.text_encoder,
+        ("model", "vae"): s.vae,
+        ("model", "tokenizer"): s.tokenizer,
         ("data", "source_dir"): s.source_dir,
         ("data", "reference_dir"): s.reference_dir,
         ("data", "resolution"): int(s.resolution) or "",

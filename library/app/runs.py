@@ -313,7 +313,8 @@ def pictures(folder: Path, sub: str) -> list[Path]:
 def saved_config(folder: Path) -> tuple[str, dict]:
     """The run's newest config (the page's app_config.toml when it is newer than the trainer's
     effective_config.toml: a Start that failed before training still counts) as (its text, the values the
-    Train form shows: model, steps1, steps2, tok_src, tok_ref, id_weights, resolution); ("", {}) when none."""
+    Train form shows: model, steps1, steps2, tok_src, tok_ref, id_weights, resolution, and a DiT transformer
+    file's text_encoder, vae, tokenizer); ("", {}) when none."""
     paths = [p for p in (Path(folder) / training_runs.CONFIG, Path(folder) / "effective_config.toml") if p.is_file()]
     for path in sorted(paths, key=training_runs.mtime, reverse=True):
         try:
@@ -327,7 +328,8 @@ def saved_config(folder: Path) -> tuple[str, dict]:
         return text, {"model": get("model", "pretrained"), "steps1": get("phase1", "steps", 0),
                       "steps2": get("phase2", "steps", 0), "tok_src": get("tokens", "source", "mcv1"),
                       "tok_ref": get("tokens", "reference", "mcv2"), "id_weights": get("loss", "identity_weights"),
-                      "resolution": get("data", "resolution", 0)}
+                      "resolution": get("data", "resolution", 0), "text_encoder": get("model", "text_encoder"),
+                      "vae": get("model", "vae"), "tokenizer": get("model", "tokenizer")}
     return "", {}
 
 

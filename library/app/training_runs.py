@@ -61,7 +61,9 @@ def read_lock(out_dir: Path) -> dict | None:
 def check_config(config_text: str, out_dir: Path, sandbox) -> None:
     """Refuse, before anything starts, a config that library.config refuses, that names a path outside the
     page's folders (`sandbox`: library.app.state.Sandbox; PathRefused) or whose inputs the trainer's cheap
-    checks refuse (library.training.preflight: prepared folders, weights files, the base model). Each is
+    checks refuse (library.training.preflight: prepared folders, weights files, the base model), or that
+    gives a Z-Image / FLUX.2 Klein transformer file alone without its text-encoder file, VAE file and
+    tokenizer folder (library.app.presets.missing_split_files). Each is
     one line that speaks of the config the user sees, never of the file it is checked through. Relative
     paths count from the repository root, where the trainer runs."""
     from library.config import load_config
@@ -79,11 +81,19 @@ def check_config(config_text: str, out_dir: Path, sandbox) -> None:
         raise type(exc)(str(exc).replace(str(check), "the config")) from None
     finally:
         check.unlink(missing_ok=True)
-    reads = (cfg.model.pretrained, cfg.model.vae, cfg.model.config_dir, cfg.data.source_dir,
-             cfg.data.reference_dir, cfg.loss.identity_weights, cfg.evaluation.clip, cfg.evaluation.aesthetic)
+    reads = (cfg.model.pretrained, cfg.model.vae, cfg.model.text_encoder, cfg.model.tokenizer, cfg.model.config_dir,
+             cfg.data.source_dir, cfg.data.reference_dir, cfg.loss.identity_weights, cfg.evaluation.clip,
+             cfg.evaluation.aesthetic)
     for p in (x for x in reads if x):
         sandbox.resolve(p, base=ROOT)
     sandbox.resolve(cfg.output.dir, write=True, base=ROOT)
+    if cfg.model.pretrained:  # a DiT transformer file alone: say what else it needs, in one line
+        from library.app.presets import missing_split_files
+
+        missing = missing_split_files(str(sandbox.resolve(cfg.model.pretrained, base=ROOT)), cfg.model.text_encoder,
+                                      cfg.model.vae, cfg.model.tokenizer)
+        if missing:
+            raise ValueError(missing)
     check_run_inputs(cfg)
 
 
