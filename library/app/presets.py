@@ -2,7 +2,7 @@
 (the preset with the few settings the page asks for written into it; comments kept).
 
 The flow-matching DiT bases (Z-Image, FLUX.2 Klein 4B / 9B; library/models/dit_family.py) are offered like
-SD 1.x and SDXL: the picker shows their family, :data:`DIT_PRESETS` gives each its config, and a
+SD 1.x and SDXL: the picker shows their family, the family's ``preset`` gives each its config, and a
 transformer file alone (ComfyUI's split files) makes the page ask for the text-encoder file, the VAE file
 and the tokenizer folder (model.text_encoder, model.vae, model.tokenizer; :func:`missing_split_files`)."""
 
@@ -15,7 +15,8 @@ import tomlkit
 
 from library.files.messages import one_line
 from library.files.text import read_text_file
-from library.models.family import CONFIGS, family_for
+from library.models.base_model import family_named
+from library.models.family import CONFIGS
 
 # label -> file in configs/; a preset whose file is missing (another branch writes it) is not offered
 PRESETS = {
@@ -31,8 +32,6 @@ PRESETS = {
 }
 # The DiT families' configs. ModelFamily.preset says this for SD 1.x / SDXL; DitFamily
 # (library/models/dit_family.py) has no such field yet, so the page keeps the mapping here, in one place.
-DIT_PRESETS = {"zimage": "magicapture_zimage.toml", "klein4b": "magicapture_klein.toml",
-               "klein9b": "magicapture_klein.toml"}
 # what a transformer file alone needs besides itself: (ModelConfig key, what the page calls it)
 SPLIT_PARTS = (("text_encoder", "text-encoder file"), ("vae", "VAE file"), ("tokenizer", "tokenizer folder"))
 
@@ -44,10 +43,9 @@ def available_presets(configs: Path = CONFIGS) -> dict[str, Path]:
 
 def preset_for_family(family: str, configs: Path = CONFIGS) -> str | None:
     """The label of the preset a model of `family` ("sd1", "sdxl", "zimage", "klein4b", "klein9b") starts
-    from (ModelFamily.preset, or DIT_PRESETS for a DiT base), or None when the family has none or its file
-    is missing."""
+    from (the family's ``preset``), or None when the family has none or its file is missing."""
     try:
-        name = DIT_PRESETS[family] if family in DIT_PRESETS else family_for(family).preset
+        name = family_named(family).preset
     except ValueError:
         return None
     return next((label for label, path in available_presets(configs).items() if path.name == name), None)
@@ -70,19 +68,12 @@ def preset_for_model(path: Path, family: str, configs: Path = CONFIGS) -> str | 
 def identify_model(path: Path) -> tuple[str, str]:
     """(ModelKind.family, a one-line description) of a base model file or folder, read from its headers
     by the trainer's own cheap check (library.models.kind.check_model_files): ModelLoadError (one line)
-    when it is not a model this trainer trains. A Z-Image / FLUX.2 Klein folder or transformer file is named
-    even where that check still refuses it (:func:`dit_kind`), a transformer file alone with a note that
-    the page asks for its other parts. A pickled checkpoint is not opened here (opening one runs its
-    code): ("", a line saying the family is read when training loads it)."""
-    from library.models.kind import ModelLoadError, check_model_files
+    when it is not a model this trainer trains. A Z-Image / FLUX.2 Klein transformer file alone comes with a
+    note that the page asks for its other parts. A pickled checkpoint is not opened here (opening one runs
+    its code): ("", a line saying the family is read when training loads it)."""
+    from library.models.kind import check_model_files
 
-    try:
-        kind = check_model_files(str(path))
-    except ModelLoadError:
-        # the trainer's check refuses what it cannot train yet; a DiT base is still named for what it is
-        kind = dit_kind(Path(path))
-        if kind is None:
-            raise
+    kind = check_model_files(str(path))
     if kind is None:
         return "", f"{Path(path).name}: a pickled checkpoint; its family is read when training loads it"
     if is_split_transformer(Path(path), kind.family):

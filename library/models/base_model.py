@@ -15,7 +15,19 @@ from library.models.dit_model_family import DIT_MODEL_FAMILIES
 from library.models.kind import check_trainable, local_model_path
 from library.models.loading import StableDiffusionParts, identify, load_stable_diffusion
 
-__all__ = ["load_base_model"]
+__all__ = ["family_named", "load_base_model"]
+
+
+def family_named(name: str):
+    """The family object of a ``ModelKind.family`` string: SD 1.x / SDXL's ModelFamily or a DitModelFamily.
+    ValueError naming the trainable families otherwise."""
+    from library.models.family import FAMILIES
+
+    found = FAMILIES.get(name) or DIT_MODEL_FAMILIES.get(name)
+    if found is None:
+        labels = [f.label for f in (*FAMILIES.values(), *DIT_MODEL_FAMILIES.values())]
+        raise ValueError(f"no trainable model family {name!r}; trainable: {', '.join(labels)}")
+    return found
 
 
 def load_base_model(model_cfg, dtype: torch.dtype = torch.float32) -> StableDiffusionParts:
