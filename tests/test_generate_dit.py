@@ -55,7 +55,7 @@ name = "{RUN}"
     return path
 
 
-@pytest.fixture(scope="module", params=["zimage", "klein4b"])
+@pytest.fixture(scope="module", params=["zimage", "klein4b", "klein9b"])
 def trained(request, tmp_path_factory):
     """(family name, config path, diffusers folder, SplitFiles, peft-wrapped DitParts, saved vectors): a
     tiny model, and in its output.dir the LoRA (r=2, alpha 3, B ~ N(0, 0.5)) and one embedding per token
@@ -72,11 +72,12 @@ def trained(request, tmp_path_factory):
     else:
         from testkit.tiny_klein import save_klein_model, split_names
 
-        folder, split = save_klein_model(base / name, "4b")
-        names = split_names("4b")
+        folder, split = save_klein_model(base / name, name[-2:])
+        names = split_names(name[-2:])
     assert split.transformer.name == names["transformer"]
     parts = load_dit_folder(folder)
-    parts.transformer.add_adapter(LoraConfig(r=2, lora_alpha=3.0, target_modules=TARGETS[name], init_lora_weights="gaussian"))
+    targets = TARGETS["zimage" if name == "zimage" else "klein4b"]
+    parts.transformer.add_adapter(LoraConfig(r=2, lora_alpha=3.0, target_modules=targets, init_lora_weights="gaussian"))
     torch.manual_seed(1)
     with torch.no_grad():
         for param_name, param in parts.transformer.named_parameters():
@@ -204,8 +205,8 @@ def test_unknown_variant_uses_the_base_settings_and_says_so(trained, tmp_path):
                        log=messages.append)
     notes = [m for m in messages if m.startswith("note: cannot tell")]
     if name == "zimage":
-        assert notes == ["note: cannot tell Z-Image Turbo from Z-Image Base from the files; sampling with Z-Image Base's "
-                         "settings (50 steps, CFG 4); for Z-Image Turbo give --steps 9 --cfg 0"]
+        assert notes == ["note: cannot tell Z-Image Turbo from Z-Image Base from the files; "
+                         "the defaults are Z-Image Base's (50 steps, CFG 4); for Z-Image Turbo give --steps 9 --cfg 0"]
         assert (model.default_steps, model.default_cfg) == (50, 4.0)
     else:
         assert notes == [] and (model.default_steps, model.default_cfg) == (4, 1.0)
@@ -289,3 +290,47 @@ def test_sampler_table_is_per_family_and_the_loader_names_none():
     assert not re.search(r"\.name\s*[!=]=|[\"'](zimage|klein4b|klein9b)[\"']", code)
     assert distilled_variant(root / "configs/klein4b", None) is True  # the shipped Klein configs: distilled
     assert distilled_variant(root / "configs/zimage", None) is None
+
+
+def test_negative_prompt_is_used_where_the_pipeline_runs_cfg(trained, tmp_path):
+    """Z-Image reads negative_prompt when guidance > 0; Klein Base (is_distilled false) gets the negative's
+    embeddings when guidance > 1; a distilled Klein runs no CFG, and generate says the negative is unused."""
+    name, config, folder, split, parts, vectors = trained
+    cfg = _cfg(config)
+    if name != "zimage":  # the same weights as Klein Base: a copy of the folder whose model_index says undistilled
+        base = tmp_path / "base"
+        shutil.copytree(folder, base)
+        index = json.loads((base / "model_index.json").read_text())
+        (base / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
+        distilled = load_model(cfg, device="cpu")
+        messages: list[str] = []
+        generate(cfg, n=1, seed=1, steps=1, negative="blurry", width=64, height=64, out_dir=tmp_path / "o", model=distilled,
+                 progress=False, log=messages.append)
+        assert "note: no classifier-free guidance at CFG 1 with this model: the negative prompt is not used" in messages
+        cfg = _cfg(config, f"model.pretrained={base.as_posix()}")
+    model = load_model(cfg, device="cpu")
+    if name != "zimage":
+        assert (model.default_steps, model.default_cfg, model.defaults_note) == (50, 4.0, "")
+    with torch.no_grad():
+        plain, negative = (model.sample(PROMPT, neg, 2, 2.0, 64, 64, 1, torch.Generator().manual_seed(3), output_type="pt")
+                           for neg in ("", f"blurry {REFERENCE}"))
+    assert (plain - negative).abs().max() > 1e-3
+
+
+def test_spare_rows_of_the_qwen3_table_take_the_new_tokens_without_a_resize():
+    """Qwen3's input embedding has rows past its tokenizer's vocabulary (151936 for 151669 entries): the new
+    entries take those rows and the table keeps its size (no copy of a 151936 x 2560 table)."""
+    from library.generation.dit_generation import add_dit_embeddings
+    from testkit.tiny_qwen3 import build_text_encoder, build_tokenizer, qwen3_config
+
+    tokenizer = build_tokenizer()
+    vocab = len(tokenizer)
+    encoder = build_text_encoder(qwen3_config(32, 2, vocab + 8), causal_lm=True, seed=0)
+    table = encoder.get_input_embeddings().weight
+    rows = torch.arange(96.0).reshape(3, 32)
+    ids = add_dit_embeddings(tokenizer, encoder, {SOURCE: rows[:1], REFERENCE: rows[1:]})
+    assert ids == {SOURCE: [vocab], REFERENCE: [vocab + 1, vocab + 2]}
+    assert encoder.get_input_embeddings().weight is table and tuple(table.shape) == (vocab + 8, 32)
+    torch.testing.assert_close(table[vocab:vocab + 3], rows, rtol=0, atol=0)
+    with pytest.raises(GenerationError, match=f"token '{SOURCE}' is already in the tokenizer's vocabulary"):
+        add_dit_embeddings(tokenizer, encoder, {SOURCE: rows[:1]})

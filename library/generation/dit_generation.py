@@ -214,7 +214,12 @@ class DitSampler:
     sampling: DitSampling
     defaults: SamplerDefaults
     variant_known: bool
+    distilled: bool  # what the pipeline was told (False when unknown)
     vector_counts: dict[str, int]  # trained word -> vectors (entries in the tokenizer)
+
+    def runs_cfg(self, cfg: float) -> bool:
+        """Whether the pipeline runs classifier-free guidance at scale `cfg` (and so reads a negative prompt)."""
+        return cfg > self.sampling.cfg_above and not (self.sampling.distilled_flag and self.distilled)
 
     @property
     def size_multiple(self) -> int:
@@ -266,7 +271,7 @@ def load_dit_pipeline(cfg, family: DitFamily, lora: Path | None, embeddings: Map
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     sampler = DitSampler(pipe=pipe, family=family, sampling=sampling, defaults=sampler_defaults(sampling, distilled),
-                         variant_known=distilled is not None, vector_counts={w: int(v.shape[0]) for w, v in vectors.items()})
+                         variant_known=distilled is not None, distilled=bool(distilled), vector_counts={w: int(v.shape[0]) for w, v in vectors.items()})
     return sampler, parts, patched
 
 

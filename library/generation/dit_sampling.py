@@ -55,6 +55,9 @@ class DitSampling:
         ZImagePipeline) or "embeddings" (``negative_prompt_embeds=`` from ``pipe.encode_prompt``:
         Flux2KleinPipeline has no ``negative_prompt`` and encodes "" otherwise).
     distilled_flag: the pipeline's constructor argument that says "distilled" ("" when it has none).
+    cfg_above: the pipeline runs classifier-free guidance (and reads the negative prompt) only for a
+        guidance scale above this (ZImagePipeline: ``guidance_scale > 0``; Flux2KleinPipeline:
+        ``guidance_scale > 1 and not is_distilled``).
     cuda_dtype: the precision "auto" picks on CUDA (bf16: these models are trained and released in bf16;
         fp16 overflows in their activations).
     sampler: the one sampler (the pipeline's FlowMatchEulerDiscreteScheduler with the model's shift
@@ -64,6 +67,7 @@ class DitSampling:
     distilled: SamplerDefaults
     base: SamplerDefaults
     negative: str
+    cfg_above: float
     distilled_flag: str = ""
     cuda_dtype: torch.dtype = torch.bfloat16
     sampler: Sampler = Sampler("FlowMatchEulerDiscreteScheduler", "Euler")
@@ -78,11 +82,13 @@ _ZIMAGE = DitSampling(
     distilled=SamplerDefaults(9, 0.0, "Z-Image Turbo", "Turbo model card / diffusers PR #12725: 9 steps, guidance 0"),
     base=SamplerDefaults(50, 4.0, "Z-Image Base", "ZImagePipeline default 50 steps; base model card: full CFG, ~4"),
     negative="argument",
+    cfg_above=0.0,
 )
 _KLEIN = DitSampling(
     distilled=SamplerDefaults(4, 1.0, "FLUX.2 Klein", "Klein model cards: 4-step distilled, guidance 1"),
     base=SamplerDefaults(50, 4.0, "FLUX.2 Klein Base", "Flux2KleinPipeline defaults: 50 steps, guidance 4"),
     negative="embeddings",
+    cfg_above=1.0,
     distilled_flag="is_distilled",
 )
 DIT_SAMPLING: dict[str, DitSampling] = {"zimage": _ZIMAGE, "klein4b": _KLEIN, "klein9b": _KLEIN}
@@ -112,5 +118,5 @@ def sampler_defaults(sampling: DitSampling, distilled: bool | None) -> SamplerDe
 def unknown_variant_note(sampling: DitSampling) -> str:
     """The one line generate says when it cannot tell the variant from the files."""
     d, b = sampling.distilled, sampling.base
-    return (f"note: cannot tell {d.name} from {b.name} from the files; sampling with {b.name}'s settings "
+    return (f"note: cannot tell {d.name} from {b.name} from the files; the defaults are {b.name}'s "
             f"({b.steps} steps, CFG {b.cfg:g}); for {d.name} give --steps {d.steps} --cfg {d.cfg:g}")

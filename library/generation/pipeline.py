@@ -141,6 +141,11 @@ class GenerationModel:
             self.pipe.scheduler = make_scheduler(name, self.scheduler_config)
             self.scheduler = name
 
+    def runs_cfg(self, cfg: float) -> bool:
+        """Whether sampling at guidance `cfg` runs classifier-free guidance, the only use of a negative prompt
+        (Stable Diffusion pipelines: above 1; a DiT base: its family's rule)."""
+        return self.sampler_call.runs_cfg(cfg) if self.sampler_call is not None else cfg > 1
+
     @property
     def sampler(self) -> Sampler:
         """The sampler in use (its A1111 name goes into "parameters")."""
@@ -431,6 +436,8 @@ def generate(
         say(model.defaults_note)
     steps = model.default_steps if steps is None else int(steps)
     cfg_scale = model.default_cfg if cfg_scale is None else float(cfg_scale)
+    if negative and not model.runs_cfg(cfg_scale):
+        say(f"note: no classifier-free guidance at CFG {cfg_scale:g} with this model: the negative prompt is not used")
     width = int(width or default_side(cfg, model.family))
     height = int(height or default_side(cfg, model.family))
     _check_size(width, height, model.size_multiple)
