@@ -26,13 +26,13 @@ unknown, the base's (undistilled) settings are used and generate says so in one 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from library.generation.samplers import Sampler
+from library.models.kind import ModelLoadError, read_json
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ def distilled_variant(pretrained: str | Path, config_dir: str | Path | None) -> 
         if folder is None or not (folder / "model_index.json").is_file():
             continue
         try:
-            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            index = read_json(folder / "model_index.json")
+        except (ModelLoadError, OSError, ValueError):
             continue  # the loader reads the same file and says what is wrong with it
         if isinstance(index, dict) and isinstance(index.get("is_distilled"), bool):
             return index["is_distilled"]
