@@ -1,7 +1,8 @@
 """Sample with the trained files: `python generate.py --config configs/x.toml [--prompt ...] [section.key=value ...]`.
 
-Loads the base model of the config's [model] (SD 1.x or SDXL, read from the model), the two embeddings and the LoRA that training wrote to
-[output].dir, samples (Euler ancestral, 50 steps, CFG 7, LoRA 0.6 UNet / 0.9 text encoder by default),
+Loads the base model of the config's [model] (SD 1.x, SDXL, Z-Image or FLUX.2 Klein, read from the model), the two
+embeddings and the LoRA that training wrote to [output].dir, samples (SD: Euler ancestral, 50 steps, CFG 7, LoRA 0.6
+UNet / 0.9 text encoder by default; a Z-Image / Klein base: its family's flow-matching settings, docs/dit.md),
 and writes PNGs with A1111 "parameters" text; optionally upscales and restores faces.
 """
 
@@ -39,13 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--n", type=int, default=4, help="number of images (default 4)")
     p.add_argument("--seed", type=int, help="image i uses seed + i (default or -1: random)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
-    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"classifier-free guidance scale (default {DEFAULT_CFG:g})")
-    p.add_argument("--lora-scale", type=float, default=DEFAULT_LORA_SCALE, help=f"LoRA multiplier on the UNet (default {DEFAULT_LORA_SCALE})")
-    p.add_argument("--te-scale", type=float, default=DEFAULT_TE_SCALE, help=f"LoRA multiplier on the text encoder(s) (default {DEFAULT_TE_SCALE})")
+    p.add_argument("--steps", type=int, help=f"sampling steps (default: the base's; SD {DEFAULT_STEPS}, DiT bases: docs/dit.md)")
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default: the base's; SD {DEFAULT_CFG:g}, DiT bases: docs/dit.md)")
+    p.add_argument("--lora-scale", type=float, help=f"LoRA multiplier on the UNet / transformer (default: SD {DEFAULT_LORA_SCALE}, DiT bases 1)")
+    p.add_argument("--te-scale", type=float, help=f"LoRA multiplier on the text encoder(s) (default {DEFAULT_TE_SCALE}; DiT LoRAs have none)")
     p.add_argument("--no-lora", action="store_true", help="embeddings only: do not load the LoRA")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {', '.join(scheduler_names())} (default {DEFAULT_SCHEDULER})")
-    p.add_argument("--width", type=int, help="default: data.resolution if the config sets it, else the model's (512 SD 1.x, 1024 SDXL)")
+    p.add_argument("--scheduler", help=f"SD sampler: {', '.join(scheduler_names())} (default {DEFAULT_SCHEDULER}); "
+                   "a DiT base has its own flow-matching Euler")
+    p.add_argument("--width", type=int, help="default: data.resolution if the config sets it, else the model's (512 SD 1.x, 1024 SDXL and DiT bases)")
     p.add_argument("--height", type=int, help="default: as --width")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet pass (default 1)")
     p.add_argument("--upscale", type=float, help="post-processing size factor (default: 1, or the --sr-weights model's)")
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", type=float, default=DEFAULT_FIDELITY, help=f"CodeFormer w in [0, 1] (default {DEFAULT_FIDELITY})")
     p.add_argument("--out", help="output folder (default: <output.dir>/generated)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--precision", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16")
+    p.add_argument("--precision", default="auto", help="auto (on CUDA fp16, bf16 for DiT bases; else fp32), fp32, fp16 or bf16")
     p.add_argument("--no-grid", action="store_true", help="do not write the grid")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p

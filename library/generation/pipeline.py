@@ -22,6 +22,10 @@ CFG 7, LoRA 0.6 on the UNet and 0.9 on the text encoder):
    device and whatever the batch), writes each PNG atomically with an A1111 "parameters" text chunk, a
    grid, and, when asked, the post-processed image (the sample before post-processing goes to ``raw/``).
 
+A flow-matching transformer base (Z-Image, FLUX.2 Klein 4B / 9B; identified from its files) goes through
+library/generation/dit_generation.py instead at steps 2-4 (its pipeline, diffusers' own LoRA loader, the
+Qwen3 tokens) with its family's sampler settings (library/generation/dit_sampling.py); step 5 is shared.
+
 This module is the orchestration (`load_model`, `generate`); the parts live beside it and every name is
 re-exported here: generation_options (GenerationError, defaults, device, precision, post-processing
 setup), trained_files (finding the files, adding the embeddings), samplers (the sampler table and the
@@ -43,7 +47,11 @@ from PIL import Image
 
 from library.config import ConfigError
 from library.files.atomic import ensure_folder
+from library.models.dit_family import DitFamily
 from library.models.family import SD1, ModelFamily
+from library.generation.dit_generation import check_dit_scheduler, dit_family_of, load_dit_pipeline
+from library.generation.dit_generation import token_ids as dit_token_ids
+from library.generation.dit_sampling import DEFAULT_DIT_LORA_SCALE, DIT_SAMPLING, FLOW_SAMPLER_NAME, unknown_variant_note
 from library.generation.options import (
     DEFAULT_CFG,
     DEFAULT_FIDELITY,
@@ -115,33 +123,71 @@ class GenerationModel:
     dtype: torch.dtype = torch.float32
     scheduler_config: dict = field(default_factory=dict)  # the model's own; each sampler is built from it
     scheduler: str = DEFAULT_SCHEDULER
-    family: ModelFamily = SD1  # what the base model was identified as (default size, names)
+    family: ModelFamily | DitFamily = SD1  # what the base model was identified as (default size, names)
+    default_steps: int = DEFAULT_STEPS  # what generate() samples with when not told
+    default_cfg: float = DEFAULT_CFG
+    defaults_note: str = ""  # said when the defaults are used and their variant was guessed
+    size_multiple: int = 8  # image sides must be multiples of this
+    sampler_call: Callable | None = None  # a DiT base's DitSampler; None: the Stable Diffusion pipeline call
+    fixed_sampler: Sampler | None = None  # a DiT base's one sampler; None: any of SCHEDULERS
 
-    def set_scheduler(self, name: str) -> None:
-        """Switch the sampler (schedulers hold no weights: cheap, no reload)."""
+    def set_scheduler(self, name: str | None) -> None:
+        """Switch the sampler (schedulers hold no weights: cheap, no reload); None: the default one."""
+        if self.fixed_sampler is not None:
+            check_dit_scheduler(name)
+            return
+        name = name or DEFAULT_SCHEDULER
         if name != self.scheduler:
             self.pipe.scheduler = make_scheduler(name, self.scheduler_config)
             self.scheduler = name
+
+    def runs_cfg(self, cfg: float) -> bool:
+        """Whether sampling at guidance `cfg` runs classifier-free guidance, the only use of a negative prompt
+        (Stable Diffusion pipelines: above 1; a DiT base: its family's rule)."""
+        return self.sampler_call.runs_cfg(cfg) if self.sampler_call is not None else cfg > 1
+
+    @property
+    def sampler(self) -> Sampler:
+        """The sampler in use (its A1111 name goes into "parameters")."""
+        return self.fixed_sampler or check_scheduler(self.scheduler)
+
+    def sample(self, prompt: str, negative: str, steps: int, cfg: float, width: int, height: int, count: int,
+               generator, output_type: str = "pil") -> list:
+        """`count` images (PIL, or a [count, 3, H, W] tensor in [0, 1] for output_type "pt") of `prompt`;
+        `generator`: one CPU generator, or a list of `count` (image i from generator i)."""
+        if self.sampler_call is not None:
+            return self.sampler_call(prompt, negative, steps, cfg, width, height, count, generator, output_type)
+        return self.pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
+                         width=width, height=height, num_images_per_prompt=count, generator=generator,
+                         output_type=output_type).images
 
 
 def load_model(
     cfg,
     trained: TrainedFiles | None = None,
-    lora_scale: float = DEFAULT_LORA_SCALE,
-    te_scale: float = DEFAULT_TE_SCALE,
-    scheduler: str = DEFAULT_SCHEDULER,
+    lora_scale: float | None = None,
+    te_scale: float | None = None,
+    scheduler: str | None = None,
     device: str | torch.device | None = "auto",
     precision: str | None = "auto",
 ) -> GenerationModel:
     """The pipeline with the tokens added and the LoRA merged (fp32 merge, then cast and move).
 
     The base model's family (SD 1.x or SDXL, read from the model) picks the pipeline class, the
-    embedding tensors each text encoder gets and the LoRA's names. GenerationError / ModelLoadError (one
-    line) for files that do not fit the model.
+    embedding tensors each text encoder gets and the LoRA's names; a Z-Image / FLUX.2 Klein base is
+    loaded by :func:`_load_dit_model`. `lora_scale` / `te_scale` / `scheduler` None: the base's defaults
+    (Stable Diffusion: 0.6 / 0.9 / euler_a). GenerationError / ModelLoadError (one line) for files that
+    do not fit the model.
     """
     from library.export.kohya import apply_kohya_lora, load_lora
     from library.models.loading import ModelLoadError, load_stable_diffusion
 
+    dit = dit_family_of(cfg)
+    if dit is not None:
+        return _load_dit_model(cfg, dit, trained, lora_scale, scheduler, device, precision)
+    scheduler = scheduler or DEFAULT_SCHEDULER
+    lora_scale = DEFAULT_LORA_SCALE if lora_scale is None else lora_scale
+    te_scale = DEFAULT_TE_SCALE if te_scale is None else te_scale
     check_scheduler(scheduler)
     trained = trained if trained is not None else find_trained_files(cfg)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -200,6 +246,50 @@ def load_model(
     )
 
 
+def _load_dit_model(cfg, family: DitFamily, trained: TrainedFiles | None, lora_scale: float | None,
+                    scheduler: str | None, device, precision: str | None) -> GenerationModel:
+    """load_model for a flow-matching transformer base (library/generation/dit_generation.py): the LoRA
+    through diffusers' loader at `lora_scale` (default 1, as trained; there is no text-encoder LoRA), the
+    family's sampler and settings (library/generation/dit_sampling.py); "auto" precision is bf16 on CUDA."""
+    from library.models.loading import ModelLoadError
+
+    check_dit_scheduler(scheduler)
+    sampling = DIT_SAMPLING[family.name]
+    trained = trained if trained is not None else find_trained_files(cfg)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    if precision in (None, "", "auto") and dev.type == "cuda":
+        dtype = sampling.cuda_dtype
+    scale = DEFAULT_DIT_LORA_SCALE if lora_scale is None else float(lora_scale)
+    try:
+        sampler, parts, patched = load_dit_pipeline(cfg, family, trained.lora, trained.embeddings, scale, dev, dtype)
+    except (GenerationError, ModelLoadError):
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot load model.pretrained = '{cfg.model.pretrained}': {one_line(err)}") from err
+    defaults = sampler.defaults
+    return GenerationModel(
+        pipe=sampler.pipe,
+        model_name=a1111_model_name(parts.name),
+        token_ids=dit_token_ids(parts.tokenizer, sampler.vector_counts),
+        lora_name=trained.lora.stem if trained.lora is not None else None,
+        lora_modules=patched,
+        lora_scale=scale,
+        te_scale=scale,  # no text-encoder LoRA: one multiplier in the <lora:...> tag
+        hashes=a1111_hashes(trained.lora, trained.embeddings),
+        device=dev,
+        dtype=dtype,
+        scheduler=FLOW_SAMPLER_NAME,
+        family=family,
+        default_steps=defaults.steps,
+        default_cfg=defaults.cfg,
+        defaults_note="" if sampler.variant_known else unknown_variant_note(sampling),
+        size_multiple=sampler.size_multiple,
+        sampler_call=sampler,
+        fixed_sampler=sampling.sampler,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------
@@ -252,9 +342,9 @@ def _check_config(cfg) -> None:
         raise ConfigError(f"{origin}: tokens.source and tokens.reference must differ")
 
 
-def _check_size(width: int, height: int) -> None:
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise GenerationError(f"width and height must be positive multiples of 8, got {width}x{height}")
+def _check_size(width: int, height: int, multiple: int = 8) -> None:
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise GenerationError(f"width and height must be positive multiples of {multiple}, got {width}x{height}")
 
 
 def generate(
@@ -263,11 +353,11 @@ def generate(
     negative: str = "",
     n: int = 4,
     seed: int | None = None,
-    steps: int = DEFAULT_STEPS,
-    cfg_scale: float = DEFAULT_CFG,
-    lora_scale: float = DEFAULT_LORA_SCALE,
-    te_scale: float = DEFAULT_TE_SCALE,
-    scheduler: str = DEFAULT_SCHEDULER,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    lora_scale: float | None = None,
+    te_scale: float | None = None,
+    scheduler: str | None = None,
     width: int | None = None,
     height: int | None = None,
     upscale: float | None = None,
@@ -295,6 +385,10 @@ def generate(
     -1, as in A1111); `upscale` to 1 (or the Real-ESRGAN model's factor when `sr_weights` is given);
     `restore` to codeformer when `restore_weights` is given, else none.
 
+    `steps`, `cfg_scale`, `lora_scale`, `te_scale`, `scheduler`: None is the base's default (Stable
+    Diffusion: 50, 7, 0.6, 0.9, euler_a; a Z-Image / FLUX.2 Klein base: its family's and variant's,
+    library/generation/dit_sampling.py, LoRA 1, its one flow-matching Euler sampler).
+
     `model` (from `load_model`) skips loading: its LoRA scales (merged into the weights) then rule, and
     its sampler is switched to `scheduler`. `quiet` silences diffusers' and transformers' loading bars and
     notes (the CLI's choice; it changes their process-wide logging settings). User errors raise
@@ -304,9 +398,13 @@ def generate(
 
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     _check_config(cfg)
-    sampler = check_scheduler(scheduler)
+    flow = model.fixed_sampler is not None if model is not None else dit_family_of(cfg) is not None
+    if flow:
+        check_dit_scheduler(scheduler)
+    else:
+        check_scheduler(scheduler or DEFAULT_SCHEDULER)
     _check_size(width or 8, height or 8)  # the defaults come from the model, once it is loaded
-    if n < 1 or steps < 1 or batch_size < 1:
+    if n < 1 or (steps is not None and steps < 1) or batch_size < 1:
         raise GenerationError("n, steps and batch size must be at least 1")
     if seed is None or seed == -1:
         seed = random.randrange(2**32)
@@ -333,10 +431,16 @@ def generate(
         model = load_model(cfg, trained, lora_scale, te_scale, scheduler, dev, precision)
     else:
         model.set_scheduler(scheduler)
-    pipe = model.pipe
+    sampler = model.sampler
+    if (steps is None or cfg_scale is None) and model.defaults_note:
+        say(model.defaults_note)
+    steps = model.default_steps if steps is None else int(steps)
+    cfg_scale = model.default_cfg if cfg_scale is None else float(cfg_scale)
+    if negative and not model.runs_cfg(cfg_scale):
+        say(f"note: no classifier-free guidance at CFG {cfg_scale:g} with this model: the negative prompt is not used")
     width = int(width or default_side(cfg, model.family))
     height = int(height or default_side(cfg, model.family))
-    _check_size(width, height)
+    _check_size(width, height, model.size_multiple)
 
     shown_prompt = prompt
     if model.lora_name:
@@ -353,16 +457,8 @@ def generate(
             seeds = [seed + first + k for k in range(count)]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
             with torch.inference_mode():
-                images = pipe(
-                    prompt,
-                    negative_prompt=negative or None,
-                    num_inference_steps=steps,
-                    guidance_scale=cfg_scale,
-                    width=width,
-                    height=height,
-                    num_images_per_prompt=count,
-                    generator=generators if count > 1 else generators[0],
-                ).images
+                images = model.sample(prompt, negative, steps, cfg_scale, width, height, count,
+                                      generators if count > 1 else generators[0])
             for k, (image, s) in enumerate(zip(images, seeds)):
                 index = start + first + k
                 name = f"{index:05d}-{s}.png"

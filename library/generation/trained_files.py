@@ -163,7 +163,7 @@ def _add_to_one(tokenizer, text_encoder, vectors: dict[str, torch.Tensor], key: 
     all_entries = [e for es in entries.values() for e in es]
     if tokenizer.add_tokens(all_entries) != len(all_entries):
         raise GenerationError(f"could not add the tokens {all_entries} to the tokenizer")
-    if len(tokenizer) != emb.weight.shape[0]:
+    if len(tokenizer) > emb.weight.shape[0]:  # Qwen3's table has spare rows past its vocabulary: no resize there
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings().weight
     ids: dict[str, list[int]] = {}
