@@ -28,8 +28,8 @@ from train_magicapture import main
 ROOT = Path(__file__).resolve().parents[1]
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 USE_SD1 = "use an SD 1.x text-to-image model such as v1-5-pruned-emaonly.safetensors"
-ONLY_SD1 = ("this trainer supports SD 1.x and SDXL only: use an SD 1.x or SDXL text-to-image model such as "
-            "v1-5-pruned-emaonly.safetensors or sd_xl_base_1.0.safetensors")
+ONLY_SD1 = ("this trainer trains SD 1.x, SDXL, Z-Image and FLUX.2 Klein: use an SD 1.x, SDXL, Z-Image or FLUX.2 Klein "
+            "text-to-image model such as v1-5-pruned-emaonly.safetensors or sd_xl_base_1.0.safetensors")
 NOT_V = f"this trainer trains epsilon-prediction models only: {USE_SD1} (not a v-prediction fine-tune)"
 NOT_INPAINT = ("training needs a text-to-image model (4-channel conv_in): use the model it was made from, "
                "e.g. v1-5-pruned-emaonly.safetensors")

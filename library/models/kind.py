@@ -411,7 +411,7 @@ def check_trainable(kind: ModelKind, where: str, vae_given: bool = False) -> Non
                                  f"give the whole {DIT_FAMILIES[kind.family].pipeline_class} folder")
         return
     if kind.family not in FAMILIES:
-        raise ModelLoadError(f"{where}: {what}; this trainer supports SD 1.x and SDXL only: {USE_SUPPORTED}")
+        raise ModelLoadError(f"{where}: {what}; this trainer trains SD 1.x, SDXL, Z-Image and FLUX.2 Klein: {USE_SUPPORTED}")
     family = FAMILIES[kind.family]
     label, example = family.label, family.example_checkpoint
     if kind.in_channels != 4:
