@@ -80,7 +80,7 @@ def test_parameters_are_grouped_by_the_tokens_they_see():
 def test_shipped_configs_are_read_as_runs():
     default = db.Run.from_toml(db.ROOT / "configs" / "magicapture_zimage.toml")
     small = db.Run.from_toml(db.ROOT / "configs" / "magicapture_klein_24gb.toml")
-    assert (default.micro, default.checkpointing, default.steps1, default.steps2) == (4, False, 1200, 1500)
+    assert (default.micro, default.checkpointing, default.steps1, default.steps2) == (4, True, 1200, 1500)
     assert (small.micro, small.grad_accum, small.checkpointing, small.rank) == (1, 4, True, 16)
 
 
