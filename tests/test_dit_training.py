@@ -200,3 +200,19 @@ def test_a_transformer_file_alone_is_refused_in_one_line_naming_what_is_missing(
     assert rc != 0 and "Traceback" not in "\n".join(err)
     assert "a Z-Image transformer alone; also needs model.text_encoder" in err[-1] and "model.tokenizer" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_token_rows_are_held_to_clips_place_in_qwens_own_scale(tmp_path, sets):
+    """tokens.norm_target (0.4) is written in CLIP-L's units (mean row norm 0.39): on Qwen3 the rows' target
+    is 0.4 x (Qwen's mean row norm / 0.39), and a random [V2] starts at std 0.017 x (Qwen's std / 0.014)."""
+    folder, _ = save_zimage_model(tmp_path / "model")
+    cfg = load_config("configs/test_tiny.toml", [
+        f'model.pretrained="{folder}"', f'data.source_dir="{sets[0]}"', f'data.reference_dir="{sets[1]}"',
+        f'output.dir="{tmp_path / "out"}"', "tokens.reference_init_std=0.017"])
+    trainer = MagiCaptureTrainer(cfg)
+    table = trainer.text_encoder.get_input_embeddings().base.weight.detach().float()
+    assert trainer.norm_targets[0] == pytest.approx(0.4 * float(table.norm(dim=-1).mean()) / 0.39, rel=1e-6)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    expected_v2 = torch.randn(32, generator=gen) * (0.017 * float(table.std()) / 0.014)
+    rows = trainer.text_encoder.get_input_embeddings().new_vectors.detach()
+    torch.testing.assert_close(rows[1], expected_v2, rtol=1e-5, atol=1e-7)

@@ -63,6 +63,11 @@ class DitModelFamily:
     image_token_pixels: int = 16
     export_format: str = "comfy_dit"  # library/training/outputs.py EXPORTERS
     attention_kind: str = "joint"  # library/training/capture.py: joint text + image attention
+    denoiser_label: str = "transformer"
+    # tokens.norm_target (0.4) and reference_init_std (0.017) are in CLIP-L's units: CLIP-L's table has a mean
+    # row norm of about 0.39 and an element std of about 0.014 (library/training/tokens.py); Qwen3's rows are
+    # held to the same place in its own table's scale
+    token_scale_reference: tuple[float, float] | None = (0.39, 0.014)
 
     # ------------------------------------------------------------ names
     @property

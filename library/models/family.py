@@ -105,6 +105,8 @@ class ModelFamily:
     denoiser: str = "unet"
     assembly_kwargs: tuple[tuple[str, object], ...] = (("feature_extractor", None),)
     latent_pixels: int = 8  # image pixels per latent cell (the face windows of the identity term)
+    denoiser_label: str = "UNet"  # what messages call the denoising network
+    token_scale_reference: tuple[float, float] | None = None  # None: the first text encoder (CLIP-L) sets the units
     export_format: str = "kohya"  # library/training/outputs.py EXPORTERS
     attention_kind: str = "cross"  # library/training/capture.py: the UNet's cross-attention
 

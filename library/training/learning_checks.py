@@ -93,7 +93,7 @@ def nothing_learned_warnings(
 
     `initial_vectors`: token word -> its vectors [n, dim] at the start; compared with the vectors of
     `token_ids[word]` in `text_encoder` now. A token is reported when any of its vectors kept its
-    direction (cosine > STILL_COSINE). `lora_models`: a description ("UNet", "text encoder") -> a model
+    direction (cosine > STILL_COSINE). `lora_models`: a description ("UNet" or "transformer", "text encoder") -> a model
     that may hold the LoRA; reported when no layer's LoRA changes its weight by STILL_LORA of the weight's
     norm (models without LoRA layers are ignored). Returns [] when everything moved.
     """
@@ -109,7 +109,7 @@ def nothing_learned_warnings(
     for part, model in lora_models.items():
         change = lora_relative_change(model)
         if change is not None and change < STILL_LORA:
-            key = "phase2.lr_unet" if part == "UNet" else "phase2.lr_text_encoder"
+            key = "phase2.lr_text_encoder" if part.startswith("text encoder") else "phase2.lr_unet"
             lines.append(
                 f"warning: the LoRA of the {part} is still (near) zero (largest change of a layer: {change:.2g} "
                 f"of its weight): it changes nothing; check phase2.steps and {key} are above 0"

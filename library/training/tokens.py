@@ -149,6 +149,7 @@ def embedding_scale(text_encoder: nn.Module) -> tuple[float, float]:
 def add_tokens_to_encoders(
     tokenizers: Sequence, text_encoders: Sequence[nn.Module], words: list[str], init_words: list[str], vectors: int,
     random_std: float, norm_target: float, generator: torch.Generator | None = None,
+    reference: tuple[float, float] | None = None,
 ) -> tuple[dict[str, list[int]], tuple[float, ...]]:
     """:func:`add_special_tokens` on every (tokenizer, text encoder) pair, in the family's order
     -> (word -> token ids, the norm target of each encoder's new rows).
@@ -156,17 +157,20 @@ def add_tokens_to_encoders(
     Each encoder initialises its rows from the init word's tokens in its own table. The first encoder
     (CLIP-L in both families) takes `random_std` and `norm_target` as they are; any other one scales them
     by its table's element std and mean row norm over the first encoder's (:func:`embedding_scale`), so
-    OpenCLIP-G's rows start and stay on OpenCLIP-G's scale. Random rows are drawn from `generator` in
+    OpenCLIP-G's rows start and stay on OpenCLIP-G's scale. `reference` (mean row norm, element std), when
+    given, takes the first encoder's place: a family without CLIP (Qwen3) gives CLIP-L's, in whose units
+    ``tokens.norm_target`` and ``reference_init_std`` are written. Random rows are drawn from `generator` in
     encoder order. The ids must be the same in every tokenizer (SDXL's two share CLIP's vocabulary: one
     prompt spelling, one token position for attention refocusing); ValueError otherwise.
     """
     scales = [embedding_scale(te) for te in text_encoders]
+    ref_norm, ref_std = reference or scales[0]
     ids, targets = None, []
     for tokenizer, encoder, (norm, std) in zip(tokenizers, text_encoders, scales):
-        got = add_special_tokens(tokenizer, encoder, words, init_words, vectors, random_std * std / scales[0][1], generator)
+        got = add_special_tokens(tokenizer, encoder, words, init_words, vectors, random_std * std / ref_std, generator)
         if ids is not None and got != ids:
             raise ValueError(f"the special tokens got ids {got} in one tokenizer and {ids} in another; "
                              f"the model's tokenizers must share one vocabulary")
         ids = got
-        targets.append(norm_target * norm / scales[0][0])
+        targets.append(norm_target * norm / ref_norm)
     return ids, tuple(targets)

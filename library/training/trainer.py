@@ -99,7 +99,7 @@ class MagiCaptureTrainer:
         tok = cfg.tokens
         self.token_ids, self.norm_targets = add_tokens_to_encoders(
             self.tokenizers, self.text_encoders, [tok.source, tok.reference], [tok.source_init, tok.reference_init],
-            tok.vectors, tok.reference_init_std, tok.norm_target, self.gen)
+            tok.vectors, tok.reference_init_std, tok.norm_target, self.gen, self.family.token_scale_reference)
         for encoder in self.text_encoders:
             rows = get_token_embedding(encoder).to(self.device).new_vectors
             if self.acc.num_processes > 1:  # the same seed draws the same rows; rank 0's are the ones kept anyway
@@ -327,7 +327,7 @@ class MagiCaptureTrainer:
             with self.clock.stage("export"):
                 result = export_outputs(self.trained())
             self.clock.write(self.out_dir / "timings.json")
-            lora = {"UNet": self.unet} if self.trainables.lora_added else {}
+            lora = {self.family.denoiser_label: self.unet} if self.trainables.lora_added else {}
             for i, encoder in enumerate(self.text_encoders if self.trainables.lora_added else ()):
                 lora["text encoder" + (f" {i + 1}" if i else "")] = encoder
             for line in nothing_learned_warnings(self.initial_vectors, self.text_encoder, self.token_ids, lora):
