@@ -20,6 +20,7 @@ from PIL import Image
 from library.app import presets, training_runs
 from library.app.photos import mask_from_editor
 from library.app.state import PathRefused, Sandbox, StateError, Workspace
+from library.models.base_model import family_named
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -424,7 +425,7 @@ def test_the_model_picker_shows_the_dit_families_and_picks_their_presets(tiny_di
         assert presets.model_choice(found[name]).startswith(label), presets.model_choice(found[name])
         assert presets.identify_model(found[name])[0] == family
         assert presets.preset_for_model(found[name], family) == preset
-        assert presets.available_presets()[preset].name == presets.DIT_PRESETS[family]
+        assert presets.available_presets()[preset].name == family_named(family).preset
         assert not presets.is_split_transformer(found[name], family)  # a folder holds every part
 
 
@@ -458,3 +459,32 @@ def test_a_transformer_file_alone_asks_for_the_other_parts(tiny_dits, tmp_path):
     with pytest.raises(ValueError, match=r"transformer file alone \(ComfyUI's split files\): also give its "
                                          r"text-encoder file \(Qwen3-4B\) and tokenizer folder$"):
         training_runs.check_config(text, tmp_path / "out" / "run", sb)
+
+
+@pytest.mark.slow  # trains a tiny Z-Image in a subprocess
+def test_a_zimage_run_started_from_the_page_trains_and_exports(tiny_dits, tmp_path):
+    """The page's own path: the family's preset composed with the page's settings, its Start check, the
+    training subprocess; the run ends finished, with the transformer LoRA and the Qwen3 embeddings."""
+    from library.app import runs
+    from testkit.tiny import write_prepared
+
+    models, zimage, _ = tiny_dits
+    data, out = tmp_path / "data", tmp_path / "out"
+    source = write_prepared(data / "source", "source", "mcv1", seed=1)
+    reference = write_prepared(data / "reference", "reference", "mcv2", seed=2)
+    sb = Sandbox.make(data, out, models)
+    label = presets.preset_for_model(zimage, "zimage")
+    s = presets.Settings(pretrained=str(zimage), source_dir=str(source), reference_dir=str(reference),
+                         output_dir=str(out / "zrun"), output_name="zrun", phase1_steps=1, phase2_steps=2, resolution=64)
+    text = presets.compose(presets.read_preset(label), s)
+    # the CPU: no 8-bit optimiser kernels, fp32
+    text = text.replace('name = "AdamW8bit"', 'name = "AdamW"').replace('mixed_precision = "bf16"', 'mixed_precision = "no"')
+    training_runs.check_config(text, out / "zrun", sb)
+    training_runs.start_run(text, out / "zrun")
+    deadline = time.monotonic() + 600  # generous: CI may be loaded many times over; the event is the lock's release
+    while (training_runs.read_lock(out / "zrun") is not None or (out / "zrun" / training_runs.LOCK).exists()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = (out / "zrun" / training_runs.LOG).read_text()
+    assert runs.run_info(out / "zrun").state_text() == "finished: phase 2 step 2/2", log[-2000:]
+    assert (out / "zrun" / "zrun.safetensors").is_file() and (out / "zrun" / "mcv1.safetensors").is_file()
