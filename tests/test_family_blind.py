@@ -9,7 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOOP = ["library/training/" + name for name in (
     "trainer.py", "identity_term.py", "data.py", "prompting.py", "trainables.py", "previews.py", "losses.py",
-    "batching.py", "trained.py", "outputs.py", "step_log.py")]
+    "batching.py", "trained.py", "outputs.py", "step_log.py", "capture.py", "learning_checks.py",
+    "training_scores.py", "checkpoint.py")] + ["train_magicapture.py"]
 NAMES = ("sd1", "sdxl", "zimage", "z_image", "z-image", "flux", "klein", "is_sdxl", "text_encoder_2", "sd15", "sd 1.x")
 
 
