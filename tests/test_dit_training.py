@@ -135,7 +135,9 @@ def _native_rule(family, model) -> set[str]:
 def test_a_cli_run_exports_files_that_follow_the_rules_and_load_in_diffusers(tmp_path, sets, name):
     family = DIT_MODEL_FAMILIES[name]
     folder, _ = (save_zimage_model(tmp_path / "model") if name == "zimage" else save_klein_model(tmp_path / "model"))
-    out = _run(tmp_path, str(folder), sets)
+    # with the previews (the family's pipeline around the trained modules) and gradient checkpointing
+    out = _run(tmp_path, str(folder), sets, ["sample.every=2", "train.gradient_checkpointing=true"])
+    assert (out / "samples" / "p2-000002.png").is_file() and (out / "attention" / "p2-000002.png").is_file()
     lora = load_file(out / "magicapture.safetensors")
     pipe = _pipeline(family, build_zimage_components() if name == "zimage" else build_klein_components("4b"))
     modules = _native_rule(family, pipe.transformer)

@@ -40,7 +40,7 @@ def sample_images(trained: TrainedRecord, prompt: str, n: int, steps: int, cfg_s
     res = trained.resolution
     generator = torch.Generator("cpu").manual_seed(seed)
     with trained.autocast():
-        out = pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg_scale,
+        out = pipe(prompt=prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg_scale,
                    height=res, width=res, generator=generator)
     return out.images
 
