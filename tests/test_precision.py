@@ -62,13 +62,13 @@ def test_fp16_on_the_cpu_falls_back_to_fp32_before_any_work_and_finishes(tiny_mo
     import library.training.trainer
 
     said_before_loading = []
-    load = library.training.trainer.load_stable_diffusion
+    load = library.training.trainer.load_base_model
 
     def watched_load(*args, **kwargs):
         said_before_loading.append(capsys.readouterr().out)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", watched_load)
+    monkeypatch.setattr(library.training.trainer, "load_base_model", watched_load)
     arcface = save_random_arcface(tmp_path / "arcface.pth")
     out = tmp_path / "out"
     capsys.readouterr()
@@ -106,7 +106,7 @@ def test_bf16_on_a_gpu_without_it_is_refused_in_one_line_before_any_work(tiny_mo
     monkeypatch.setattr(accelerate, "PartialState", OldGpu)
     monkeypatch.setattr(library.training.precision, "cuda_bf16_supported", lambda: False)
     monkeypatch.setattr(library.training.precision, "describe_device", lambda device: "cuda:0 (Tesla T4)")
-    monkeypatch.setattr(library.training.trainer, "load_stable_diffusion", forbidden)
+    monkeypatch.setattr(library.training.trainer, "load_base_model", forbidden)
     out = tmp_path / "out"
     capsys.readouterr()
     rc = main(_args(tiny_model, prepared_data, out, 'train.mixed_precision="bf16"'))
