@@ -4,7 +4,8 @@ set -u
 PY="${1:-.venv/bin/python}"
 shift || true  # the rest goes to pytest (e.g. `-m fast`)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-"$PY" -m pytest -q -p no:cacheprovider "$@" tests
+# --durations: the slowest tests, to keep the suite under 15 minutes (README)
+"$PY" -m pytest -q -p no:cacheprovider --durations=10 "$@" tests
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests" >&2
