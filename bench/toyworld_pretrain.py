@@ -2,7 +2,7 @@
 quality gate on held-out scenes.
 
     python bench/toyworld_pretrain.py OUT [--device cuda] [--vae-steps 3000] [--unet-steps 20000] [--batch 64]
-    python bench/toyworld_pretrain.py OUT --gate-only       # the gate of OUT/toy_base
+    python bench/toyworld_pretrain.py OUT --gate-only       # the gate of OUT/toy_base (or of an unfinished OUT/state)
 
 Stages: (1) the VAE alone (reconstruction + a small KL, as SD's VAE), then its latent scale is measured
 (``scaling_factor = 1 / std``); (2) the UNet and the CLIP text encoder together on frozen-VAE latents with
@@ -259,11 +259,25 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def base_from_state(out: Path, seed: int) -> Path:
+    """OUT/toy_base_partial: the diffusers folder of an unfinished run's last saved state (OUT/state), to
+    measure how far the gate has come; SystemExit (one line) when OUT holds no state."""
+    parts = build_components(seed=seed)
+    _, progress = load_state(out, parts)
+    if progress["step"] == 0 and progress["stage"] == "vae":
+        raise SystemExit(f"{out}: no toy_base/ and no state/ to measure; run the pretraining first")
+    if progress["scaling_factor"]:
+        parts["vae"].register_to_config(scaling_factor=progress["scaling_factor"])
+    print(f"the gate of the saved state: {progress['stage']} step {progress['step']} (unfinished)", flush=True)
+    save_base(parts, out / "toy_base_partial")
+    return out / "toy_base_partial"
+
+
 def measure_gate(base: Path, seed: int, device) -> dict:
     """The gate's figures for the diffusers folder `base`, and whether it passes."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False).to(device)
     parts = {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     ratios = attention_gate(parts, seed, device)
     colour = colour_gate(parts, seed, device)
@@ -291,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "progress": progress, "sha256": weights}
         write_text(base / "recipe.json", json.dumps(recipe, indent=1))
+    if args.gate_only and not (base / "model_index.json").is_file():
+        base = base_from_state(args.out, args.seed)  # an unfinished run: how far it has come
     figures = measure_gate(base, args.seed, torch.device(args.device))
     write_text(base / "gate.json", json.dumps(figures, indent=1))
     print(json.dumps(figures))
