@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from library.models.dit_family import DIT_FAMILIES, DitFamily
+from library.models.family import scaled_latents, unscaled_latents
 from library.models.lora_targets import LORA_TARGET_PRESETS
 from library.models.objectives import FlowMatchObjective, Flux2FlowMatchObjective
 
@@ -57,7 +58,6 @@ class DitModelFamily:
     tokenizers: tuple[str, ...] = ("tokenizer",)
     pooled: bool = False
     upcast_vae: bool = False  # neither pipeline upcasts its VAE
-    capture_layers: tuple[str, ...] = ()  # chosen per model: default_capture_layers
     preview_sampler: str = "FlowMatchEulerDiscreteScheduler"
     denoiser: str = "transformer"
     image_token_pixels: int = 16
@@ -134,12 +134,12 @@ class DitModelFamily:
 
     # ------------------------------------------------------------ latents
     def latents_from_vae(self, vae, mean: torch.Tensor) -> torch.Tensor:
-        """(mean - shift) * scale (FLUX.1's VAE, Z-Image's)."""
-        return (mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        """(mean - shift) * scale (FLUX.1's VAE, Z-Image's): :func:`~library.models.family.scaled_latents`."""
+        return scaled_latents(vae, mean)
 
     def latents_to_vae(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """latents / scale + shift: :meth:`latents_from_vae` undone."""
-        return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        """:func:`~library.models.family.unscaled_latents`."""
+        return unscaled_latents(vae, latents)
 
     def size_ids(self, original_hw, crop_box, resolution: int, flipped: bool = False) -> None:
         """None: no size conditioning."""

@@ -28,6 +28,18 @@ from library.models.objectives import EpsilonObjective
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def scaled_latents(vae, mean: "torch.Tensor") -> "torch.Tensor":
+    """The denoiser's latents of a VAE posterior mean [B, C, h, w]: (mean - shift) * scale with the VAE
+    config's ``scaling_factor`` and ``shift_factor`` (0 where absent or None, as in SD's VAEs; Z-Image's
+    and FLUX.1's VAEs have one), the normalisation diffusers' pipelines undo before decoding."""
+    return (mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+
+def unscaled_latents(vae, latents: "torch.Tensor") -> "torch.Tensor":
+    """The VAE decoder's input of denoiser latents: latents / scale + shift (:func:`scaled_latents` undone)."""
+    return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """One model family (see the module docstring). Instances: :data:`SD1`, :data:`SDXL`.
@@ -194,14 +206,12 @@ class ModelFamily:
         return num_layers + 1 + self.hidden_layer
 
     def latents_from_vae(self, vae, mean: "torch.Tensor") -> "torch.Tensor":
-        """The denoiser's latents of a VAE posterior mean [B, C, h, w]: (mean - shift) * scale with the VAE
-        config's ``scaling_factor`` and ``shift_factor`` (0 where absent or None, as in SD's VAEs; Z-Image's
-        and FLUX.1's VAEs have one), the normalisation diffusers' pipelines undo before decoding."""
-        return (mean - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        """:func:`scaled_latents`."""
+        return scaled_latents(vae, mean)
 
     def latents_to_vae(self, vae, latents: "torch.Tensor") -> "torch.Tensor":
-        """The VAE decoder's input of denoiser latents: latents / scale + shift (:meth:`latents_from_vae` undone)."""
-        return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        """:func:`unscaled_latents`."""
+        return unscaled_latents(vae, latents)
 
     def size_ids(self, original_hw: tuple[int, int], crop_box: tuple[int, int, int], resolution: int,
                  flipped: bool = False) -> "torch.Tensor | None":
